@@ -1,0 +1,174 @@
+"""The metric contract: every series gpuwatch-exporter serves, defined once.
+
+Collectors build their families from these definitions; the README's metrics reference,
+the rule and dashboard checks and the tests read them from here. Names follow the
+Prometheus conventions: prefix ``nvidia_gpu_``, base units, ``_total`` on counters.
+Device series carry the labels ``gpu`` (the NVML index) and ``uuid`` and nothing else
+descriptive: model, driver and bus id live on ``nvidia_gpu_info``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+DEVICE_LABELS = ("gpu", "uuid")
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: Literal["gauge", "counter"]
+    help: str
+    labels: tuple[str, ...] = ()
+    """Labels beyond the device labels (or all labels, for exporter metrics)."""
+    device: bool = True
+    """Carries ``gpu`` and ``uuid``."""
+    field: str | None = None
+    """The GpuSample attribute holding a scalar value, for plain per-device series."""
+    collector: str = "gpu"
+    """The collector that serves it (``--no-collector.<name>`` turns it off)."""
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return (DEVICE_LABELS + self.labels) if self.device else self.labels
+
+    @property
+    def family_name(self) -> str:
+        """The name prometheus_client expects: counters without their ``_total``."""
+        return self.name.removesuffix("_total") if self.kind == "counter" else self.name
+
+
+def _gauge(name: str, help: str, field: str | None = None, labels: tuple[str, ...] = (),
+           collector: str = "gpu") -> Metric:
+    return Metric(name, "gauge", help, labels, field=field, collector=collector)
+
+
+def _counter(name: str, help: str, field: str | None = None, labels: tuple[str, ...] = (),
+             collector: str = "gpu") -> Metric:
+    return Metric(name, "counter", help, labels, field=field, collector=collector)
+
+
+INFO_LABELS = ("name", "display_name", "pci_bus_id", "driver_version", "cuda_version",
+               "vbios_version", "mig_mode", "compute_mode")
+
+INFO = _gauge("nvidia_gpu_info", "Descriptive attributes of the GPU; always 1.", labels=INFO_LABELS)
+UP = _gauge("nvidia_gpu_up", "1 when the GPU answered this scrape, 0 when NVML reports it lost.",
+            collector="")
+
+UTILIZATION = _gauge("nvidia_gpu_utilization_ratio",
+                     "Fraction of the last sample period in which a kernel ran (nvidia-smi "
+                     "utilization.gpu).", "utilization_ratio")
+MEMORY_UTILIZATION = _gauge("nvidia_gpu_memory_utilization_ratio",
+                            "Fraction of the last sample period in which device memory was read "
+                            "or written (nvidia-smi utilization.memory).",
+                            "memory_utilization_ratio")
+MEMORY_TOTAL = _gauge("nvidia_gpu_memory_total_bytes", "Installed device memory in bytes.",
+                      "memory_total_bytes")
+MEMORY_USED = _gauge("nvidia_gpu_memory_used_bytes", "Device memory allocated, in bytes.",
+                     "memory_used_bytes")
+MEMORY_FREE = _gauge("nvidia_gpu_memory_free_bytes", "Device memory free, in bytes.",
+                     "memory_free_bytes")
+MEMORY_RESERVED = _gauge("nvidia_gpu_memory_reserved_bytes",
+                         "Device memory reserved by the driver and firmware, in bytes.",
+                         "memory_reserved_bytes")
+TEMPERATURE = _gauge("nvidia_gpu_temperature_celsius", "GPU die temperature in degrees Celsius.",
+                     "temperature_celsius")
+TEMPERATURE_SLOWDOWN = _gauge("nvidia_gpu_temperature_slowdown_celsius",
+                              "Temperature at which the GPU starts to slow down, in degrees "
+                              "Celsius.", "temperature_slowdown_celsius")
+TEMPERATURE_SHUTDOWN = _gauge("nvidia_gpu_temperature_shutdown_celsius",
+                              "Temperature at which the GPU shuts down, in degrees Celsius.",
+                              "temperature_shutdown_celsius")
+POWER_USAGE = _gauge("nvidia_gpu_power_usage_watts", "Power drawn by the whole board, in watts.",
+                     "power_usage_watts")
+POWER_LIMIT = _gauge("nvidia_gpu_power_limit_watts", "Enforced power limit, in watts.",
+                     "power_limit_watts")
+ENERGY = _counter("nvidia_gpu_energy_joules_total",
+                  "Energy consumed since the driver was loaded, in joules.", "energy_joules")
+FAN_SPEED = _gauge("nvidia_gpu_fan_speed_ratio", "Fan speed as a fraction of its maximum.",
+                   "fan_speed_ratio")
+PERFORMANCE_STATE = _gauge("nvidia_gpu_performance_state",
+                           "Performance state: 0 (P0, maximum) to 15 (P15, minimum).",
+                           "performance_state")
+ENCODER_UTILIZATION = _gauge("nvidia_gpu_encoder_utilization_ratio",
+                             "Fraction of time the video encoder was busy.",
+                             "encoder_utilization_ratio")
+DECODER_UTILIZATION = _gauge("nvidia_gpu_decoder_utilization_ratio",
+                             "Fraction of time the video decoder was busy.",
+                             "decoder_utilization_ratio")
+CLOCK = _gauge("nvidia_gpu_clock_hertz", "Current clock frequency in hertz.", labels=("clock",))
+CLOCK_MAX = _gauge("nvidia_gpu_clock_max_hertz", "Maximum clock frequency in hertz.",
+                   labels=("clock",))
+CLOCK_EVENT = _gauge("nvidia_gpu_clock_event_active",
+                     "1 while the reason is holding the clocks down (throttling), else 0; "
+                     "only reasons the device supports.", labels=("reason",))
+ECC_ERRORS = _counter("nvidia_gpu_ecc_errors_total",
+                      "ECC memory errors; scope volatile since the last driver load, aggregate "
+                      "over the GPU's life.", labels=("type", "scope"))
+
+XID_ERRORS = _counter("nvidia_gpu_xid_errors_total",
+                      "Xid critical errors reported by the driver since the exporter started.",
+                      labels=("xid",), collector="xid")
+XID_LAST = _gauge("nvidia_gpu_xid_last_timestamp_seconds",
+                  "Unix time of the last Xid error of this code.", labels=("xid",),
+                  collector="xid")
+
+PROCESS_LABELS = ("pid", "user", "command", "container_id", "slurm_job_id")
+PROCESSES = _gauge("nvidia_gpu_processes",
+                   "Compute and graphics processes on the GPU, counted once per pid.",
+                   collector="process")
+PROCESS_MEMORY = _gauge("nvidia_gpu_process_memory_used_bytes",
+                        "Device memory held by the process, in bytes.", labels=PROCESS_LABELS,
+                        collector="process")
+PROCESS_START = _gauge("nvidia_gpu_process_start_time_seconds",
+                       "Unix time the process started.", labels=PROCESS_LABELS,
+                       collector="process")
+PROCESS_DROPPED = _counter("nvidia_gpu_process_series_dropped_total",
+                           "Processes left out of the per-process series by the per-GPU cap "
+                           "(--process.max-per-gpu), summed over collections.",
+                           collector="process")
+USER_MEMORY = _gauge("nvidia_gpu_user_memory_used_bytes",
+                     "Device memory held by all processes of the user, in bytes.",
+                     labels=("user",), collector="process")
+USER_PROCESSES = _gauge("nvidia_gpu_user_processes", "Processes of the user on the GPU.",
+                        labels=("user",), collector="process")
+USERS_INFO = _gauge("nvidia_gpu_users_info",
+                    "The users holding the GPU, sorted and comma-separated (empty when free); "
+                    "always 1.", labels=("users",), collector="process")
+
+COLLECTOR_SUCCESS = Metric("nvidia_gpu_scrape_collector_success",
+                           "1 when the collector's last collection succeeded.",
+                           ("collector",), device=False, collector="")
+COLLECTOR_DURATION = Metric("nvidia_gpu_scrape_collector_duration_seconds",
+                            "Wall time the collector took, in seconds.", ("collector",),
+                            device=False, collector="")
+NVML_UP = Metric("nvidia_gpu_nvml_up",
+                 "1 when the NVML library is loaded and initialised, 0 when it is not "
+                 "(no driver, driver/library mismatch).", device=False, collector="")
+BUILD_INFO = Metric("nvidia_gpu_exporter_build_info",
+                    "The exporter's version; always 1.", ("version",), device=False,
+                    collector="")
+
+ALL: tuple[Metric, ...] = tuple(v for v in dict(globals()).values() if isinstance(v, Metric))
+SCALARS: tuple[Metric, ...] = tuple(m for m in ALL if m.field is not None)
+BY_NAME: dict[str, Metric] = {m.name: m for m in ALL}
+
+
+def reference_table() -> str:
+    """The README's metrics reference, as a Markdown table."""
+    rows = ["| metric | type | labels | collector | description |", "|---|---|---|---|---|"]
+    for m in ALL:
+        labels = ", ".join(m.label_names) or "-"
+        rows.append(f"| `{m.name}` | {m.kind} | {labels} | {m.collector or 'always'} | "
+                    f"{m.help} |")
+    return "\n".join(rows)
+
+
+def names() -> Iterator[str]:
+    return (m.name for m in ALL)
+
+
+if __name__ == "__main__":
+    print(reference_table())
