@@ -138,16 +138,16 @@ USERS_INFO = _gauge("nvidia_gpu_users_info",
                     "The users holding the GPU, sorted and comma-separated (empty when free); "
                     "always 1.", labels=("users",), collector="process")
 
-COLLECTOR_SUCCESS = Metric("nvidia_gpu_scrape_collector_success",
+COLLECTOR_SUCCESS = Metric("nvidia_gpu_scrape_collector_success", "gauge",
                            "1 when the collector's last collection succeeded.",
                            ("collector",), device=False, collector="")
-COLLECTOR_DURATION = Metric("nvidia_gpu_scrape_collector_duration_seconds",
+COLLECTOR_DURATION = Metric("nvidia_gpu_scrape_collector_duration_seconds", "gauge",
                             "Wall time the collector took, in seconds.", ("collector",),
                             device=False, collector="")
-NVML_UP = Metric("nvidia_gpu_nvml_up",
+NVML_UP = Metric("nvidia_gpu_nvml_up", "gauge",
                  "1 when the NVML library is loaded and initialised, 0 when it is not "
                  "(no driver, driver/library mismatch).", device=False, collector="")
-BUILD_INFO = Metric("nvidia_gpu_exporter_build_info",
+BUILD_INFO = Metric("nvidia_gpu_exporter_build_info", "gauge",
                     "The exporter's version; always 1.", ("version",), device=False,
                     collector="")
 

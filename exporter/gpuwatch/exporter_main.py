@@ -1,0 +1,198 @@
+"""gpuwatch-exporter: argument parsing and wiring only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.process_collector import ProcessCollector as OwnProcessCollector
+
+from . import __version__
+from .collectors import Collector
+from .collectors.gpu import GpuCollector
+from .collectors.process import ProcessCollector, ProcessOptions
+from .collectors.xid import XidCollector
+from .config import ConfigError, load_exporter_config, load_web_config
+from .nvml import Nvml
+from .processes import ProcessInspector, read_proc_cgroup
+from .scrape import DEFAULT_TIMEOUT, Exporter
+from .web import App, parse_listen_address, serve
+
+PROG = "gpuwatch-exporter"
+DEFAULT_PORT = 9839
+"""Not taken by the well-known GPU exporters (dcgm-exporter 9400, nvidia_gpu_exporter 9835)."""
+DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
+
+log = logging.getLogger("gpuwatch")
+
+
+@dataclass(frozen=True)
+class CollectorEntry:
+    name: str
+    help: str
+    enabled: bool
+
+
+# The collectors, with their default state: each becomes --collector.NAME / --no-collector.NAME
+COLLECTORS = (
+    CollectorEntry(GpuCollector.name, GpuCollector.help, True),
+    CollectorEntry(ProcessCollector.name, ProcessCollector.help, True),
+    CollectorEntry(XidCollector.name, XidCollector.help, True),
+)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where NVML, psutil and the cgroup files come from: the host, or a simulated node."""
+
+    nvml_lib: Any = None
+    psutil: Any = None
+    read_cgroup: Callable[[int], str] | None = None
+    clock: Callable[[], float] = time.time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Prometheus exporter for NVIDIA GPUs and the processes and "
+        "users holding them.")
+    p.add_argument("--web.listen-address", dest="listen_address", default=DEFAULT_LISTEN_ADDRESS,
+                   metavar="HOST:PORT", help="address to listen on (default %(default)s)")
+    p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
+                   metavar="PATH", help="path under which to expose metrics (default "
+                   "%(default)s)")
+    p.add_argument("--web.config.file", dest="web_config", type=Path, metavar="FILE",
+                   help="exporter-toolkit web config: TLS (tls_server_config) and basic auth "
+                   "(basic_auth_users with bcrypt hashes)")
+    p.add_argument("--config.file", dest="config", type=Path, metavar="FILE",
+                   help="exporter config: display_names (model name -> short name)")
+    for entry in COLLECTORS:
+        p.add_argument(f"--collector.{entry.name}", dest=f"collector_{entry.name}",
+                       action=argparse.BooleanOptionalAction, default=entry.enabled,
+                       help=f"{entry.help} (default {'on' if entry.enabled else 'off'})")
+    p.add_argument("--process.command", dest="process_command", default="name",
+                   choices=("name", "cmdline", "none"),
+                   help="the command label: process name, command line (truncated; may hold "
+                   "secrets) or none (default %(default)s)")
+    p.add_argument("--process.pid", dest="process_pid", action=argparse.BooleanOptionalAction,
+                   default=True, help="a pid label on per-process series (default on); off "
+                   "sums processes of one user and command")
+    p.add_argument("--process.max-per-gpu", dest="process_max", type=_non_negative, default=64,
+                   metavar="N", help="per-process series per GPU, largest memory first "
+                   "(default %(default)s); the rest are counted in "
+                   "nvidia_gpu_process_series_dropped_total")
+    p.add_argument("--collection.timeout", dest="timeout", type=_positive_float,
+                   default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="longest a collection may take before it is reported as failed "
+                   "(default %(default)s)")
+    p.add_argument("--log.level", dest="log_level", default="info",
+                   choices=("debug", "info", "warn", "error"), help="(default %(default)s)")
+    p.add_argument("--simulate", metavar="SCENARIO",
+                   help="serve simulated GPUs instead of the host's: a shipped scenario "
+                   "(workstation, server, lost-gpu) or a scenario YAML file")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def build_collectors(args: argparse.Namespace, sources: Sources, background_xid: bool = True
+                     ) -> list[Collector]:
+    config = load_exporter_config(args.config)
+    collectors: list[Collector] = []
+    if args.collector_gpu:
+        collectors.append(GpuCollector(config.display_names))
+    if args.collector_process:
+        inspector = ProcessInspector() if sources.psutil is None else \
+            ProcessInspector(sources.psutil, sources.read_cgroup or read_proc_cgroup)
+        collectors.append(ProcessCollector(inspector, ProcessOptions(
+            command=args.process_command, pid=args.process_pid, max_per_gpu=args.process_max)))
+    if args.collector_xid:
+        collectors.append(XidCollector(background=background_xid, clock=sources.clock))
+    return collectors
+
+
+def build_registry(exporter: Exporter, own_process: bool = True) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(exporter)
+    if own_process:
+        OwnProcessCollector(registry=registry)
+    return registry
+
+
+def simulated_sources(scenario_name: str) -> Sources:
+    from .simulate import SimulatedNode, SimulatedNvml, SimulatedPsutil, load_scenario
+
+    node = SimulatedNode(load_scenario(scenario_name))
+    ps = SimulatedPsutil(node)
+    return Sources(nvml_lib=SimulatedNvml(node), psutil=ps, read_cgroup=ps.read_cgroup,
+                   clock=node.clock)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper().replace("WARN", "WARNING"), stream=sys.stderr,
+        format="ts=%(asctime)s level=%(levelname)s source=%(name)s msg=%(message)r")
+    try:
+        parse_listen_address(args.listen_address)
+        if not args.telemetry_path.startswith("/"):
+            raise ConfigError(f"--web.telemetry-path {args.telemetry_path!r} must start with /")
+        web_config = load_web_config(args.web_config)
+        sources = simulated_sources(args.simulate) if args.simulate else Sources()
+        collectors = build_collectors(args, sources)
+    except (ConfigError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    nvml = Nvml(sources.nvml_lib) if sources.nvml_lib is not None else Nvml()
+    exporter = Exporter(nvml, collectors, timeout=args.timeout)
+    app = App(build_registry(exporter), args.telemetry_path, web_config)
+    try:
+        server = serve(app, args.listen_address)
+    except OSError as e:
+        print(f"{PROG}: error: cannot listen on {args.listen_address}: {e.strerror}; pick "
+              "another --web.listen-address", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    scheme = "https" if web_config.tls is not None else "http"
+    log.info("gpuwatch-exporter %s listening on %s://%s%s%s", __version__, scheme,
+             args.listen_address, args.telemetry_path,
+             f" (simulated: {args.simulate})" if args.simulate else "")
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        exporter.close()
+        server.httpd.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

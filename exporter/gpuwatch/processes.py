@@ -1,0 +1,99 @@
+"""pid -> who runs it, which command, since when, in which container or Slurm job.
+
+psutil is injected (``ps``) so the simulated node answers through the same code; the
+cgroup file is read through ``read_cgroup`` for the same reason.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import psutil
+
+from .sample import ProcessInfo
+
+CMDLINE_MAX = 200
+"""Characters of a command line kept when --process.command=cmdline (it can hold secrets)."""
+
+# Docker, containerd, CRI-O and Podman put the 64-hex container id in the cgroup path.
+_CONTAINER = re.compile(r"(?:docker|containerd|crio|libpod|cri-containerd)[-/:]?([0-9a-f]{64})"
+                        r"|/([0-9a-f]{64})(?:\.scope)?$", re.MULTILINE)
+_SLURM_JOB = re.compile(r"/slurm[^/\n]*/(?:uid_\d+/)?job_(\d+)")
+
+
+def parse_cgroup(text: str) -> tuple[str, str]:
+    """(container id shortened to 12 characters, Slurm job id) from /proc/PID/cgroup."""
+    container = ""
+    match = _CONTAINER.search(text)
+    if match:
+        container = (match.group(1) or match.group(2))[:12]
+    job = _SLURM_JOB.search(text)
+    return container, job.group(1) if job else ""
+
+
+def read_proc_cgroup(pid: int, proc_root: Path = Path("/proc")) -> str:
+    try:
+        return (proc_root / str(pid) / "cgroup").read_text()
+    except OSError:
+        return ""
+
+
+class ProcessInspector:
+    """Looks up pids, remembering each process for as long as it lives.
+
+    A pid is identified with its start time, so a recycled pid is looked up afresh; entries
+    of processes no longer on any GPU are dropped by `forget_others`.
+    """
+
+    def __init__(self, ps: ModuleType | Any = psutil,
+                 read_cgroup: Callable[[int], str] = read_proc_cgroup,
+                 cmdline_max: int = CMDLINE_MAX) -> None:
+        self._ps = ps
+        self._read_cgroup = read_cgroup
+        self._cmdline_max = cmdline_max
+        self._cache: dict[int, tuple[float, ProcessInfo]] = {}
+        self._lock = threading.Lock()
+
+    def inspect(self, pid: int) -> ProcessInfo | None:
+        """What the host knows of the pid; None when it exited meanwhile or is invisible."""
+        try:
+            process = self._ps.Process(pid)
+            started = process.create_time()
+            with self._lock:
+                cached = self._cache.get(pid)
+            if cached is not None and cached[0] == started:
+                return cached[1]
+            info = self._describe(process, started)
+        except (self._ps.NoSuchProcess, self._ps.ZombieProcess):
+            return None
+        except self._ps.AccessDenied:
+            # hidepid=2 or a namespace boundary: the pid is on the GPU, its owner unknown
+            info = ProcessInfo(user="", command="", cmdline="", start_time_seconds=0.0)
+            started = 0.0
+        with self._lock:
+            self._cache[pid] = (started, info)
+        return info
+
+    def _describe(self, process: Any, started: float) -> ProcessInfo:
+        with process.oneshot():
+            user = process.username()
+            name = process.name()
+            try:
+                cmdline = " ".join(process.cmdline())
+            except self._ps.AccessDenied:
+                cmdline = name
+        container, job = parse_cgroup(self._read_cgroup(process.pid))
+        return ProcessInfo(user=user, command=name, cmdline=cmdline[: self._cmdline_max],
+                           start_time_seconds=started, container_id=container,
+                           slurm_job_id=job)
+
+    def forget_others(self, alive: Iterable[int]) -> None:
+        keep = set(alive)
+        with self._lock:
+            for pid in [p for p in self._cache if p not in keep]:
+                del self._cache[pid]

@@ -1,0 +1,70 @@
+"""Plain data between NVML and the metric families, in base units.
+
+Bytes, seconds, watts, degrees Celsius, hertz, joules, ratios 0..1. ``None`` means the device
+does not support the field: it is left out of /metrics, never reported as 0 or NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One reading of one GPU (collector ``gpu``)."""
+
+    info: Mapping[str, str]
+    """Descriptive attributes: the labels of nvidia_gpu_info (metrics.INFO_LABELS)."""
+    utilization_ratio: float | None = None
+    memory_utilization_ratio: float | None = None
+    memory_total_bytes: float | None = None
+    memory_used_bytes: float | None = None
+    memory_free_bytes: float | None = None
+    memory_reserved_bytes: float | None = None
+    temperature_celsius: float | None = None
+    temperature_slowdown_celsius: float | None = None
+    temperature_shutdown_celsius: float | None = None
+    power_usage_watts: float | None = None
+    power_limit_watts: float | None = None
+    energy_joules: float | None = None
+    fan_speed_ratio: float | None = None
+    performance_state: float | None = None
+    encoder_utilization_ratio: float | None = None
+    decoder_utilization_ratio: float | None = None
+    clocks_hertz: Mapping[str, float] = field(default_factory=dict)
+    """clock name (graphics, sm, memory, video) -> current frequency."""
+    max_clocks_hertz: Mapping[str, float] = field(default_factory=dict)
+    clock_events: Mapping[str, bool] = field(default_factory=dict)
+    """Supported clock event (throttle) reason -> whether it is active now."""
+    ecc_errors: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    """(type, scope) -> count, e.g. ("uncorrected", "volatile")."""
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """What the host knows of a pid: who runs it and since when."""
+
+    user: str
+    command: str
+    cmdline: str
+    start_time_seconds: float
+    container_id: str = ""
+    slurm_job_id: str = ""
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """A process holding a GPU (collector ``process``)."""
+
+    pid: int
+    used_memory_bytes: float | None
+    """None where the driver cannot tell (e.g. without permission, or under MIG)."""
+    info: ProcessInfo
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    """The processes of one GPU, after deduplication by pid."""
+
+    processes: tuple[GpuProcess, ...]

@@ -1,0 +1,169 @@
+"""HTTP serving: /metrics, a landing page, /-/healthy; TLS and basic auth from the web config."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import bcrypt
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from . import __version__
+from .config import WebConfig
+
+log = logging.getLogger(__name__)
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+def parse_listen_address(address: str) -> tuple[str, int]:
+    """":9839" -> ("", 9839), "127.0.0.1:9839", "[::1]:9839"; ValueError when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT (for example :9839 or 127.0.0.1:9839)")
+    return host.strip("[]"), int(port)
+
+
+class BasicAuth:
+    """Checks HTTP basic auth against bcrypt hashes, caching what it has verified.
+
+    bcrypt is slow by design (tens of milliseconds); a scrape every 15 s must not pay it
+    every time, so verified credentials are remembered by their SHA-256, as the
+    exporter-toolkit does.
+    """
+
+    def __init__(self, users: dict[str, bytes]) -> None:
+        self._users = users
+        self._verified: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def allows(self, header: str | None) -> bool:
+        if not header or not header.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        hashed = self._users.get(user)
+        if hashed is None:
+            # spend the same time as for a known user, so names cannot be probed
+            bcrypt.checkpw(password.encode(), _DUMMY_HASH)
+            return False
+        key = hashlib.sha256(b"\0".join((user.encode(), password.encode(), hashed))).digest()
+        with self._lock:
+            if key in self._verified:
+                return True
+        if not bcrypt.checkpw(password.encode(), hashed):
+            return False
+        with self._lock:
+            self._verified.add(key)
+        return True
+
+
+_DUMMY_HASH = bcrypt.hashpw(b"gpuwatch", bcrypt.gensalt(rounds=10))
+
+
+@dataclass
+class App:
+    registry: CollectorRegistry
+    telemetry_path: str = "/metrics"
+    web: WebConfig = field(default_factory=WebConfig)
+
+    def __post_init__(self) -> None:
+        self._metrics = make_wsgi_app(self.registry)
+        self._auth = BasicAuth(dict(self.web.basic_auth_users)) \
+            if self.web.basic_auth_users else None
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        headers = list(self.web.headers.items())
+        if self._auth is not None and not self._auth.allows(environ.get("HTTP_AUTHORIZATION")):
+            start_response("401 Unauthorized",
+                           [*headers, ("WWW-Authenticate", 'Basic realm="gpuwatch"'),
+                            ("Content-Type", "text/plain; charset=utf-8")])
+            return [b"Unauthorized\n"]
+        if path == self.telemetry_path:
+            def with_headers(status: str, response_headers: list[tuple[str, str]],
+                             exc_info: Any = None) -> Any:
+                return start_response(status, response_headers + headers)
+            body: Iterable[bytes] = self._metrics(environ, with_headers)
+            return body
+        if path == "/-/healthy":
+            start_response("200 OK", [*headers, ("Content-Type", "text/plain; charset=utf-8")])
+            return [b"Healthy\n"]
+        if path == "/":
+            start_response("200 OK", [*headers, ("Content-Type", "text/html; charset=utf-8")])
+            return [_landing(self.telemetry_path).encode()]
+        start_response("404 Not Found", [*headers, ("Content-Type", "text/plain")])
+        return [b"Not Found\n"]
+
+
+def _landing(telemetry_path: str) -> str:
+    path = html.escape(telemetry_path)
+    return f"""<!DOCTYPE html>
+<html><head><title>gpuwatch exporter</title></head>
+<body><h1>gpuwatch exporter</h1>
+<p>Which GPU is free right now, and who holds the others. Version {html.escape(__version__)}.</p>
+<ul><li><a href="{path}">Metrics</a></li><li><a href="/-/healthy">Health</a></li></ul>
+</body></html>
+"""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+@dataclass
+class Server:
+    """A running HTTP(S) server; `address` is where it listens (port 0 picks a free one)."""
+
+    httpd: _Server
+    thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def serve(app: App, listen_address: str) -> Server:
+    """Bind the listen address; TLS when the web config has it. Not yet serving."""
+    host, port = parse_listen_address(listen_address)
+    server_class = _Server6 if ":" in host else _Server
+    httpd = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
+    if app.web.tls is not None:
+        # the handshake happens in the request's thread, so a slow client blocks nobody
+        httpd.socket = app.web.tls.wrap_socket(httpd.socket, server_side=True,
+                                               do_handshake_on_connect=False)
+    return Server(httpd)
