@@ -24,6 +24,7 @@ from .config import ConfigError, load_exporter_config, load_web_config
 from .nvml import Nvml
 from .processes import ProcessInspector, read_proc_cgroup
 from .scrape import DEFAULT_TIMEOUT, Exporter
+from .simulate import Scenario, SimulatedNode, SimulatedNvml, SimulatedPsutil, load_scenario
 from .web import App, parse_listen_address, serve
 
 PROG = "gpuwatch-exporter"
@@ -145,10 +146,9 @@ def build_registry(exporter: Exporter, own_process: bool = True) -> CollectorReg
     return registry
 
 
-def simulated_sources(scenario_name: str) -> Sources:
-    from .simulate import SimulatedNode, SimulatedNvml, SimulatedPsutil, load_scenario
-
-    node = SimulatedNode(load_scenario(scenario_name))
+def simulated_sources(scenario: Scenario, clock: Callable[[], float] = time.time) -> Sources:
+    """A simulated node's NVML, psutil and cgroup files, all on one clock."""
+    node = SimulatedNode(scenario, clock)
     ps = SimulatedPsutil(node)
     return Sources(nvml_lib=SimulatedNvml(node), psutil=ps, read_cgroup=ps.read_cgroup,
                    clock=node.clock)
@@ -165,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.telemetry_path.startswith("/"):
             raise ConfigError(f"--web.telemetry-path {args.telemetry_path!r} must start with /")
         web_config = load_web_config(args.web_config)
-        sources = simulated_sources(args.simulate) if args.simulate else Sources()
+        sources = simulated_sources(load_scenario(args.simulate)) if args.simulate \
+            else Sources()
         collectors = build_collectors(args, sources)
     except (ConfigError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

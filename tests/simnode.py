@@ -1,0 +1,58 @@
+"""Builds exporters over simulated nodes for the tests: fresh registry, injected clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gpuwatch.exporter_main import (
+    build_collectors,
+    build_parser,
+    build_registry,
+    simulated_sources,
+)
+from gpuwatch.nvml import Nvml
+from gpuwatch.scrape import Exporter
+from gpuwatch.simulate import Scenario, SimulatedNvml, load_scenario, parse_scenario
+from prometheus_client import CollectorRegistry, generate_latest
+
+T0 = 1_800_000_000.0
+"""The frozen clock of reproducible readings (2027-01-15)."""
+
+
+@dataclass
+class SimExporter:
+    sim: SimulatedNvml
+    exporter: Exporter
+    registry: CollectorRegistry
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    def close(self) -> None:
+        self.sim.release_hangs()
+        self.exporter.close()
+
+
+def scenario(yaml_or_name: str) -> Scenario:
+    """A shipped scenario by name, or one written inline in a test."""
+    if "\n" in yaml_or_name:
+        return parse_scenario(yaml_or_name, "test-scenario")
+    return load_scenario(yaml_or_name)
+
+
+def build(source: str | Scenario, flags: Sequence[str] = (),
+          clock: Callable[[], float] = lambda: T0, timeout: float = 5.0,
+          frozen_timer: bool = True) -> SimExporter:
+    s = scenario(source) if isinstance(source, str) else source
+    sources = simulated_sources(s, clock)
+    args = build_parser().parse_args(list(flags))
+    collectors = build_collectors(args, sources, background_xid=False)
+    sim = sources.nvml_lib
+    assert isinstance(sim, SimulatedNvml)
+    kwargs = {"timer": lambda: 0.0} if frozen_timer else {}
+    exporter = Exporter(Nvml(sim), collectors, timeout=timeout, **kwargs)
+    return SimExporter(sim, exporter, build_registry(exporter, own_process=False))
