@@ -14,6 +14,7 @@ import contextlib
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -377,7 +378,12 @@ class SimulatedNvml:
         self._released = threading.Event()
         self._energy = {i: (node.clock(), 1e9) for i in range(len(node.scenario.gpus))}
         self._xid_delivered: set[tuple[int, int]] = set()
-        self.calls = 0
+        self.calls: Counter[str] = Counter()
+        """NVML function -> times called."""
+        self._in_flight = 0
+        self.peak_in_flight = 0
+        """Most GPU calls that were under way at once (with latency_seconds)."""
+        self._count_lock = threading.Lock()
 
     def release_hangs(self) -> None:
         self._released.set()
@@ -386,9 +392,15 @@ class SimulatedNvml:
 
     def _gpu(self, handle: _Handle, function: str) -> SimGpu:
         gpu = self.scenario.gpus[handle.index]
-        self.calls += 1
+        with self._count_lock:
+            self.calls[function] += 1
         if self.scenario.latency_seconds:
+            with self._count_lock:
+                self._in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
             time.sleep(self.scenario.latency_seconds)
+            with self._count_lock:
+                self._in_flight -= 1
         if function in gpu.hang:
             self._released.wait()
         if gpu.lost_after_seconds is not None and self.node.elapsed() >= gpu.lost_after_seconds:
@@ -421,6 +433,8 @@ class SimulatedNvml:
 
     def nvmlDeviceGetCount(self) -> int:
         self._check_driver()
+        with self._count_lock:
+            self.calls["nvmlDeviceGetCount"] += 1
         return len(self.scenario.gpus)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> _Handle:
