@@ -1,0 +1,146 @@
+"""The fleet as Prometheus sees it: one record per GPU, and which free GPUs to take.
+
+The state and the users come from the recording rule ``instance_gpu:gpuwatch_state:info``;
+model, memory and utilisation from the exporter's series, joined by (instance, gpu).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from . import metrics, states
+from .promapi import Prometheus, Sample
+
+# One query for what the grid shows besides the state: names known to be plain series
+_DETAILS = (metrics.MEMORY_USED.name, metrics.MEMORY_TOTAL.name, metrics.UTILIZATION.name,
+            metrics.INFO.name, states.INACTIVE_SINCE)
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    host: str
+    instance: str
+    gpu: int
+    uuid: str
+    state: str
+    users: tuple[str, ...]
+    model: str
+    display_name: str
+    memory_used_bytes: float | None
+    memory_total_bytes: float | None
+    utilization_ratio: float | None
+    inactive_since: float | None
+    """Unix time since which the GPU has been held without work; None while it works."""
+
+    def to_json(self) -> dict[str, object]:
+        out = asdict(self)
+        out["users"] = list(self.users)
+        return out
+
+
+class FleetError(Exception):
+    """A question about the fleet that has no answer (not enough free GPUs, unknown host)."""
+
+
+Key = tuple[str, str]
+
+
+def _key(labels: Mapping[str, str]) -> Key:
+    return labels.get("instance", ""), labels.get("gpu", "")
+
+
+def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
+    """Every GPU Prometheus knows, sorted by host and index."""
+    rows = prometheus.query(states.STATE_INFO)
+    details: dict[str, dict[Key, Sample]] = {name: {} for name in _DETAILS}
+    for s in prometheus.query(f'{{__name__=~"{"|".join(_DETAILS)}"}}'):
+        details.setdefault(s.labels.get("__name__", ""), {})[_key(s.labels)] = s
+
+    def value(name: str, key: Key) -> float | None:
+        found = details[name].get(key)
+        return found.value if found is not None else None
+
+    fleet = []
+    for row in rows:
+        labels, key = row.labels, _key(row.labels)
+        try:
+            index = int(labels.get("gpu", ""))
+        except ValueError:
+            continue  # not a GPU series of ours
+        info = details[metrics.INFO.name].get(key)
+        model = labels.get("model", "")
+        fleet.append(GpuStatus(
+            host=labels.get("host") or labels.get("instance", ""),
+            instance=labels.get("instance", ""),
+            gpu=index,
+            uuid=labels.get("uuid", ""),
+            state=labels.get("state", ""),
+            users=tuple(u for u in labels.get("users", "").split(",") if u),
+            model=model,
+            display_name=(info.labels.get("display_name", "") if info else "") or model,
+            memory_used_bytes=value(metrics.MEMORY_USED.name, key),
+            memory_total_bytes=value(metrics.MEMORY_TOTAL.name, key),
+            utilization_ratio=value(metrics.UTILIZATION.name, key),
+            inactive_since=value(states.INACTIVE_SINCE, key),
+        ))
+    return sorted(fleet, key=lambda g: (g.host, g.instance, g.gpu))
+
+
+def local_names(prometheus_url: str) -> list[str]:
+    """The names this machine may have as a target, most specific first.
+
+    The loopback names count only when Prometheus runs here too: a target "localhost" is
+    Prometheus' own machine.
+    """
+    hostname = socket.gethostname()
+    names = [socket.getfqdn(), hostname, hostname.split(".")[0]]
+    prometheus_host = urllib.parse.urlsplit(prometheus_url).hostname or ""
+    if _is_loopback(prometheus_host) or prometheus_host in names:
+        names += _LOOPBACK_NAMES
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def gpus_of_host(fleet: Sequence[GpuStatus], names: Iterable[str]) -> list[GpuStatus]:
+    """The GPUs of the first of `names` that is a host (or an instance) in the fleet.
+
+    FleetError when none is, or when that host has several targets (indices would clash).
+    """
+    names = list(names)
+    for name in names:
+        gpus = [g for g in fleet if name.lower() in (g.host.lower(), g.instance.lower())]
+        if not gpus:
+            continue
+        instances = sorted({g.instance for g in gpus})
+        if len(instances) > 1:
+            raise FleetError(f"{name} has several exporters ({', '.join(instances)}); "
+                             "pass --host with one of them")
+        return gpus
+    hosts = sorted({g.host for g in fleet})
+    raise FleetError(f"{' / '.join(names) or 'this host'} is not among the hosts Prometheus "
+                     f"knows ({', '.join(hosts) or 'none'}); pass --host")
+
+
+def pick(gpus: Sequence[GpuStatus], count: int) -> list[int]:
+    """The indices of `count` free GPUs of one host, lowest first; FleetError when fewer
+    are free."""
+    free = sorted(g.gpu for g in gpus if g.state == states.FREE.name)
+    if len(free) < count:
+        host = gpus[0].host if gpus else "this host"
+        which = f": {', '.join(map(str, free))}" if free else ""
+        raise FleetError(f"{host} has {len(free)} free GPU{'' if len(free) == 1 else 's'} "
+                         f"(of {len(gpus)}), {count} wanted{which}")
+    return free[:count]
