@@ -1,11 +1,12 @@
 """A small GPU fleet for end-to-end tests: simulated exporters and a real Prometheus.
 
-Every process listens on 127.0.0.1 only and is stopped by `Fleet.close()` (or the `with`
-block). Prometheus runs the project's own configuration, prometheus/prometheus.yml (its
-scrape job and host relabelling) and rule files, changed only where a test must be quick:
-shorter scrape and evaluation intervals, this fleet's targets file, and thresholds a test
-overrides (`Fleet(..., thresholds={...})`). What a test expects is derived from the
-scenarios the exporters simulate and from the thresholds the rules read, never copied.
+Built on gpuwatch.localstack (the processes and the generated Prometheus configuration):
+every process listens on 127.0.0.1 only and is stopped by `Fleet.close()` (or the `with`
+block). Prometheus runs the project's own prometheus.yml (its scrape job and host
+relabelling) and rule files, changed only where a test must be quick: shorter scrape and
+evaluation intervals, this fleet's targets file, and thresholds a test overrides
+(`Fleet(..., thresholds={...})`). What a test expects is derived from the scenarios the
+exporters simulate and from the thresholds the rules read, never copied.
 
     with Fleet([Node("ws-01", "workstation", {"cluster": "lab"})], tmp_path) as fleet:
         fleet.wait_for_rules()
@@ -16,10 +17,6 @@ scenarios the exporters simulate and from the thresholds the rules read, never c
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -29,16 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from gpuwatch import localstack
 from gpuwatch.nvml import NVMLError
 from gpuwatch.simulate import Scenario, SimulatedNode, SimulatedNvml, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
-PROMETHEUS_DIR = REPO / "prometheus"
-PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
-LOCALHOST = "127.0.0.1"
-STARTUP_DEADLINE = 30.0
-"""Seconds a server may take to answer before the fleet gives up (a guard, not a measure)."""
+LOCALHOST = localstack.LOCALHOST
+DEADLINE = 30.0
+"""Seconds the fleet waits for a condition before it gives up (a guard, not a measure)."""
 
 THRESHOLD_HELD_MEMORY = "gpuwatch:threshold_held_memory_bytes:constant"
 THRESHOLD_IDLE_UTILIZATION = "gpuwatch:threshold_idle_utilization_ratio:constant"
@@ -46,25 +41,15 @@ THRESHOLD_IDLE_DURATION = "gpuwatch:threshold_idle_duration_seconds:constant"
 
 
 class FleetError(RuntimeError):
-    """A server of the fleet did not start or answer; the message holds its log."""
+    """Prometheus did not answer, or a condition was not reached in time."""
 
 
 # -- the project's rule files ------------------------------------------------------------------
 
-def rule_files() -> list[Path]:
-    """The rule files prometheus.yml loads, in its order (those that exist)."""
-    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    files: list[Path] = []
-    for pattern in config.get("rule_files") or []:
-        files.extend(sorted(PROMETHEUS_DIR.glob(pattern)))
-    return files
-
-
 def rules() -> Iterator[dict[str, Any]]:
-    """Every rule (recording and alerting) of the project's rule files."""
-    for path in rule_files():
-        for group in (yaml.safe_load(path.read_text()) or {}).get("groups") or []:
-            yield from group.get("rules") or []
+    """Every rule (recording and alerting) of the rule files prometheus.yml loads."""
+    for path in localstack.rule_files():
+        yield from localstack.rules(localstack.load_rules(path))
 
 
 def recorded_names() -> set[str]:
@@ -72,82 +57,8 @@ def recorded_names() -> set[str]:
 
 
 def thresholds() -> dict[str, float]:
-    """The constant thresholds the rules publish (`record: ...:constant`, `vector(N)`)."""
-    found = {}
-    for rule in rules():
-        name = rule.get("record", "")
-        expr = str(rule.get("expr", "")).strip()
-        if name.endswith(":constant") and expr.startswith("vector(") and expr.endswith(")"):
-            found[name] = float(expr[len("vector("):-1])
-    return found
-
-
-def write_rule_files(dest: Path, overrides: Mapping[str, float]) -> list[Path]:
-    """Copies of the rule files under dest, with the given constants replaced."""
-    unknown = set(overrides) - set(thresholds())
-    if unknown:
-        raise ValueError(f"no such threshold in the rule files: {', '.join(sorted(unknown))}")
-    dest.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in rule_files():
-        data = yaml.safe_load(path.read_text()) or {}
-        for group in data.get("groups") or []:
-            for rule in group.get("rules") or []:
-                if rule.get("record") in overrides:
-                    rule["expr"] = f"vector({overrides[rule['record']]!r})"
-        target = dest / path.relative_to(PROMETHEUS_DIR)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(yaml.safe_dump(data, sort_keys=False))
-        written.append(target)
-    return written
-
-
-# -- servers -----------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOCALHOST, 0))
-        return int(s.getsockname()[1])
-
-
-def prometheus_binary() -> str:
-    found = shutil.which("prometheus") or ("/usr/bin/prometheus"
-                                           if Path("/usr/bin/prometheus").exists() else None)
-    if found is None:
-        raise FleetError("prometheus is not installed: run `make prometheus` (Debian's package)")
-    return found
-
-
-def _get(url: str, timeout: float = 5.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return bytes(response.read())
-
-
-def _wait_until_answers(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while True:
-        if process.poll() is not None:
-            raise FleetError(f"{url}: the server exited with {process.returncode}:\n"
-                             f"{log.read_text()[-3000:]}")
-        try:
-            _get(url, timeout=2.0)
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            raise FleetError(f"{url}: no answer after {STARTUP_DEADLINE:.0f} s:\n"
-                             f"{log.read_text()[-3000:]}")
-        time.sleep(0.1)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """The constant thresholds the rules publish, by record name."""
+    return localstack.threshold_values()
 
 
 # -- the fleet ---------------------------------------------------------------------------------
@@ -166,13 +77,22 @@ class RunningNode:
     node: Node
     scenario: Scenario
     port: int
-    process: subprocess.Popen[bytes]
+    service: localstack.Service
     started: float
     """Unix time just before the exporter started: its simulated clock starts a moment later."""
 
     @property
     def address(self) -> str:
         return f"{LOCALHOST}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ExpectedProcess:
+    host: str
+    gpu: str
+    pid: str
+    user: str
+    command: str
 
 
 @dataclass(frozen=True)
@@ -194,7 +114,7 @@ class Fleet:
         self.interval = interval
         self.overrides = dict(thresholds or {})
         self.running: list[RunningNode] = []
-        self.prometheus: subprocess.Popen[bytes] | None = None
+        self.prometheus: localstack.Service | None = None
         self.prometheus_port = 0
         self.prometheus_started = 0.0
 
@@ -220,67 +140,45 @@ class Fleet:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for node in self.nodes:
-            self.running.append(self._start_exporter(node))
-        for running in self.running:
-            _wait_until_answers(f"http://{running.address}/metrics", running.process,
-                                self.workdir / f"exporter-{running.node.host}.log")
-        self._start_prometheus()
+            port = localstack.free_port()
+            service = localstack.exporter(node.scenario, port,
+                                          self.workdir / f"exporter-{node.host}.log",
+                                          ["--log.level", "warn"])
+            running = RunningNode(node, load_scenario(node.scenario), port, service,
+                                  time.time())
+            self.running.append(running)
+            service.start()
 
-    def _start_exporter(self, node: Node) -> RunningNode:
-        port = free_port()
-        log = (self.workdir / f"exporter-{node.host}.log").open("wb")
-        started = time.time()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gpuwatch.exporter_main", "--simulate", node.scenario,
-             "--web.listen-address", f"{LOCALHOST}:{port}", "--log.level", "warn"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        return RunningNode(node, load_scenario(node.scenario), port, process, started)
-
-    def _start_prometheus(self) -> None:
         targets = self.workdir / "targets"
         targets.mkdir(exist_ok=True)
-        (targets / "fleet.yml").write_text(yaml.safe_dump([
+        localstack.write_targets(targets / "fleet.yml", [
             {"targets": [r.address], "labels": {"host": r.node.host, **r.node.labels}}
-            for r in self.running]))
-        rules = write_rule_files(self.workdir / "rules", self.overrides)
-
-        config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+            for r in self.running])
         every = f"{self.interval:g}s"
-        config["global"].update(scrape_interval=every, scrape_timeout=every,
-                                evaluation_interval=every)
-        config["rule_files"] = [str(p) for p in rules]
-        for job in config["scrape_configs"]:
-            for sd in job.get("file_sd_configs") or []:
-                sd["files"] = [str(targets / "*.yml")]
-        config_file = self.workdir / "prometheus.yml"
-        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-
-        self.prometheus_port = free_port()
-        log_path = self.workdir / "prometheus.log"
-        log = log_path.open("wb")
+        config = localstack.render_config(
+            self.workdir / "prometheus", targets,
+            localstack.Overrides(scrape_interval=every, evaluation_interval=every,
+                                 thresholds=self.overrides))
+        self.prometheus_port = localstack.free_port()
+        self.prometheus = localstack.prometheus(config, self.workdir / "data",
+                                                self.prometheus_port,
+                                                self.workdir / "prometheus.log")
         self.prometheus_started = time.time()
-        self.prometheus = subprocess.Popen(
-            [prometheus_binary(), f"--config.file={config_file}",
-             f"--storage.tsdb.path={self.workdir / 'data'}",
-             f"--web.listen-address={LOCALHOST}:{self.prometheus_port}",
-             "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        _wait_until_answers(f"{self.url}/-/ready", self.prometheus, log_path)
+        self.prometheus.start()
 
     def close(self) -> None:
         if self.prometheus is not None:
-            _stop(self.prometheus)
+            self.prometheus.stop()
         for running in self.running:
-            _stop(running.process)
+            running.service.stop()
 
     # -- asking Prometheus ---------------------------------------------------------------------
 
     def api(self, path: str, **params: str) -> Any:
         url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
         try:
-            body = _get(url, timeout=30.0)
+            with urllib.request.urlopen(url, timeout=30.0) as response:
+                body = response.read()
         except urllib.error.HTTPError as e:
             body = e.read()
         answer = json.loads(body)
@@ -305,13 +203,13 @@ class Fleet:
     def wait_for(self, expr: str, done: Callable[[list[dict[str, Any]]], bool],
                  what: str) -> list[dict[str, Any]]:
         """Polls an instant query until `done(result)`; FleetError past the deadline."""
-        deadline = time.monotonic() + STARTUP_DEADLINE
+        deadline = time.monotonic() + DEADLINE
         while True:
             result = self.query(expr)
             if done(result):
                 return result
             if time.monotonic() > deadline:
-                raise FleetError(f"waited {STARTUP_DEADLINE:.0f} s for {what}; {expr} "
+                raise FleetError(f"waited {DEADLINE:.0f} s for {what}; {expr} "
                                  f"gives {result}")
             time.sleep(self.interval / 2)
 
@@ -373,3 +271,21 @@ class Fleet:
                 expected.append(ExpectedGpu(host, name, state, users, gpu.name))
         return expected
 
+    def expected_processes(self, at: float | None = None) -> list[ExpectedProcess]:
+        """The processes the exporters report at `at`: what NVML lists, less those that exit
+        while being read (they are skipped)."""
+        now = time.time() if at is None else at
+        expected = []
+        for running in self.running:
+            node = SimulatedNode(running.scenario, clock=lambda: now, start=running.started)
+            nvml = SimulatedNvml(node)
+            for index in range(len(running.scenario.gpus)):
+                try:
+                    nvml.nvmlDeviceGetHandleByIndex(index)
+                except NVMLError:
+                    continue  # a lost GPU: nothing is read from it
+                expected.extend(
+                    ExpectedProcess(running.node.host, str(index), str(p.pid), p.process.user,
+                                    p.process.command)
+                    for p in node.processes(index) if not p.process.vanished)
+        return expected

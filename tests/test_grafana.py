@@ -1,0 +1,572 @@
+"""Grafana: the provisioning and the dashboards.
+
+Grafana itself cannot be installed here, so the dashboards are checked as files (schema,
+uids, datasource, panel types, variables, links, metric names) and every panel query is run
+against a real Prometheus fed by simulated exporters (tests/prom_harness.py), with Grafana's
+variables replaced by the values Grafana would give them. The availability grid must show
+every simulated GPU in the state and with the users its scenario says.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+import yaml
+from gpuwatch import metrics, states
+from prom_harness import (
+    REPO,
+    THRESHOLD_IDLE_DURATION,
+    Fleet,
+    Node,
+    recorded_names,
+    rules,
+)
+
+GRAFANA = REPO / "grafana"
+PROVISIONING = GRAFANA / "provisioning"
+RUN_GRAFANA = GRAFANA / "run-grafana"
+DASHBOARD_FILES = sorted((GRAFANA / "dashboards").glob("*.json"))
+
+PUBLISHED_UIDS = {"gpuwatch-fleet", "gpuwatch-usage", "gpuwatch-users", "gpuwatch-node"}
+"""Uids in people's bookmarks and links: a dashboard may be added, never renamed away."""
+
+CURRENT_PANEL_TYPES = {
+    "row", "timeseries", "stat", "gauge", "bargauge", "table", "state-timeline",
+    "status-history", "barchart", "histogram", "heatmap", "piechart", "text", "logs",
+    "news", "dashlist", "alertlist", "nodeGraph", "trend", "xychart", "canvas",
+}
+"""Grafana 10/11 core panels; graph, singlestat, table-old and the old plugins are not here."""
+
+PROMETHEUS_OWN_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped",
+                         "scrape_samples_post_metric_relabeling", "scrape_series_added"}
+"""What Prometheus records for every scrape itself (Prometheus docs, "Jobs and instances")."""
+
+GRAFANA_BUILTINS = {"__range", "__range_s", "__range_ms", "__interval", "__interval_ms",
+                    "__rate_interval", "__data", "__field", "__value", "__series",
+                    "__url_time_range", "__all", "__dashboard", "__from", "__to", "__org",
+                    "__user", "timeFilter"}
+
+PROMQL_WORDS = {
+    "and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
+    "group_left", "group_right", "inf", "nan", "sum", "avg", "count", "min", "max",
+    "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group", "atan2",
+}
+VARIABLE = re.compile(r"\$([a-zA-Z_]\w*)|\$\{([a-zA-Z_]\w*)(?:[.:][^}]*)?\}|\[\[(\w+)\]\]")
+"""$var, ${var}, ${var:format}, ${__data.fields.x} and the old [[var]]; not a regex's $1."""
+DASHBOARD_LINK = re.compile(r"^/d/([\w-]+)(?:/[\w-]*)?(?:\?(.*))?$")
+
+
+# -- reading dashboards ------------------------------------------------------------------------
+
+def load(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text()))
+
+
+DASHBOARDS = {path.stem: load(path) for path in DASHBOARD_FILES}
+
+
+def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every panel, those inside collapsed rows too."""
+    for panel in dashboard.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def targets(dashboard: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for panel in panels(dashboard):
+        for target in panel.get("targets", []):
+            if target.get("expr") and not target.get("hide"):
+                yield panel, target
+
+
+def variables(dashboard: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in dashboard.get("templating", {}).get("list", [])}
+
+
+def variable_query(variable: dict[str, Any]) -> str:
+    query = variable.get("query")
+    return str(query.get("query", "") if isinstance(query, dict) else query)
+
+
+def strings(node: Any) -> Iterator[str]:
+    """Every string in a JSON document."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from strings(value)
+
+
+def links(node: Any) -> Iterator[str]:
+    """The URL of every link (dashboard links, panel links, data links) in a document."""
+    if isinstance(node, dict):
+        if isinstance(node.get("url"), str) and node["url"]:
+            yield node["url"]
+        for value in node.values():
+            yield from links(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from links(value)
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (not functions, keywords or labels)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    s = re.sub(r"'(?:[^'\\]|\\.)*'", "''", s)
+    s = re.sub(r"\{[^}]*\}", " ", s)
+    s = re.sub(r"\[[^\]]*\]", " ", s)
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", r" \1 ", s)
+    found = set()
+    for m in re.finditer(r"(?<![\w.:$])([a-zA-Z_:][\w:]*)(?![\w:])(?!\s*\()", s):
+        if m.group(1) not in PROMQL_WORDS:
+            found.add(m.group(1))
+    return found
+
+
+def label_values_query(query: str) -> tuple[str, str]:
+    """label_values(SELECTOR, LABEL) -> (SELECTOR, LABEL)."""
+    m = re.fullmatch(r"\s*label_values\((.+),\s*(\w+)\s*\)\s*", query)
+    assert m, f"{query!r}: variable queries are label_values(selector, label)"
+    return m.group(1), m.group(2)
+
+
+def normalized(expr: str) -> str:
+    return re.sub(r"\s+", "", expr)
+
+
+def apply_mappings(mappings: list[dict[str, Any]], value: str) -> dict[str, Any] | None:
+    """What Grafana shows for a value: the first mapping that matches (value, regex)."""
+    for mapping in mappings:
+        options = mapping["options"]
+        if mapping["type"] == "value" and value in options:
+            return dict(options[value])
+        if mapping["type"] == "regex" and re.search(options["pattern"], value):
+            result = dict(options["result"])
+            if "text" in result:
+                # JavaScript's replace: $1 is the first group
+                result["text"] = re.sub(options["pattern"],
+                                        re.sub(r"\$(\d)", r"\\\1", result["text"]), value)
+            return result
+    return None
+
+
+def panel_titled(dashboard: str, title: str) -> dict[str, Any]:
+    found = [p for p in panels(DASHBOARDS[dashboard]) if p.get("title") == title]
+    assert len(found) == 1, f"{dashboard}: expected one panel titled {title!r}"
+    return found[0]
+
+
+def grid_panel() -> dict[str, Any]:
+    """The availability grid: the table that turns (host, gpu) rows into a matrix."""
+    found = [p for p in panels(DASHBOARDS["gpuwatch-fleet"])
+             if any(t["id"] == "groupingToMatrix" for t in p.get("transformations", []))]
+    assert len(found) == 1, "the fleet dashboard has one grid"
+    return found[0]
+
+
+# -- the files ---------------------------------------------------------------------------------
+
+def test_dashboards_are_there_and_published_uids_stay() -> None:
+    assert DASHBOARD_FILES, "no dashboards in grafana/dashboards"
+    assert set(DASHBOARDS) >= PUBLISHED_UIDS
+
+
+@pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.stem)
+def test_dashboard_is_a_provisionable_grafana_dashboard(path: Path) -> None:
+    d = load(path)
+    assert d["uid"] == path.stem, "the uid is the file name (without .json)"
+    assert re.fullmatch(r"gpuwatch-[a-z0-9-]+", d["uid"]) and len(d["uid"]) <= 40
+    assert d.get("id") is None, "a provisioned dashboard carries no database id"
+    assert d["title"].startswith("gpuwatch / ")
+    assert d["schemaVersion"] >= 36, "Grafana 10 or later"
+    assert "gpuwatch" in d["tags"], "the dashboards link to each other by this tag"
+    assert d["editable"] is False, "the files are the source; provisioning refuses UI saves"
+
+
+def test_titles_are_unique() -> None:
+    titles = [d["title"] for d in DASHBOARDS.values()]
+    assert len(titles) == len(set(titles))
+
+
+@pytest.mark.parametrize("uid", DASHBOARDS)
+def test_panels_are_current_types_and_laid_out(uid: str) -> None:
+    d = DASHBOARDS[uid]
+    ids = [p["id"] for p in panels(d)]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    taken: dict[tuple[int, int], str] = {}
+    for p in panels(d):
+        assert p["type"] in CURRENT_PANEL_TYPES, f"{p['title']}: {p['type']} is deprecated"
+        assert p.get("title"), f"panel {p['id']} has a title"
+        if p["type"] != "row":
+            assert p.get("description"), f"{p['title']}: says what it answers"
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        for cell in itertools.product(range(g["x"], g["x"] + g["w"]),
+                                      range(g["y"], g["y"] + g["h"])):
+            assert cell not in taken, f"{p['title']} overlaps {taken[cell]}"
+            taken[cell] = p["title"]
+
+
+@pytest.mark.parametrize("uid", DASHBOARDS)
+def test_datasource_is_the_variable_everywhere(uid: str) -> None:
+    d = DASHBOARDS[uid]
+    by_variable = {"type": "prometheus", "uid": "${datasource}"}
+    ds = variables(d)["datasource"]
+    assert ds["type"] == "datasource" and ds["query"] == "prometheus"
+    provisioned = yaml.safe_load((PROVISIONING / "datasources" / "gpuwatch.yml").read_text())
+    assert ds["current"]["value"] == provisioned["datasources"][0]["uid"]
+    for p in panels(d):
+        if p["type"] in ("row", "text"):
+            continue
+        assert p["datasource"] == by_variable, p["title"]
+        for t in p["targets"]:
+            assert t["datasource"] == by_variable, f"{p['title']} {t['refId']}"
+    for v in variables(d).values():
+        if v["type"] == "query":
+            assert v["datasource"] == by_variable, v["name"]
+
+
+@pytest.mark.parametrize("uid", DASHBOARDS)
+def test_every_variable_used_is_defined(uid: str) -> None:
+    d = DASHBOARDS[uid]
+    defined = set(variables(d)) | GRAFANA_BUILTINS
+    used = {next(g for g in m.groups() if g) for s in strings(d) for m in VARIABLE.finditer(s)}
+    assert used - defined == set()
+    for name, v in variables(d).items():
+        if v["type"] == "query":
+            selector, _ = label_values_query(variable_query(v))
+            earlier = list(variables(d))[:list(variables(d)).index(name)]
+            refs = {next(g for g in m.groups() if g) for m in VARIABLE.finditer(selector)}
+            assert refs <= set(earlier), f"{name} depends on variables defined before it"
+
+
+@pytest.mark.parametrize("uid", DASHBOARDS)
+def test_queries_name_only_exported_or_recorded_metrics(uid: str) -> None:
+    known = {m.name for m in metrics.ALL} | recorded_names() | PROMETHEUS_OWN_SERIES
+    d = DASHBOARDS[uid]
+    exprs = [(p["title"], t["expr"]) for p, t in targets(d)]
+    exprs += [(f"variable {v['name']}", label_values_query(variable_query(v))[0])
+              for v in variables(d).values() if v["type"] == "query"]
+    for where, expr in exprs:
+        names = metric_names(expr)
+        assert names, f"{where}: {expr} selects no metric"
+        assert names <= known, f"{where}: unknown metrics {sorted(names - known)}"
+
+
+def test_metric_names_are_found_in_promql() -> None:
+    expr = ('sum by (user) (sum_over_time(user:gpuwatch_gpus_held:count{user=~"$user"}'
+            '[$__range:$__interval])) * $__interval_ms / 3600000 + on (instance) group_left '
+            '(model) label_join(nvidia_gpu_up{a="b c"}, "x", ",", "y") and up offset 5m '
+            '/ 1e6 > bool time()')
+    assert metric_names(expr) == {"user:gpuwatch_gpus_held:count", "nvidia_gpu_up", "up"}
+
+
+def test_panels_read_the_recording_rules_instead_of_repeating_them() -> None:
+    recorded = [(r["record"], normalized(str(r["expr"]))) for r in rules() if "record" in r]
+    for uid, d in DASHBOARDS.items():
+        for p, t in targets(d):
+            for name, expr in recorded:
+                assert expr not in normalized(t["expr"]), \
+                    f"{uid} / {p['title']}: repeats the expression of {name}; read {name}"
+    read = {n for d in DASHBOARDS.values() for _, t in targets(d)
+            for n in metric_names(t["expr"])}
+    assert read & recorded_names(), "the dashboards read the recording rules"
+
+
+def test_links_point_at_dashboards_and_their_variables() -> None:
+    followed = 0
+    for uid, d in DASHBOARDS.items():
+        for url in links(d):
+            m = DASHBOARD_LINK.match(url)
+            assert m, f"{uid}: {url} is not a link to a dashboard by uid"
+            target = DASHBOARDS.get(m.group(1))
+            assert target is not None, f"{uid}: {url} points at no dashboard"
+            for key, _ in parse_qsl(m.group(2) or "", keep_blank_values=True):
+                if key.startswith("var-"):
+                    assert key[4:] in variables(target), f"{uid}: {url} sets {key}"
+            followed += 1
+    assert followed, "the dashboards link to each other"
+
+
+def test_grid_cells_link_to_the_node_detail_of_their_host() -> None:
+    (url,) = [link["url"] for link in grid_panel()["fieldConfig"]["defaults"]["links"]]
+    path = urlsplit(url)
+    assert path.path == "/d/gpuwatch-node"
+    assert ("var-host", "${__data.fields.host}") in parse_qsl(path.query)
+
+
+def test_dashboard_links_reach_every_dashboard_by_tag() -> None:
+    for d in DASHBOARDS.values():
+        assert any(link["type"] == "dashboards" and "gpuwatch" in link["tags"]
+                   for link in d["links"])
+
+
+def test_states_look_the_same_everywhere() -> None:
+    """Grid, state timelines, counts and tables name and colour the states as gpuwatch.states
+    does (the CLI's grid uses the same colours)."""
+    by_code = {str(s.code): {"text": s.name, "color": s.colour} for s in states.ALL}
+    timelines = 0
+    for d in DASHBOARDS.values():
+        for p in panels(d):
+            if any(states.STATE_CODE in t.get("expr", "") for t in p.get("targets", [])):
+                options = p["fieldConfig"]["defaults"]["mappings"][0]["options"]
+                assert {code: {"text": m["text"], "color": m["color"]}
+                        for code, m in options.items()} == by_code, p["title"]
+                timelines += 1
+            for override in p.get("fieldConfig", {}).get("overrides", []):
+                name = override["matcher"]["options"]
+                for prop in override["properties"]:
+                    if name in states.BY_NAME and prop["id"] == "color":
+                        assert prop["value"]["fixedColor"] == states.BY_NAME[name].colour
+                    if name == "state" and prop["id"] == "mappings":
+                        shown = {v: m["color"] for v, m in prop["value"][0]["options"].items()}
+                        assert shown == {s.name: s.colour for s in states.ALL}, p["title"]
+    assert timelines >= 2, "the fleet and the node detail draw the state history"
+    grid = grid_panel()["fieldConfig"]["defaults"]["mappings"]
+    for state in states.ALL:
+        for cell in (f"{state.name}: ", f"{state.name}: alice,bob"):
+            shown = apply_mappings(grid, cell)
+            assert shown is not None and shown["color"] == state.colour, cell
+
+
+# -- provisioning and run-grafana --------------------------------------------------------------
+
+def expand_like_grafana(value: str, env: dict[str, str]) -> str:
+    """Grafana's provisioning expansion: os.ExpandEnv, $$ for a literal $, no defaults."""
+    def one(part: str) -> str:
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), ""),
+                      part)
+    return "$".join(one(part) for part in value.split("$$"))
+
+
+@pytest.fixture
+def fake_grafana(tmp_path: Path) -> tuple[Path, Path]:
+    """A `grafana` on PATH that records how it was started, and a Grafana home."""
+    home = tmp_path / "grafana-home"
+    (home / "conf").mkdir(parents=True)
+    (home / "conf" / "defaults.ini").write_text("")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "started.json"
+    script = bindir / "grafana"
+    dump = ("import json, os, sys; "
+            f"json.dump({{'argv': sys.argv[1:], 'env': dict(os.environ)}}, open('{record}', 'w'))")
+    script.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{dump}" "$@"\n')
+    script.chmod(0o755)
+    return bindir, record
+
+
+def run_grafana(path: str, tmp_path: Path, *args: str,
+                **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("GPUWATCH_", "GF_", "GRAFANA_"))}
+    return subprocess.run([str(RUN_GRAFANA), *args], capture_output=True, text=True,
+                          env={**base, "PATH": path,
+                               "GPUWATCH_GRAFANA_STATE": str(tmp_path / "state"), **env},
+                          timeout=60, check=False)
+
+
+def test_run_grafana_starts_grafana_with_this_provisioning(
+        fake_grafana: tuple[Path, Path], tmp_path: Path) -> None:
+    bindir, record = fake_grafana
+    home = tmp_path / "grafana-home"
+    done = run_grafana(f"{bindir}:{os.environ['PATH']}", tmp_path, GRAFANA_HOME=str(home))
+    assert done.returncode == 0, done.stderr
+    started = json.loads(record.read_text())
+    assert started["argv"] == ["server", "--homepath", str(home)]
+    env = started["env"]
+    assert env["GF_PATHS_PROVISIONING"] == str(PROVISIONING)
+    assert env["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
+    assert Path(env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]).is_file()
+
+    datasources = yaml.safe_load((PROVISIONING / "datasources" / "gpuwatch.yml").read_text())
+    (source,) = datasources["datasources"]
+    assert source["type"] == "prometheus"
+    assert expand_like_grafana(source["url"], env) == "http://localhost:9090"
+    providers = yaml.safe_load((PROVISIONING / "dashboards" / "gpuwatch.yml").read_text())
+    (provider,) = providers["providers"]
+    folder = Path(expand_like_grafana(provider["options"]["path"], env))
+    assert sorted(folder.glob("*.json")) == DASHBOARD_FILES
+
+
+def test_run_grafana_passes_the_prometheus_url_on(
+        fake_grafana: tuple[Path, Path], tmp_path: Path) -> None:
+    bindir, record = fake_grafana
+    done = run_grafana(f"{bindir}:{os.environ['PATH']}", tmp_path,
+                       GRAFANA_HOME=str(tmp_path / "grafana-home"),
+                       GPUWATCH_PROMETHEUS_URL="http://127.0.0.1:19090")
+    assert done.returncode == 0, done.stderr
+    env = json.loads(record.read_text())["env"]
+    datasources = yaml.safe_load((PROVISIONING / "datasources" / "gpuwatch.yml").read_text())
+    assert expand_like_grafana(datasources["datasources"][0]["url"], env) == \
+        "http://127.0.0.1:19090"
+
+
+def test_run_grafana_check_finds_grafana(fake_grafana: tuple[Path, Path],
+                                         tmp_path: Path) -> None:
+    bindir, record = fake_grafana
+    done = run_grafana(f"{bindir}:{os.environ['PATH']}", tmp_path, "--check")
+    assert done.returncode == 0, done.stderr
+    assert not record.exists(), "--check starts nothing"
+
+
+def test_run_grafana_says_how_to_get_grafana_when_there_is_none(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin-without-grafana"
+    bindir.mkdir()
+    for tool in ("sh", "dirname", "cat", "readlink", "mkdir"):
+        found = subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        (bindir / tool).symlink_to(found)
+    for args in ((), ("--check",)):
+        done = run_grafana(str(bindir), tmp_path, *args)
+        assert done.returncode == 3
+        assert "apt.grafana.com" in done.stderr and "grafana.com/grafana/download" in done.stderr
+
+
+# -- every query against a real Prometheus -----------------------------------------------------
+
+FLEET_NODES = [
+    Node("ws-01", "workstation", {"cluster": "lab"}),
+    Node("srv-01", "server", {"cluster": "dc", "rack": "r1"}),
+    Node("a100-01", "lost-gpu", {"cluster": "dc", "rack": "r2"}),
+]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    # The idle duration is 0 so erin's held-but-unused GPU is idle at once; every other
+    # threshold is the rules' own.
+    with Fleet(FLEET_NODES, tmp_path_factory.mktemp("fleet"),
+               thresholds={THRESHOLD_IDLE_DURATION: 0}) as running:
+        running.wait_for_rules()
+        yield running
+
+
+def grafana_values(fleet: Fleet) -> dict[str, str]:
+    """Grafana's own variables, as they would be for a one-hour range."""
+    step = f"{fleet.interval:g}s"
+    return {"__range": "1h", "__range_s": "3600", "__range_ms": "3600000",
+            "__interval": step, "__interval_ms": f"{fleet.interval * 1000:g}",
+            "__rate_interval": f"{4 * fleet.interval:g}s"}
+
+
+def expand(text: str, values: dict[str, str]) -> str:
+    return VARIABLE.sub(lambda m: values[next(g for g in m.groups() if g)], text)
+
+
+def resolve_variables(fleet: Fleet, dashboard: dict[str, Any]) -> list[dict[str, str]]:
+    """Every assignment Grafana offers: multi-value variables at All, single ones at each
+    value their query finds (in order, each seeing the ones before)."""
+    assignments = [grafana_values(fleet)]
+    for name, v in variables(dashboard).items():
+        if v["type"] != "query":
+            continue
+        following = []
+        for values in assignments:
+            selector, label = label_values_query(variable_query(v))
+            found = fleet.label_values(label, expand(selector, values))
+            assert found, f"{dashboard['uid']}: variable {name} finds no values"
+            if v.get("includeAll"):
+                following.append({**values, name: v["allValue"]})
+            else:
+                following.extend({**values, name: value} for value in found)
+        assignments = following
+    return assignments
+
+
+@pytest.mark.parametrize("uid", DASHBOARDS)
+def test_every_panel_query_returns_data(fleet: Fleet, uid: str) -> None:
+    dashboard = DASHBOARDS[uid]
+    assignments = resolve_variables(fleet, dashboard)
+    empty = []
+    for panel, target in targets(dashboard):
+        results = [fleet.query(expand(target["expr"], values)) for values in assignments]
+        if not any(results):
+            empty.append(f"{panel['title']} {target['refId']}: {target['expr']}")
+    assert empty == [], "queries without data:\n" + "\n".join(empty)
+
+
+def grid_rows(fleet: Fleet) -> dict[tuple[str, str], dict[str, str]]:
+    (target,) = grid_panel()["targets"]
+    values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
+    rows = {}
+    for series in fleet.query(expand(target["expr"], values)):
+        labels = series["metric"]
+        key = (labels["host"], labels["gpu"])
+        assert key not in rows, f"two cells for {key}"
+        rows[key] = labels
+    return rows
+
+
+def test_grid_shows_every_gpu_in_its_state_with_its_users(fleet: Fleet) -> None:
+    rows = grid_rows(fleet)
+    expected = fleet.expected_grid()
+    assert sorted(rows) == sorted((e.host, e.gpu) for e in expected)
+    mappings = grid_panel()["fieldConfig"]["defaults"]["mappings"]
+    for e in expected:
+        labels = rows[(e.host, e.gpu)]
+        where = f"{e.host} GPU {e.gpu}"
+        assert labels["state"] == e.state, where
+        users = labels.get("users", "")
+        assert tuple(u for u in users.split(",") if u) == e.users, where
+        assert labels.get("model") == e.model, where
+        shown = apply_mappings(mappings, labels["cell"])
+        assert shown is not None, f"{where}: no colour for {labels['cell']!r}"
+        assert shown["color"] == states.BY_NAME[e.state].colour, where
+        for user in e.users:
+            assert user in shown["text"], f"{where}: the cell names {user}"
+    produced = {s.name for s in states.ALL} - {states.RESERVED.name}
+    assert {e.state for e in expected} == produced, \
+        "the simulated fleet shows every state the rules produce"
+
+
+def test_state_history_names_the_states_the_grid_shows(fleet: Fleet) -> None:
+    timeline = panel_titled("gpuwatch-fleet", "State of every GPU")
+    (target,) = timeline["targets"]
+    values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
+    names = timeline["fieldConfig"]["defaults"]["mappings"]
+    rows = grid_rows(fleet)
+    codes = fleet.query(expand(target["expr"], values))
+    assert len(codes) == len(rows)
+    for series in codes:
+        labels = series["metric"]
+        shown = apply_mappings(names, series["value"][1])
+        assert shown is not None
+        assert shown["text"] == rows[(labels["host"], labels["gpu"])]["state"]
+
+
+def test_free_counts_match_the_scenarios(fleet: Fleet) -> None:
+    expected = fleet.expected_grid()
+    values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
+    (total,) = panel_titled("gpuwatch-fleet", "Free GPUs")["targets"]
+    (result,) = fleet.query(expand(total["expr"], values))
+    assert float(result["value"][1]) == sum(e.state == "free" for e in expected)
+    (per_model,) = panel_titled("gpuwatch-fleet", "Free GPUs per model")["targets"]
+    got = {r["metric"]["model"]: float(r["value"][1])
+           for r in fleet.query(expand(per_model["expr"], values))}
+    assert got == {model: float(sum(e.state == "free" and e.model == model for e in expected))
+                   for model in {e.model for e in expected if e.model}}
+
+
+def test_holders_table_lists_every_process(fleet: Fleet) -> None:
+    table = panel_titled("gpuwatch-fleet", "Who holds GPUs now")
+    values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
+    for target in table["targets"]:
+        got = sorted((r["metric"]["host"], r["metric"]["gpu"], r["metric"]["pid"],
+                      r["metric"]["user"], r["metric"]["command"])
+                     for r in fleet.query(expand(target["expr"], values)))
+        assert got == sorted((p.host, p.gpu, p.pid, p.user, p.command)
+                             for p in fleet.expected_processes()), target["refId"]
