@@ -199,6 +199,22 @@ def test_dashboard_is_a_provisionable_grafana_dashboard(path: Path) -> None:
 def test_titles_are_unique() -> None:
     titles = [d["title"] for d in DASHBOARDS.values()]
     assert len(titles) == len(set(titles))
+    for d in DASHBOARDS.values():
+        names = [p["title"] for p in panels(d) if p["type"] != "row"]
+        assert len(names) == len(set(names)), f"{d['title']}: panel titles are unique"
+
+
+def test_the_guide_explains_every_panel() -> None:
+    """docs/grafana.md has a section per dashboard naming each of its panels in bold."""
+    guide = (REPO / "docs" / "grafana.md").read_text()
+    sections = dict(re.findall(r"^### (.+?)\n(.*?)(?=^##|\Z)", guide, re.S | re.M))
+    for d in DASHBOARDS.values():
+        name = d["title"].removeprefix("gpuwatch / ")
+        assert name in sections, f"docs/grafana.md has no section '### {name}'"
+        explained = set(re.findall(r"\*\*(.+?)\*\*", sections[name]))
+        shown = {p["title"] for p in panels(d) if p["type"] != "row"}
+        assert explained == shown, f"{name}: explained but not shown: " \
+            f"{sorted(explained - shown)}; shown but not explained: {sorted(shown - explained)}"
 
 
 @pytest.mark.parametrize("uid", DASHBOARDS)
