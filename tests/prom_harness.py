@@ -275,7 +275,7 @@ class Fleet:
         """The processes the exporters report at `at`: what NVML lists, less those that exit
         while being read (they are skipped)."""
         now = time.time() if at is None else at
-        expected = []
+        expected: list[ExpectedProcess] = []
         for running in self.running:
             node = SimulatedNode(running.scenario, clock=lambda: now, start=running.started)
             nvml = SimulatedNvml(node)
