@@ -154,7 +154,9 @@ def test_every_role_documents_every_default() -> None:
         for name, value in defaults.items():
             if "{{" not in str(value):
                 assert options[name].get("default") == value, (role.name, name)
-        assert (role / "README.md").is_file(), f"{role.name} has no README.md"
+        readme = (role / "README.md").read_text()
+        undocumented = [name for name in options if f"`{name}`" not in readme]
+        assert not undocumented, f"{role.name}/README.md does not mention {undocumented}"
 
 
 def test_role_defaults_match_the_exporter() -> None:
@@ -182,7 +184,8 @@ class Deployment:
     password: str
     cert: Path
     unit: Path
-    runs: tuple[str, str]
+    runs: tuple[str, str, str]
+    """The first run, the second run, and a --check --diff run after them."""
     python_usable_by_others: bool
 
     @property
@@ -361,9 +364,11 @@ def deployment() -> Iterator[Deployment]:
         assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
         second = _playbook(root, SKIP_GRAFANA_INSTALL)
         assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
+        check = _playbook(root, [*SKIP_GRAFANA_INSTALL, "--check", "--diff"])
+        assert check.returncode == 0, check.stdout[-6000:] + check.stderr[-3000:]
         yield Deployment(root=root, port=port, password=password, cert=cert,
                          unit=etc / "systemd/system/gpuwatch-exporter.service",
-                         runs=(first.stdout, second.stdout),
+                         runs=(first.stdout, second.stdout, check.stdout),
                          python_usable_by_others=usable_by_others)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -381,6 +386,13 @@ def test_second_run_changes_nothing(deployment: Deployment) -> None:
     recap = _recap(deployment.runs[1])
     assert recap["failed"] == 0
     assert recap["changed"] == 0, "\n".join(_changed_tasks(deployment.runs[1]))
+
+
+def test_check_mode_after_a_deployment_predicts_no_change(deployment: Deployment) -> None:
+    """`--check --diff` is how the README previews a change: it must not cry wolf."""
+    recap = _recap(deployment.runs[2])
+    assert recap["failed"] == 0
+    assert recap["changed"] == 0, "\n".join(_changed_tasks(deployment.runs[2]))
 
 
 def test_service_user_is_unprivileged_and_may_open_the_gpus(deployment: Deployment) -> None:
