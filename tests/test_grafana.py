@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -377,21 +378,37 @@ def expand_like_grafana(value: str, env: dict[str, str]) -> str:
     return "$".join(one(part) for part in value.split("$$"))
 
 
-@pytest.fixture
-def fake_grafana(tmp_path: Path) -> tuple[Path, Path]:
-    """A `grafana` on PATH that records how it was started, and a Grafana home."""
+@dataclass(frozen=True)
+class FakeGrafana:
+    """A Grafana laid out like its tarball (bin/, conf/defaults.ini) whose binary records how
+    it was started instead of starting."""
+
+    home: Path
+    binary: Path
+    record: Path
+
+    @property
+    def path(self) -> str:
+        return f"{self.binary.parent}:{os.environ['PATH']}"
+
+    def started(self) -> dict[str, Any]:
+        return dict(json.loads(self.record.read_text()))
+
+
+@pytest.fixture(params=["grafana", "grafana-server"])
+def fake_grafana(request: pytest.FixtureRequest, tmp_path: Path) -> FakeGrafana:
+    """`grafana` (Grafana 10 and later: `grafana server`) or `grafana-server` (before)."""
     home = tmp_path / "grafana-home"
     (home / "conf").mkdir(parents=True)
     (home / "conf" / "defaults.ini").write_text("")
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
+    (home / "bin").mkdir()
     record = tmp_path / "started.json"
-    script = bindir / "grafana"
+    binary = home / "bin" / request.param
     dump = ("import json, os, sys; "
             f"json.dump({{'argv': sys.argv[1:], 'env': dict(os.environ)}}, open('{record}', 'w'))")
-    script.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{dump}" "$@"\n')
-    script.chmod(0o755)
-    return bindir, record
+    binary.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{dump}" "$@"\n')
+    binary.chmod(0o755)
+    return FakeGrafana(home, binary, record)
 
 
 def run_grafana(path: str, tmp_path: Path, *args: str,
@@ -404,16 +421,16 @@ def run_grafana(path: str, tmp_path: Path, *args: str,
                           timeout=60, check=False)
 
 
-def test_run_grafana_starts_grafana_with_this_provisioning(
-        fake_grafana: tuple[Path, Path], tmp_path: Path) -> None:
-    bindir, record = fake_grafana
-    home = tmp_path / "grafana-home"
-    done = run_grafana(f"{bindir}:{os.environ['PATH']}", tmp_path, GRAFANA_HOME=str(home))
+def test_run_grafana_starts_grafana_with_this_provisioning(fake_grafana: FakeGrafana,
+                                                           tmp_path: Path) -> None:
+    done = run_grafana(fake_grafana.path, tmp_path)
     assert done.returncode == 0, done.stderr
-    started = json.loads(record.read_text())
-    assert started["argv"] == ["server", "--homepath", str(home)]
+    started = fake_grafana.started()
+    command = ["server"] if fake_grafana.binary.name == "grafana" else []
+    assert started["argv"] == [*command, "--homepath", str(fake_grafana.home)]
     env = started["env"]
     assert env["GF_PATHS_PROVISIONING"] == str(PROVISIONING)
+    assert env["GF_PATHS_DATA"].startswith(str(tmp_path / "state"))
     assert env["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
     assert Path(env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]).is_file()
 
@@ -427,25 +444,29 @@ def test_run_grafana_starts_grafana_with_this_provisioning(
     assert sorted(folder.glob("*.json")) == DASHBOARD_FILES
 
 
-def test_run_grafana_passes_the_prometheus_url_on(
-        fake_grafana: tuple[Path, Path], tmp_path: Path) -> None:
-    bindir, record = fake_grafana
-    done = run_grafana(f"{bindir}:{os.environ['PATH']}", tmp_path,
-                       GRAFANA_HOME=str(tmp_path / "grafana-home"),
+def test_run_grafana_passes_the_prometheus_url_on(fake_grafana: FakeGrafana,
+                                                  tmp_path: Path) -> None:
+    done = run_grafana(fake_grafana.path, tmp_path,
                        GPUWATCH_PROMETHEUS_URL="http://127.0.0.1:19090")
     assert done.returncode == 0, done.stderr
-    env = json.loads(record.read_text())["env"]
+    env = fake_grafana.started()["env"]
     datasources = yaml.safe_load((PROVISIONING / "datasources" / "gpuwatch.yml").read_text())
     assert expand_like_grafana(datasources["datasources"][0]["url"], env) == \
         "http://127.0.0.1:19090"
 
 
-def test_run_grafana_check_finds_grafana(fake_grafana: tuple[Path, Path],
-                                         tmp_path: Path) -> None:
-    bindir, record = fake_grafana
-    done = run_grafana(f"{bindir}:{os.environ['PATH']}", tmp_path, "--check")
+def test_run_grafana_check_finds_grafana(fake_grafana: FakeGrafana, tmp_path: Path) -> None:
+    done = run_grafana(fake_grafana.path, tmp_path, "--check")
     assert done.returncode == 0, done.stderr
-    assert not record.exists(), "--check starts nothing"
+    assert not fake_grafana.record.exists(), "--check starts nothing"
+
+
+def test_run_grafana_needs_grafanas_home(fake_grafana: FakeGrafana, tmp_path: Path) -> None:
+    (fake_grafana.home / "conf" / "defaults.ini").unlink()
+    done = run_grafana(fake_grafana.path, tmp_path, GRAFANA_HOME=str(tmp_path / "nowhere"))
+    assert done.returncode == 2
+    assert "GRAFANA_HOME" in done.stderr
+    assert not fake_grafana.record.exists()
 
 
 def test_run_grafana_says_how_to_get_grafana_when_there_is_none(tmp_path: Path) -> None:
