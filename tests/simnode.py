@@ -26,8 +26,8 @@ class SimExporter:
     exporter: Exporter
     registry: CollectorRegistry
 
-    def value(self, name: str, **labels: str) -> float | None:
-        return self.registry.get_sample_value(name, labels)
+    def value(self, metric: str, /, **labels: str) -> float | None:
+        return self.registry.get_sample_value(metric, labels)
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()

@@ -11,11 +11,13 @@ The rules (Prometheus' "Writing exporters": read on scrape) with three guards:
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -40,6 +42,33 @@ class _GpuResult:
     durations: dict[str, float] = field(default_factory=dict)
 
 
+class _Worker:
+    """One daemon thread per GPU: a call hung in the driver never blocks the exporter's exit
+    (ThreadPoolExecutor joins its threads at exit), and never takes another GPU's thread."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = \
+            queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, job: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((future, job))
+        return future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            future, job = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job())
+                except BaseException as e:  # handed to the waiting scrape
+                    future.set_exception(e)
+
+
 @dataclass(frozen=True)
 class Collection:
     families: list[Metric]
@@ -49,13 +78,13 @@ class Exporter:
     """The prometheus_client collector that serves every gpuwatch metric."""
 
     def __init__(self, nvml: Nvml, collectors: Sequence[Collector],
-                 timeout: float = DEFAULT_TIMEOUT, max_workers: int = 64,
+                 timeout: float = DEFAULT_TIMEOUT,
                  timer: Callable[[], float] = time.perf_counter) -> None:
         self._nvml = nvml
         self._collectors = list(collectors)
         self._timeout = timeout
         self._timer = timer
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gpu")
+        self._workers: dict[int, _Worker] = {}
         self._devices: dict[int, Device] = {}
         self._uuids: dict[int, str] = {}  # last known uuid, so a lost GPU keeps its series
         self._count = 0
@@ -87,7 +116,8 @@ class Exporter:
     def close(self) -> None:
         for collector in self._collectors:
             collector.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for worker in self._workers.values():
+            worker.stop()
 
     # -- one collection ---------------------------------------------------------------------
 
@@ -174,7 +204,10 @@ class Exporter:
                 results[index] = self._timed_out(device, "an NVML call from an earlier "
                                                  "scrape has not returned")
                 continue
-            pending[index] = self._busy[index] = self._pool.submit(self._read_gpu, device)
+            worker = self._workers.get(index)
+            if worker is None:
+                worker = self._workers[index] = _Worker(f"gpu{index}")
+            pending[index] = self._busy[index] = worker.submit(partial(self._read_gpu, device))
         wait(pending.values(), timeout=max(0.0, deadline - self._timer()))
         for index, future in pending.items():
             if future.done():
