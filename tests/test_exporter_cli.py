@@ -1,0 +1,143 @@
+"""gpuwatch-exporter as a program: flags, bad input, a real process serving a simulated node."""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gpuwatch.exporter_main import main
+
+EXPORTER = [sys.executable, "-m", "gpuwatch.exporter_main"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+def scrape(port: int, deadline: float = 20) -> str:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--web.listen-address", "nonsense"],
+    ["--process.command", "everything"],
+    ["--process.max-per-gpu", "-1"],
+    ["--collection.timeout", "0"],
+    ["--log.level", "chatty"],
+    ["--no-such-flag"],
+])
+def test_a_malformed_flag_exits_2(capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
+    code, err = run_main(capsys, *flags)
+    assert code == 2
+    assert "error:" in err
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("display_names: [1, 2]\n", "display_names: expected a mapping"),
+    ("display_name: {}\n", "unknown key 'display_name'"),
+    ("display_names: {a: [\n", "not valid YAML"),
+])
+def test_a_malformed_config_file_is_one_line_naming_it(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "gpuwatch.yml"
+    config.write_text(text)
+    code, err = run_main(capsys, "--config.file", str(config), "--simulate", "workstation")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(config) in lines[0] and message in lines[0]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("gpus: 3\n", "gpus: expected a list"),
+    ("gpus:\n  - {load: 2}\n", "gpus[0].load: must be between 0 and 1"),
+    ("gpus:\n  - {lod: 2}\n", "unknown key 'lod'"),
+    ("gpus:\n  - {errors: {nvmlDeviceGetFanSpeed: Broken}}\n", "unknown error 'Broken'"),
+    ("gpus:\n  - {hang: [nvmlDeviceDoesNotExist]}\n", "not an NVML function"),
+    ("gpus:\n  - processes: [{user: ann}]\n", "missing key 'pid'"),
+    ("process_api: v9\ngpus: []\n", "'v9' is not one of"),
+    ("gpus: [\n", "not valid YAML"),
+])
+def test_a_malformed_scenario_is_one_line_naming_it(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(text)
+    code, err = run_main(capsys, "--simulate", str(path))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], err
+
+
+def test_an_unknown_scenario_name_lists_the_shipped_ones(capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    code, err = run_main(capsys, "--simulate", "mainframe")
+    assert code == 2 and "lost-gpu, server, workstation" in err
+
+
+def test_a_port_in_use_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = run_main(capsys, "--simulate", "workstation", "--web.listen-address",
+                             f"127.0.0.1:{port}")
+    assert code == 2 and "cannot listen on" in err
+
+
+def test_the_exporter_serves_a_simulated_node_and_stops_on_sigterm() -> None:
+    port = free_port()
+    process = subprocess.Popen([*EXPORTER, "--simulate", "server", "--web.listen-address",
+                                f"127.0.0.1:{port}"], stderr=subprocess.PIPE, text=True)
+    try:
+        text = scrape(port)
+        assert 'nvidia_gpu_users_info{gpu="3",users="erin"' in text
+        assert "process_resident_memory_bytes" in text  # the exporter's own process metrics
+    finally:
+        process.terminate()
+        assert process.wait(10) == 0
+    assert "listening on http://127.0.0.1" in (process.stderr.read() if process.stderr else "")
+
+
+@pytest.mark.skipif(ctypes.util.find_library("nvidia-ml") is not None,
+                    reason="this machine has an NVIDIA driver")
+def test_without_a_driver_the_exporter_runs_and_says_why() -> None:
+    """On a machine with no NVIDIA driver the real NVML path serves health, not a crash."""
+    port = free_port()
+    env = dict(os.environ, LD_LIBRARY_PATH="/nonexistent")
+    process = subprocess.Popen([*EXPORTER, "--web.listen-address", f"127.0.0.1:{port}"],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        text = scrape(port)
+        assert "nvidia_gpu_nvml_up 0.0" in text
+        assert 'nvidia_gpu_scrape_collector_success{collector="gpu"} 0.0' in text
+        scrape(port)
+    finally:
+        process.terminate()
+        process.wait(10)
+    log = process.stderr.read() if process.stderr else ""
+    assert log.count("collector gpu failed") == 1, log
+    assert "libnvidia-ml.so not found" in log or "NVIDIA" in log

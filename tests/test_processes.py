@@ -1,0 +1,106 @@
+"""pid -> user, command, start time, container and Slurm job, with real psutil and /proc."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from gpuwatch.processes import ProcessInspector, parse_cgroup, read_proc_cgroup
+
+DOCKER_ID = "3f4e1b2c9d8a7f6e5d4c3b2a19081726354453627180919a0b1c2d3e4f5a6b7c"
+
+
+@pytest.mark.parametrize(("cgroup", "expected"), [
+    (f"0::/system.slice/docker-{DOCKER_ID}.scope\n", (DOCKER_ID[:12], "")),
+    (f"12:devices:/docker/{DOCKER_ID}\n", (DOCKER_ID[:12], "")),
+    (f"0::/kubepods.slice/kubepods-pod1.slice/cri-containerd-{DOCKER_ID}.scope\n",
+     (DOCKER_ID[:12], "")),
+    (f"0::/user.slice/user-1000.slice/libpod-{DOCKER_ID}.scope/container\n",
+     (DOCKER_ID[:12], "")),
+    ("0::/system.slice/slurmstepd.scope/job_4242/step_0/user/task_0\n", ("", "4242")),
+    ("4:devices:/slurm/uid_1000/job_77/step_batch\n", ("", "77")),
+    ("0::/user.slice/user-1000.slice/session-3.scope\n", ("", "")),
+    ("", ("", "")),
+])
+def test_parse_cgroup(cgroup: str, expected: tuple[str, str]) -> None:
+    assert parse_cgroup(cgroup) == expected
+
+
+def test_a_real_process_is_described() -> None:
+    inspector = ProcessInspector()
+    info = inspector.inspect(os.getpid())
+    assert info is not None
+    assert info.user == getpass.getuser()
+    assert info.command == psutil.Process().name()
+    assert info.start_time_seconds == psutil.Process().create_time()
+    assert "pytest" in info.cmdline or "python" in info.cmdline
+
+
+def test_an_exited_process_is_none() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert ProcessInspector().inspect(child.pid) is None
+
+
+def test_command_lines_are_truncated() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "x" * 500])
+    try:
+        info = ProcessInspector(cmdline_max=40).inspect(child.pid)
+        assert info is not None and len(info.cmdline) == 40
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_recycled_pid_is_looked_up_again() -> None:
+    class Ps:
+        NoSuchProcess = psutil.NoSuchProcess
+        ZombieProcess = psutil.ZombieProcess
+        AccessDenied = psutil.AccessDenied
+        started = 100.0
+        user = "alice"
+
+        def Process(self, pid: int) -> Ps.P:  # noqa: N802 (psutil's name)
+            return Ps.P(pid, self)
+
+        class P:
+            def __init__(self, pid: int, ps: Ps) -> None:
+                self.pid, self.ps = pid, ps
+
+            def create_time(self) -> float:
+                return self.ps.started
+
+            def username(self) -> str:
+                return self.ps.user
+
+            def name(self) -> str:
+                return "python"
+
+            def cmdline(self) -> list[str]:
+                return ["python"]
+
+            def oneshot(self) -> object:
+                import contextlib
+
+                return contextlib.nullcontext()
+
+    ps = Ps()
+    inspector = ProcessInspector(ps, read_cgroup=lambda pid: "")
+    first = inspector.inspect(7)
+    ps.user = "bob"
+    assert inspector.inspect(7) is first  # same process: cached
+    ps.started = 200.0
+    renewed = inspector.inspect(7)
+    assert renewed is not None and renewed.user == "bob"
+
+
+def test_read_proc_cgroup_from_a_proc_tree(tmp_path: Path) -> None:
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "cgroup").write_text("0::/slurm/uid_1/job_9/step_0\n")
+    assert parse_cgroup(read_proc_cgroup(42, tmp_path)) == ("", "9")
+    assert read_proc_cgroup(43, tmp_path) == ""
