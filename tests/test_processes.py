@@ -65,7 +65,7 @@ def test_a_recycled_pid_is_looked_up_again() -> None:
         started = 100.0
         user = "alice"
 
-        def Process(self, pid: int) -> Ps.P:  # noqa: N802 (psutil's name)
+        def Process(self, pid: int) -> Ps.P:
             return Ps.P(pid, self)
 
         class P:
