@@ -635,6 +635,10 @@ def test_prometheus_with_the_rendered_config_scrapes_the_exporter(
      "gpuwatch_exporter_configure", "maps user names to bcrypt hashes, not to passwords"),
     ({"gpuwatch_exporter_web_listen_address": "9839"}, "gpuwatch_exporter_configure",
      "it must be HOST:PORT or :PORT"),
+    ({"gpuwatch_exporter_tls_server_config": {"cert_file": "/nonexistent/node.crt",
+                                               "key_file": "/nonexistent/node.key"}},
+     "gpuwatch_exporter_configure", "names files that do not exist on localhost: "
+     "/nonexistent/node.crt, /nonexistent/node.key"),
     ({"gpuwatch_prometheus_remote_write": [{"name": "vm"}]}, "gpuwatch_prometheus_configure",
      "gpuwatch_prometheus_remote_write holds entries without a url"),
 ])
