@@ -194,6 +194,13 @@ class Service:
             process.kill()
             process.wait()
 
+    def kill(self) -> None:
+        """Ends the process at once (SIGKILL), as a crash or the OOM killer would."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
     def log_tail(self, lines: int = 15) -> str:
         try:
             return " | ".join(self.log.read_text(errors="replace").splitlines()[-lines:])
