@@ -7,6 +7,7 @@ import hashlib
 import html
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -123,6 +124,11 @@ def _landing(telemetry_path: str) -> str:
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that drops the connection or fails the TLS handshake is the client's
+        # problem: one debug line, not a traceback on stderr
+        log.debug("request from %s failed: %s", client_address[0], sys.exc_info()[1])
 
 
 class _QuietHandler(WSGIRequestHandler):
