@@ -95,6 +95,8 @@ class SimGpu:
     processes: tuple[SimProcess, ...] = ()
     uuid: str = ""
     pci_bus_id: str = ""
+    latency_seconds: float | None = None
+    """Added to every NVML call on this GPU; None: the scenario's latency_seconds."""
 
 
 @dataclass(frozen=True)
@@ -108,19 +110,24 @@ class Scenario:
     process_api: str = "v3"
     """Which process query the driver has: v3, v2, v1, or broken_v3 (the 535 mismatch)."""
     latency_seconds: float = 0.0
-    """Added to every NVML call on a GPU (for the benchmarks)."""
+    """Added to every NVML call on a GPU that sets no latency of its own (benchmarks)."""
     gpus: tuple[SimGpu, ...] = ()
 
     @classmethod
     def synthetic(cls, gpus: int, processes: int, latency_seconds: float = 0.0,
                   slow_gpu_latency_seconds: float | None = None) -> Scenario:
-        """A node of identical busy GPUs, `processes` each (benchmarks, fleet simulator)."""
+        """A node of identical busy GPUs, `processes` each (benchmarks, fleet simulator).
+
+        With slow_gpu_latency_seconds, the last GPU answers every call that slowly instead.
+        """
         devices = []
         for i in range(gpus):
             procs = tuple(SimProcess(pid=10_000 + i * 1000 + j, user=f"user{j % 8}",
                                      command="python", cmdline=f"python job{j}.py",
                                      memory_bytes=256 * MIB) for j in range(processes))
-            devices.append(SimGpu(processes=procs))
+            slow = slow_gpu_latency_seconds is not None and i == gpus - 1
+            devices.append(SimGpu(processes=procs,
+                                  latency_seconds=slow_gpu_latency_seconds if slow else None))
         return cls(name=f"synthetic-{gpus}x{processes}", gpus=tuple(devices),
                    latency_seconds=latency_seconds)
 
@@ -173,6 +180,9 @@ def parse_scenario(text: str, source: str) -> Scenario:
     )
     r.no_other_keys(top, "", {"description", "driver_version", "cuda_version", "driver",
                               "process_api", "latency_seconds", "gpu_defaults", "gpus"})
+    if scenario.latency_seconds < 0:
+        raise ScenarioError(f"{source}: latency_seconds: must not be negative, got "
+                            f"{scenario.latency_seconds}")
     for gpu in scenario.gpus:
         for f in (*gpu.errors, *gpu.hang):
             if not hasattr(SimulatedNvml, f):
@@ -221,9 +231,13 @@ def _gpu(r: _Reader, data: Any, where: str, index: int) -> SimGpu:
                         for i, p in enumerate(r.items(g, "processes"))),
         uuid=r.get(g, "uuid", str, ""),
         pci_bus_id=r.get(g, "pci_bus_id", str, f"00000000:{0x17 + index * 0x10:02X}:00.0"),
+        latency_seconds=r.get(g, "latency_seconds", float, None),
     )
     if not 0 <= gpu.load <= 1:
         raise ScenarioError(f"{r.source}: {where}.load: must be between 0 and 1, got {gpu.load}")
+    if gpu.latency_seconds is not None and gpu.latency_seconds < 0:
+        raise ScenarioError(f"{r.source}: {where}.latency_seconds: must not be negative, got "
+                            f"{gpu.latency_seconds}")
     r.no_other_keys(g, where, {f for f in _GPU_KEYS})
     return gpu
 
@@ -232,7 +246,7 @@ _GPU_KEYS = {"name", "memory_gib", "power_limit_watts", "idle_power_watts", "loa
              "idle_temperature", "load_temperature", "slowdown_temperature",
              "shutdown_temperature", "max_clocks_mhz", "fan", "ecc", "ecc_errors", "errors",
              "unsupported", "lost", "hang", "lost_after_seconds", "xid", "processes", "uuid",
-             "pci_bus_id"}
+             "pci_bus_id", "latency_seconds"}
 _PROCESS_KEYS = {"pid", "user", "command", "cmdline", "memory_gib", "age_seconds", "kind",
                  "container_id", "slurm_job_id", "vanished", "period_seconds",
                  "active_seconds", "offset_seconds"}
@@ -383,6 +397,8 @@ class SimulatedNvml:
         self._in_flight = 0
         self.peak_in_flight = 0
         """Most GPU calls that were under way at once (with latency_seconds)."""
+        self.latency_spent: dict[int, float] = dict.fromkeys(range(len(node.scenario.gpus)), 0.0)
+        """GPU index -> seconds of simulated latency its calls have taken so far."""
         self._count_lock = threading.Lock()
 
     def release_hangs(self) -> None:
@@ -394,13 +410,16 @@ class SimulatedNvml:
         gpu = self.scenario.gpus[handle.index]
         with self._count_lock:
             self.calls[function] += 1
-        if self.scenario.latency_seconds:
+        latency = self.scenario.latency_seconds if gpu.latency_seconds is None \
+            else gpu.latency_seconds
+        if latency:
             with self._count_lock:
                 self._in_flight += 1
                 self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
-            time.sleep(self.scenario.latency_seconds)
+            time.sleep(latency)
             with self._count_lock:
                 self._in_flight -= 1
+                self.latency_spent[handle.index] += latency
         if function in gpu.hang:
             self._released.wait()
         if gpu.lost_after_seconds is not None and self.node.elapsed() >= gpu.lost_after_seconds:
