@@ -17,6 +17,9 @@ import psutil
 
 from .sample import ProcessInfo
 
+UNKNOWN = "unknown"
+"""User and command of a process the exporter may not look at (hidepid, another namespace)."""
+
 CMDLINE_MAX = 200
 """Characters of a command line kept when --process.command=cmdline (it can hold secrets)."""
 
@@ -73,7 +76,7 @@ class ProcessInspector:
             return None
         except self._ps.AccessDenied:
             # hidepid=2 or a namespace boundary: the pid is on the GPU, its owner unknown
-            info = ProcessInfo(user="", command="", cmdline="", start_time_seconds=0.0)
+            info = ProcessInfo(user=UNKNOWN, command=UNKNOWN, cmdline="", start_time_seconds=0.0)
             started = 0.0
         with self._lock:
             self._cache[pid] = (started, info)
