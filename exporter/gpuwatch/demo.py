@@ -1,0 +1,138 @@
+"""make demo: a simulated fleet, a real Prometheus with this repository's configuration, and
+the grid, on 127.0.0.1 until Ctrl-C.
+
+Three nodes run gpuwatch-exporter over simulated GPUs (the workstation, server and lost-gpu
+scenarios); Prometheus runs prometheus/prometheus.yml and its rules with shorter intervals and
+a one-minute idle duration, so the grid changes while you watch. The grid is printed again
+whenever a GPU changes state or hands. Everything is stopped on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from types import FrameType
+
+from . import cli, localstack
+from .fleet import read_fleet
+from .promapi import Prometheus, PrometheusError
+
+PROG = "gpuwatch-demo"
+NODES = (("ws-01", "workstation"), ("gpu-srv-01", "server"), ("gpu-node-07", "lost-gpu"))
+OVERRIDES = localstack.Overrides(
+    scrape_interval="5s", evaluation_interval="5s", refresh_interval="5s",
+    thresholds={"gpuwatch:threshold_idle_duration_seconds:constant": 60})
+READY_TIMEOUT = 60.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0] if __doc__
+                                else None)
+    p.add_argument("--dir", type=Path, default=Path(".demo"),
+                   help="working directory for configuration, data and logs; emptied first "
+                   "(default %(default)s)")
+    p.add_argument("--port", type=int, default=9090,
+                   help="Prometheus' port on 127.0.0.1, another free one when taken "
+                   "(default %(default)s)")
+    return p
+
+
+def _port(wanted: int) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((localstack.LOCALHOST, wanted))
+        except OSError:
+            return localstack.free_port()
+    return wanted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        localstack.prometheus_binary()
+    except localstack.LocalStackError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    workdir: Path = args.dir.resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    (workdir / "targets").mkdir(parents=True)
+    # SIGTERM ends the demo like Ctrl-C, so the ExitStack stops every process it started
+    signal.signal(signal.SIGTERM, _interrupt)
+    with ExitStack() as stack:
+        try:
+            url = _start(stack, workdir, _port(args.port))
+            return _watch(url)
+        except KeyboardInterrupt:
+            print("\nstopping...", file=sys.stderr)
+            return 0
+        except (localstack.LocalStackError, PrometheusError) as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            stack.close()
+            print(f"stopped everything; logs in {workdir}", file=sys.stderr)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _start(stack: ExitStack, workdir: Path, port: int) -> str:
+    groups = []
+    for host, scenario in NODES:
+        exporter_port = localstack.free_port()
+        service = localstack.exporter(scenario, exporter_port,
+                                      workdir / f"exporter-{host}.log")
+        stack.callback(service.stop)
+        service.start()
+        groups.append({"targets": [f"{localstack.LOCALHOST}:{exporter_port}"],
+                       "labels": {"host": host}})
+        print(f"exporter  {host:<12} ({scenario}): {service.ready_url}")
+    localstack.write_targets(workdir / "targets" / "nodes.yml", groups)
+    config = localstack.render_config(workdir / "prometheus", workdir / "targets", OVERRIDES)
+    prometheus = localstack.prometheus(config, workdir / "data", port,
+                                       workdir / "prometheus.log")
+    stack.callback(prometheus.stop)
+    prometheus.start()
+    url = f"http://{localstack.LOCALHOST}:{port}"
+    print(f"prometheus: {url} (targets: {workdir / 'targets' / 'nodes.yml'}; rules and "
+          f"configuration generated from prometheus/ in {workdir / 'prometheus'})")
+    print(f"demo settings: scrape and rules every 5 s, idle after "
+          f"{OVERRIDES.thresholds['gpuwatch:threshold_idle_duration_seconds:constant']:g} s")
+    print(f"in another terminal: GPUWATCH_PROMETHEUS={url} gpuwatch status")
+    print("Ctrl-C stops everything.\n", flush=True)
+    return url
+
+
+def _watch(url: str) -> int:
+    prometheus = Prometheus(url)
+    shown: object = None
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        fleet = read_fleet(prometheus)
+        hosts = {g.host for g in fleet}
+        complete = hosts == {host for host, _ in NODES}
+        view = [(g.host, g.gpu, g.state, g.users) for g in fleet]
+        if complete and view != shown:
+            print(time.strftime("%H:%M:%S"), flush=True)
+            cli.main(["--prometheus", url, "status"])
+            print(flush=True)
+            shown = view
+        elif not complete and time.monotonic() > deadline:
+            raise PrometheusError(f"Prometheus at {url} shows {sorted(hosts) or 'no hosts'} "
+                                  f"after {READY_TIMEOUT:g} s; see the logs")
+        time.sleep(1 if not complete else 5)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

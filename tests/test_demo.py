@@ -1,0 +1,66 @@
+"""make demo: the fleet comes up, the grid shows every node, Ctrl-C stops every process."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from gpuwatch import demo
+from gpuwatch.localstack import free_port
+from gpuwatch.simulate import load_scenario
+
+WAIT = 90.0
+"""A bound on how long the demo may take to show its grid, not a timing assertion."""
+
+
+def _listening(url: str) -> bool:
+    host, port = re.match(r"http://([\d.]+):(\d+)", url).groups()  # type: ignore[union-attr]
+    with socket.socket() as s:
+        return s.connect_ex((host, int(port))) == 0
+
+
+def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpuwatch.demo", "--dir", str(tmp_path / "demo"),
+         "--port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or []],
+                              daemon=True)
+    reader.start()
+    gpus = sum(len(load_scenario(scenario).gpus) for _, scenario in demo.NODES)
+    summary = f"{gpus} GPUs on {len(demo.NODES)} hosts: "
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + WAIT
+        while not any(line.startswith(summary) for line in seen):
+            assert time.monotonic() < deadline, "".join(seen)
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert process.poll() is None, "".join(seen)
+        urls = sorted({m.group(0) for m in re.finditer(r"http://[\d.:]+", "".join(seen))})
+        assert len(urls) == len(demo.NODES) + 1  # the exporters and Prometheus
+        assert all(_listening(url) for url in urls)
+        grid = "".join(seen)
+        for host, _ in demo.NODES:
+            assert re.search(rf"^{re.escape(host)} ", grid, re.MULTILINE), host
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        reader.join(timeout=10)
+        while not lines.empty():
+            seen.append(lines.get())
+        assert "stopped everything" in "".join(seen)
+        assert not any(_listening(url) for url in urls)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
