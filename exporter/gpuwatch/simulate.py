@@ -349,23 +349,35 @@ class SimulatedNode:
         self.scenario = scenario
         self.clock = clock
         self.start = clock() if start is None else start
+        # find() answers from these rather than scanning every GPU (a pid look-up per
+        # process per scrape would make the simulator, not the exporter, what benchmarks
+        # measure): the first place of each steady pid, and every periodic process, in
+        # the order processes() lists them
+        self._steady: dict[int, tuple[tuple[int, int], SimProcess]] = {}
+        self._periodic: list[tuple[tuple[int, int], SimProcess]] = []
+        for index, gpu in enumerate(scenario.gpus):
+            for n, p in enumerate(gpu.processes):
+                if _periodic(p):
+                    self._periodic.append(((index, n), p))
+                else:
+                    self._steady.setdefault(p.pid, ((index, n), p))
 
     def elapsed(self) -> float:
         return self.clock() - self.start
 
+    def _live(self, p: SimProcess, now: float) -> LiveProcess | None:
+        """The process as it runs at `now`; None while a periodic process is off."""
+        if not _periodic(p):
+            return LiveProcess(p.pid, p, self.start - p.age_seconds)
+        cycle, phase = divmod(now - self.start + p.offset_seconds, p.period_seconds)
+        if phase >= p.active_seconds:
+            return None
+        return LiveProcess(p.pid + 7 * int(cycle), p, now - phase)
+
     def processes(self, index: int) -> list[LiveProcess]:
         now = self.clock()
-        elapsed = now - self.start
-        live = []
-        for p in self.scenario.gpus[index].processes:
-            if p.period_seconds and p.active_seconds:
-                cycle, phase = divmod(elapsed + p.offset_seconds, p.period_seconds)
-                if phase >= p.active_seconds:
-                    continue
-                live.append(LiveProcess(p.pid + 7 * int(cycle), p, now - phase))
-            else:
-                live.append(LiveProcess(p.pid, p, self.start - p.age_seconds))
-        return live
+        return [live for p in self.scenario.gpus[index].processes
+                if (live := self._live(p, now)) is not None]
 
     def utilization(self, index: int) -> float:
         gpu = self.scenario.gpus[index]
@@ -375,11 +387,20 @@ class SimulatedNode:
         return min(1.0, max(0.0, gpu.load + wave))
 
     def find(self, pid: int) -> LiveProcess | None:
-        for index in range(len(self.scenario.gpus)):
-            for live in self.processes(index):
-                if live.pid == pid:
-                    return live
+        """The first live process with this pid, scanning the GPUs in order."""
+        now = self.clock()
+        steady = self._steady.get(pid)
+        candidates = self._periodic if steady is None else sorted(
+            [steady, *self._periodic], key=lambda candidate: candidate[0])
+        for _, p in candidates:
+            live = self._live(p, now)
+            if live is not None and live.pid == pid:
+                return live
         return None
+
+
+def _periodic(p: SimProcess) -> bool:
+    return bool(p.period_seconds and p.active_seconds)
 
 
 class SimulatedNvml:
