@@ -379,9 +379,14 @@ class SimulatedNode:
         return [live for p in self.scenario.gpus[index].processes
                 if (live := self._live(p, now)) is not None]
 
+    def busy(self, index: int) -> bool:
+        """Whether a process runs on the GPU now."""
+        now = self.clock()
+        return any(self._live(p, now) is not None for p in self.scenario.gpus[index].processes)
+
     def utilization(self, index: int) -> float:
         gpu = self.scenario.gpus[index]
-        if not self.processes(index) or gpu.load == 0:
+        if not self.busy(index) or gpu.load == 0:
             return 0.0
         wave = 0.08 * math.sin(2 * math.pi * self.elapsed() / 240 + index)
         return min(1.0, max(0.0, gpu.load + wave))
@@ -574,7 +579,7 @@ class SimulatedNvml:
 
     def nvmlDeviceGetPerformanceState(self, h: _Handle) -> int:
         self._gpu(h, "nvmlDeviceGetPerformanceState")
-        return 0 if self.node.processes(h.index) else 8
+        return 0 if self.node.busy(h.index) else 8
 
     def nvmlDeviceGetEncoderUtilization(self, h: _Handle) -> list[int]:
         self._gpu(h, "nvmlDeviceGetEncoderUtilization")
