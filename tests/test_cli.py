@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -348,3 +350,15 @@ def test_commands_are_subcommands_for_later_ones_to_join() -> None:
     with pytest.raises(SystemExit):
         parser.parse_args([])
     assert parser.parse_args(["status", "--json"]).run is not None
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(prom: FakePrometheus) -> None:
+    for index in range(2000):  # far more JSON than a pipe buffers
+        add_gpu(prom, f"node-{index // 8:03d}", index % 8, states.FREE, used_gib=0, util=0)
+    process = subprocess.Popen([sys.executable, "-m", "gpuwatch.cli", "--prometheus", prom.url,
+                                "status", "--json"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # `gpuwatch status --json | head -0`
+    assert process.wait(timeout=60) == 1
+    assert process.stderr.read() == b""

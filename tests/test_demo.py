@@ -27,11 +27,17 @@ def _listening(url: str) -> bool:
         return s.connect_ex((host, int(port))) == 0
 
 
+def _as_a_background_job() -> None:
+    """What a shell does to a job started with &: SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "gpuwatch.demo", "--dir", str(tmp_path / "demo"),
          "--port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=_as_a_background_job)
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or []],
                               daemon=True)

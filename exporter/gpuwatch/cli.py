@@ -222,6 +222,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except (PrometheusError, FleetError, UserError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # the reader went away (gpuwatch status | head): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return code
 
 

@@ -65,8 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir: Path = args.dir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     (workdir / "targets").mkdir(parents=True)
-    # SIGTERM ends the demo like Ctrl-C, so the ExitStack stops every process it started
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM ends the demo like Ctrl-C, so the ExitStack stops every process it started;
+    # SIGINT explicitly too: a shell starting the demo in the background ignores it for us
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     with ExitStack() as stack:
         try:
             url = _start(stack, workdir, _port(args.port))
