@@ -180,6 +180,7 @@ def test_role_defaults_match_the_exporter() -> None:
 @dataclass(frozen=True)
 class Deployment:
     root: Path
+    source: Path
     port: int
     password: str
     cert: Path
@@ -264,6 +265,19 @@ def _self_signed_cert(directory: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
+def _snapshot(destination: Path) -> Path:
+    """A copy of what the roles read from the checkout: the package source, prometheus/ and
+    grafana/. The runs compared for idempotence then see the same files even while someone
+    edits the working tree."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+    for name in ("exporter", "prometheus", "grafana"):
+        shutil.copytree(REPO / name, destination / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, destination / name)
+    return destination
+
+
 def _dpkg_installed(package: str) -> bool:
     if shutil.which("dpkg-query") is None:
         return False
@@ -295,9 +309,10 @@ def deployment() -> Iterator[Deployment]:
     try:
         # Everything pip needs, fetched before the playbook runs (pip's cache makes it quick), so
         # that the playbook itself installs with --no-index.
+        source = _snapshot(root / "checkout")
         wheelhouse = root / "wheelhouse"
         subprocess.run([sys.executable, "-m", "pip", "download", "-q",
-                        "--disable-pip-version-check", "-d", str(wheelhouse), str(REPO),
+                        "--disable-pip-version-check", "-d", str(wheelhouse), str(source),
                         "setuptools>=68", "wheel"],
                        check=True, capture_output=True, text=True, timeout=300)
         python, usable_by_others = _venv_python()
@@ -320,6 +335,7 @@ def deployment() -> Iterator[Deployment]:
         etc = root / "etc"
         variables = {
             # exporter
+            "gpuwatch_exporter_checkout_dir": str(source),
             "gpuwatch_exporter_install_dir": str(root / "opt/gpuwatch-exporter"),
             "gpuwatch_exporter_config_dir": str(etc / "gpuwatch-exporter"),
             "gpuwatch_exporter_systemd_unit_dir": str(etc / "systemd/system"),
@@ -334,6 +350,7 @@ def deployment() -> Iterator[Deployment]:
             "gpuwatch_exporter_display_names": {SCENARIO_MODEL: DISPLAY_NAME},
             "gpuwatch_exporter_simulate": "workstation",
             # prometheus
+            "gpuwatch_prometheus_source_dir": str(source / "prometheus"),
             "gpuwatch_prometheus_packages": ["prometheus"] if _dpkg_installed("prometheus") else [],
             "gpuwatch_prometheus_config_dir": str(etc / "prometheus"),
             "gpuwatch_prometheus_defaults_file": str(etc / "default/prometheus"),
@@ -342,6 +359,7 @@ def deployment() -> Iterator[Deployment]:
                 "basic_auth": {"username": SCRAPE_USER, "password_file": str(password_file)}}},
             "gpuwatch_prometheus_external_labels": {"site": "ci"},
             # grafana (configuration only)
+            "gpuwatch_grafana_source_dir": str(source / "grafana"),
             "gpuwatch_grafana_admin_password": "test-only-" + password,
             "gpuwatch_grafana_system_group": "root",
             "gpuwatch_grafana_provisioning_dir": str(etc / "grafana/provisioning"),
@@ -366,7 +384,7 @@ def deployment() -> Iterator[Deployment]:
         assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
         check = _playbook(root, [*SKIP_GRAFANA_INSTALL, "--check", "--diff"])
         assert check.returncode == 0, check.stdout[-6000:] + check.stderr[-3000:]
-        yield Deployment(root=root, port=port, password=password, cert=cert,
+        yield Deployment(root=root, source=source, port=port, password=password, cert=cert,
                          unit=etc / "systemd/system/gpuwatch-exporter.service",
                          runs=(first.stdout, second.stdout, check.stdout),
                          python_usable_by_others=usable_by_others)
@@ -484,7 +502,7 @@ def test_grafana_dropin_passes_systemd_analyze_verify(
     assert "GPUWATCH_PROMETHEUS_URL=http://localhost:9090" in dropin
     assert "GF_SECURITY_ADMIN_PASSWORD__FILE=" in dropin and "test-only-" not in dropin
     provisioned = deployment.root / "etc/grafana/provisioning"
-    for source in sorted((REPO / "grafana/provisioning").glob("*/*.yml")):
+    for source in sorted((deployment.source / "grafana/provisioning").glob("*/*.yml")):
         copy = provisioned / source.parent.name / source.name
         assert copy.read_text() == source.read_text(), source
 
@@ -495,7 +513,7 @@ def test_rendered_prometheus_config_passes_promtool(deployment: Deployment) -> N
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     rendered = yaml.safe_load(config.read_text())
-    source = yaml.safe_load((REPO / "prometheus/prometheus.yml").read_text())
+    source = yaml.safe_load((deployment.source / "prometheus/prometheus.yml").read_text())
     assert [Path(f).name for f in rendered["rule_files"]] == \
         [Path(f).name for f in source["rule_files"]]
     assert all(Path(f).is_file() for f in rendered["rule_files"])
@@ -507,6 +525,24 @@ def test_targets_come_from_the_inventory(deployment: Deployment) -> None:
     targets = yaml.safe_load((deployment.prometheus_dir / "targets/gpu_nodes.yml").read_text())
     assert targets == [{"targets": [f"localhost:{deployment.port}"],
                         "labels": {"cluster": "ci", "rack": "r00", "__scheme__": "https"}}]
+
+
+def test_remote_write_is_added_when_asked_for(deployment: Deployment, tmp_path: Path) -> None:
+    remote_write = [{"url": "http://127.0.0.1:8428/api/v1/write",
+                     "queue_config": {"max_samples_per_send": 10000}}]
+    variables = yaml.safe_load((deployment.root / "vars.yml").read_text())
+    variables.update(gpuwatch_prometheus_remote_write=remote_write,
+                     gpuwatch_prometheus_config_dir=str(tmp_path / "prometheus"),
+                     gpuwatch_prometheus_defaults_file=str(tmp_path / "prometheus.default"))
+    (tmp_path / "vars.yml").write_text(yaml.safe_dump(variables))
+    shutil.copy(deployment.root / "inventory.yml", tmp_path / "inventory.yml")
+    result = _playbook(tmp_path, ["--tags", "gpuwatch_prometheus_configure"])
+    assert result.returncode == 0, result.stdout[-4000:]
+    config = tmp_path / "prometheus/prometheus.yml"
+    assert yaml.safe_load(config.read_text())["remote_write"] == remote_write
+    check = subprocess.run(["promtool", "check", "config", str(config)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 # --- the deployed exporter, started with the unit's command line --------------------------------
