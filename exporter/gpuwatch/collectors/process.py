@@ -76,25 +76,30 @@ class ProcessCollector(Collector):
         start = _labelled(metrics.PROCESS_START, self._labels)
         dropped = family(metrics.PROCESS_DROPPED)
         for device, sample in readings:
+            labels = device.labels
             processes: tuple[GpuProcess, ...] = sample.processes
-            count.add_metric(device.labels, len(processes))
-            users = sorted({p.info.user for p in processes})
-            users_info.add_metric(device.labels + [",".join(users)], 1)
+            count.add_metric(labels, len(processes))
+            by_user: dict[str, list[GpuProcess]] = {}
+            for p in processes:
+                by_user.setdefault(p.info.user, []).append(p)
+            users = sorted(by_user)
+            users_info.add_metric(labels + [",".join(users)], 1)
             for user in users:
-                own = [p for p in processes if p.info.user == user]
-                user_processes.add_metric(device.labels + [user], len(own))
+                own = by_user[user]
+                user_processes.add_metric(labels + [user], len(own))
                 held = [p.used_memory_bytes for p in own if p.used_memory_bytes is not None]
                 if held:
-                    user_memory.add_metric(device.labels + [user], sum(held))
+                    user_memory.add_metric(labels + [user], sum(held))
             kept = sorted(processes, key=lambda p: -(p.used_memory_bytes or 0))
             kept = kept[: self._options.max_per_gpu]
             with self._lock:
                 self._dropped[device.uuid] += len(processes) - len(kept)
-                dropped.add_metric(device.labels, self._dropped[device.uuid])
-            for labels, (used, started) in self._series(kept).items():
+                dropped.add_metric(labels, self._dropped[device.uuid])
+            for values, (used, started) in self._series(kept).items():
+                series = labels + list(values)  # add_metric copies it
                 if used is not None:
-                    memory.add_metric(device.labels + list(labels), used)
-                start.add_metric(device.labels + list(labels), started)
+                    memory.add_metric(series, used)
+                start.add_metric(series, started)
         self._inspector.forget_others(p.pid for _, s in readings for p in s.processes)
         yield from (count, users_info, user_memory, user_processes, memory, start, dropped)
 
@@ -103,23 +108,24 @@ class ProcessCollector(Collector):
         """Label values -> (memory, start time); processes that share labels (no pid
         label) are summed, with the earliest start."""
         series: dict[tuple[str, ...], tuple[float | None, float]] = {}
+        cmdline = self._options.command == "cmdline"
         for p in processes:
+            info = p.info
             values = {
                 "pid": str(p.pid),
-                "user": p.info.user,
-                "command": p.info.cmdline if self._options.command == "cmdline"
-                else p.info.command,
-                "container_id": p.info.container_id,
-                "slurm_job_id": p.info.slurm_job_id,
+                "user": info.user,
+                "command": info.cmdline if cmdline else info.command,
+                "container_id": info.container_id,
+                "slurm_job_id": info.slurm_job_id,
             }
             key = tuple(values[label] for label in self._labels)
             if key in series:
                 used, started = series[key]
                 if p.used_memory_bytes is not None:
                     used = (used or 0) + p.used_memory_bytes
-                series[key] = (used, min(started, p.info.start_time_seconds))
+                series[key] = (used, min(started, info.start_time_seconds))
             else:
-                series[key] = (p.used_memory_bytes, p.info.start_time_seconds)
+                series[key] = (p.used_memory_bytes, info.start_time_seconds)
         return series
 
 
