@@ -383,3 +383,39 @@ def test_host_is_the_target_without_its_port_unless_set(host: str, address: str,
     match = re.fullmatch(relabel["regex"], joined)
     result = match.expand(relabel["replacement"].replace("$1", r"\1")) if match else host
     assert result == expected
+
+
+# -- generated variants (the end-to-end tests and the demo run these) -----------------------------
+
+def test_generated_variant_differs_from_the_source_only_by_its_overrides(tmp_path: Path) -> None:
+    idle = "gpuwatch:threshold_idle_duration_seconds:constant"
+    overrides = localstack.Overrides(scrape_interval="1s", evaluation_interval="2s",
+                                     refresh_interval="3s", thresholds={idle: 4},
+                                     alert_for={"GpuLost": "5s"})
+    config_path = localstack.render_config(tmp_path / "out", tmp_path / "targets", overrides,
+                                           source=PROMETHEUS)
+    result = promtool("check", "config", str(config_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load(config_path.read_text())
+    source = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert config["global"] == {**source["global"], "scrape_interval": "1s",
+                                "scrape_timeout": "1s", "evaluation_interval": "2s"}
+    [job], [source_job] = config["scrape_configs"], source["scrape_configs"]
+    assert job["relabel_configs"] == source_job["relabel_configs"]
+    assert job["file_sd_configs"] == [{"files": [str(tmp_path / "targets" / "*.yml")],
+                                       "refresh_interval": "3s"}]
+    assert [Path(p).name for p in config["rule_files"]] == [p.name for p in RULE_FILES]
+    for generated, original in zip(config["rule_files"], RULE_FILES, strict=True):
+        expected = localstack.load_rules(original)
+        for r in localstack.rules(expected):
+            if r.get("record") == idle:
+                r["expr"] = "vector(4)"
+            if r.get("alert") == "GpuLost":
+                r["for"] = "5s"
+        assert localstack.load_rules(Path(generated)) == expected
+
+
+def test_overrides_of_rules_that_do_not_exist_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(localstack.LocalStackError, match="GpuOverheated"):
+        localstack.render_config(tmp_path, tmp_path, localstack.Overrides(
+            alert_for={"GpuOverheated": "1s"}), source=PROMETHEUS)
