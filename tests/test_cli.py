@@ -327,6 +327,14 @@ def test_pick_refuses_a_host_with_two_exporters(prom: FakePrometheus,
     assert run("--prometheus", prom.url, "pick", "1", "--host", "10.0.0.5:9840") == (0, "0\n")
 
 
+@pytest.mark.parametrize("timeout", ["0", "-1", "soon", "nan"])
+def test_timeout_must_be_positive(timeout: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["status", "--timeout", timeout])
+    assert exit.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("count", ["0", "-1", "two"])
 def test_pick_wants_a_positive_count(count: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit:

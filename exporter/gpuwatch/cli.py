@@ -169,6 +169,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
 # -- wiring ------------------------------------------------------------------------------------
 
 COMMANDS = (
@@ -197,7 +207,8 @@ def _common_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
                    default=default(os.environ.get(ENV_PROMETHEUS) or DEFAULT_PROMETHEUS),
                    help=f"the Prometheus to ask (default: ${ENV_PROMETHEUS}, else "
                    f"{DEFAULT_PROMETHEUS})")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", default=default(DEFAULT_TIMEOUT),
+    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                   default=default(DEFAULT_TIMEOUT),
                    help=f"how long to wait for Prometheus (default {DEFAULT_TIMEOUT:g})")
 
 
