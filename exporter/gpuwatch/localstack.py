@@ -8,16 +8,18 @@ Everything listens on 127.0.0.1 and every process started here is stopped by its
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -164,7 +166,8 @@ class Service:
     def start(self, timeout: float = 30.0) -> None:
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL)
+                                             stdin=subprocess.DEVNULL,
+                                             preexec_fn=_stop_with_parent())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -214,6 +217,23 @@ class Service:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _stop_with_parent() -> Callable[[], None] | None:
+    """On Linux, a child that gets SIGTERM when its parent dies, so a test runner or demo
+    that is killed (and cannot stop its children) leaves no process behind."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_parent_death_signal() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+    return set_parent_death_signal
 
 
 def exporter(scenario: str, port: int, log: Path, extra: Sequence[str] = ()) -> Service:
