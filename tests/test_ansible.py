@@ -470,6 +470,14 @@ def test_exporter_unit_passes_systemd_analyze_verify(deployment: Deployment) -> 
         result.stdout + result.stderr
 
 
+def test_exporter_unit_exposure_stays_low(deployment: Deployment) -> None:
+    """systemd's own score (0 best, 10 worst); what is left open is what NVML and /proc need."""
+    result = subprocess.run(
+        [_systemd_analyze(), "security", "--offline=yes", "--threshold=20", "--no-pager",
+         str(deployment.unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+
+
 def test_exporter_unit_is_hardened_but_sees_gpus_and_processes(deployment: Deployment) -> None:
     service = _unit(deployment.unit)["Service"]
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
