@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTHON3 ?= python3
 
-.PHONY: test lint demo bench prometheus clean
+.PHONY: test lint demo bench prometheus systemd-analyze clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON3) -m venv $(VENV)
@@ -15,11 +15,14 @@ $(STAMP): pyproject.toml
 prometheus:
 	@scripts/ensure-prometheus
 
+systemd-analyze:
+	@scripts/ensure-systemd-analyze
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check exporter tests
 	$(VENV)/bin/mypy
 
-test: $(STAMP) prometheus lint
+test: $(STAMP) prometheus systemd-analyze lint
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP) prometheus
