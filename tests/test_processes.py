@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -48,8 +50,11 @@ def test_an_exited_process_is_none() -> None:
 
 
 def test_command_lines_are_truncated() -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "x" * 500])
+    child = subprocess.Popen([sys.executable, "-c", "print(flush=True); import time; "
+                              "time.sleep(30)", "x" * 500], stdout=subprocess.PIPE)
     try:
+        assert child.stdout is not None
+        child.stdout.readline()  # running: past exec()
         info = ProcessInspector(cmdline_max=40).inspect(child.pid)
         assert info is not None and len(info.cmdline) == 40
     finally:
@@ -57,39 +62,55 @@ def test_command_lines_are_truncated() -> None:
         child.wait()
 
 
+class FakePs:
+    """psutil's face with settable answers."""
+
+    NoSuchProcess = psutil.NoSuchProcess
+    ZombieProcess = psutil.ZombieProcess
+    AccessDenied = psutil.AccessDenied
+
+    def __init__(self, cmdline: list[str] | None = None) -> None:
+        self.started = 100.0
+        self.user = "alice"
+        self.cmdline = ["python"] if cmdline is None else cmdline
+
+    def Process(self, pid: int) -> FakeProcess:
+        return FakeProcess(pid, self)
+
+
+@dataclass
+class FakeProcess:
+    pid: int
+    ps: FakePs
+
+    def create_time(self) -> float:
+        return self.ps.started
+
+    def username(self) -> str:
+        return self.ps.user
+
+    def name(self) -> str:
+        return "python"
+
+    def cmdline(self) -> list[str]:
+        return self.ps.cmdline
+
+    def oneshot(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def test_a_process_caught_inside_exec_is_described_again_later() -> None:
+    ps = FakePs(cmdline=[])
+    inspector = ProcessInspector(ps, read_cgroup=lambda pid: "")
+    first = inspector.inspect(7)
+    assert first is not None and first.cmdline == ""
+    ps.cmdline = ["python", "train.py"]
+    again = inspector.inspect(7)
+    assert again is not None and again.cmdline == "python train.py"
+
+
 def test_a_recycled_pid_is_looked_up_again() -> None:
-    class Ps:
-        NoSuchProcess = psutil.NoSuchProcess
-        ZombieProcess = psutil.ZombieProcess
-        AccessDenied = psutil.AccessDenied
-        started = 100.0
-        user = "alice"
-
-        def Process(self, pid: int) -> Ps.P:
-            return Ps.P(pid, self)
-
-        class P:
-            def __init__(self, pid: int, ps: Ps) -> None:
-                self.pid, self.ps = pid, ps
-
-            def create_time(self) -> float:
-                return self.ps.started
-
-            def username(self) -> str:
-                return self.ps.user
-
-            def name(self) -> str:
-                return "python"
-
-            def cmdline(self) -> list[str]:
-                return ["python"]
-
-            def oneshot(self) -> object:
-                import contextlib
-
-                return contextlib.nullcontext()
-
-    ps = Ps()
+    ps = FakePs()
     inspector = ProcessInspector(ps, read_cgroup=lambda pid: "")
     first = inspector.inspect(7)
     ps.user = "bob"

@@ -72,6 +72,9 @@ class ProcessInspector:
             if cached is not None and cached[0] == started:
                 return cached[1]
             info = self._describe(process, started)
+            if not info.cmdline:
+                # caught inside exec(): /proc has no command line yet; look again next time
+                return info
         except (self._ps.NoSuchProcess, self._ps.ZombieProcess):
             return None
         except self._ps.AccessDenied:
