@@ -24,9 +24,9 @@ def test_quick_bench_prints_every_node_and_target() -> None:
         row = rf"^\s*{gpus}\s+{processes}{number * 7}$"
         assert re.search(row, scrape_cost, re.MULTILINE), f"no row for {gpus}x{processes}"
     for gpus, processes in LATENCY_NODES:
-        # GPUs, processes, scrapes, slowest GPU, all GPUs, wall, p99 wall, exposition,
-        # wall/slowest
-        row = rf"^\s*{gpus}\s+{processes}{number * 6}\s+\d+\.\d+x$"
+        # GPUs, processes, scrapes, slowest GPU, all GPUs, NVML done, wall, p99 wall,
+        # exposition, wall/slowest
+        row = rf"^\s*{gpus}\s+{processes}{number * 7}\s+\d+\.\d+x$"
         assert re.search(row, concurrency, re.MULTILINE), f"no row for {gpus}x{processes}"
     for target in ("CPU per scrape", "peak RSS", "wall / slowest"):
         assert re.search(rf"{target}.*: (met|MISSED)$", targets, re.MULTILINE), target

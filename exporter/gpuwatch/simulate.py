@@ -425,6 +425,8 @@ class SimulatedNvml:
         """Most GPU calls that were under way at once (with latency_seconds)."""
         self.latency_spent: dict[int, float] = dict.fromkeys(range(len(node.scenario.gpus)), 0.0)
         """GPU index -> seconds of simulated latency its calls have taken so far."""
+        self.last_answer = 0.0
+        """time.perf_counter() when the latest GPU call with latency returned."""
         self._count_lock = threading.Lock()
 
     def release_hangs(self) -> None:
@@ -446,6 +448,7 @@ class SimulatedNvml:
             with self._count_lock:
                 self._in_flight -= 1
                 self.latency_spent[handle.index] += latency
+                self.last_answer = time.perf_counter()
         if function in gpu.hang:
             self._released.wait()
         if gpu.lost_after_seconds is not None and self.node.elapsed() >= gpu.lost_after_seconds:
