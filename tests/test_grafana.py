@@ -24,6 +24,17 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 import yaml
 from gpuwatch import metrics, states
+from gpuwatch.dashboards import (
+    VARIABLE,
+    expand,
+    label_values_query,
+    panels,
+    targets,
+    variable_query,
+    variables,
+)
+from gpuwatch.dashboards import grafana_values as grafana_builtins
+from gpuwatch.dashboards import resolve_variables as resolve_with
 from prom_harness import (
     REPO,
     THRESHOLD_IDLE_DURATION,
@@ -62,8 +73,6 @@ PROMQL_WORDS = {
     "group_left", "group_right", "inf", "nan", "sum", "avg", "count", "min", "max",
     "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group", "atan2",
 }
-VARIABLE = re.compile(r"\$([a-zA-Z_]\w*)|\$\{([a-zA-Z_]\w*)(?:[.:][^}]*)?\}|\[\[(\w+)\]\]")
-"""$var, ${var}, ${var:format}, ${__data.fields.x} and the old [[var]]; not a regex's $1."""
 DASHBOARD_LINK = re.compile(r"^/d/([\w-]+)(?:/[\w-]*)?(?:\?(.*))?$")
 
 
@@ -74,29 +83,6 @@ def load(path: Path) -> dict[str, Any]:
 
 
 DASHBOARDS = {path.stem: load(path) for path in DASHBOARD_FILES}
-
-
-def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every panel, those inside collapsed rows too."""
-    for panel in dashboard.get("panels", []):
-        yield panel
-        yield from panel.get("panels", [])
-
-
-def targets(dashboard: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    for panel in panels(dashboard):
-        for target in panel.get("targets", []):
-            if target.get("expr") and not target.get("hide"):
-                yield panel, target
-
-
-def variables(dashboard: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {v["name"]: v for v in dashboard.get("templating", {}).get("list", [])}
-
-
-def variable_query(variable: dict[str, Any]) -> str:
-    query = variable.get("query")
-    return str(query.get("query", "") if isinstance(query, dict) else query)
 
 
 def strings(node: Any) -> Iterator[str]:
@@ -135,13 +121,6 @@ def metric_names(expr: str) -> set[str]:
         if m.group(1) not in PROMQL_WORDS:
             found.add(m.group(1))
     return found
-
-
-def label_values_query(query: str) -> tuple[str, str]:
-    """label_values(SELECTOR, LABEL) -> (SELECTOR, LABEL)."""
-    m = re.fullmatch(r"\s*label_values\((.+),\s*(\w+)\s*\)\s*", query)
-    assert m, f"{query!r}: variable queries are label_values(selector, label)"
-    return m.group(1), m.group(2)
 
 
 def normalized(expr: str) -> str:
@@ -503,34 +482,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 def grafana_values(fleet: Fleet) -> dict[str, str]:
     """Grafana's own variables, as they would be for a one-hour range."""
-    step = f"{fleet.interval:g}s"
-    return {"__range": "1h", "__range_s": "3600", "__range_ms": "3600000",
-            "__interval": step, "__interval_ms": f"{fleet.interval * 1000:g}",
-            "__rate_interval": f"{4 * fleet.interval:g}s"}
-
-
-def expand(text: str, values: dict[str, str]) -> str:
-    return VARIABLE.sub(lambda m: values[next(g for g in m.groups() if g)], text)
+    return grafana_builtins(fleet.interval)
 
 
 def resolve_variables(fleet: Fleet, dashboard: dict[str, Any]) -> list[dict[str, str]]:
-    """Every assignment Grafana offers: multi-value variables at All, single ones at each
-    value their query finds (in order, each seeing the ones before)."""
-    assignments = [grafana_values(fleet)]
-    for name, v in variables(dashboard).items():
-        if v["type"] != "query":
-            continue
-        following = []
-        for values in assignments:
-            selector, label = label_values_query(variable_query(v))
-            found = fleet.label_values(label, expand(selector, values))
-            assert found, f"{dashboard['uid']}: variable {name} finds no values"
-            if v.get("includeAll"):
-                following.append({**values, name: v["allValue"]})
-            else:
-                following.extend({**values, name: value} for value in found)
-        assignments = following
-    return assignments
+    """Every assignment Grafana offers (gpuwatch.dashboards.resolve_variables)."""
+    return resolve_with(dashboard, fleet.label_values, grafana_values(fleet))
 
 
 @pytest.mark.parametrize("uid", DASHBOARDS)
