@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import logging
@@ -59,7 +60,7 @@ class BasicAuth:
         hashed = self._users.get(user)
         if hashed is None:
             # spend the same time as for a known user, so names cannot be probed
-            bcrypt.checkpw(password.encode(), _DUMMY_HASH)
+            bcrypt.checkpw(password.encode(), _dummy_hash())
             return False
         key = hashlib.sha256(b"\0".join((user.encode(), password.encode(), hashed))).digest()
         with self._lock:
@@ -72,7 +73,10 @@ class BasicAuth:
         return True
 
 
-_DUMMY_HASH = bcrypt.hashpw(b"gpuwatch", bcrypt.gensalt(rounds=10))
+@functools.cache
+def _dummy_hash() -> bytes:
+    """Hashed on first use, not at import: every start would pay for it."""
+    return bcrypt.hashpw(b"gpuwatch", bcrypt.gensalt(rounds=10))
 
 
 @dataclass
