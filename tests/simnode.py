@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from gpuwatch import exposition
 from gpuwatch.exporter_main import (
     build_collectors,
     build_parser,
@@ -14,7 +15,7 @@ from gpuwatch.exporter_main import (
 from gpuwatch.nvml import Nvml
 from gpuwatch.scrape import Exporter
 from gpuwatch.simulate import Scenario, SimulatedNvml, load_scenario, parse_scenario
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 T0 = 1_800_000_000.0
 """The frozen clock of reproducible readings (2027-01-15)."""
@@ -30,7 +31,7 @@ class SimExporter:
         return self.registry.get_sample_value(metric, labels)
 
     def text(self) -> str:
-        return generate_latest(self.registry).decode()
+        return exposition.text(self.registry).decode()
 
     def close(self) -> None:
         self.sim.release_hangs()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import gzip
 import hashlib
 import html
 import logging
@@ -17,12 +18,15 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bcrypt
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 
-from . import __version__
+from . import __version__, exposition
 from .config import WebConfig
 
 log = logging.getLogger(__name__)
+
+GZIP_LEVEL = 6
+"""Prometheus asks for gzip; level 6 gets within a few percent of 9 at half the CPU."""
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -86,7 +90,6 @@ class App:
     web: WebConfig = field(default_factory=WebConfig)
 
     def __post_init__(self) -> None:
-        self._metrics = make_wsgi_app(self.registry)
         self._auth = BasicAuth(dict(self.web.basic_auth_users)) \
             if self.web.basic_auth_users else None
 
@@ -99,11 +102,13 @@ class App:
                             ("Content-Type", "text/plain; charset=utf-8")])
             return [b"Unauthorized\n"]
         if path == self.telemetry_path:
-            def with_headers(status: str, response_headers: list[tuple[str, str]],
-                             exc_info: Any = None) -> Any:
-                return start_response(status, response_headers + headers)
-            body: Iterable[bytes] = self._metrics(environ, with_headers)
-            return body
+            body = exposition.text(self.registry)
+            response_headers = [*headers, ("Content-Type", exposition.CONTENT_TYPE)]
+            if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+                body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+                response_headers.append(("Content-Encoding", "gzip"))
+            start_response("200 OK", response_headers)
+            return [body]
         if path == "/-/healthy":
             start_response("200 OK", [*headers, ("Content-Type", "text/plain; charset=utf-8")])
             return [b"Healthy\n"]
