@@ -94,12 +94,18 @@ def prom() -> Iterator[FakePrometheus]:
 def add_gpu(fake: FakePrometheus, host: str, gpu: int, state: states.State, users: str = "",
             model: str = "NVIDIA H100 80GB HBM3", used_gib: float | None = None,
             util: float | None = None, port: int = 9839,
-            inactive_since: float | None = None) -> None:
-    """A GPU as the rules and the exporter publish it."""
+            inactive_since: float | None = None,
+            booked: tuple[str, str, float, str] | None = None) -> None:
+    """A GPU as the rules and the exporter publish it; `booked`: (user, until as the booking
+    wrote it, its Unix time, comment)."""
     ids = {"job": states.JOB, "instance": f"{host}:{port}", "host": host, "gpu": str(gpu),
            "uuid": f"GPU-{host}-{gpu}"}
     fake.add(states.STATE_INFO, 1, **ids, state=state.name, model=model,
              **({"users": users} if users else {}))
+    if booked is not None:
+        user, until, end, comment = booked
+        fake.add(states.RESERVED_UNTIL, end, **ids, model=model, user=user, until=until,
+                 **({"comment": comment} if comment else {}))
     if state is not states.DOWN:
         fake.add(metrics.INFO.name, 1, **ids, name=model,
                  display_name=model.removeprefix("NVIDIA "))
@@ -354,7 +360,8 @@ def test_duration(seconds: float, text: str) -> None:
 
 def test_commands_are_subcommands_for_later_ones_to_join() -> None:
     parser = cli.build_parser()
-    assert [c.name for c in cli.COMMANDS] == ["status", "pick"]
+    assert [c.name for c in cli.COMMANDS] == ["status", "pick", "reserve", "release",
+                                              "reservations"]
     with pytest.raises(SystemExit):
         parser.parse_args([])
     assert parser.parse_args(["status", "--json"]).run is not None
@@ -370,3 +377,63 @@ def test_a_reader_that_goes_away_ends_the_output_quietly(prom: FakePrometheus) -
     process.stdout.close()  # `gpuwatch status --json | head -0`
     assert process.wait(timeout=60) == 1
     assert process.stderr.read() == b""
+
+
+# -- reservations in the grid --------------------------------------------------------------------
+
+END = 4_102_444_800.0  # 2100-01-01T00:00:00Z
+
+
+@pytest.fixture
+def booked_fleet(prom: FakePrometheus) -> FakePrometheus:
+    add_gpu(prom, "node-a", 0, states.RESERVED, used_gib=0, util=0,
+            booked=("alice", "2100-01-01 01:00+01:00", END, "NeurIPS deadline"))
+    add_gpu(prom, "node-a", 1, states.BUSY, "bob", used_gib=30, util=0.0,
+            booked=("bob", "2100-01-01 00:00+00:00", END, ""))
+    add_gpu(prom, "node-a", 2, states.RESERVED, "dave", used_gib=10, util=0.9,
+            booked=("carol", "2100-01-01 00:00+00:00", END, "demo"))
+    add_gpu(prom, "node-a", 3, states.FREE, used_gib=0, util=0)
+    return prom
+
+
+def test_status_json_carries_the_booking_of_a_booked_gpu(booked_fleet: FakePrometheus) -> None:
+    code, out = run("--prometheus", booked_fleet.url, "status", "--json")
+    assert code == 0
+    by = {g["gpu"]: g for g in json.loads(out)}
+    assert by[0]["state"] == "reserved" and by[0]["users"] == []
+    assert by[0]["reservation"] == {"user": "alice", "until": "2100-01-01T01:00:00+01:00",
+                                    "until_timestamp": END, "comment": "NeurIPS deadline"}
+    assert by[1]["state"] == "busy" and by[1]["users"] == ["bob"]
+    assert by[1]["reservation"]["user"] == "bob" and by[1]["reservation"]["comment"] == ""
+    assert by[2]["users"] == ["dave"] and by[2]["reservation"]["user"] == "carol"
+    assert by[3]["reservation"] is None
+
+
+def test_status_grid_shows_who_booked_until_when_and_why(booked_fleet: FakePrometheus) -> None:
+    lines = run("--prometheus", booked_fleet.url, "status")[1].splitlines()
+    assert lines[0].split() == ["HOST", "GPU", "STATE", "USERS", "MODEL", "MEMORY", "UTIL",
+                                "RESERVATION"]
+    column = lines[0].index("RESERVATION")
+    assert [line[column:] for line in lines[1:5]] == [
+        "alice until 2100-01-01 01:00+01:00 (NeurIPS deadline)",
+        "bob until 2100-01-01 00:00+00:00", "carol until 2100-01-01 00:00+00:00 (demo)", "-"]
+    assert lines[1].split()[2:4] == ["reserved", "-"]
+    assert lines[3].split()[1:3] == ["reserved", "dave"]  # who is on it, though carol booked it
+    assert lines[-1] == "4 GPUs on 1 host: 1 free, 1 busy, 2 reserved"
+    painted = run("--prometheus", booked_fleet.url, "status", "--color", "always")[1]
+    assert "\033[34mreserved" in painted
+
+
+def test_pick_offers_your_own_booked_gpus_first(booked_fleet: FakePrometheus,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("--prometheus", booked_fleet.url, "pick", "2", "--host", "node-a",
+               "--user", "alice") == (0, "0,3\n")
+    assert run("--prometheus", booked_fleet.url, "pick", "1", "--host", "node-a",
+               "--user", "zoe") == (0, "3\n")
+    # carol's booked GPU is in dave's hands: not hers to pick
+    err = _one_error_line(capsys, "--prometheus", booked_fleet.url, "pick", "2", "--host",
+                          "node-a", "--user", "carol")
+    assert "node-a has 1 free GPU (of 4), 2 wanted: 3" in err
+    err = _one_error_line(capsys, "--prometheus", booked_fleet.url, "pick", "3", "--host",
+                          "node-a", "--user", "alice")
+    assert "node-a has 1 free GPU (and 1 booked by alice) (of 4), 3 wanted: 0, 3" in err

@@ -19,6 +19,7 @@ from . import __version__
 from .collectors import Collector
 from .collectors.gpu import GpuCollector
 from .collectors.process import ProcessCollector, ProcessOptions
+from .collectors.reservation import ReservationCollector
 from .collectors.xid import XidCollector
 from .config import ConfigError, load_exporter_config, load_web_config
 from .nvml import Nvml
@@ -31,6 +32,9 @@ PROG = "gpuwatch-exporter"
 DEFAULT_PORT = 9839
 """Not taken by the well-known GPU exporters (dcgm-exporter 9400, nvidia_gpu_exporter 9835)."""
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
+RESERVATIONS_LISTEN_ADDRESS = f"127.0.0.1:{DEFAULT_PORT + 1}"
+"""Where the reservations endpoint (this exporter with --reservations.file and the GPU
+collectors off) listens on the monitoring host: beside Prometheus, which alone scrapes it."""
 
 log = logging.getLogger("gpuwatch")
 
@@ -40,6 +44,9 @@ class CollectorEntry:
     name: str
     help: str
     enabled: bool
+    implied_by: str | None = None
+    """The dest of an option that turns the collector on when given (unless it is turned off
+    explicitly); the collector needs that option."""
 
 
 # The collectors, with their default state: each becomes --collector.NAME / --no-collector.NAME
@@ -47,6 +54,8 @@ COLLECTORS = (
     CollectorEntry(GpuCollector.name, GpuCollector.help, True),
     CollectorEntry(ProcessCollector.name, ProcessCollector.help, True),
     CollectorEntry(XidCollector.name, XidCollector.help, True),
+    CollectorEntry(ReservationCollector.name, ReservationCollector.help, False,
+                   implied_by="reservations_file"),
 )
 
 
@@ -74,10 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(basic_auth_users with bcrypt hashes)")
     p.add_argument("--config.file", dest="config", type=Path, metavar="FILE",
                    help="exporter config: display_names (model name -> short name)")
+    # None: not given on the command line; enabled() decides
     for entry in COLLECTORS:
         p.add_argument(f"--collector.{entry.name}", dest=f"collector_{entry.name}",
-                       action=argparse.BooleanOptionalAction, default=entry.enabled,
+                       action=argparse.BooleanOptionalAction, default=None,
                        help=f"{entry.help} (default {'on' if entry.enabled else 'off'})")
+    p.add_argument("--collector.disable-defaults", dest="disable_defaults",
+                   action="store_true", help="turn off the collectors that are on by default; "
+                   "turn single ones back on with --collector.NAME (as node_exporter)")
+    p.add_argument("--reservations.file", dest="reservations_file", type=Path, metavar="FILE",
+                   help="the reservations file that gpuwatch reserve writes; turns the "
+                   "reservation collector on (run it on the monitoring host, with the GPU "
+                   "collectors off)")
     p.add_argument("--process.command", dest="process_command", default="name",
                    choices=("name", "cmdline", "none"),
                    help="the command label: process name, command line (truncated; may hold "
@@ -122,19 +139,39 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def enabled(args: argparse.Namespace, entry: CollectorEntry) -> bool:
+    """--collector.NAME / --no-collector.NAME when given, else the collector's default (off
+    with --collector.disable-defaults), else on when the option it needs is given."""
+    chosen: bool | None = getattr(args, f"collector_{entry.name}")
+    if chosen is not None:
+        return chosen
+    if entry.implied_by is not None and getattr(args, entry.implied_by) is not None:
+        return True
+    return entry.enabled and not args.disable_defaults
+
+
 def build_collectors(args: argparse.Namespace, sources: Sources, background_xid: bool = True
                      ) -> list[Collector]:
     config = load_exporter_config(args.config)
     collectors: list[Collector] = []
-    if args.collector_gpu:
+    on = {entry.name: enabled(args, entry) for entry in COLLECTORS}
+    if on[GpuCollector.name]:
         collectors.append(GpuCollector(config.display_names))
-    if args.collector_process:
+    if on[ProcessCollector.name]:
         inspector = ProcessInspector() if sources.psutil is None else \
             ProcessInspector(sources.psutil, sources.read_cgroup or read_proc_cgroup)
         collectors.append(ProcessCollector(inspector, ProcessOptions(
             command=args.process_command, pid=args.process_pid, max_per_gpu=args.process_max)))
-    if args.collector_xid:
+    if on[XidCollector.name]:
         collectors.append(XidCollector(background=background_xid, clock=sources.clock))
+    if on[ReservationCollector.name]:
+        path: Path | None = args.reservations_file
+        if path is None:
+            raise ConfigError("--collector.reservation needs --reservations.file FILE")
+        if not path.parent.is_dir():
+            raise ConfigError(f"--reservations.file {path}: the directory {path.parent} does "
+                              "not exist")
+        collectors.append(ReservationCollector(path, clock=sources.clock))
     return collectors
 
 

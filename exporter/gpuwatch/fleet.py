@@ -1,11 +1,13 @@
 """The fleet as Prometheus sees it: one record per GPU, and which free GPUs to take.
 
 The state and the users come from the recording rule ``instance_gpu:gpuwatch_state:info``;
-model, memory and utilisation from the exporter's series, joined by (instance, gpu).
+model, memory and utilisation from the exporter's series, the booking of a booked GPU from
+``instance_gpu:gpuwatch_reserved_until:timestamp_seconds``, joined by (instance, gpu).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import socket
 import urllib.parse
@@ -17,8 +19,38 @@ from .promapi import Prometheus, Sample
 
 # One query for what the grid shows besides the state: names known to be plain series
 _DETAILS = (metrics.MEMORY_USED.name, metrics.MEMORY_TOTAL.name, metrics.UTILIZATION.name,
-            metrics.INFO.name, states.INACTIVE_SINCE)
+            metrics.INFO.name, states.INACTIVE_SINCE, states.RESERVED_UNTIL)
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class Booking:
+    """The active booking of a GPU, as Prometheus has it."""
+
+    user: str
+    until: str
+    """ISO 8601, in the booking's own time zone."""
+    until_timestamp: float
+    comment: str
+
+    @property
+    def text(self) -> str:
+        """alice until 2024-05-31 23:59+02:00 (NeurIPS deadline)"""
+        until = dt.datetime.fromisoformat(self.until).isoformat(sep=" ", timespec="minutes")
+        return f"{self.user} until {until}" + (f" ({self.comment})" if self.comment else "")
+
+
+def _booking(sample: Sample) -> Booking:
+    """The booking of a sample of the reserved-until rule: its end exactly (the value), in
+    the zone the booking was written in (the until label)."""
+    try:
+        zone = dt.datetime.fromisoformat(sample.labels.get("until", "")).tzinfo
+    except ValueError:
+        zone = None
+    until = dt.datetime.fromtimestamp(sample.value, zone or dt.timezone.utc)
+    return Booking(user=sample.labels.get("user", ""),
+                   until=until.isoformat(timespec="seconds"), until_timestamp=sample.value,
+                   comment=sample.labels.get("comment", ""))
 
 
 @dataclass(frozen=True)
@@ -36,6 +68,8 @@ class GpuStatus:
     utilization_ratio: float | None
     inactive_since: float | None
     """Unix time since which the GPU has been held without work; None while it works."""
+    reservation: Booking | None = None
+    """Its active booking (gpuwatch reserve), whatever its state; None when not booked."""
 
     def to_json(self) -> dict[str, object]:
         out = asdict(self)
@@ -73,6 +107,7 @@ def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
         except ValueError:
             continue  # not a GPU series of ours
         info = details[metrics.INFO.name].get(key)
+        booked = details[states.RESERVED_UNTIL].get(key)
         model = labels.get("model", "")
         fleet.append(GpuStatus(
             host=labels.get("host") or labels.get("instance", ""),
@@ -87,6 +122,7 @@ def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
             memory_total_bytes=value(metrics.MEMORY_TOTAL.name, key),
             utilization_ratio=value(metrics.UTILIZATION.name, key),
             inactive_since=value(states.INACTIVE_SINCE, key),
+            reservation=_booking(booked) if booked is not None else None,
         ))
     return sorted(fleet, key=lambda g: (g.host, g.instance, g.gpu))
 
@@ -134,13 +170,17 @@ def gpus_of_host(fleet: Sequence[GpuStatus], names: Iterable[str]) -> list[GpuSt
                      f"knows ({', '.join(hosts) or 'none'}); pass --host")
 
 
-def pick(gpus: Sequence[GpuStatus], count: int) -> list[int]:
-    """The indices of `count` free GPUs of one host, lowest first; FleetError when fewer
-    are free."""
+def pick(gpus: Sequence[GpuStatus], count: int, user: str | None = None) -> list[int]:
+    """The indices of `count` GPUs of one host to run on: those reserved for `user` and not in
+    use first, then free ones, each lowest first; FleetError when there are fewer."""
+    mine = sorted(g.gpu for g in gpus if user and g.state == states.RESERVED.name
+                  and not g.users and g.reservation is not None and g.reservation.user == user)
     free = sorted(g.gpu for g in gpus if g.state == states.FREE.name)
-    if len(free) < count:
+    usable = mine + free
+    if len(usable) < count:
         host = gpus[0].host if gpus else "this host"
-        which = f": {', '.join(map(str, free))}" if free else ""
-        raise FleetError(f"{host} has {len(free)} free GPU{'' if len(free) == 1 else 's'} "
-                         f"(of {len(gpus)}), {count} wanted{which}")
-    return free[:count]
+        which = f": {', '.join(map(str, usable))}" if usable else ""
+        booked = f" (and {len(mine)} booked by {user})" if mine else ""
+        raise FleetError(f"{host} has {len(free)} free GPU{'' if len(free) == 1 else 's'}"
+                         f"{booked} (of {len(gpus)}), {count} wanted{which}")
+    return usable[:count]

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from . import states
+
 LOCALHOST = "127.0.0.1"
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "prometheus"
 """prometheus/ of the source tree this package runs from (an editable install)."""
@@ -104,9 +106,10 @@ def render_rules(source: Path, dest: Path, overrides: Overrides) -> set[str]:
 
 
 def render_config(dest: Path, targets_dir: Path, overrides: Overrides | None = None,
-                  source: Path = SOURCE_DIR) -> Path:
+                  source: Path = SOURCE_DIR, reservations: str | None = None) -> Path:
     """Writes prometheus.yml and its rule files under `dest`, reading targets from
-    `targets_dir`; returns the path of the configuration."""
+    `targets_dir` and the bookings from the reservations endpoint at `reservations`
+    (HOST:PORT; None leaves that job out); returns the path of the configuration."""
     overrides = overrides or Overrides()
     config = yaml.safe_load((source / "prometheus.yml").read_text())
     glob = config.setdefault("global", {})
@@ -114,7 +117,12 @@ def render_config(dest: Path, targets_dir: Path, overrides: Overrides | None = N
         glob["scrape_interval"] = glob["scrape_timeout"] = overrides.scrape_interval
     if overrides.evaluation_interval:
         glob["evaluation_interval"] = overrides.evaluation_interval
-    for job in config.get("scrape_configs", []):
+    jobs = config.get("scrape_configs", [])
+    if reservations is None:
+        jobs[:] = [job for job in jobs if job["job_name"] != states.RESERVATIONS_JOB]
+    for job in jobs:
+        if job["job_name"] == states.RESERVATIONS_JOB:
+            job["static_configs"] = [{"targets": [reservations]}]
         if overrides.scrape_interval:
             for key in ("scrape_interval", "scrape_timeout"):
                 job.pop(key, None)
@@ -241,6 +249,17 @@ def exporter(scenario: str, port: int, log: Path, extra: Sequence[str] = ()) -> 
     return Service(f"gpuwatch-exporter --simulate {scenario} on port {port}",
                    [sys.executable, "-m", "gpuwatch.exporter_main", "--simulate", scenario,
                     "--web.listen-address", f"{LOCALHOST}:{port}", *extra],
+                   f"http://{LOCALHOST}:{port}/metrics", log)
+
+
+def reservations_endpoint(path: Path, port: int, log: Path) -> Service:
+    """gpuwatch-exporter serving the bookings of the reservations file `path`, as on the
+    monitoring host: the GPU collectors off, so it never touches NVML."""
+    return Service(f"reservations endpoint on port {port}",
+                   [sys.executable, "-m", "gpuwatch.exporter_main",
+                    "--collector.disable-defaults",
+                    "--reservations.file", str(path),
+                    "--web.listen-address", f"{LOCALHOST}:{port}"],
                    f"http://{LOCALHOST}:{port}/metrics", log)
 
 

@@ -138,6 +138,14 @@ USERS_INFO = _gauge("nvidia_gpu_users_info",
                     "The users holding the GPU, sorted and comma-separated (empty when free); "
                     "always 1.", labels=("users",), collector="process")
 
+RESERVATION_LABELS = ("reserved_host", "gpu", "user", "until", "comment")
+RESERVATION_END = Metric(
+    "nvidia_gpu_reservation_end_timestamp_seconds", "gauge",
+    "Unix time at which an active booking of the reservations file ends. reserved_host is "
+    "the booked host as `gpuwatch status` names it (the scraping job's own host label stays "
+    "apart), gpu its index or all, user who booked it, until the end in the booking's own "
+    "time zone, comment why.", RESERVATION_LABELS, device=False, collector="reservation")
+
 COLLECTOR_SUCCESS = Metric("nvidia_gpu_scrape_collector_success", "gauge",
                            "1 when the collector's last collection succeeded.",
                            ("collector",), device=False, collector="")
@@ -146,7 +154,8 @@ COLLECTOR_DURATION = Metric("nvidia_gpu_scrape_collector_duration_seconds", "gau
                             device=False, collector="")
 NVML_UP = Metric("nvidia_gpu_nvml_up", "gauge",
                  "1 when the NVML library is loaded and initialised, 0 when it is not "
-                 "(no driver, driver/library mismatch).", device=False, collector="")
+                 "(no driver, driver/library mismatch); absent when no collector reads GPUs.",
+                 device=False, collector="")
 BUILD_INFO = Metric("nvidia_gpu_exporter_build_info", "gauge",
                     "The exporter's version; always 1.", ("version",), device=False,
                     collector="")

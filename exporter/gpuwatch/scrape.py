@@ -127,35 +127,41 @@ class Exporter:
         durations: dict[str, float] = {c.name: 0.0 for c in self._collectors}
         errors: dict[str, str] = {}
         out: list[Metric] = []
-        nvml_up = family(metrics.NVML_UP)
-        try:
-            self._nvml.ensure_initialized()
-            self._open_devices()
-        except NvmlUnavailable as e:
-            self._devices.clear()
-            nvml_up.add_metric([], 0)
-            for c in self._collectors:
-                success[c.name] = False
-                errors[c.name] = str(e)
-            self._log_errors(errors)
-            return Collection([nvml_up, *self._health(success, durations)])
-        nvml_up.add_metric([], 1)
+        answered: list[_GpuResult] = []
+        devices: list[Device] = []
+        running = list(self._collectors)
+        if any(c.uses_nvml for c in self._collectors):  # else NVML is never loaded
+            nvml_up = family(metrics.NVML_UP)
+            out.append(nvml_up)
+            try:
+                self._nvml.ensure_initialized()
+                self._open_devices()
+            except NvmlUnavailable as e:
+                self._devices.clear()
+                nvml_up.add_metric([], 0)
+                for c in self._collectors:
+                    if c.uses_nvml:
+                        success[c.name] = False
+                        errors[c.name] = str(e)
+                running = [c for c in self._collectors if not c.uses_nvml]
+            else:
+                nvml_up.add_metric([], 1)
+                results = self._read_gpus(deadline=start + self._timeout)
+                up = family(metrics.UP)
+                for result in results:
+                    uuid = result.device.uuid if result.device else \
+                        self._uuids.get(result.index, "")
+                    up.add_metric([str(result.index), uuid], 0 if result.lost else 1)
+                    for name, message in result.errors.items():
+                        success[name] = False
+                        errors.setdefault(name, f"GPU {result.index}: {message}")
+                    for name, seconds in result.durations.items():
+                        durations[name] = max(durations[name], seconds)
+                out.append(up)
+                answered = [r for r in results if r.device is not None and not r.lost]
+                devices = [d for _, d in sorted(self._devices.items())]
 
-        results = self._read_gpus(deadline=start + self._timeout)
-        up = family(metrics.UP)
-        for result in results:
-            uuid = result.device.uuid if result.device else self._uuids.get(result.index, "")
-            up.add_metric([str(result.index), uuid], 0 if result.lost else 1)
-            for name, message in result.errors.items():
-                success[name] = False
-                errors.setdefault(name, f"GPU {result.index}: {message}")
-            for name, seconds in result.durations.items():
-                durations[name] = max(durations[name], seconds)
-        out += [nvml_up, up]
-
-        answered = [r for r in results if r.device is not None and not r.lost]
-        devices = [d for _, d in sorted(self._devices.items())]
-        for collector in self._collectors:
+        for collector in running:
             name = collector.name
             readings = [(r.device, r.readings[name]) for r in answered
                         if r.device is not None and name in r.readings]
@@ -163,6 +169,10 @@ class Exporter:
             try:
                 node = collector.read_node(self._nvml, devices)
                 out.extend(collector.families(readings, node))
+                problem = collector.problem()
+                if problem is not None:
+                    success[name] = False
+                    errors.setdefault(name, problem)
             except (NVMLError, GpuLost, NvmlUnavailable, OSError, ValueError) as e:
                 success[name] = False
                 errors.setdefault(name, str(e))

@@ -2,8 +2,9 @@
 
 Prometheus computes the state of every GPU (prometheus/rules/state.yml) and publishes it in
 two recording rules: ``instance_gpu:gpuwatch_state:info`` (one series per GPU, value 1, with
-the labels ``state``, ``users`` and ``model``) and ``instance_gpu:gpuwatch_state:code`` (one
-series per GPU whose value is the state's code, for panels that colour by value). The CLI,
+the labels ``state``, ``users``, ``model`` and, for a booked GPU, ``reservation``) and
+``instance_gpu:gpuwatch_state:code`` (one series per GPU whose value is the state's code, for
+panels that colour by value). The CLI,
 the docs, the dashboards' checks and the tests read the names and codes from here; a test
 keeps the rules in step with this module.
 """
@@ -27,11 +28,11 @@ class State:
 FREE = State("free", 0, "answers, no process on it, less memory allocated than the held "
              "threshold", "green")
 BUSY = State("busy", 1, "held: processes on it, or memory allocated at or above the held "
-             "threshold", "yellow")
+             "threshold; a booked GPU that its holder uses, even without work", "yellow")
 IDLE = State("idle", 2, "held, but no work (utilisation below the idle threshold) for the "
              "idle duration", "purple")
-RESERVED = State("reserved", 3, "an active reservation (added with reservations; not yet "
-                 "produced)", "blue")
+RESERVED = State("reserved", 3, "booked (gpuwatch reserve) and not used by whoever booked it "
+                 "(a GPU its holder uses is busy)", "blue")
 DOWN = State("down", 4, "not answering: the target is down, NVML is unavailable, or the GPU "
              "is lost", "red")
 
@@ -41,8 +42,11 @@ BY_CODE: dict[int, State] = {s.code: s for s in ALL}
 
 JOB = "gpuwatch"
 """The scrape job of the exporters in prometheus/prometheus.yml."""
+RESERVATIONS_JOB = "gpuwatch-reservations"
+"""The scrape job of the reservations endpoint in prometheus/prometheus.yml."""
 
 # The recording rules that the CLI and the grid read (prometheus/rules/state.yml).
 STATE_INFO = "instance_gpu:gpuwatch_state:info"
 STATE_CODE = "instance_gpu:gpuwatch_state:code"
 INACTIVE_SINCE = "instance_gpu:gpuwatch_inactive_since:timestamp_seconds"
+RESERVED_UNTIL = "instance_gpu:gpuwatch_reserved_until:timestamp_seconds"

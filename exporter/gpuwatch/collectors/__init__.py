@@ -44,6 +44,9 @@ class Device:
 class Collector(ABC):
     name: ClassVar[str]
     help: ClassVar[str]
+    uses_nvml: ClassVar[bool] = True
+    """False for a collector that reads no GPU: an exporter with only such collectors never
+    loads NVML (and reports no nvidia_gpu_nvml_up)."""
 
     def read_gpu(self, nvml: Nvml, device: Device) -> Any:
         """Read one GPU; runs in the GPU's worker thread. May raise GpuLost."""
@@ -56,6 +59,11 @@ class Collector(ABC):
     @abstractmethod
     def families(self, readings: Sequence[tuple[Device, Any]], node: Any) -> Iterable[Metric]:
         """Turn the readings of the GPUs that answered into metric families."""
+
+    def problem(self) -> str | None:
+        """Why the families just built are not current (stale data served on purpose), or
+        None; the collection then counts as failed though it served something."""
+        return None
 
     def close(self) -> None:  # noqa: B027 (optional hook: most collectors hold nothing)
         """Release background resources."""
