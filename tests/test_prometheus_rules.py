@@ -19,7 +19,7 @@ RULE_FILES = localstack.rule_files(PROMETHEUS)
 PROMTOOL_TESTS = sorted((PROMETHEUS / "tests").glob("*_test.yml"))
 DOCS = (ROOT / "docs" / "prometheus.md").read_text()
 RUNBOOK = ROOT / "docs" / "runbook.md"
-SEVERITIES = {"critical", "warning"}
+SEVERITIES = {"critical", "warning", "info"}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -198,11 +198,29 @@ def test_rules_read_only_metrics_of_the_contract_or_of_other_rules() -> None:
 
 def test_rules_read_the_exporters_job_by_name() -> None:
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
-    assert [job["job_name"] for job in config["scrape_configs"]] == [states.JOB]
+    assert [job["job_name"] for job in config["scrape_configs"]] == \
+        [states.JOB, states.RESERVATIONS_JOB]
     for r in all_rules():
         for job in re.findall(r'\bup\{job="([^"]*)"\}', r["expr"]):
-            assert job == states.JOB, r.get("record") or r.get("alert")
+            assert job in (states.JOB, states.RESERVATIONS_JOB), r.get("record") or r.get("alert")
         assert not re.search(r"\bup\b(?!\{job=)", _STRINGS.sub("", r["expr"])), r
+
+
+def test_the_reservations_job_scrapes_the_endpoint_where_it_listens() -> None:
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == states.RESERVATIONS_JOB)
+    assert job["static_configs"] == [{"targets": [exporter_main.RESERVATIONS_LISTEN_ADDRESS]}]
+    # the same host relabelling as the nodes, so its alerts name the monitoring host
+    assert job["relabel_configs"] == config["scrape_configs"][0]["relabel_configs"]
+
+
+def test_booked_hosts_are_matched_by_the_reservations_own_label() -> None:
+    """The endpoint's series carry the booked host as reserved_host (their host label is the
+    monitoring host's); the rule matches it to the GPUs' host."""
+    assert "reserved_host" in metrics.RESERVATION_END.labels
+    assert "host" not in metrics.RESERVATION_END.label_names
+    expr = rule(states.RESERVED_UNTIL)["expr"]
+    assert expr.count('"host", "$1", "reserved_host", "(.*)"') == 2
 
 
 def test_recording_rules_are_named_level_metric_operations() -> None:
@@ -230,8 +248,7 @@ def test_state_rules_use_the_names_and_codes_of_gpuwatch_states() -> None:
     produced = {states.BY_NAME[name] for _, name in pairs}
     assert {(int(code), states.BY_NAME[name].code) for code, name in pairs} == \
         {(s.code, s.code) for s in produced}
-    # reserved comes with reservations (a later issue); every other state is produced
-    assert produced == set(states.ALL) - {states.RESERVED}
+    assert produced == set(states.ALL)
     code = rule(states.STATE_CODE)["expr"]
     codes = {int(c) for c in re.findall(r"instance_gpu:gpuwatch_inventory:info \* 0 \+ (\d+)",
                                         code)}
@@ -393,14 +410,17 @@ def test_generated_variant_differs_from_the_source_only_by_its_overrides(tmp_pat
                                      refresh_interval="3s", thresholds={idle: 4},
                                      alert_for={"GpuLost": "5s"})
     config_path = localstack.render_config(tmp_path / "out", tmp_path / "targets", overrides,
-                                           source=PROMETHEUS)
+                                           source=PROMETHEUS, reservations="127.0.0.1:19840")
     result = promtool("check", "config", str(config_path))
     assert result.returncode == 0, result.stdout + result.stderr
     config = yaml.safe_load(config_path.read_text())
     source = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     assert config["global"] == {**source["global"], "scrape_interval": "1s",
                                 "scrape_timeout": "1s", "evaluation_interval": "2s"}
-    [job], [source_job] = config["scrape_configs"], source["scrape_configs"]
+    [job, reservations], [source_job, source_reservations] = \
+        config["scrape_configs"], source["scrape_configs"]
+    assert reservations == {**source_reservations,
+                            "static_configs": [{"targets": ["127.0.0.1:19840"]}]}
     assert job["relabel_configs"] == source_job["relabel_configs"]
     assert job["file_sd_configs"] == [{"files": [str(tmp_path / "targets" / "*.yml")],
                                        "refresh_interval": "3s"}]
@@ -413,6 +433,13 @@ def test_generated_variant_differs_from_the_source_only_by_its_overrides(tmp_pat
             if r.get("alert") == "GpuLost":
                 r["for"] = "5s"
         assert localstack.load_rules(Path(generated)) == expected
+
+
+def test_a_variant_without_a_reservations_endpoint_leaves_its_job_out(tmp_path: Path) -> None:
+    config_path = localstack.render_config(tmp_path / "out", tmp_path / "targets",
+                                           source=PROMETHEUS)
+    config = yaml.safe_load(config_path.read_text())
+    assert [job["job_name"] for job in config["scrape_configs"]] == [states.JOB]
 
 
 def test_overrides_of_rules_that_do_not_exist_are_refused(tmp_path: Path) -> None:
