@@ -6,11 +6,14 @@ generated with short intervals, a short idle duration and short `for` (gpuwatch.
 the files in prometheus/ are the only source), reading a targets file this test writes.
 What every GPU should look like is derived from the scenarios (the simulator's own view of
 each GPU) and the thresholds in prometheus/rules/thresholds.yml, then checked through the
-Prometheus HTTP API and `gpuwatch status --json` / `gpuwatch pick`.
+Prometheus HTTP API and `gpuwatch status --json` / `gpuwatch pick`. A reservations endpoint
+(gpuwatch-exporter with only its reservation collector) serves a reservations file that the
+tests edit with `gpuwatch reserve` and `gpuwatch release`, as people do.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from gpuwatch import localstack, states
+from gpuwatch import localstack, reservations, states
 from gpuwatch.nvml import NVMLError
 from gpuwatch.promapi import Prometheus
 from gpuwatch.simulate import Scenario, SimulatedNode, SimulatedNvml, load_scenario
@@ -41,7 +44,7 @@ OVERRIDES = localstack.Overrides(
     thresholds={IDLE_DURATION: 3},
     # GpuHeldIdle keeps its hour: the idle GPU's alert is seen pending
     alert_for={"GpuLost": "2s", "GpuXidCritical": "2s", "GpuXidError": "2s",
-               "GpuExporterDown": "2s"},
+               "GpuExporterDown": "2s", "GpuReservationViolated": "2s"},
 )
 THIS_HOST = socket.gethostname()
 NODES = (("workstation", THIS_HOST), ("server", "gpu-server"), ("lost-gpu", None),
@@ -114,7 +117,13 @@ class Fleet:
         self.targets = workdir / "targets"
         self.targets.mkdir()
         self.nodes: list[Node] = []
-        config = localstack.render_config(workdir / "config", self.targets, OVERRIDES)
+        self.reservations_file = workdir / "reservations.yml"
+        reservations_port = localstack.free_port()
+        self.reservations = localstack.reservations_endpoint(
+            self.reservations_file, reservations_port, workdir / "reservations.log")
+        config = localstack.render_config(
+            workdir / "config", self.targets, OVERRIDES,
+            reservations=f"{localstack.LOCALHOST}:{reservations_port}")
         self.port = localstack.free_port()
         self.prometheus = localstack.prometheus(config, workdir / "data", self.port,
                                                 workdir / "prometheus.log")
@@ -178,6 +187,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         # passes target changes on at most every 5 s).
         for scenario, host in NODES:
             f.start_node(scenario, host)
+        stack.callback(f.reservations.stop)
+        f.reservations.start()
         stack.callback(f.prometheus.stop)
         f.prometheus.start()
         yield f
@@ -215,6 +226,7 @@ def eventually(fleet: Fleet, expected: dict[tuple[str, ...], float], expr: str,
 # -- the fleet as the rules see it ----------------------------------------------------------------
 
 def test_the_scenarios_cover_every_state_but_reserved(fleet: Fleet) -> None:
+    """Reserved comes from bookings, which the reservation tests below make."""
     seen = {gpu.state for gpu in fleet.expected().values()}
     assert seen == {s.name for s in states.ALL} - {states.RESERVED.name}
 
@@ -351,6 +363,7 @@ def test_gpuwatch_status_json(fleet: Fleet) -> None:
         else:
             assert 0 <= gpu["utilization_ratio"] <= 1 and gpu["memory_used_bytes"] >= 0
         assert (gpu["inactive_since"] is not None) == (want.state == states.IDLE.name), key
+        assert gpu["reservation"] is None, key
     result = gpuwatch(fleet, "status", "--free", "--json")
     assert {(g["host"], g["gpu"]) for g in json.loads(result.stdout)} == {
         key for key, gpu in expected.items() if gpu.state == states.FREE.name}
@@ -384,6 +397,116 @@ def test_gpuwatch_pick_on_this_host_and_another(fleet: Fleet) -> None:
     server = fleet.node("gpu-server")
     result = gpuwatch(fleet, "pick", "2", "--host", server.shown_host)
     assert result.stdout == ",".join(map(str, free(server)[:2])) + "\n", result.stderr
+
+
+# -- reservations ---------------------------------------------------------------------------------
+
+def status(fleet: Fleet) -> dict[tuple[str, int], dict[str, Any]]:
+    result = gpuwatch(fleet, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return {(g["host"], g["gpu"]): g for g in json.loads(result.stdout)}
+
+
+def book(fleet: Fleet, *argv: str) -> str:
+    result = gpuwatch(fleet, *argv, "--file", str(fleet.reservations_file))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def server_gpus(fleet: Fleet, state: str) -> list[int]:
+    return sorted(i for i, gpu in fleet.node("gpu-server").expected.items()
+                  if gpu.state == state)
+
+
+def test_a_booking_made_with_gpuwatch_reserve_shows_in_status_and_goes_when_released(
+        fleet: Fleet) -> None:
+    settled(fleet)
+    gpu = server_gpus(fleet, states.FREE.name)[0]
+    key = ("gpu-server", gpu)
+    out = book(fleet, "reserve", f"gpu-server:{gpu}", "--user", "frank", "--until", "+1d",
+               "--comment", "end-to-end deadline")
+    (booked,) = reservations.load(fleet.reservations_file, dt.datetime.now(dt.timezone.utc))
+    try:
+        assert out == f"booked {booked.describe()}\n"
+        shown = wait_for("the booking in gpuwatch status", lambda: status(fleet)[key],
+                         lambda g: g["state"] == states.RESERVED.name, fleet)
+        assert shown["users"] == []
+        assert shown["reservation"] == {
+            "user": "frank", "until": reservations.iso(booked.until),
+            "until_timestamp": booked.until.timestamp(), "comment": "end-to-end deadline"}
+        grid = gpuwatch(fleet, "status").stdout
+        line = next(row for row in grid.splitlines() if " frank until " in row)
+        assert f"frank until {reservations.short(booked.until)} (end-to-end deadline)" in line
+        assert "reserved" in line.split()
+        assert by(fleet, states.STATE_INFO + '{state="reserved"}', "host", "gpu",
+                  "reservation") == {("gpu-server", str(gpu), f"frank until "
+                                      f"{reservations.short(booked.until)} "
+                                      "(end-to-end deadline)"): 1.0}
+        # a reserved GPU is not free: not offered to others, but to frank
+        assert str(gpu) not in gpuwatch(fleet, "pick", "3", "--host", "gpu-server",
+                                        "--user", "zoe").stdout.strip().split(",")
+        assert gpuwatch(fleet, "pick", "1", "--host", "gpu-server", "--user",
+                        "frank").stdout == f"{gpu}\n"
+    finally:
+        book(fleet, "release", f"gpu-server:{gpu}")
+    wait_for("the released GPU free again", lambda: status(fleet)[key],
+             lambda g: g["state"] == states.FREE.name and g["reservation"] is None, fleet)
+    settled(fleet)
+
+
+def test_a_booked_gpu_used_by_its_holder_is_busy_and_by_another_alerts(fleet: Fleet) -> None:
+    settled(fleet)
+    server = fleet.node("gpu-server")
+    by_one = [i for i in server_gpus(fleet, states.BUSY.name)
+              if len(server.expected[i].users) == 1]
+    mine, theirs = by_one[0], next(i for i in by_one
+                                   if server.expected[i].users != server.expected[by_one[0]].users)
+    holder = server.expected[mine].users[0]
+    squatter = server.expected[theirs].users[0]
+    book(fleet, "reserve", f"gpu-server:{mine}", "--user", holder, "--until", "+2d")
+    book(fleet, "reserve", f"gpu-server:{theirs}", "--user", "frank", "--until", "+2d",
+         "--comment", "paper")
+    try:
+        gpus = wait_for("both bookings in gpuwatch status", lambda: status(fleet),
+                        lambda g: g["gpu-server", theirs]["state"] == states.RESERVED.name
+                        and g["gpu-server", mine]["reservation"] is not None, fleet)
+        assert (gpus["gpu-server", mine]["state"], gpus["gpu-server", mine]["users"]) == \
+            (states.BUSY.name, [holder])
+        assert gpus["gpu-server", theirs]["users"] == [squatter]
+        assert gpus["gpu-server", theirs]["reservation"]["user"] == "frank"
+        firing = wait_for(
+            "GpuReservationViolated firing",
+            lambda: [a["labels"] for a in alerts(fleet)
+                     if a["labels"]["alertname"] == "GpuReservationViolated"
+                     and a["state"] == "firing"],
+            lambda found: bool(found), fleet)
+        assert [(a["host"], a["gpu"], a["user"], a["reserved_by"], a["comment"])
+                for a in firing] == [("gpu-server", str(theirs), squatter, "frank", "paper")]
+    finally:
+        book(fleet, "release", "--user", "frank")
+        book(fleet, "release", "--user", holder)
+    settled(fleet)
+    wait_for("GpuReservationViolated gone with the booking",
+             lambda: [a for a in alerts(fleet)
+                      if a["labels"]["alertname"] == "GpuReservationViolated"],
+             lambda found: not found, fleet)
+
+
+def test_a_booking_that_ends_drops_out_by_itself(fleet: Fleet) -> None:
+    settled(fleet)
+    gpu = server_gpus(fleet, states.FREE.name)[-1]
+    book(fleet, "reserve", f"gpu-server:{gpu}", "--user", "frank", "--until", "+8s")
+    (booked,) = reservations.load(fleet.reservations_file, dt.datetime.now(dt.timezone.utc))
+    wait_for("the booking to end", lambda: time.time(), lambda t: t > booked.until.timestamp(),
+             fleet)
+    wait_for("the GPU free again", lambda: status(fleet)["gpu-server", gpu],
+             lambda g: g["state"] == states.FREE.name and g["reservation"] is None, fleet)
+    # it was reserved while the booking ran, and it stays in the file until tidied
+    window = f"{int(time.time() - booked.until.timestamp()) + 12}s"
+    assert by(fleet, f'count_over_time({states.STATE_INFO}{{host="gpu-server", gpu="{gpu}", '
+              f'state="reserved"}}[{window}])', "gpu")[(str(gpu),)] > 0
+    assert reservations.load(fleet.reservations_file, booked.until)[0].user == "frank"
+    assert "released" in book(fleet, "release", "--expired")
 
 
 # -- nodes that die and nodes that go -------------------------------------------------------------
