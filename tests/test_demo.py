@@ -1,10 +1,12 @@
-"""make demo: the fleet comes up, the grid shows every node, Ctrl-C stops every process."""
+"""make demo: the fleet comes up, the grid shows every node, the booking command it prints
+shows in the grid, Ctrl-C stops every process."""
 
 from __future__ import annotations
 
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -54,11 +56,29 @@ def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
             except queue.Empty:
                 assert process.poll() is None, "".join(seen)
         urls = sorted({m.group(0) for m in re.finditer(r"http://[\d.:]+", "".join(seen))})
-        assert len(urls) == len(demo.NODES) + 1  # the exporters and Prometheus
+        assert len(urls) == len(demo.NODES) + 2  # the exporters, the bookings, Prometheus
         assert all(_listening(url) for url in urls)
         grid = "".join(seen)
         for host, _ in demo.NODES:
             assert re.search(rf"^{re.escape(host)} ", grid, re.MULTILINE), host
+        assert "frank until " in grid  # the booking it starts with
+
+        # the booking command it prints, run as printed
+        (command,) = [line.split(": ", 1)[1] for line in seen if line.startswith("book a GPU: ")]
+        target, until, comment = demo.TRY
+        assert f"reserve {target} --until {until}" in command and " --file /" in command
+        booked = subprocess.run(shlex.split(command), capture_output=True, text=True,
+                                timeout=60)
+        assert booked.returncode == 0, booked.stderr
+        index = target.split(":")[1]
+        shown = re.compile(rf"^\s+{index}\s+reserved\s.*until .* \({re.escape(comment)}\)$")
+        deadline = time.monotonic() + WAIT
+        while not any(shown.match(line) for line in seen):
+            assert time.monotonic() < deadline, "".join(seen)
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert process.poll() is None, "".join(seen)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
         reader.join(timeout=10)

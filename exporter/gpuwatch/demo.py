@@ -2,15 +2,19 @@
 the grid, on 127.0.0.1 until Ctrl-C.
 
 Three nodes run gpuwatch-exporter over simulated GPUs (the workstation, server and lost-gpu
-scenarios); Prometheus runs prometheus/prometheus.yml and its rules with shorter intervals and
-a one-minute idle duration, so the grid changes while you watch. The grid is printed again
-whenever a GPU changes state or hands. Everything is stopped on Ctrl-C.
+scenarios); a fourth gpuwatch-exporter serves the bookings of a reservations file, as on a
+monitoring host; Prometheus runs prometheus/prometheus.yml and its rules with shorter
+intervals and a one-minute idle duration, so the grid changes while you watch. The grid is
+printed again whenever a GPU changes state, hands or booking; the demo prints the
+`gpuwatch reserve` command that books a GPU in it. Everything is stopped on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -20,15 +24,20 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
-from . import cli, localstack
+from . import cli, localstack, reservations
 from .fleet import read_fleet
 from .promapi import Prometheus, PrometheusError
 
 PROG = "gpuwatch-demo"
 NODES = (("ws-01", "workstation"), ("gpu-srv-01", "server"), ("gpu-node-07", "lost-gpu"))
+# Rules every second: a booking shows in the grid within a scrape (5 s) of being made.
 OVERRIDES = localstack.Overrides(
-    scrape_interval="5s", evaluation_interval="5s", refresh_interval="5s",
+    scrape_interval="5s", evaluation_interval="1s", refresh_interval="5s",
     thresholds={"gpuwatch:threshold_idle_duration_seconds:constant": 60})
+BOOKED = ("gpu-srv-01", (7,), "frank", "thesis experiments")
+"""A booking the demo starts with (host, GPUs, user, comment), for three days."""
+TRY = ("gpu-srv-01:4", "+2h", "trying the demo")
+"""What the printed `gpuwatch reserve` command books: a free GPU of the server scenario."""
 READY_TIMEOUT = 60.0
 
 
@@ -88,6 +97,17 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _command() -> str:
+    """How to run gpuwatch from here: the venv's, when the demo runs from one."""
+    beside = Path(sys.executable).parent / "gpuwatch"
+    if not beside.exists():
+        return "gpuwatch"
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
+
+
 def _start(stack: ExitStack, workdir: Path, port: int) -> str:
     groups = []
     for host, scenario in NODES:
@@ -100,7 +120,20 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
                        "labels": {"host": host}})
         print(f"exporter  {host:<12} ({scenario}): {service.ready_url}")
     localstack.write_targets(workdir / "targets" / "nodes.yml", groups)
-    config = localstack.render_config(workdir / "prometheus", workdir / "targets", OVERRIDES)
+    booking_file = workdir / "reservations.yml"
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    host, gpus, user, comment = BOOKED
+    reservations.add(booking_file, reservations.Reservation(
+        host=host, gpus=gpus, user=user, start=now, until=now + dt.timedelta(days=3),
+        comment=comment), now)
+    endpoint_port = localstack.free_port()
+    endpoint = localstack.reservations_endpoint(booking_file, endpoint_port,
+                                                workdir / "reservations.log")
+    stack.callback(endpoint.stop)
+    endpoint.start()
+    print(f"bookings  {booking_file}: {endpoint.ready_url}")
+    config = localstack.render_config(workdir / "prometheus", workdir / "targets", OVERRIDES,
+                                      reservations=f"{localstack.LOCALHOST}:{endpoint_port}")
     prometheus = localstack.prometheus(config, workdir / "data", port,
                                        workdir / "prometheus.log")
     stack.callback(prometheus.stop)
@@ -108,9 +141,16 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
     url = f"http://{localstack.LOCALHOST}:{port}"
     print(f"prometheus: {url} (targets: {workdir / 'targets' / 'nodes.yml'}; rules and "
           f"configuration generated from prometheus/ in {workdir / 'prometheus'})")
-    print(f"demo settings: scrape and rules every 5 s, idle after "
+    print(f"demo settings: scrape every {OVERRIDES.scrape_interval}, rules every "
+          f"{OVERRIDES.evaluation_interval}, idle after "
           f"{OVERRIDES.thresholds['gpuwatch:threshold_idle_duration_seconds:constant']:g} s")
-    print(f"in another terminal: GPUWATCH_PROMETHEUS={url} gpuwatch status")
+    gpuwatch = _command()
+    target, until, comment = TRY
+    file = shlex.quote(str(booking_file))
+    print(f"in another terminal: GPUWATCH_PROMETHEUS={url} {gpuwatch} status")
+    print(f"book a GPU: {gpuwatch} reserve {target} --until {until} "
+          f"--comment {shlex.quote(comment)} --file {file}")
+    print(f"give it back: {gpuwatch} release {target} --file {file}")
     print("Ctrl-C stops everything.\n", flush=True)
     return url
 
@@ -123,7 +163,7 @@ def _watch(url: str) -> int:
         fleet = read_fleet(prometheus)
         hosts = {g.host for g in fleet}
         complete = hosts == {host for host, _ in NODES}
-        view = [(g.host, g.gpu, g.state, g.users) for g in fleet]
+        view = [(g.host, g.gpu, g.state, g.users, g.reservation) for g in fleet]
         if complete and view != shown:
             print(time.strftime("%H:%M:%S"), flush=True)
             cli.main(["--prometheus", url, "status"])
@@ -132,7 +172,7 @@ def _watch(url: str) -> int:
         elif not complete and time.monotonic() > deadline:
             raise PrometheusError(f"Prometheus at {url} shows {sorted(hosts) or 'no hosts'} "
                                   f"after {READY_TIMEOUT:g} s; see the logs")
-        time.sleep(1 if not complete else 5)
+        time.sleep(1)
 
 
 if __name__ == "__main__":
