@@ -2,7 +2,8 @@
 
 Built on gpuwatch.localstack (the processes and the generated Prometheus configuration):
 every process listens on 127.0.0.1 only and is stopped by `Fleet.close()` (or the `with`
-block). Prometheus runs the project's own prometheus.yml (its scrape job and host
+block). With `bookings`, a reservations endpoint serves them from a reservations file, as on
+the monitoring host. Prometheus runs the project's own prometheus.yml (its scrape job and host
 relabelling) and rule files, changed only where a test must be quick: shorter scrape and
 evaluation intervals, this fleet's targets file, and thresholds a test overrides
 (`Fleet(..., thresholds={...})`). What a test expects is derived from the scenarios the
@@ -16,6 +17,7 @@ exporters simulate and from the thresholds the rules read, never copied.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 import urllib.error
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpuwatch import localstack
+from gpuwatch import localstack, reservations
 from gpuwatch.nvml import NVMLError
 from gpuwatch.simulate import Scenario, SimulatedNode, SimulatedNvml, load_scenario
 
@@ -102,18 +104,23 @@ class ExpectedGpu:
     state: str
     users: tuple[str, ...]
     model: str | None
+    reservation: str | None = None
+    """The booking in words, as the grid shows it: alice until ... (why)."""
 
 
 class Fleet:
     """Simulated exporters and a Prometheus with the project's config and rules."""
 
     def __init__(self, nodes: Sequence[Node], workdir: Path, interval: float = 1.0,
-                 thresholds: Mapping[str, float] | None = None) -> None:
+                 thresholds: Mapping[str, float] | None = None,
+                 bookings: Sequence[reservations.Reservation] = ()) -> None:
         self.nodes = list(nodes)
         self.workdir = workdir
         self.interval = interval
         self.overrides = dict(thresholds or {})
+        self.bookings = list(bookings)
         self.running: list[RunningNode] = []
+        self.reservations: localstack.Service | None = None
         self.prometheus: localstack.Service | None = None
         self.prometheus_port = 0
         self.prometheus_started = 0.0
@@ -154,11 +161,19 @@ class Fleet:
         localstack.write_targets(targets / "fleet.yml", [
             {"targets": [r.address], "labels": {"host": r.node.host, **r.node.labels}}
             for r in self.running])
+        endpoint = None
+        if self.bookings:
+            reservations.write(self.workdir / "reservations.yml", self.bookings)
+            port = localstack.free_port()
+            self.reservations = localstack.reservations_endpoint(
+                self.workdir / "reservations.yml", port, self.workdir / "reservations.log")
+            self.reservations.start()
+            endpoint = f"{LOCALHOST}:{port}"
         every = f"{self.interval:g}s"
         config = localstack.render_config(
             self.workdir / "prometheus", targets,
             localstack.Overrides(scrape_interval=every, evaluation_interval=every,
-                                 thresholds=self.overrides))
+                                 thresholds=self.overrides), reservations=endpoint)
         self.prometheus_port = localstack.free_port()
         self.prometheus = localstack.prometheus(config, self.workdir / "data",
                                                 self.prometheus_port,
@@ -169,6 +184,8 @@ class Fleet:
     def close(self) -> None:
         if self.prometheus is not None:
             self.prometheus.stop()
+        if self.reservations is not None:
+            self.reservations.stop()
         for running in self.running:
             running.service.stop()
 
@@ -240,9 +257,11 @@ class Fleet:
 
         free: answers, no process, memory below the held threshold; busy: held; idle: held
         with utilisation below the idle threshold for the idle duration (counted from when
-        Prometheus started, since it has seen no earlier samples); down: lost.
+        Prometheus started, since it has seen no earlier samples); down: lost. A GPU with an
+        active booking is reserved, unless it is down, or busy by the user who booked it.
         """
         now = time.time() if at is None else at
+        now_at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
         t = self.thresholds()
         inactive_long_enough = now - self.prometheus_started >= t[THRESHOLD_IDLE_DURATION]
         expected = []
@@ -251,10 +270,11 @@ class Fleet:
             nvml = SimulatedNvml(node)
             for index, gpu in enumerate(running.scenario.gpus):
                 host, name = running.node.host, str(index)
+                booked = self.booking(host, index, now)
                 try:
                     handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 except NVMLError:
-                    expected.append(ExpectedGpu(host, name, "down", (), None))
+                    expected.append(ExpectedGpu(host, name, "down", (), None, booked))
                     continue
                 live = node.processes(index)
                 users = tuple(sorted({p.process.user for p in live if not p.process.vanished}))
@@ -262,14 +282,29 @@ class Fleet:
                         >= t[THRESHOLD_HELD_MEMORY])
                 utilization = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
                 inactive = utilization < t[THRESHOLD_IDLE_UTILIZATION]
-                if held and inactive and inactive_long_enough:
+                holder = next((b.user for b in self.bookings
+                               if b.shares_gpus(host, (index,)) and b.active(now_at)), None)
+                if booked is not None and holder in users:
+                    state = "busy"
+                elif booked is not None:
+                    state = "reserved"
+                elif held and inactive and inactive_long_enough:
                     state = "idle"
                 elif held:
                     state = "busy"
                 else:
                     state = "free"
-                expected.append(ExpectedGpu(host, name, state, users, gpu.name))
+                expected.append(ExpectedGpu(host, name, state, users, gpu.name, booked))
         return expected
+
+    def booking(self, host: str, gpu: int, now: float) -> str | None:
+        """The active booking of a GPU in words, as the rules write it, or None."""
+        at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+        for b in self.bookings:
+            if b.shares_gpus(host, (gpu,)) and b.active(at):
+                note = f" ({b.comment})" if b.comment else ""
+                return f"{b.user} until {reservations.short(b.until)}{note}"
+        return None
 
     def expected_processes(self, at: float | None = None) -> list[ExpectedProcess]:
         """The processes the exporters report at `at`: what NVML lists, less those that exit

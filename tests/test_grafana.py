@@ -9,6 +9,7 @@ every simulated GPU in the state and with the users its scenario says.
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import os
@@ -35,6 +36,7 @@ from gpuwatch.dashboards import (
 )
 from gpuwatch.dashboards import grafana_values as grafana_builtins
 from gpuwatch.dashboards import resolve_variables as resolve_with
+from gpuwatch.reservations import Reservation
 from prom_harness import (
     REPO,
     THRESHOLD_IDLE_DURATION,
@@ -470,12 +472,21 @@ FLEET_NODES = [
 ]
 
 
+def fleet_bookings() -> list[Reservation]:
+    """A free GPU of srv-01 booked for frank, and a GPU carol works on booked for her."""
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return [Reservation("srv-01", (4,), "frank", now + dt.timedelta(days=2),
+                        comment="camera-ready"),
+            Reservation("srv-01", (0,), "carol", now + dt.timedelta(days=1))]
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     # The idle duration is 0 so erin's held-but-unused GPU is idle at once; every other
     # threshold is the rules' own.
     with Fleet(FLEET_NODES, tmp_path_factory.mktemp("fleet"),
-               thresholds={THRESHOLD_IDLE_DURATION: 0}) as running:
+               thresholds={THRESHOLD_IDLE_DURATION: 0},
+               bookings=fleet_bookings()) as running:
         running.wait_for_rules()
         yield running
 
@@ -529,13 +540,18 @@ def test_grid_shows_every_gpu_in_its_state_with_its_users(fleet: Fleet) -> None:
         shown = apply_mappings(mappings, labels["cell"])
         assert shown is not None, f"{where}: no colour for {labels['cell']!r}"
         assert shown["color"] == states.BY_NAME[e.state].colour, where
+        assert labels.get("reservation") == e.reservation, where
+        if e.state == states.RESERVED.name:  # who booked it, until when, why
+            assert shown["text"] == f"reserved: {e.reservation}", where
+            continue
         for user in e.users:
             assert user in shown["text"], f"{where}: the cell names {user}"
         if e.state != "busy" or not e.users:
             assert e.state in shown["text"], f"{where}: the cell says {e.state}"
-    produced = {s.name for s in states.ALL} - {states.RESERVED.name}
-    assert {e.state for e in expected} == produced, \
+    assert {e.state for e in expected} == {s.name for s in states.ALL}, \
         "the simulated fleet shows every state the rules produce"
+    assert any(e.state == states.BUSY.name and e.reservation for e in expected), \
+        "a booked GPU its holder uses is busy"
 
 
 def test_state_history_names_the_states_the_grid_shows(fleet: Fleet) -> None:
