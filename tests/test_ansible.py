@@ -2,21 +2,24 @@
 site.yml against this machine (connection: local) with every path redirected into a temporary
 directory, then a second run that must change nothing.
 
-The run deploys the exporter and Prometheus roles completely and the Grafana role's
-configuration (Grafana itself cannot be installed here). Services are not started (systemd is not
-PID 1 here); instead the test starts the exporter with the unit's own ExecStart= (as the service
-user where the venv's interpreter lets it), scrapes it over TLS with basic auth, and points a real
-Prometheus with the rendered prometheus.yml at it. Nothing leaves 127.0.0.1: the wheels come
+The run deploys the exporter, Prometheus and reservations roles completely and the Grafana
+role's configuration (Grafana itself cannot be installed here). Services are not started (systemd
+is not PID 1 here); instead the test starts the exporter and the reservations endpoint with their
+units' own ExecStart= (as unprivileged users where the venv's interpreter lets it), scrapes the
+exporter over TLS with basic auth, books a GPU as a member of the booking group, and points a real
+Prometheus with the rendered prometheus.yml at both. Nothing leaves 127.0.0.1: the wheels come
 from a wheelhouse prepared before the run, and the playbook runs in a network namespace without
 network where the machine allows one.
 
 Only the system-wide parts touch the machine: the exporter's system user and group (created once,
-harmless) and apt, which the run never calls because the packages it needs are already there.
+harmless; the group is also the booking group here) and apt, which the run never calls because the
+packages it needs are already there.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import grp
 import json
@@ -33,10 +36,12 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -173,6 +178,8 @@ def test_role_defaults_match_the_exporter() -> None:
         exporter_main.DEFAULT_PORT
     assert load("gpuwatch_exporter/vars/main.yml")["_gpuwatch_exporter_collectors"] == \
         [c.name for c in exporter_main.COLLECTORS]
+    assert load("gpuwatch_reservations/defaults/main.yml")[
+        "gpuwatch_reservations_web_listen_address"] == exporter_main.RESERVATIONS_LISTEN_ADDRESS
 
 
 # --- a real deployment to this machine ---------------------------------------------------------
@@ -182,6 +189,7 @@ class Deployment:
     root: Path
     source: Path
     port: int
+    reservations_port: int
     password: str
     cert: Path
     unit: Path
@@ -200,6 +208,14 @@ class Deployment:
     @property
     def prometheus_dir(self) -> Path:
         return self.root / "etc/prometheus"
+
+    @property
+    def reservations_file(self) -> Path:
+        return self.root / "var/lib/gpuwatch/reservations/reservations.yml"
+
+    @property
+    def reservations_unit(self) -> Path:
+        return self.root / "etc/systemd/system/gpuwatch-reservations.service"
 
 
 def _readable_by_others(path: Path) -> bool:
@@ -325,6 +341,7 @@ def deployment() -> Iterator[Deployment]:
         password_file.write_text(password)
         import bcrypt
         port = _free_port()
+        reservations_port = _free_port()
 
         inventory = {"all": {
             "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
@@ -354,10 +371,21 @@ def deployment() -> Iterator[Deployment]:
             "gpuwatch_prometheus_packages": ["prometheus"] if _dpkg_installed("prometheus") else [],
             "gpuwatch_prometheus_config_dir": str(etc / "prometheus"),
             "gpuwatch_prometheus_defaults_file": str(etc / "default/prometheus"),
-            "gpuwatch_prometheus_scrape_config_overrides": {"gpuwatch": {
-                "tls_config": {"ca_file": str(cert)},
-                "basic_auth": {"username": SCRAPE_USER, "password_file": str(password_file)}}},
+            "gpuwatch_prometheus_scrape_config_overrides": {
+                "gpuwatch": {
+                    "tls_config": {"ca_file": str(cert)},
+                    "basic_auth": {"username": SCRAPE_USER, "password_file": str(password_file)}},
+                "gpuwatch-reservations": {
+                    "static_configs": [{"targets": [f"127.0.0.1:{reservations_port}"]}]}},
             "gpuwatch_prometheus_external_labels": {"site": "ci"},
+            # reservations; the booking group is the exporter's, so no other group is created
+            "gpuwatch_reservations_file":
+                str(root / "var/lib/gpuwatch/reservations/reservations.yml"),
+            "gpuwatch_reservations_booking_group": EXPORTER_GROUP,
+            "gpuwatch_reservations_web_listen_address": f"127.0.0.1:{reservations_port}",
+            "gpuwatch_reservations_profile_script": str(etc / "profile.d/gpuwatch.sh"),
+            "gpuwatch_reservations_command_link": str(root / "usr/local/bin/gpuwatch"),
+            "gpuwatch_reservations_systemd_unit_dir": str(etc / "systemd/system"),
             # grafana (configuration only)
             "gpuwatch_grafana_source_dir": str(source / "grafana"),
             "gpuwatch_grafana_admin_password": "test-only-" + password,
@@ -371,10 +399,12 @@ def deployment() -> Iterator[Deployment]:
             # PID 1: the roles' own detection says no here, these extra vars say it everywhere.
             "_gpuwatch_exporter_systemd_running": False,
             "_gpuwatch_prometheus_systemd_running": False,
+            "_gpuwatch_reservations_systemd_running": False,
             "_gpuwatch_grafana_systemd_running": False,
         }
-        for directory in ("systemd/system", "default", "grafana"):
+        for directory in ("systemd/system", "default", "grafana", "profile.d"):
             (etc / directory).mkdir(parents=True, exist_ok=True)
+        (root / "usr/local/bin").mkdir(parents=True)
         (root / "inventory.yml").write_text(yaml.safe_dump(inventory))
         (root / "vars.yml").write_text(yaml.safe_dump(variables))
 
@@ -384,7 +414,8 @@ def deployment() -> Iterator[Deployment]:
         assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
         check = _playbook(root, [*SKIP_GRAFANA_INSTALL, "--check", "--diff"])
         assert check.returncode == 0, check.stdout[-6000:] + check.stderr[-3000:]
-        yield Deployment(root=root, source=source, port=port, password=password, cert=cert,
+        yield Deployment(root=root, source=source, port=port,
+                         reservations_port=reservations_port, password=password, cert=cert,
                          unit=etc / "systemd/system/gpuwatch-exporter.service",
                          runs=(first.stdout, second.stdout, check.stdout),
                          python_usable_by_others=usable_by_others)
@@ -396,8 +427,9 @@ def test_first_run_installs_everything(deployment: Deployment) -> None:
     recap = _recap(deployment.runs[0])
     assert recap["failed"] == 0 and recap["unreachable"] == 0
     assert recap["changed"] > 0
-    # The exporter and Prometheus roles say they started nothing (Grafana's run tasks are skipped).
-    assert deployment.runs[0].count("systemd is not PID 1") == 2
+    # The exporter, Prometheus and reservations roles say they started nothing (Grafana's run
+    # tasks are skipped).
+    assert deployment.runs[0].count("systemd is not PID 1") == 3
 
 
 def test_second_run_changes_nothing(deployment: Deployment) -> None:
@@ -628,8 +660,10 @@ def test_deployed_exporter_runs_as_the_service_user(deployment: Deployment, expo
     assert status == 200  # it read its root:gpuwatch-exporter 0640 configuration
 
 
-def test_prometheus_with_the_rendered_config_scrapes_the_exporter(
-        deployment: Deployment, exporter: str, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _prometheus(deployment: Deployment, tmp_path: Path) -> Iterator[Callable[[str], Any]]:
+    """A real Prometheus with the rendered prometheus.yml (scraping every second); yields a
+    function that waits for an instant query to give a result and returns it."""
     port = _free_port()
     config = deployment.prometheus_dir / "prometheus.yml"
     # The repository's 15 s scrape interval; a faster copy keeps the test short.
@@ -643,24 +677,24 @@ def test_prometheus_with_the_rendered_config_scrapes_the_exporter(
             ["prometheus", f"--config.file={fast_config}",
              f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
             stdout=out, stderr=subprocess.STDOUT)
-    try:
-        query = f"http://127.0.0.1:{port}/api/v1/query?query=up%7Bjob%3D%22gpuwatch%22%7D"
+
+    def query(expr: str) -> Any:
+        url = f"http://127.0.0.1:{port}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
         deadline = time.monotonic() + 60
-        result: list[dict[str, object]] = []
+        result: list[dict[str, Any]] = []
         while not result:
             assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
+            assert time.monotonic() < deadline, (expr, log.read_text())
             time.sleep(0.5)
             try:
-                with urllib.request.urlopen(query, timeout=5) as response:
+                with urllib.request.urlopen(url, timeout=5) as response:
                     result = json.load(response)["data"]["result"]
             except OSError:
                 continue
-        (series,) = result
-        assert series["value"][1] == "1", (series, log.read_text())
-        assert series["metric"] == {"__name__": "up", "job": "gpuwatch", "host": "localhost",
-                                    "instance": f"localhost:{deployment.port}",
-                                    "cluster": "ci", "rack": "r00"}
+        return result
+
+    try:
+        yield query
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -668,6 +702,106 @@ def test_prometheus_with_the_rendered_config_scrapes_the_exporter(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def test_prometheus_with_the_rendered_config_scrapes_the_exporter(
+        deployment: Deployment, exporter: str, tmp_path: Path) -> None:
+    with _prometheus(deployment, tmp_path) as query:
+        (series,) = query('up{job="gpuwatch"}')
+        assert series["value"][1] == "1", series
+        assert series["metric"] == {"__name__": "up", "job": "gpuwatch", "host": "localhost",
+                                    "instance": f"localhost:{deployment.port}",
+                                    "cluster": "ci", "rack": "r00"}
+
+
+# --- the deployed reservations: the file, the endpoint, a booking ------------------------------
+
+def test_the_reservations_file_waits_in_a_directory_the_booking_group_may_write(
+        deployment: Deployment) -> None:
+    from gpuwatch import reservations
+
+    directory = deployment.reservations_file.parent
+    st = directory.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o2775  # setgid, not sticky: bookers replace the file
+    assert (st.st_uid, grp.getgrgid(st.st_gid).gr_name) == (0, EXPORTER_GROUP)
+    assert stat.S_IMODE(deployment.reservations_file.stat().st_mode) == 0o644
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert reservations.load(deployment.reservations_file, now) == []
+    profile = (deployment.root / "etc/profile.d/gpuwatch.sh").read_text()
+    assert f"export GPUWATCH_RESERVATIONS={deployment.reservations_file}" in profile
+    link = deployment.root / "usr/local/bin/gpuwatch"
+    assert link.is_symlink() and link.resolve() == (deployment.venv / "bin/gpuwatch").resolve()
+
+
+def test_reservations_unit_passes_systemd_analyze_verify_and_exposes_little(
+        deployment: Deployment) -> None:
+    unit = deployment.reservations_unit
+    result = subprocess.run([_systemd_analyze(), "verify", "--man=no", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), \
+        result.stdout + result.stderr
+    # It needs no GPU, no other process and no identity: it may expose less than the exporter.
+    result = subprocess.run(
+        [_systemd_analyze(), "security", "--offline=yes", "--threshold=15", "--no-pager",
+         str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    service = _unit(unit)["Service"]
+    assert service["DynamicUser"] == ["yes"] and service["PrivateDevices"] == ["yes"]
+    (command,) = service["ExecStart"]
+    assert command.split()[1:] == [
+        "--collector.disable-defaults", f"--reservations.file={deployment.reservations_file}",
+        f"--web.listen-address=127.0.0.1:{deployment.reservations_port}", "--log.level=info"]
+
+
+def _as_nobody(command: list[str], groups: str = "") -> list[str]:
+    """The command as an unprivileged user (and, with `groups`, in those groups)."""
+    user = pwd.getpwnam("nobody")
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+            f"--groups={groups}" if groups else "--clear-groups", *command]
+
+
+def test_a_booking_by_a_member_of_the_booking_group_reaches_prometheus(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """A person in the booking group books with the deployed gpuwatch; the endpoint, started
+    with its unit's command line as another unprivileged user, serves it to Prometheus."""
+    if not deployment.python_usable_by_others:
+        pytest.skip("this machine's Python for venvs lives where other users cannot run it")
+    group = str(grp.getgrnam(EXPORTER_GROUP).gr_gid)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/nonexistent"}
+    booked = subprocess.run(
+        _as_nobody([str(deployment.root / "usr/local/bin/gpuwatch"), "reserve", "localhost:1",
+                    "--user", "alice", "--until", "+2d", "--comment", "deployed",
+                    "--file", str(deployment.reservations_file)], group),
+        capture_output=True, text=True, env=env, timeout=60)
+    assert booked.returncode == 0, booked.stderr
+    assert deployment.reservations_file.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    refused = subprocess.run(
+        _as_nobody([str(deployment.venv / "bin/gpuwatch"), "release", "localhost",
+                    "--file", str(deployment.reservations_file)]),
+        capture_output=True, text=True, env=env, timeout=60)
+    assert refused.returncode == 1 and "Permission denied" in refused.stderr  # not a booker
+
+    (command,) = _unit(deployment.reservations_unit)["Service"]["ExecStart"]
+    log = tmp_path / "endpoint.log"
+    with log.open("w") as out:
+        endpoint = subprocess.Popen(_as_nobody(command.split()), stdout=out,
+                                    stderr=subprocess.STDOUT, env=env)
+    try:
+        with _prometheus(deployment, tmp_path) as query:
+            (up,) = query('up{job="gpuwatch-reservations"} == 1')
+            assert up["metric"]["instance"] == f"127.0.0.1:{deployment.reservations_port}"
+            (series,) = query("nvidia_gpu_reservation_end_timestamp_seconds")
+            labels = series["metric"]
+            assert (labels["reserved_host"], labels["gpu"], labels["user"], labels["comment"]) \
+                == ("localhost", "1", "alice", "deployed"), log.read_text()
+    finally:
+        endpoint.send_signal(signal.SIGTERM)
+        try:
+            endpoint.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            endpoint.kill()
+            endpoint.wait()
+    assert "nvml" not in log.read_text().lower()
 
 
 # --- preflight ---------------------------------------------------------------------------------
