@@ -177,6 +177,7 @@ def test_no_file_is_no_bookings_and_an_empty_one_too(tmp_path: Path) -> None:
     ("{host: n1, gpus: [0], user: a}", "until is missing"),
     ("{host: n1, gpus: [0], until: 2027-05-31}", "user is missing"),
     ("{host: 'n 1', gpus: [0], user: a, until: 2027-05-31}", "host must be a host name"),
+    ("{host: n1, gpus: [0], user: 'a b', until: 2027-05-31}", "user must be a user name"),
     ("{host: n1, gpus: [0], user: a, until: 2027-05-31, by: me}", "unknown key 'by'"),
     ("{host: n1, gpus: [0], user: a, until: 2027-05-31, from: 2027-06-01}",
      "from (2027-06-01T00:00:00+00:00) is not before until"),

@@ -217,7 +217,8 @@ class Reservation:
     user: str
     until: dt.datetime
     start: dt.datetime | None = None
-    """When the booking starts counting (`from` in the file); None: since it was made."""
+    """When the booking starts counting (`from` in the file); None: it counts until its end
+    (`gpuwatch reserve` writes when it was made)."""
     comment: str = ""
 
     def active(self, now: dt.datetime) -> bool:
@@ -276,8 +277,10 @@ def _entry(raw: Any, where: str, tz: dt.tzinfo | None) -> Reservation:
     host, user = raw["host"], raw["user"]
     if not isinstance(host, str) or not host.strip() or any(c.isspace() for c in host):
         raise ReservationError(f"{where}: host must be a host name, got {host!r}")
-    if not isinstance(user, (str, int)) or not str(user).strip():
-        raise ReservationError(f"{where}: user must be a name, got {user!r}")
+    if not isinstance(user, (str, int)) or not str(user).strip() or \
+            any(c.isspace() for c in str(user).strip()):
+        raise ReservationError(f"{where}: user must be a user name, without spaces, got "
+                               f"{user!r}")
     gpus_raw = raw.get("gpus")
     try:
         if gpus_raw is None:
