@@ -61,8 +61,18 @@ def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
         grid = "".join(seen)
         for host, _ in demo.NODES:
             assert re.search(rf"^{re.escape(host)} ", grid, re.MULTILINE), host
-        assert "frank until " in grid  # the booking it starts with
 
+        def wait_for_line(pattern: re.Pattern[str]) -> None:
+            deadline = time.monotonic() + WAIT
+            while not any(pattern.match(line) for line in seen):
+                assert time.monotonic() < deadline, "".join(seen)
+                try:
+                    seen.append(lines.get(timeout=1))
+                except queue.Empty:
+                    assert process.poll() is None, "".join(seen)
+
+        # the booking it starts with (the endpoint may be scraped after the first grid)
+        wait_for_line(re.compile(r"^\s+\d+\s+reserved\s.* frank until "))
         # the booking command it prints, run as printed
         (command,) = [line.split(": ", 1)[1] for line in seen if line.startswith("book a GPU: ")]
         target, until, comment = demo.TRY
@@ -71,14 +81,8 @@ def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
                                 timeout=60)
         assert booked.returncode == 0, booked.stderr
         index = target.split(":")[1]
-        shown = re.compile(rf"^\s+{index}\s+reserved\s.*until .* \({re.escape(comment)}\)$")
-        deadline = time.monotonic() + WAIT
-        while not any(shown.match(line) for line in seen):
-            assert time.monotonic() < deadline, "".join(seen)
-            try:
-                seen.append(lines.get(timeout=1))
-            except queue.Empty:
-                assert process.poll() is None, "".join(seen)
+        wait_for_line(re.compile(rf"^\s+{index}\s+reserved\s.*until .* "
+                                 rf"\({re.escape(comment)}\)$"))
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
         reader.join(timeout=10)
