@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__, reservations, states
+from .argtypes import positive_float, positive_int
 from .fleet import FleetError, GpuStatus, gpus_of_host, local_names, pick, read_fleet
 from .promapi import DEFAULT_TIMEOUT, Prometheus, PrometheusError
 from .reservations import Reservation, ReservationError
@@ -155,7 +156,7 @@ def duration(seconds: float) -> str:
 # -- pick --------------------------------------------------------------------------------------
 
 def _pick_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("count", type=_positive_int, metavar="N", help="how many GPUs")
+    p.add_argument("count", type=positive_int, metavar="N", help="how many GPUs")
     p.add_argument("--host", metavar="NAME",
                    help="the host (its host label, or its target HOST:PORT); default: this "
                    "machine, by its host names")
@@ -169,26 +170,6 @@ def _pick(args: argparse.Namespace, out: TextIO) -> int:
     chosen = pick(gpus_of_host(fleet, names), args.count, args.user or getpass.getuser())
     out.write(",".join(map(str, chosen)) + "\n")
     return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-    return value
 
 
 # -- reserve, release, reservations ------------------------------------------------------------
@@ -439,7 +420,7 @@ def _common_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
                    default=default(os.environ.get(ENV_PROMETHEUS) or DEFAULT_PROMETHEUS),
                    help=f"the Prometheus to ask (default: ${ENV_PROMETHEUS}, else "
                    f"{DEFAULT_PROMETHEUS})")
-    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_float, metavar="SECONDS",
                    default=default(DEFAULT_TIMEOUT),
                    help=f"how long to wait for Prometheus (default {DEFAULT_TIMEOUT:g})")
 

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector as OwnProcessCollector
 
 from . import __version__
+from .argtypes import non_negative_int, positive_float
 from .collectors import Collector
 from .collectors.gpu import GpuCollector
 from .collectors.process import ProcessCollector, ProcessOptions
@@ -102,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process.pid", dest="process_pid", action=argparse.BooleanOptionalAction,
                    default=True, help="a pid label on per-process series (default on); off "
                    "sums processes of one user and command")
-    p.add_argument("--process.max-per-gpu", dest="process_max", type=_non_negative, default=64,
+    p.add_argument("--process.max-per-gpu", dest="process_max", type=non_negative_int, default=64,
                    metavar="N", help="per-process series per GPU, largest memory first "
                    "(default %(default)s); the rest are counted in "
                    "nvidia_gpu_process_series_dropped_total")
-    p.add_argument("--collection.timeout", dest="timeout", type=_positive_float,
+    p.add_argument("--collection.timeout", dest="timeout", type=positive_float,
                    default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="longest a collection may take before it is reported as failed "
                    "(default %(default)s)")
@@ -117,26 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "(workstation, server, lost-gpu) or a scenario YAML file")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-    return value
 
 
 def enabled(args: argparse.Namespace, entry: CollectorEntry) -> bool:
