@@ -21,17 +21,24 @@ class ConfigError(ValueError):
     """A configuration file the exporter cannot start with."""
 
 
+def parse_yaml(text: str, source: object, error: type[ValueError] = ConfigError) -> Any:
+    """The YAML document in text; `error` naming the source and the line when it is not
+    YAML. The files gpuwatch reads from its users go through here."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise error(f"{source}: not valid YAML{where}: "
+                    f"{getattr(e, 'problem', None) or e}") from None
+
+
 def _load_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    data = parse_yaml(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):

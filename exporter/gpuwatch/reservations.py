@@ -38,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from .config import parse_yaml
+
 ENV_FILE = "GPUWATCH_RESERVATIONS"
 """The environment variable naming the file when --file is not given."""
 LOCK_SUFFIX = ".lock"
@@ -321,13 +323,7 @@ def parse(text: str, path: Path | str, now: dt.datetime,
           tz: dt.tzinfo | None = None) -> list[Reservation]:
     """The bookings of a file's text; ReservationError naming `path` for the first problem,
     including two bookings of the same GPU at the same time (expired ones aside)."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ReservationError(f"{path}: not valid YAML{line}: "
-                               f"{getattr(e, 'problem', None) or e}") from None
+    doc = parse_yaml(text, path, ReservationError)
     if doc is None:
         return []
     if not isinstance(doc, dict) or set(doc) - {"reservations"}:

@@ -23,9 +23,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import psutil
-import yaml
 
 from . import nvml as N
+from .config import parse_yaml
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -155,13 +155,7 @@ def load_scenario(name_or_path: str) -> Scenario:
 
 
 def parse_scenario(text: str, source: str) -> Scenario:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ScenarioError(f"{source}: not valid YAML{where}: "
-                            f"{getattr(e, 'problem', e)}") from e
+    data = parse_yaml(text, source, ScenarioError)
     r = _Reader(source)
     top = r.mapping(data, "")
     defaults = r.mapping(top.get("gpu_defaults") or {}, "gpu_defaults")
