@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTHON3 ?= python3
 
-.PHONY: test lint demo bench prometheus systemd-analyze clean
+.PHONY: test lint demo bench bench-fleet prometheus systemd-analyze victoria-metrics clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON3) -m venv $(VENV)
@@ -18,11 +18,14 @@ prometheus:
 systemd-analyze:
 	@scripts/ensure-systemd-analyze
 
+victoria-metrics:
+	@scripts/ensure-victoria-metrics
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check exporter tests
 	$(VENV)/bin/mypy
 
-test: $(STAMP) prometheus systemd-analyze lint
+test: $(STAMP) prometheus systemd-analyze victoria-metrics lint
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP) prometheus
@@ -30,6 +33,9 @@ demo: $(STAMP) prometheus
 
 bench: $(STAMP)
 	$(PY) -m gpuwatch.bench
+
+bench-fleet: $(STAMP) prometheus
+	$(PY) -m gpuwatch.bench_fleet
 
 clean:
 	rm -rf $(VENV) .demo .bench build dist exporter/*.egg-info
