@@ -66,6 +66,15 @@ USER_SERIES = (metrics.USER_MEMORY.name, metrics.USER_PROCESSES.name)
 PER_TARGET_SERIES = ("up", "scrape_duration_seconds", "scrape_samples_scraped",
                      "scrape_samples_post_metric_relabeling", "scrape_series_added")
 """What Prometheus records for every scrape itself."""
+CHURN_GPUS = 1_000
+CHURN_JOB_SECONDS = 60.0
+"""Every process slot of the churn runs starts a new job (a new pid) every minute."""
+CHURN_JOBS_PER_DAY = (10_000, 100_000, 1_000_000)
+CHURN_VARIANTS = (("pid label on (default)", ()),
+                  ("--no-process.pid", ("--no-process.pid",)))
+HEAD_HOURS = 2.5
+"""About how long a series that ended stays in Prometheus' head (and its memory): until the
+head compaction that follows the next 2-hour block boundary, 2 to 3 hours."""
 GRID_PANEL_TITLE = "Availability grid"
 GRID_DASHBOARD = "gpuwatch-fleet"
 
@@ -87,7 +96,10 @@ class Settings:
 
 
 FULL = Settings(interval=15.0, evaluations=4, repeats=3, range_seconds=3600,
-                ready_seconds=240.0, simulator_cache_seconds=0.0)
+                ready_seconds=240.0, simulator_cache_seconds=60.0)
+"""A node's answer serves the scrapes of a minute (values move once a minute, the series,
+labels and bytes are the exporter's): collecting 1,250 nodes every 15 s would take one of
+the machine's two cores from Prometheus, whose figures these are."""
 QUICK = Settings(interval=1.0, evaluations=2, repeats=1, range_seconds=60, ready_seconds=60.0,
                  simulator_cache_seconds=0.0)
 
@@ -204,6 +216,9 @@ class Figures:
     status_json_seconds: float = 0.0
     status_gpus: int = 0
     samples_per_scrape: float = 0.0
+    prometheus_uptime_seconds: float = 0.0
+    """When the rule groups were watched: their cost grows with the samples in each series'
+    head chunk (up to 120: 30 minutes at 15 s), so a young Prometheus reads less."""
 
     @property
     def series_per_gpu(self) -> float:
@@ -218,6 +233,20 @@ class Figures:
 
     def per_gpu(self, kind: str) -> float:
         return self.series_by_kind.get(kind, 0) / self.gpus
+
+
+@dataclass
+class Churn:
+    gpus: int
+    job_seconds: float
+    flags: str
+    jobs: float
+    """Jobs started during the window (every process slot starts one per job_seconds)."""
+    series_created: float
+
+    @property
+    def series_per_job(self) -> float:
+        return self.series_created / self.jobs
 
 
 def classify(name: str) -> str:
@@ -242,9 +271,13 @@ class FleetRun:
     """The simulator and Prometheus for one fleet size, in `workdir`; stopped by close()."""
 
     def __init__(self, gpus: int, workdir: Path, settings: Settings,
-                 log: Callable[[str], None]) -> None:
-        self.spec = fleetsim.FleetSpec(gpus, GPUS_PER_NODE, PROCESSES_PER_GPU)
+                 log: Callable[[str], None], source: Path = localstack.SOURCE_DIR,
+                 job_seconds: float = 0.0, exporter_flags: Sequence[str] = ()) -> None:
+        self.spec = fleetsim.FleetSpec(gpus, GPUS_PER_NODE, PROCESSES_PER_GPU,
+                                       job_seconds=job_seconds)
+        self.exporter_flags = list(exporter_flags)
         self.workdir = workdir
+        self.source = source
         self.settings = settings
         self.log = log
         self.stack = ExitStack()
@@ -273,7 +306,9 @@ class FleetRun:
              f"--gpus-per-node={self.spec.gpus_per_node}",
              f"--processes={self.spec.processes_per_gpu}", f"--port={port}",
              f"--targets-file={targets / 'fleet.yml'}",
-             f"--cache-seconds={self.settings.simulator_cache_seconds:g}", "--log.level=warn"],
+             f"--cache-seconds={self.settings.simulator_cache_seconds:g}",
+             f"--job-seconds={self.spec.job_seconds:g}",
+             *(f"--exporter-flag={flag}" for flag in self.exporter_flags), "--log.level=warn"],
             f"http://{first}:{port}/-/healthy", self.workdir / "fleetsim.log")
         simulator.start(timeout=120)
         self.stack.callback(simulator.stop)
@@ -281,7 +316,8 @@ class FleetRun:
         every = f"{self.settings.interval:g}s"
         overrides = localstack.Overrides() if self.settings.interval == FULL.interval else \
             localstack.Overrides(scrape_interval=every, evaluation_interval=every)
-        config = localstack.render_config(self.workdir / "prometheus", targets, overrides)
+        config = localstack.render_config(self.workdir / "prometheus", targets, overrides,
+                                          source=self.source)
         prometheus_port = localstack.free_port()
         prometheus = localstack.prometheus(config, self.workdir / "data", prometheus_port,
                                            self.workdir / "prometheus.log")
@@ -336,6 +372,8 @@ class FleetRun:
         figures.rss_bytes = _one(after, "process_resident_memory_bytes")
         figures.heap_bytes = _one(after, "go_memstats_heap_inuse_bytes")
         figures.head_series = _one(after, "prometheus_tsdb_head_series")
+        figures.prometheus_uptime_seconds = time.time() - _one(after,
+                                                               "process_start_time_seconds")
         figures.rule_iterations_missed = sum(
             v for _, v in after.get("prometheus_rule_group_iterations_missed_total", []))
         figures.scrape_interval_p99 = max(
@@ -364,6 +402,17 @@ class FleetRun:
         out = self.status_output(["--json"])
         figures.status_gpus = len(json.loads(out))
         return figures
+
+    def measure_churn(self, window: float) -> Churn:
+        """Series Prometheus creates per job started, over `window` seconds."""
+        p = self.prometheus
+        created = "prometheus_tsdb_head_series_created_total"
+        before, t0 = _one(p.own_metrics(), created), time.monotonic()
+        time.sleep(window)
+        after, t1 = _one(p.own_metrics(), created), time.monotonic()
+        jobs = self.spec.gpus * self.spec.processes_per_gpu * (t1 - t0) / self.spec.job_seconds
+        return Churn(self.spec.gpus, self.spec.job_seconds, " ".join(self.exporter_flags),
+                     jobs, after - before)
 
     def dashboard_queries(self) -> Iterator[QueryTime]:
         p, s = self.prometheus, self.settings
@@ -434,9 +483,11 @@ def report_size(f: Figures, out: Callable[[str], None]) -> None:
         f"{f.simulator_cores:.2f} (simulator RSS {_mib(f.simulator_rss_bytes)})")
     out(f"  scrape duration             median {_ms(f.scrape_seconds['median'])}, p99 "
         f"{_ms(f.scrape_seconds['p99'])}, max {_ms(f.scrape_seconds['max'])}; interval p99 "
-        f"{f.scrape_interval_p99:.2f} s")
+        f"{f.scrape_interval_p99:.2f} s (the simulator's answers; an exporter's own "
+        "collection time: make bench)")
     out(f"  rule groups (longest evaluation seen; iterations missed: "
-        f"{f.rule_iterations_missed:.0f})")
+        f"{f.rule_iterations_missed:.0f}; Prometheus up {f.prometheus_uptime_seconds / 60:.0f} "
+        "min)")
     for group, seconds in sorted(f.rule_groups.items()):
         out(f"    {group:<26}  {_ms(seconds)}")
         slow = sorted(f.rules.get(group, {}).items(), key=lambda kv: -kv[1])
@@ -449,6 +500,22 @@ def report_size(f: Figures, out: Callable[[str], None]) -> None:
     for q in f.queries:
         title = f"{q.dashboard.removeprefix('gpuwatch-')}: {q.panel} {q.ref}"
         out(f"    {title[:62]:<62} {q.kind:<7} {_ms(q.seconds):>10} {q.series:>8,}")
+
+
+def report_churn(runs: Sequence[Churn], bytes_per_series: float,
+                 out: Callable[[str], None]) -> None:
+    out(f"\nProcess churn ({CHURN_GPUS:,} GPUs, {PROCESSES_PER_GPU} processes per GPU, a new "
+        f"job every {CHURN_JOB_SECONDS:g} s per process):")
+    for run in runs:
+        label = next(name for name, flags in CHURN_VARIANTS if " ".join(flags) == run.flags)
+        per_day = ", ".join(f"{n:,} jobs/day: {n * run.series_per_job:,.0f} series/day"
+                            for n in CHURN_JOBS_PER_DAY)
+        out(f"  {label:<24} {run.series_per_job:.2f} new series per job "
+            f"({run.series_created:,.0f} for {run.jobs:,.0f} jobs); {per_day}")
+        if bytes_per_series:
+            held = CHURN_JOBS_PER_DAY[1] / 24 * HEAD_HOURS * run.series_per_job
+            out(f"  {'':<24} at {CHURN_JOBS_PER_DAY[1]:,} jobs/day about {held:,.0f} ended "
+                f"series wait in the head ({HEAD_HOURS:g} h), {_mib(held * bytes_per_series)}")
 
 
 def summary(results: Sequence[Figures], settings: Settings, out: Callable[[str], None]) -> None:
@@ -495,9 +562,14 @@ def arg_parser() -> argparse.ArgumentParser:
                    help="fleet sizes in GPUs, comma-separated (default %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: one fleet of 16 GPUs, 1 s intervals, one run per query")
+    p.add_argument("--no-churn", dest="churn", action="store_false",
+                   help="leave out the process churn runs")
     p.add_argument("--simulator-cache", type=float, metavar="SECONDS",
                    help="how long a simulated node's answer serves later scrapes (the "
                    "simulator's --cache-seconds; default %(default)s)")
+    p.add_argument("--prometheus-dir", type=Path, default=localstack.SOURCE_DIR,
+                   metavar="DIR", help="the prometheus/ directory to run (prometheus.yml, "
+                   "rules/), to compare a change of the rules (default: this checkout's)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     p.add_argument("--keep", type=Path, metavar="DIR",
                    help="keep configuration, data and logs under DIR (default: a temporary "
@@ -531,14 +603,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs, {localstack.prometheus_binary()}; scrape and evaluation "
         f"every {settings.interval:g} s")
     base = args.keep or Path(tempfile.mkdtemp(prefix="gpuwatch-bench-fleet-"))
-    results = []
+    results: list[Figures] = []
+    churn: list[Churn] = []
     try:
         for gpus in sizes:
             began = time.monotonic()
             workdir = base / f"gpus-{gpus}"
             if workdir.exists():
                 shutil.rmtree(workdir)
-            with FleetRun(gpus, workdir, settings, out) as run:
+            with FleetRun(gpus, workdir, settings, out, args.prometheus_dir) as run:
                 run.wait_ready()
                 figures = run.measure()
             results.append(figures)
@@ -546,12 +619,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             out(f"  ({time.monotonic() - began:.0f} s for this size; load average "
                 f"{os.getloadavg()[0]:.1f} at the end, this benchmark's own processes "
                 "included)")
+        if args.churn and not args.quick:
+            # every scrape collects: a cached answer could skip a job altogether
+            uncached = replace(settings, simulator_cache_seconds=0.0)
+            for name, flags in CHURN_VARIANTS:
+                workdir = base / f"churn-{len(churn)}"
+                with FleetRun(CHURN_GPUS, workdir, uncached, out, args.prometheus_dir,
+                              CHURN_JOB_SECONDS, flags) as run:
+                    run.wait_ready()
+                    churn.append(run.measure_churn(4 * settings.interval))
+                out(f"  (churn run {name}: done)")
     except (BenchError, localstack.LocalStackError, fleetsim.FleetSimError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     finally:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)
+    if churn:
+        largest = max(results, key=lambda f: f.gpus, default=None)
+        report_churn(churn, largest.rss_bytes / largest.head_series if largest else 0.0, out)
     summary(results, settings, out)
     if args.json:
         args.json.write_text(json.dumps([asdict(f) | {"series_per_gpu": f.series_per_gpu}
