@@ -46,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from .argtypes import non_negative_int, positive_int
 from .exporter_main import build_collectors, build_parser, build_registry, simulated_sources
 from .nvml import Nvml
 from .scrape import Exporter
@@ -457,18 +458,18 @@ def build_fleet(spec: FleetSpec, base_address: str = DEFAULT_BASE_ADDRESS,
 def arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0] if __doc__
                                 else None)
-    p.add_argument("--gpus", type=_positive_int, default=80, help="GPUs in the fleet "
+    p.add_argument("--gpus", type=positive_int, default=80, help="GPUs in the fleet "
                    "(default %(default)s)")
-    p.add_argument("--gpus-per-node", type=_positive_int, default=8,
+    p.add_argument("--gpus-per-node", type=positive_int, default=8,
                    help="GPUs per node; the last node takes the rest (default %(default)s)")
-    p.add_argument("--processes", type=_non_negative_int, default=2,
+    p.add_argument("--processes", type=non_negative_int, default=2,
                    help="processes per GPU (default %(default)s)")
-    p.add_argument("--users", type=_positive_int, default=64,
+    p.add_argument("--users", type=positive_int, default=64,
                    help="distinct users across the fleet (default %(default)s)")
     p.add_argument("--job-seconds", type=float, default=0.0, metavar="SECONDS",
                    help="churn: each process slot runs jobs this long back to back, each a "
                    "new pid; 0 runs processes for ever (default %(default)s)")
-    p.add_argument("--cluster-size", type=_positive_int, default=100,
+    p.add_argument("--cluster-size", type=positive_int, default=100,
                    help="nodes per cluster label (default %(default)s)")
     p.add_argument("--base-address", default=DEFAULT_BASE_ADDRESS,
                    help="the first node's address; node n listens on base + n, all within "
@@ -487,23 +488,6 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--log.level", dest="log_level", default="info",
                    choices=("debug", "info", "warn", "error"))
     return p
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
