@@ -95,7 +95,7 @@ class Settings:
     """The simulator's --cache-seconds: how long a node's answer serves later scrapes."""
 
 
-FULL = Settings(interval=15.0, evaluations=4, repeats=3, range_seconds=3600,
+FULL = Settings(interval=15.0, evaluations=6, repeats=3, range_seconds=3600,
                 ready_seconds=240.0, simulator_cache_seconds=60.0)
 """A node's answer serves the scrapes of a minute (values move once a minute, the series,
 labels and bytes are the exporter's): collecting 1,250 nodes every 15 s would take one of
@@ -205,10 +205,20 @@ class Figures:
     scrape_seconds: dict[str, float] = field(default_factory=dict)
     """median, p99, max over the targets."""
     scrape_interval_p99: float = 0.0
-    rule_groups: dict[str, float] = field(default_factory=dict)
-    """group -> the longest evaluation seen, seconds."""
-    rules: dict[str, dict[str, float]] = field(default_factory=dict)
-    """group -> rule -> the longest evaluation seen (/api/v1/rules), seconds."""
+    group_evaluations: dict[str, list[float]] = field(default_factory=dict)
+    """group -> the seconds each evaluation watched took (/api/v1/rules)."""
+    rule_evaluations: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """group -> rule -> the seconds of the rule in each evaluation of its group."""
+
+    @property
+    def rule_groups(self) -> dict[str, float]:
+        """group -> median evaluation, seconds."""
+        return {g: statistics.median(v) for g, v in self.group_evaluations.items()}
+
+    def rules_of(self, group: str) -> dict[str, float]:
+        """rule -> median evaluation, seconds."""
+        return {r: statistics.median(v)
+                for r, v in self.rule_evaluations.get(group, {}).items()}
     rule_iterations_missed: float = 0.0
     grid_seconds: float = 0.0
     queries: list[QueryTime] = field(default_factory=list)
@@ -349,19 +359,20 @@ class FleetRun:
         processes = self.spec.gpus * self.spec.processes_per_gpu
         figures = Figures(self.spec.gpus, self.spec.nodes, processes)
         before, sim_before, t0 = p.own_metrics(), self.simulator_stats(), time.monotonic()
-        # the rule groups: the longest evaluation over a few evaluations, with no query
-        # running beside them
+        # the rule groups over several evaluations, with no query running beside them;
+        # each evaluation counted once (by when it ran)
+        seen: set[tuple[str, str]] = set()
         for _ in range(2 * s.evaluations):
             time.sleep(s.interval / 2)
-            for labels, seconds in p.own_metrics().get(
-                    "prometheus_rule_group_last_duration_seconds", []):
-                group = labels["rule_group"].rpartition(";")[2]
-                figures.rule_groups[group] = max(figures.rule_groups.get(group, 0.0), seconds)
             for g in p.api("rules")["groups"]:
-                rules = figures.rules.setdefault(g["name"], {})
+                if (g["name"], g["lastEvaluation"]) in seen:
+                    continue
+                seen.add((g["name"], g["lastEvaluation"]))
+                figures.group_evaluations.setdefault(g["name"], []).append(
+                    float(g["evaluationTime"]))
+                rules = figures.rule_evaluations.setdefault(g["name"], {})
                 for rule in g["rules"]:
-                    rules[rule["name"]] = max(rules.get(rule["name"], 0.0),
-                                              float(rule.get("evaluationTime", 0.0)))
+                    rules.setdefault(rule["name"], []).append(float(rule["evaluationTime"]))
         after, sim_after, wall = p.own_metrics(), self.simulator_stats(), \
             time.monotonic() - t0
         figures.prometheus_cores = (_one(after, "process_cpu_seconds_total")
@@ -461,8 +472,8 @@ def _ms(seconds: float) -> str:
 
 
 def report_size(f: Figures, out: Callable[[str], None]) -> None:
-    out(f"\n== {f.gpus:,} GPUs: {f.nodes:,} nodes x {GPUS_PER_NODE}, {PROCESSES_PER_GPU} "
-        f"processes per GPU ({f.processes:,} processes)")
+    out(f"\n== {f.gpus:,} GPUs: {f.nodes:,} nodes of {GPUS_PER_NODE} (the last one the rest), "
+        f"{PROCESSES_PER_GPU} processes per GPU ({f.processes:,} processes)")
     k = f.series_by_kind
     out(f"  active series (head)        {f.head_series:,.0f}")
     out(f"    served by the exporters   {k.get('exporter', 0):,}  "
@@ -485,13 +496,16 @@ def report_size(f: Figures, out: Callable[[str], None]) -> None:
         f"{_ms(f.scrape_seconds['p99'])}, max {_ms(f.scrape_seconds['max'])}; interval p99 "
         f"{f.scrape_interval_p99:.2f} s (the simulator's answers; an exporter's own "
         "collection time: make bench)")
-    out(f"  rule groups (longest evaluation seen; iterations missed: "
+    evaluations = max((len(v) for v in f.group_evaluations.values()), default=0)
+    out(f"  rule groups (median and longest of {evaluations} evaluations; iterations missed: "
         f"{f.rule_iterations_missed:.0f}; Prometheus up {f.prometheus_uptime_seconds / 60:.0f} "
         "min)")
     for group, seconds in sorted(f.rule_groups.items()):
-        out(f"    {group:<26}  {_ms(seconds)}")
-        slow = sorted(f.rules.get(group, {}).items(), key=lambda kv: -kv[1])
-        for rule, took in [kv for kv in slow if kv[1] >= 0.05 * seconds][:6]:
+        longest = max(f.group_evaluations[group])
+        out(f"    {group:<26}  {_ms(seconds):>9}  (longest {_ms(longest)})")
+        slow = sorted(f.rules_of(group).items(), key=lambda kv: -kv[1])
+        shown = [kv for kv in slow if kv[1] >= 0.05 * seconds] if seconds >= 0.01 else []
+        for rule, took in shown[:6]:
             out(f"      {rule[:56]:<56} {_ms(took):>9}")
     out(f"  grid query                  {_ms(f.grid_seconds)}")
     out(f"  gpuwatch status             {_ms(f.status_seconds)} (--json "
@@ -539,7 +553,7 @@ def summary(results: Sequence[Figures], settings: Settings, out: Callable[[str],
     out(f"\nTargets at {TARGET_GPUS:,} GPUs:")
     slowest_group = max(f.rule_groups.items(), key=lambda kv: kv[1])
     checks = (
-        (f"every rule group under {TARGET_RULE_GROUP_SECONDS:g} s (slowest "
+        (f"every rule group under {TARGET_RULE_GROUP_SECONDS:g} s (median evaluation; slowest "
          f"{slowest_group[0]}: {_ms(slowest_group[1])})",
          slowest_group[1] < TARGET_RULE_GROUP_SECONDS),
         (f"grid query under {TARGET_GRID_SECONDS:g} s ({_ms(f.grid_seconds)})",
@@ -640,7 +654,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report_churn(churn, largest.rss_bytes / largest.head_series if largest else 0.0, out)
     summary(results, settings, out)
     if args.json:
-        args.json.write_text(json.dumps([asdict(f) | {"series_per_gpu": f.series_per_gpu}
+        args.json.write_text(json.dumps([asdict(f) | {"series_per_gpu": f.series_per_gpu,
+                                                      "rule_groups": f.rule_groups}
                                          for f in results], indent=2))
     return 0
 
