@@ -54,7 +54,20 @@ def test_units_are_converted_at_the_edge(idle) -> None:
         pytest.approx(9751e6 * 0.3, rel=1e-3)
     assert idle.value("nvidia_gpu_performance_state", **labels) == 8
     assert idle.value("nvidia_gpu_clock_event_active", reason="gpu_idle", **labels) == 1
-    assert idle.value("nvidia_gpu_clock_event_active", reason="sw_power_cap", **labels) == 0
+    assert idle.value("nvidia_gpu_clock_event_active", reason="sw_power_cap", **labels) is None
+
+
+def test_a_clock_event_reason_is_served_from_its_first_activity_on() -> None:
+    now = [T0]
+    node = build("gpus:\n  - processes:\n      - {pid: 5, user: ann, period_seconds: 100, "
+                 "active_seconds: 50}\n", clock=lambda: now[0])
+    labels = dict(gpu(0, uuid_of(None, 0)), reason="gpu_idle")
+    assert node.value("nvidia_gpu_clock_event_active", **labels) is None  # busy: never idle yet
+    now[0] += 60
+    assert node.value("nvidia_gpu_clock_event_active", **labels) == 1
+    now[0] += 50
+    assert node.value("nvidia_gpu_clock_event_active", **labels) == 0  # busy again: still there
+    node.close()
 
 
 def test_info_carries_the_descriptive_labels(idle) -> None:

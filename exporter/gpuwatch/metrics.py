@@ -102,8 +102,9 @@ CLOCK = _gauge("nvidia_gpu_clock_hertz", "Current clock frequency in hertz.", la
 CLOCK_MAX = _gauge("nvidia_gpu_clock_max_hertz", "Maximum clock frequency in hertz.",
                    labels=("clock",))
 CLOCK_EVENT = _gauge("nvidia_gpu_clock_event_active",
-                     "1 while the reason is holding the clocks down (throttling), else 0; "
-                     "only reasons the device supports.", labels=("reason",))
+                     "1 while the reason is holding the clocks down (throttling), else 0; a "
+                     "reason is served from the first time it is active on the GPU.",
+                     labels=("reason",))
 ECC_ERRORS = _counter("nvidia_gpu_ecc_errors_total",
                       "ECC memory errors; scope volatile since the last driver load, aggregate "
                       "over the GPU's life.", labels=("type", "scope"))

@@ -52,6 +52,10 @@ class GpuCollector(Collector):
 
     def __init__(self, display_names: Mapping[str, str] | None = None) -> None:
         self._display_names = dict(display_names or {})
+        # uuid -> the clock event reasons seen active: a GPU supports nine, almost always 0,
+        # a fifth of its series; a reason is served from its first activity on, so its
+        # history and alerts work and the zeros of reasons that never happen cost nothing
+        self._seen_events: dict[str, set[str]] = {}
 
     def read_gpu(self, nvml: Nvml, device: Device) -> GpuSample:
         h = device.handle
@@ -162,8 +166,12 @@ class GpuCollector(Collector):
                 clock.add_metric(device.labels + [name], hz)
             for name, hz in sample.max_clocks_hertz.items():
                 clock_max.add_metric(device.labels + [name], hz)
+            seen = self._seen_events.setdefault(device.uuid, set())
             for reason, active in sample.clock_events.items():
-                events.add_metric(device.labels + [reason], float(active))
+                if active:
+                    seen.add(reason)
+                if reason in seen:
+                    events.add_metric(device.labels + [reason], float(active))
             for (error_type, scope), count in sample.ecc_errors.items():
                 ecc.add_metric(device.labels + [error_type, scope], count)
         yield from (clock, clock_max, events, ecc)
