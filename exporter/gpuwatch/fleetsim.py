@@ -44,8 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from . import localstack
 from .argtypes import non_negative_int, positive_int
 from .exporter_main import build_collectors, build_parser, build_registry, simulated_sources
 from .nvml import Nvml
@@ -247,14 +246,6 @@ def target_groups(nodes: Sequence[SimNode], port: int) -> list[dict[str, Any]]:
     """file_sd target groups: one per node, with its host and cluster."""
     return [{"targets": [f"{n.address}:{port}"],
              "labels": {"host": n.host, "cluster": n.cluster}} for n in nodes]
-
-
-def write_targets(path: Path, groups: Sequence[dict[str, Any]]) -> None:
-    """The targets file, replaced in one step so Prometheus never reads half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(list(groups), sort_keys=False))
-    os.replace(tmp, path)
 
 
 # -- serving -----------------------------------------------------------------------------------
@@ -509,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("collected every node once in %.1f s", took)
         port = server.bind(args.port)
         if args.targets_file:
-            write_targets(args.targets_file, target_groups(nodes, port))
+            args.targets_file.parent.mkdir(parents=True, exist_ok=True)
+            localstack.write_targets(args.targets_file, target_groups(nodes, port))
         log.info("serving %d nodes (%d GPUs, %d processes each) on %s port %d%s", spec.nodes,
                  spec.gpus, spec.processes_per_gpu, f"{nodes[0].address}-{nodes[-1].address}", port,
                  f", a new job every {spec.job_seconds:g} s per slot" if spec.job_seconds
