@@ -46,11 +46,13 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _no_unknown(path: Path, where: str, data: Mapping[str, Any], known: set[str]) -> None:
+def reject_unknown_keys(source: object, where: str, data: Mapping[str, Any], known: set[str],
+                        error: type[ValueError] = ConfigError) -> None:
+    """`error` naming the source, the place and the first key that is not one of `known`."""
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{path}: {where}unknown key {unknown[0]!r}; known keys: "
-                          f"{', '.join(sorted(known))}")
+        raise error(f"{source}: {where}unknown key {unknown[0]!r}; known keys: "
+                    f"{', '.join(sorted(known))}")
 
 
 # -- --config.file ---------------------------------------------------------------------------
@@ -65,7 +67,7 @@ def load_exporter_config(path: Path | None) -> ExporterConfig:
     if path is None:
         return ExporterConfig()
     data = _load_yaml(path)
-    _no_unknown(path, "", data, {"display_names"})
+    reject_unknown_keys(path, "", data, {"display_names"})
     names = data.get("display_names") or {}
     if not isinstance(names, dict) or not all(
             isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in names.items()):
@@ -99,7 +101,8 @@ def load_web_config(path: Path | None, now: datetime.datetime | None = None) -> 
     if path is None:
         return WebConfig()
     data = _load_yaml(path)
-    _no_unknown(path, "", data, {"tls_server_config", "basic_auth_users", "http_server_config"})
+    reject_unknown_keys(path, "", data,
+                        {"tls_server_config", "basic_auth_users", "http_server_config"})
     users = data.get("basic_auth_users") or {}
     if not isinstance(users, dict):
         raise ConfigError(f"{path}: basic_auth_users: expected a mapping of user to bcrypt hash")
@@ -112,7 +115,7 @@ def load_web_config(path: Path | None, now: datetime.datetime | None = None) -> 
     http = data.get("http_server_config") or {}
     if not isinstance(http, dict):
         raise ConfigError(f"{path}: http_server_config: expected a mapping")
-    _no_unknown(path, "http_server_config: ", http, {"headers", "http2"})
+    reject_unknown_keys(path, "http_server_config: ", http, {"headers", "http2"})
     headers = {str(k): str(v) for k, v in (http.get("headers") or {}).items()}
     tls = data.get("tls_server_config")
     context = _tls_context(path, tls, now) if tls else None
@@ -122,7 +125,7 @@ def load_web_config(path: Path | None, now: datetime.datetime | None = None) -> 
 def _tls_context(path: Path, tls: Any, now: datetime.datetime | None) -> ssl.SSLContext:
     if not isinstance(tls, dict):
         raise ConfigError(f"{path}: tls_server_config: expected a mapping")
-    _no_unknown(path, "tls_server_config: ", tls, _TLS_KEYS)
+    reject_unknown_keys(path, "tls_server_config: ", tls, _TLS_KEYS)
     base = path.parent
 
     def file(key: str) -> Path:

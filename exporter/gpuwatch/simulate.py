@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from . import nvml as N
-from .config import parse_yaml
+from .config import parse_yaml, reject_unknown_keys
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -315,10 +315,8 @@ class _Reader:
         return str(value)
 
     def no_other_keys(self, data: dict[str, Any], where: str, known: set[str]) -> None:
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ScenarioError(f"{self.source}: {where or 'top level'}: unknown key "
-                                f"{unknown[0]!r} (known: {', '.join(sorted(known))})")
+        reject_unknown_keys(self.source, f"{where}: " if where else "", data, known,
+                            ScenarioError)
 
 
 # -- the simulated node ------------------------------------------------------------------------
@@ -739,8 +737,3 @@ def _uuid(scenario: str, index: int) -> str:
 
     digest = hashlib.sha256(f"{scenario}/{index}".encode()).hexdigest()
     return f"GPU-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
-
-
-def with_name(scenario: Scenario, name: str) -> Scenario:
-    """The same node under another name (its GPUs get other UUIDs)."""
-    return replace(scenario, name=name)
