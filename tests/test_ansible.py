@@ -539,12 +539,51 @@ def test_grafana_dropin_passes_systemd_analyze_verify(
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), \
         result.stdout + result.stderr
     dropin = (unit_dir / "grafana-server.service.d/gpuwatch.conf").read_text()
-    assert "GPUWATCH_PROMETHEUS_URL=http://localhost:9090" in dropin
     assert "GF_SECURITY_ADMIN_PASSWORD__FILE=" in dropin and "test-only-" not in dropin
+
+
+def _provisioned(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the datasource, the dashboard provider) of the provisioning below `root`."""
+    (source,) = yaml.safe_load((root / "datasources/gpuwatch.yml").read_text())["datasources"]
+    (provider,) = yaml.safe_load((root / "dashboards/gpuwatch.yml").read_text())["providers"]
+    return source, provider
+
+
+def test_grafana_provisioning_is_the_checkouts_with_the_deployments_places(
+        deployment: Deployment) -> None:
+    """The shipped files, every line and comment kept, with the datasource URL and the
+    dashboards directory of the deployment (the URL is the role's default here)."""
     provisioned = deployment.root / "etc/grafana/provisioning"
-    for source in sorted((deployment.source / "grafana/provisioning").glob("*/*.yml")):
-        copy = provisioned / source.parent.name / source.name
-        assert copy.read_text() == source.read_text(), source
+    shipped = deployment.source / "grafana/provisioning"
+    source, provider = _provisioned(provisioned)
+    shipped_source, shipped_provider = _provisioned(shipped)
+    assert source == shipped_source, "the role's default URL is the shipped one"
+    dashboards = Path(provider["options"]["path"])
+    assert dashboards == deployment.root / "var/lib/grafana/dashboards/gpuwatch"
+    assert sorted(p.name for p in dashboards.glob("*.json")) == \
+        sorted(p.name for p in (deployment.source / "grafana/dashboards").glob("*.json"))
+    assert provider == {**shipped_provider,
+                        "options": {**shipped_provider["options"], "path": str(dashboards)}}
+    for path in sorted(shipped.glob("*/*.yml")):
+        copy = (provisioned / path.parent.name / path.name).read_text().splitlines()
+        kept = [line for line in path.read_text().splitlines()
+                if not re.match(r" +(url|path): ", line)]
+        assert [line for line in copy if line in kept] == kept, path
+
+
+@pytest.mark.parametrize("url", ["https://prom.example.org:9443/prometheus?a=1&b=2",
+                                 'http://127.0.0.1:9090/x\\1"y\'z#w'])
+def test_grafana_datasource_gets_any_prometheus_url(
+        deployment: Deployment, tmp_path: Path, url: str) -> None:
+    variables = yaml.safe_load((deployment.root / "vars.yml").read_text())
+    variables.update(gpuwatch_grafana_prometheus_url=url,
+                     gpuwatch_grafana_provisioning_dir=str(tmp_path / "provisioning"))
+    (tmp_path / "vars.yml").write_text(yaml.safe_dump(variables))
+    shutil.copy(deployment.root / "inventory.yml", tmp_path / "inventory.yml")
+    result = _playbook(tmp_path, ["--tags", "gpuwatch_grafana_configure"])
+    assert result.returncode == 0, result.stdout[-4000:]
+    source, _ = _provisioned(tmp_path / "provisioning")
+    assert source["url"] == url
 
 
 def test_rendered_prometheus_config_passes_promtool(deployment: Deployment) -> None:
@@ -805,6 +844,24 @@ def test_a_booking_by_a_member_of_the_booking_group_reaches_prometheus(
 
 
 # --- preflight ---------------------------------------------------------------------------------
+
+def test_preflight_stops_a_provisioning_file_the_role_cannot_set(
+        deployment: Deployment, tmp_path: Path) -> None:
+    checkout = tmp_path / "grafana"
+    shutil.copytree(deployment.source / "grafana", checkout)
+    broken = checkout / "provisioning/datasources/gpuwatch.yml"
+    broken.write_text(broken.read_text().replace("    url: ", "    address: "))
+    variables = yaml.safe_load((deployment.root / "vars.yml").read_text())
+    variables.update(gpuwatch_grafana_source_dir=str(checkout))
+    (tmp_path / "vars.yml").write_text(yaml.safe_dump(variables))
+    shutil.copy(deployment.root / "inventory.yml", tmp_path / "inventory.yml")
+    result = _playbook(tmp_path, ["--tags", "gpuwatch_grafana_configure"])
+    assert result.returncode != 0
+    assert f"{broken} needs exactly one line for each of url for the role to set; " \
+        f"restore it with git checkout -- {broken}" in " ".join(result.stdout.split()), \
+        result.stdout[-4000:]
+    assert _recap(result.stdout)["changed"] == 0
+
 
 @pytest.mark.parametrize(("override", "tags", "message"), [
     ({"gpuwatch_grafana_admin_password": ""}, "gpuwatch_grafana_configure",

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -351,12 +352,13 @@ def test_states_look_the_same_everywhere() -> None:
 
 # -- provisioning and run-grafana --------------------------------------------------------------
 
-def expand_like_grafana(value: str, env: dict[str, str]) -> str:
-    """Grafana's provisioning expansion: os.ExpandEnv, $$ for a literal $, no defaults."""
-    def one(part: str) -> str:
-        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), ""),
-                      part)
-    return "$".join(one(part) for part in value.split("$$"))
+def provisioned(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the datasource, the dashboard provider) of the provisioning files under `root`."""
+    datasources = yaml.safe_load((root / "datasources" / "gpuwatch.yml").read_text())
+    providers = yaml.safe_load((root / "dashboards" / "gpuwatch.yml").read_text())
+    (source,) = datasources["datasources"]
+    (provider,) = providers["providers"]
+    return source, provider
 
 
 @dataclass(frozen=True)
@@ -402,6 +404,25 @@ def run_grafana(path: str, tmp_path: Path, *args: str,
                           timeout=60, check=False)
 
 
+def test_the_shipped_provisioning_works_as_it_is() -> None:
+    """Copied unchanged into a stock Grafana: no value waits for an environment variable
+    (Grafana expands $VAR and ${VAR} in provisioning files, an unset one to ""), the datasource
+    is the one the dashboards ask for, and the provider reads an absolute directory that the
+    guide's install commands fill with the dashboards."""
+    for path in sorted(PROVISIONING.glob("*/*.yml")):
+        assert "$" not in "".join(strings(yaml.safe_load(path.read_text()))), path
+    source, provider = provisioned(PROVISIONING)
+    assert source["type"] == "prometheus" and source["access"] == "proxy"
+    assert source["url"] == "http://localhost:9090", "Prometheus' default address"
+    for d in DASHBOARDS.values():
+        assert variables(d)["datasource"]["current"]["value"] == source["uid"], d["uid"]
+    folder = provider["options"]["path"]
+    assert Path(folder).is_absolute()
+    guide = (REPO / "docs" / "grafana.md").read_text()
+    assert f"grafana/dashboards/*.json {folder}/" in guide, "the guide copies them there"
+    assert f"grafana/dashboards:{folder}:ro" in guide, "the container mounts them there"
+
+
 def test_run_grafana_starts_grafana_with_this_provisioning(fake_grafana: FakeGrafana,
                                                            tmp_path: Path) -> None:
     done = run_grafana(fake_grafana.path, tmp_path)
@@ -410,30 +431,48 @@ def test_run_grafana_starts_grafana_with_this_provisioning(fake_grafana: FakeGra
     command = ["server"] if fake_grafana.binary.name == "grafana" else []
     assert started["argv"] == [*command, "--homepath", str(fake_grafana.home)]
     env = started["env"]
-    assert env["GF_PATHS_PROVISIONING"] == str(PROVISIONING)
+    assert env["GF_PATHS_PROVISIONING"] == str(tmp_path / "state" / "provisioning")
     assert env["GF_PATHS_DATA"].startswith(str(tmp_path / "state"))
     assert env["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
     assert Path(env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]).is_file()
 
-    datasources = yaml.safe_load((PROVISIONING / "datasources" / "gpuwatch.yml").read_text())
-    (source,) = datasources["datasources"]
-    assert source["type"] == "prometheus"
-    assert expand_like_grafana(source["url"], env) == "http://localhost:9090"
-    providers = yaml.safe_load((PROVISIONING / "dashboards" / "gpuwatch.yml").read_text())
-    (provider,) = providers["providers"]
-    folder = Path(expand_like_grafana(provider["options"]["path"], env))
-    assert sorted(folder.glob("*.json")) == DASHBOARD_FILES
+    source, provider = provisioned(Path(env["GF_PATHS_PROVISIONING"]))
+    shipped_source, shipped_provider = provisioned(PROVISIONING)
+    assert source == shipped_source, "the shipped datasource, Prometheus at its default"
+    assert sorted(Path(provider["options"]["path"]).glob("*.json")) == DASHBOARD_FILES
+    shipped_provider["options"]["path"] = provider["options"]["path"]
+    assert provider == shipped_provider, "only the path changes"
+    written = (tmp_path / "state/provisioning/datasources/gpuwatch.yml").read_text()
+    assert written.count("\n#") == (PROVISIONING / "datasources/gpuwatch.yml").read_text() \
+        .count("\n#"), "the comments stay"
 
 
-def test_run_grafana_passes_the_prometheus_url_on(fake_grafana: FakeGrafana,
-                                                  tmp_path: Path) -> None:
-    done = run_grafana(fake_grafana.path, tmp_path,
-                       GPUWATCH_PROMETHEUS_URL="http://127.0.0.1:19090")
+@pytest.mark.parametrize("url", ["http://127.0.0.1:19090",
+                                 'https://prom.example:9090/a|b&c\\d"e?x=1#f'])
+def test_run_grafana_passes_the_prometheus_url_on(fake_grafana: FakeGrafana, tmp_path: Path,
+                                                  url: str) -> None:
+    done = run_grafana(fake_grafana.path, tmp_path, GPUWATCH_PROMETHEUS_URL=url)
     assert done.returncode == 0, done.stderr
-    env = fake_grafana.started()["env"]
-    datasources = yaml.safe_load((PROVISIONING / "datasources" / "gpuwatch.yml").read_text())
-    assert expand_like_grafana(datasources["datasources"][0]["url"], env) == \
-        "http://127.0.0.1:19090"
+    source, _ = provisioned(Path(fake_grafana.started()["env"]["GF_PATHS_PROVISIONING"]))
+    assert source["url"] == url
+
+
+def test_run_grafana_refuses_provisioning_it_cannot_set(fake_grafana: FakeGrafana,
+                                                        tmp_path: Path) -> None:
+    """A provisioning file without its `url:` line: a one-line error naming the file, and
+    Grafana is not started with a datasource that has no address."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(GRAFANA, checkout / "grafana")
+    broken = checkout / "grafana/provisioning/datasources/gpuwatch.yml"
+    broken.write_text(broken.read_text().replace("    url: ", "    address: "))
+    done = subprocess.run([str(checkout / "grafana/run-grafana")], capture_output=True,
+                          text=True, timeout=60, check=False,
+                          env={**os.environ, "PATH": fake_grafana.path,
+                               "GPUWATCH_GRAFANA_STATE": str(tmp_path / "state")})
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert str(broken) in line and "url:" in line and "git checkout" in line
+    assert not fake_grafana.record.exists()
 
 
 def test_run_grafana_check_finds_grafana(fake_grafana: FakeGrafana, tmp_path: Path) -> None:
