@@ -2,6 +2,8 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+# Grafana's frontend data code (@grafana/data) that tests/test_grafana.py runs on the grid.
+GRAFANA_JS := tests/grafana_frontend/node_modules/.installed
 PYTHON3 ?= python3
 
 .PHONY: test lint demo bench bench-fleet prometheus systemd-analyze victoria-metrics clean
@@ -10,6 +12,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(GRAFANA_JS): tests/grafana_frontend/package.json tests/grafana_frontend/package-lock.json
+	@scripts/ensure-node
+	cd tests/grafana_frontend && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 prometheus:
@@ -25,7 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check exporter tests
 	$(VENV)/bin/mypy
 
-test: $(STAMP) prometheus systemd-analyze victoria-metrics lint
+test: $(STAMP) $(GRAFANA_JS) prometheus systemd-analyze victoria-metrics lint
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP) prometheus
@@ -38,4 +45,4 @@ bench-fleet: $(STAMP) prometheus
 	$(PY) -m gpuwatch.bench_fleet
 
 clean:
-	rm -rf $(VENV) .demo .bench build dist exporter/*.egg-info
+	rm -rf $(VENV) .demo .bench build dist exporter/*.egg-info tests/grafana_frontend/node_modules

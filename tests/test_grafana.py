@@ -593,6 +593,129 @@ def test_grid_shows_every_gpu_in_its_state_with_its_users(fleet: Fleet) -> None:
         "a booked GPU its holder uses is busy"
 
 
+GRAFANA_FRONTEND = REPO / "tests" / "grafana_frontend"
+"""Grafana's own frontend data code, @grafana/data (package.json pins it; `make test` installs
+it with npm ci), and render-table.cjs, which runs a table panel's data through it."""
+
+
+def prometheus_table_frames(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The data frames Grafana's Prometheus datasource makes of instant queries in table
+    format (transformDFToTable in Grafana's packages/grafana-prometheus), one per query by
+    refId: Time, a string field per label name (each series' labels in name order, new names
+    appended; "" where a series lacks one), and Value, "Value #<refId>" when there are
+    several queries."""
+    frames = []
+    for ref_id, result in results.items():
+        names: list[str] = []
+        for series in result:
+            names += [name for name in sorted(series["metric"]) if name not in names]
+        value = "Value" if len(results) == 1 else f"Value #{ref_id}"
+        frames.append({"refId": ref_id, "fields": [
+            {"name": "Time", "type": "time",
+             "values": [float(s["value"][0]) * 1000 for s in result]},
+            *({"name": name, "type": "string", "config": {"filterable": True},
+               "values": [s["metric"].get(name, "") for s in result]} for name in names),
+            {"name": value, "type": "number", "values": [float(s["value"][1]) for s in result]},
+        ]})
+    return frames
+
+
+def draw_table(panel: dict[str, Any], frames: list[dict[str, Any]]) -> dict[str, Any]:
+    """What Grafana's frontend makes of `frames` in `panel`: its transformations, field config
+    and value mappings applied by @grafana/data (tests/grafana_frontend/render-table.cjs)."""
+    if not (GRAFANA_FRONTEND / "node_modules" / "@grafana" / "data").is_dir():
+        pytest.fail("@grafana/data is not installed: `make test` installs it "
+                    "(cd tests/grafana_frontend && npm ci)")
+    colours = sorted({state.colour for state in states.ALL})
+    done = subprocess.run(["node", "render-table.cjs"], cwd=GRAFANA_FRONTEND,
+                          input=json.dumps({"panel": panel, "frames": frames, "colors": colours}),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def test_grid_as_grafanas_own_code_draws_it(fleet: Fleet) -> None:
+    """The grid query's answer through the grid panel in Grafana's frontend code: a row per
+    host in name order, a column per GPU index, every GPU's cell in its state's colour naming
+    who holds or booked it, and no colour where a host has no GPU of that index."""
+    panel = grid_panel()
+    (target,) = panel["targets"]
+    values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
+    drawn = draw_table(panel, prometheus_table_frames(
+        {target["refId"]: fleet.query(expand(target["expr"], values))}))
+    expected = {(e.host, int(e.gpu)): e for e in fleet.expected_grid()}
+    hosts = sorted({host for host, _ in expected})
+    indices = sorted({index for _, index in expected})
+    columns = {field["name"]: field for field in drawn["fields"]}
+    assert list(columns) == ["host", *map(str, indices)], json.dumps(drawn)[:3000]
+    assert [cell["text"] for cell in columns["host"]["cells"]] == hosts
+    assert columns["host"]["custom"]["cellOptions"]["type"] == "auto", "host is not coloured"
+    assert len({host for host, _ in expected if (host, max(indices)) not in expected}) > 0, \
+        "a host with fewer GPUs than another leaves cells empty"
+    state_colours = {drawn["colors"][state.colour] for state in states.ALL}
+    for row, host in enumerate(hosts):
+        for index in indices:
+            cell = columns[str(index)]["cells"][row]
+            where = f"{host} GPU {index}: {cell}"
+            e = expected.get((host, index))
+            if e is None:
+                assert cell["text"] == "" and cell["color"] not in state_colours, where
+                continue
+            assert columns[str(index)]["custom"]["cellOptions"]["type"] == "color-background"
+            assert cell["color"] == drawn["colors"][states.BY_NAME[e.state].colour], where
+            if e.state == states.RESERVED.name:
+                assert cell["text"] == f"reserved: {e.reservation}", where
+            elif e.users:
+                assert all(user in cell["text"] for user in e.users), where
+            if e.state != states.BUSY.name or not e.users:
+                assert e.state in cell["text"], where
+
+
+TABLES = [(uid, panel["title"]) for uid, d in DASHBOARDS.items() for panel in panels(d)
+          if panel["type"] == "table"]
+
+
+@pytest.mark.parametrize(("uid", "title"), TABLES, ids=[f"{u}:{t}" for u, t in TABLES])
+def test_table_columns_as_grafanas_own_code_draws_them(fleet: Fleet, uid: str,
+                                                       title: str) -> None:
+    """Every table's queries through its transformations in Grafana's frontend code: one
+    table with rows, each column one the panel places (its `organize` step names it, by the
+    name the column has when it reaches that step), in the order it gives, nothing it
+    excludes; the columns it sorts by and sets options for by name are there."""
+    panel = panel_titled(uid, title)
+    assert all(t.get("format") == "table" for t in panel["targets"]), "table queries"
+    for values in resolve_variables(fleet, DASHBOARDS[uid]):  # the first choice with data
+        results = {t["refId"]: fleet.query(expand(t["expr"], values))
+                   for t in panel["targets"] if not t.get("hide")}
+        if all(results.values()):
+            break
+    else:
+        pytest.fail(f"{title}: no choice of the variables gives every query data")
+    drawn = draw_table(panel, prometheus_table_frames(results))
+    assert drawn["length"] > 0
+    shown = [field["name"] for field in drawn["fields"]]
+    organize = [t["options"] for t in panel.get("transformations", []) if t["id"] == "organize"]
+    assert len(organize) == 1, f"{title}: one organize step places the columns"
+    (options,) = organize
+    renamed = options.get("renameByName", {})
+    original = {new: old for old, new in renamed.items()}
+    index = options.get("indexByName", {})
+    excluded = {name for name, gone in options.get("excludeByName", {}).items() if gone}
+    places = [index.get(original.get(name, name)) for name in shown]
+    assert None not in places, \
+        f"{title}: columns the organize step does not place: " \
+        f"{[n for n, p in zip(shown, places, strict=True) if p is None]} (shown: {shown})"
+    assert places == sorted(places), f"{title}: columns out of order: {shown}"
+    assert not {original.get(name, name) for name in shown} & excluded
+    sorted_by = {key["field"] for t in panel.get("transformations", []) if t["id"] == "sortBy"
+                 for key in t["options"]["sort"]}
+    assert sorted_by <= set(shown), f"{title}: sorts by a column it does not have"
+    overridden = {o["matcher"]["options"] for o in panel["fieldConfig"].get("overrides", [])
+                  if o["matcher"]["id"] == "byName"}
+    assert overridden <= set(shown), \
+        f"{title}: overrides for columns it does not have: {overridden - set(shown)}"
+
+
 def test_state_history_names_the_states_the_grid_shows(fleet: Fleet) -> None:
     timeline = panel_titled("gpuwatch-fleet", "State of every GPU")
     (target,) = timeline["targets"]
