@@ -716,6 +716,24 @@ def test_table_columns_as_grafanas_own_code_draws_them(fleet: Fleet, uid: str,
         f"{title}: overrides for columns it does not have: {overridden - set(shown)}"
 
 
+STATE_CODE_PANELS = [(uid, p["title"]) for uid, d in DASHBOARDS.items() for p in panels(d)
+                     if any(states.STATE_CODE in t.get("expr", "") for t in p.get("targets", []))]
+
+
+@pytest.mark.parametrize(("uid", "title"), STATE_CODE_PANELS,
+                         ids=[f"{u}:{t}" for u, t in STATE_CODE_PANELS])
+def test_state_codes_as_grafanas_own_code_shows_them(uid: str, title: str) -> None:
+    """A panel drawing state codes (the state timelines) shows each code as its state's name
+    in its colour when Grafana's display processor applies the panel's field config."""
+    panel = {**panel_titled(uid, title), "transformations": []}
+    codes = [state.code for state in states.ALL]
+    drawn = draw_table(panel, [{"refId": "A", "fields": [
+        {"name": "Value", "type": "number", "values": codes}]}])
+    (field,) = drawn["fields"]
+    assert [(cell["text"], cell["color"]) for cell in field["cells"]] == \
+        [(state.name, drawn["colors"][state.colour]) for state in states.ALL]
+
+
 def test_state_history_names_the_states_the_grid_shows(fleet: Fleet) -> None:
     timeline = panel_titled("gpuwatch-fleet", "State of every GPU")
     (target,) = timeline["targets"]
