@@ -3,18 +3,24 @@ shows in the grid, Ctrl-C stops every process."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
+import yaml
 from gpuwatch import demo
 from gpuwatch.localstack import free_port
 from gpuwatch.simulate import load_scenario
@@ -98,3 +104,73 @@ def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+# -- Grafana beside the demo -------------------------------------------------------------------
+
+FAKE_GRAFANA = """
+import http.server, json, os, sys
+json.dump({"argv": sys.argv[1:], "env": dict(os.environ)}, open(sys.argv[0] + ".json", "w"))
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/api/health" else 404)
+        self.end_headers()
+        self.wfile.write(b'{"database": "ok"}')
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer((os.environ["GF_SERVER_HTTP_ADDR"], int(os.environ["GF_SERVER_HTTP_PORT"])),
+                       Health).serve_forever()
+"""
+
+
+def _fake_grafana(tmp_path: Path) -> Path:
+    """A `grafana` laid out like Grafana's tarball (bin/, conf/defaults.ini) that answers
+    /api/health where run-grafana tells it to listen and records how it was started."""
+    home = tmp_path / "grafana-home"
+    (home / "conf").mkdir(parents=True)
+    (home / "conf" / "defaults.ini").write_text("")
+    (home / "bin").mkdir()
+    (home / "bin" / "server.py").write_text(FAKE_GRAFANA)
+    binary = home / "bin" / "grafana"
+    binary.write_text(f'#!/bin/sh\nexec {sys.executable} "{home / "bin" / "server.py"}" "$@"\n')
+    binary.chmod(0o755)
+    return home / "bin"
+
+
+def test_demo_starts_grafana_beside_its_prometheus(tmp_path: Path, monkeypatch: Any,
+                                                   capsys: Any) -> None:
+    bindir = _fake_grafana(tmp_path)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    prometheus = f"http://127.0.0.1:{free_port()}"
+    (tmp_path / "demo").mkdir()
+    with ExitStack() as stack:
+        demo._start_grafana(stack, tmp_path / "demo", prometheus)
+        out = capsys.readouterr().out
+        (url,) = re.findall(r"^grafana:  (http://127\.0\.0\.1:\d+)/d/gpuwatch-fleet ", out,
+                            re.MULTILINE)
+        with urllib.request.urlopen(f"{url}/api/health", timeout=5) as answer:
+            assert answer.status == 200
+        started = json.loads((bindir / "server.py.json").read_text())
+        provisioning = Path(started["env"]["GF_PATHS_PROVISIONING"])
+        datasource = yaml.safe_load((provisioning / "datasources/gpuwatch.yml").read_text())
+        assert datasource["datasources"][0]["url"] == prometheus
+        assert provisioning.is_relative_to(tmp_path / "demo" / "grafana")
+    assert not _listening(url), "stopped with the demo"
+
+
+def test_demo_says_how_to_get_grafana_when_there_is_none(tmp_path: Path, monkeypatch: Any,
+                                                         capsys: Any) -> None:
+    bindir = tmp_path / "bin-without-grafana"
+    bindir.mkdir()
+    for tool in ("sh", "dirname", "cat"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bindir / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", str(bindir))
+    (tmp_path / "demo").mkdir()
+    with ExitStack() as stack:
+        demo._start_grafana(stack, tmp_path / "demo", "http://127.0.0.1:9090")
+    out = capsys.readouterr().out
+    assert out.startswith("grafana: not installed, so the demo runs without it.\n")
+    assert "apt.grafana.com" in out and "grafana.com/grafana/download" in out
+    assert list((tmp_path / "demo").iterdir()) == [], "nothing started, nothing written"

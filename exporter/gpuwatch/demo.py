@@ -4,9 +4,11 @@ the grid, on 127.0.0.1 until Ctrl-C.
 Three nodes run gpuwatch-exporter over simulated GPUs (the workstation, server and lost-gpu
 scenarios); a fourth gpuwatch-exporter serves the bookings of a reservations file, as on a
 monitoring host; Prometheus runs prometheus/prometheus.yml and its rules with shorter
-intervals and a one-minute idle duration, so the grid changes while you watch. The grid is
-printed again whenever a GPU changes state, hands or booking; the demo prints the
-`gpuwatch reserve` command that books a GPU in it. Everything is stopped on Ctrl-C.
+intervals and a one-minute idle duration, so the grid changes while you watch; Grafana runs
+grafana/provisioning and the dashboards when it is installed (the demo says how to get it
+when it is not). The grid is printed again whenever a GPU changes state, hands or booking;
+the demo prints the `gpuwatch reserve` command that books a GPU in it. Everything is stopped
+on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ BOOKED = ("gpu-srv-01", (7,), "frank", "thesis experiments")
 TRY = ("gpu-srv-01:4", "+2h", "trying the demo")
 """What the printed `gpuwatch reserve` command books: a free GPU of the server scenario."""
 READY_TIMEOUT = 60.0
+GRAFANA_PORT = 3000
+"""Grafana's usual port, or another free one when it is taken."""
+GRAFANA_START_TIMEOUT = 120.0
+"""A first start creates Grafana's database, which takes a while."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +147,7 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
     url = f"http://{localstack.LOCALHOST}:{port}"
     print(f"prometheus: {url} (targets: {workdir / 'targets' / 'nodes.yml'}; rules and "
           f"configuration generated from prometheus/ in {workdir / 'prometheus'})")
+    _start_grafana(stack, workdir, url)
     print(f"demo settings: scrape every {OVERRIDES.scrape_interval}, rules every "
           f"{OVERRIDES.evaluation_interval}, idle after "
           f"{OVERRIDES.thresholds['gpuwatch:threshold_idle_duration_seconds:constant']:g} s")
@@ -153,6 +160,31 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
     print(f"give it back: {gpuwatch} release {target} --file {file}")
     print("Ctrl-C stops everything.\n", flush=True)
     return url
+
+
+def _start_grafana(stack: ExitStack, workdir: Path, prometheus_url: str) -> None:
+    """Grafana beside the demo's Prometheus when one is installed; the demo goes on without
+    it otherwise, after saying how to get one."""
+    try:
+        missing = localstack.grafana_missing()
+    except localstack.LocalStackError as e:
+        print(f"grafana: not started: {e}")
+        return
+    if missing is not None:
+        print("grafana: not installed, so the demo runs without it.\n"
+              + "\n".join(f"  {line}" for line in missing.splitlines()))
+        return
+    port = _port(GRAFANA_PORT)
+    service = localstack.grafana(prometheus_url, workdir / "grafana", port,
+                                 workdir / "grafana.log")
+    stack.callback(service.stop)
+    try:
+        service.start(timeout=GRAFANA_START_TIMEOUT)
+    except localstack.LocalStackError as e:
+        print(f"grafana: did not start, the demo goes on without it: {e}")
+        return
+    print(f"grafana:  http://{localstack.LOCALHOST}:{port}/d/gpuwatch-fleet (the availability "
+          f"grid; anonymous viewing, admin/admin to edit; log: {workdir / 'grafana.log'})")
 
 
 def _watch(url: str) -> int:

@@ -32,6 +32,10 @@ from . import states
 LOCALHOST = "127.0.0.1"
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "prometheus"
 """prometheus/ of the source tree this package runs from (an editable install)."""
+RUN_GRAFANA = SOURCE_DIR.parent / "grafana" / "run-grafana"
+"""grafana/run-grafana of that source tree: a Grafana with the checkout's provisioning."""
+GRAFANA_MISSING = 3
+"""run-grafana's exit status when no Grafana is installed."""
 
 _CONSTANT = re.compile(r"^\s*vector\(\s*([-+0-9.eE]+)\s*\)\s*$")
 
@@ -164,17 +168,19 @@ def free_port() -> int:
 class Service:
     """A child process that serves HTTP on 127.0.0.1: started, awaited, stopped."""
 
-    def __init__(self, name: str, argv: Sequence[str], ready_url: str, log: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], ready_url: str, log: Path,
+                 env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.argv = list(argv)
         self.ready_url = ready_url
         self.log = log
+        self.env = dict(env) if env is not None else None
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL,
+                                             stdin=subprocess.DEVNULL, env=self.env,
                                              preexec_fn=_stop_with_parent())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -278,3 +284,29 @@ def prometheus(config: Path, data_dir: Path, port: int, log: Path) -> Service:
                     f"--storage.tsdb.path={data_dir}",
                     f"--web.listen-address={LOCALHOST}:{port}", "--log.level=warn"],
                    f"http://{LOCALHOST}:{port}/-/ready", log)
+
+
+def grafana_missing() -> str | None:
+    """None when grafana/run-grafana finds a Grafana to start; otherwise what it says about
+    getting one."""
+    try:
+        done = subprocess.run([str(RUN_GRAFANA), "--check"], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise LocalStackError(f"{RUN_GRAFANA} --check failed: {e}") from e
+    if done.returncode == 0:
+        return None
+    if done.returncode == GRAFANA_MISSING:
+        return done.stderr.strip()
+    raise LocalStackError(f"{RUN_GRAFANA} --check exited with {done.returncode}: "
+                          f"{done.stderr.strip()}")
+
+
+def grafana(prometheus_url: str, state_dir: Path, port: int, log: Path) -> Service:
+    """Grafana with this checkout's provisioning and dashboards (grafana/run-grafana), its
+    datasource at `prometheus_url`, its database in `state_dir`."""
+    env = {**os.environ, "GPUWATCH_PROMETHEUS_URL": prometheus_url,
+           "GPUWATCH_GRAFANA_STATE": str(state_dir), "GPUWATCH_GRAFANA_ADDR": LOCALHOST,
+           "GPUWATCH_GRAFANA_PORT": str(port)}
+    return Service(f"grafana on port {port}", [str(RUN_GRAFANA)],
+                   f"http://{LOCALHOST}:{port}/api/health", log, env=env)
