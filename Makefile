@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 GRAFANA_JS := tests/grafana_frontend/node_modules/.installed
 PYTHON3 ?= python3
 
-.PHONY: test lint demo bench bench-fleet prometheus systemd-analyze victoria-metrics clean
+.PHONY: test lint demo bench bench-fleet prometheus systemd-analyze victoria-metrics proxies clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON3) -m venv $(VENV)
@@ -28,11 +28,14 @@ systemd-analyze:
 victoria-metrics:
 	@scripts/ensure-victoria-metrics
 
+proxies:
+	@scripts/ensure-proxies
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check exporter tests
 	$(VENV)/bin/mypy
 
-test: $(STAMP) $(GRAFANA_JS) prometheus systemd-analyze victoria-metrics lint
+test: $(STAMP) $(GRAFANA_JS) prometheus systemd-analyze victoria-metrics proxies lint
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP) prometheus
