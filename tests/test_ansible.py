@@ -45,6 +45,7 @@ from typing import Any
 
 import pytest
 import yaml
+from grafana_provisioning import provisioned
 
 REPO = Path(__file__).resolve().parents[1]
 ANSIBLE_DIR = REPO / "ansible"
@@ -542,21 +543,14 @@ def test_grafana_dropin_passes_systemd_analyze_verify(
     assert "GF_SECURITY_ADMIN_PASSWORD__FILE=" in dropin and "test-only-" not in dropin
 
 
-def _provisioned(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the datasource, the dashboard provider) of the provisioning below `root`."""
-    (source,) = yaml.safe_load((root / "datasources/gpuwatch.yml").read_text())["datasources"]
-    (provider,) = yaml.safe_load((root / "dashboards/gpuwatch.yml").read_text())["providers"]
-    return source, provider
-
-
 def test_grafana_provisioning_is_the_checkouts_with_the_deployments_places(
         deployment: Deployment) -> None:
     """The shipped files, every line and comment kept, with the datasource URL and the
     dashboards directory of the deployment (the URL is the role's default here)."""
-    provisioned = deployment.root / "etc/grafana/provisioning"
+    deployed = deployment.root / "etc/grafana/provisioning"
     shipped = deployment.source / "grafana/provisioning"
-    source, provider = _provisioned(provisioned)
-    shipped_source, shipped_provider = _provisioned(shipped)
+    source, provider = provisioned(deployed)
+    shipped_source, shipped_provider = provisioned(shipped)
     assert source == shipped_source, "the role's default URL is the shipped one"
     dashboards = Path(provider["options"]["path"])
     assert dashboards == deployment.root / "var/lib/grafana/dashboards/gpuwatch"
@@ -565,7 +559,7 @@ def test_grafana_provisioning_is_the_checkouts_with_the_deployments_places(
     assert provider == {**shipped_provider,
                         "options": {**shipped_provider["options"], "path": str(dashboards)}}
     for path in sorted(shipped.glob("*/*.yml")):
-        copy = (provisioned / path.parent.name / path.name).read_text().splitlines()
+        copy = (deployed / path.parent.name / path.name).read_text().splitlines()
         kept = [line for line in path.read_text().splitlines()
                 if not re.match(r" +(url|path): ", line)]
         assert [line for line in copy if line in kept] == kept, path
@@ -582,7 +576,7 @@ def test_grafana_datasource_gets_any_prometheus_url(
     shutil.copy(deployment.root / "inventory.yml", tmp_path / "inventory.yml")
     result = _playbook(tmp_path, ["--tags", "gpuwatch_grafana_configure"])
     assert result.returncode == 0, result.stdout[-4000:]
-    source, _ = _provisioned(tmp_path / "provisioning")
+    source, _ = provisioned(tmp_path / "provisioning")
     assert source["url"] == url
 
 

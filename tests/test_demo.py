@@ -20,10 +20,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import yaml
 from gpuwatch import demo
 from gpuwatch.localstack import free_port
 from gpuwatch.simulate import load_scenario
+from grafana_provisioning import provisioned
 
 WAIT = 90.0
 """A bound on how long the demo may take to show its grid, not a timing assertion."""
@@ -152,8 +152,8 @@ def test_demo_starts_grafana_beside_its_prometheus(tmp_path: Path, monkeypatch: 
             assert answer.status == 200
         started = json.loads((bindir / "server.py.json").read_text())
         provisioning = Path(started["env"]["GF_PATHS_PROVISIONING"])
-        datasource = yaml.safe_load((provisioning / "datasources/gpuwatch.yml").read_text())
-        assert datasource["datasources"][0]["url"] == prometheus
+        source, _ = provisioned(provisioning)
+        assert source["url"] == prometheus
         assert provisioning.is_relative_to(tmp_path / "demo" / "grafana")
     assert not _listening(url), "stopped with the demo"
 

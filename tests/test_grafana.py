@@ -30,6 +30,8 @@ from gpuwatch.dashboards import (
     VARIABLE,
     expand,
     label_values_query,
+    load,
+    load_all,
     panels,
     targets,
     variable_query,
@@ -38,6 +40,7 @@ from gpuwatch.dashboards import (
 from gpuwatch.dashboards import grafana_values as grafana_builtins
 from gpuwatch.dashboards import resolve_variables as resolve_with
 from gpuwatch.reservations import Reservation
+from grafana_provisioning import provisioned
 from prom_harness import (
     REPO,
     THRESHOLD_IDLE_DURATION,
@@ -81,11 +84,7 @@ DASHBOARD_LINK = re.compile(r"^/d/([\w-]+)(?:/[\w-]*)?(?:\?(.*))?$")
 
 # -- reading dashboards ------------------------------------------------------------------------
 
-def load(path: Path) -> dict[str, Any]:
-    return dict(json.loads(path.read_text()))
-
-
-DASHBOARDS = {path.stem: load(path) for path in DASHBOARD_FILES}
+DASHBOARDS = load_all(GRAFANA / "dashboards")
 
 
 def strings(node: Any) -> Iterator[str]:
@@ -234,8 +233,8 @@ def test_datasource_is_the_variable_everywhere(uid: str) -> None:
     by_variable = {"type": "prometheus", "uid": "${datasource}"}
     ds = variables(d)["datasource"]
     assert ds["type"] == "datasource" and ds["query"] == "prometheus"
-    provisioned = yaml.safe_load((PROVISIONING / "datasources" / "gpuwatch.yml").read_text())
-    assert ds["current"]["value"] == provisioned["datasources"][0]["uid"]
+    source, _ = provisioned(PROVISIONING)
+    assert ds["current"]["value"] == source["uid"]
     for p in panels(d):
         if p["type"] in ("row", "text"):
             continue
@@ -352,15 +351,6 @@ def test_states_look_the_same_everywhere() -> None:
 
 # -- provisioning and run-grafana --------------------------------------------------------------
 
-def provisioned(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the datasource, the dashboard provider) of the provisioning files under `root`."""
-    datasources = yaml.safe_load((root / "datasources" / "gpuwatch.yml").read_text())
-    providers = yaml.safe_load((root / "dashboards" / "gpuwatch.yml").read_text())
-    (source,) = datasources["datasources"]
-    (provider,) = providers["providers"]
-    return source, provider
-
-
 @dataclass(frozen=True)
 class FakeGrafana:
     """A Grafana laid out like its tarball (bin/, conf/defaults.ini) whose binary records how
@@ -406,16 +396,15 @@ def run_grafana(path: str, tmp_path: Path, *args: str,
 
 def test_the_shipped_provisioning_works_as_it_is() -> None:
     """Copied unchanged into a stock Grafana: no value waits for an environment variable
-    (Grafana expands $VAR and ${VAR} in provisioning files, an unset one to ""), the datasource
-    is the one the dashboards ask for, and the provider reads an absolute directory that the
-    guide's install commands fill with the dashboards."""
+    (Grafana expands $VAR and ${VAR} in provisioning files, an unset one to ""), and the
+    provider reads an absolute directory that the guide's install commands fill with the
+    dashboards (that the datasource is the one the dashboards ask for:
+    test_datasource_is_the_variable_everywhere)."""
     for path in sorted(PROVISIONING.glob("*/*.yml")):
         assert "$" not in "".join(strings(yaml.safe_load(path.read_text()))), path
     source, provider = provisioned(PROVISIONING)
     assert source["type"] == "prometheus" and source["access"] == "proxy"
     assert source["url"] == "http://localhost:9090", "Prometheus' default address"
-    for d in DASHBOARDS.values():
-        assert variables(d)["datasource"]["current"]["value"] == source["uid"], d["uid"]
     folder = provider["options"]["path"]
     assert Path(folder).is_absolute()
     guide = (REPO / "docs" / "grafana.md").read_text()
