@@ -53,29 +53,24 @@ def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
     gpus = sum(len(load_scenario(scenario).gpus) for _, scenario in demo.NODES)
     summary = f"{gpus} GPUs on {len(demo.NODES)} hosts: "
     seen: list[str] = []
-    try:
+
+    def wait_for_line(pattern: re.Pattern[str]) -> None:
         deadline = time.monotonic() + WAIT
-        while not any(line.startswith(summary) for line in seen):
+        while not any(pattern.match(line) for line in seen):
             assert time.monotonic() < deadline, "".join(seen)
             try:
                 seen.append(lines.get(timeout=1))
             except queue.Empty:
                 assert process.poll() is None, "".join(seen)
+
+    try:
+        wait_for_line(re.compile(re.escape(summary)))
         urls = sorted({m.group(0) for m in re.finditer(r"http://[\d.:]+", "".join(seen))})
         assert len(urls) == len(demo.NODES) + 2  # the exporters, the bookings, Prometheus
         assert all(_listening(url) for url in urls)
         grid = "".join(seen)
         for host, _ in demo.NODES:
             assert re.search(rf"^{re.escape(host)} ", grid, re.MULTILINE), host
-
-        def wait_for_line(pattern: re.Pattern[str]) -> None:
-            deadline = time.monotonic() + WAIT
-            while not any(pattern.match(line) for line in seen):
-                assert time.monotonic() < deadline, "".join(seen)
-                try:
-                    seen.append(lines.get(timeout=1))
-                except queue.Empty:
-                    assert process.poll() is None, "".join(seen)
 
         # the booking it starts with (the endpoint may be scraped after the first grid)
         wait_for_line(re.compile(r"^\s+\d+\s+reserved\s.* frank until "))
