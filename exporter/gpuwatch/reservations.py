@@ -76,6 +76,18 @@ def _day_bound(day: dt.date, end: bool, tz: dt.tzinfo | None) -> dt.datetime:
     return _local(dt.datetime.combine(day, clock), tz)
 
 
+def _date_only(text: str, end: bool, tz: dt.tzinfo | None, where: str = "") -> dt.datetime | None:
+    """The bound of the day `text` names when it is a date alone (YYYY-MM-DD), else None;
+    `where` starts the error message of an impossible date."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return None
+    try:
+        return _day_bound(dt.date.fromisoformat(text), end, tz)
+    except ValueError as e:
+        prefix = f"{where}: " if where else ""
+        raise ReservationError(f"{prefix}{text!r} is not a date: {e}") from None
+
+
 def _fromisoformat(text: str) -> dt.datetime:
     """datetime.fromisoformat, with the "Z" that Python 3.10 does not read."""
     if text.endswith(("Z", "z")):
@@ -96,11 +108,9 @@ def parse_when(text: str, now: dt.datetime, end: bool = True,
         seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([wdhms])",
                                                                  relative.group(1)))
         return now + dt.timedelta(seconds=seconds)
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        try:
-            return _day_bound(dt.date.fromisoformat(text), end, tz)
-        except ValueError as e:
-            raise ReservationError(f"{text!r} is not a date: {e}") from None
+    day = _date_only(text, end, tz)
+    if day is not None:
+        return day
     try:
         parsed = _fromisoformat(text)
     except ValueError:
@@ -116,11 +126,9 @@ def _file_time(value: Any, end: bool, where: str, tz: dt.tzinfo | None) -> dt.da
         return _day_bound(value, end, tz)
     elif isinstance(value, str):
         text = value.strip()
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-            try:
-                return _day_bound(dt.date.fromisoformat(text), end, tz)
-            except ValueError as e:
-                raise ReservationError(f"{where}: {text!r} is not a date: {e}") from None
+        day = _date_only(text, end, tz, where)
+        if day is not None:
+            return day
         try:
             parsed = _fromisoformat(text)
         except ValueError:
