@@ -32,6 +32,14 @@ const standard = [
                    shouldApply: () => true }));
 grafana.standardFieldConfigEditorRegistry.setInit(() => standard);
 
+// Every transformer @grafana/data defines (standardTransformers names some twice).
+const transformers = new Map(Object.values(grafana.standardTransformers)
+  .map((transformer) => [transformer.id, transformer]));
+grafana.standardTransformersRegistry.setInit(() => [...transformers.values()].map(
+  (transformer) => ({ id: transformer.id, aliasIds: transformer.aliasIds,
+                      name: transformer.name, transformation: transformer,
+                      editor: () => null, imageDark: "", imageLight: "" })));
+
 function customOptions(fieldConfig) {
   const paths = new Set(Object.keys(fieldConfig.defaults.custom || {}));
   for (const override of fieldConfig.overrides || []) {
@@ -48,13 +56,6 @@ function customOptions(fieldConfig) {
 async function main() {
   const input = JSON.parse(require("fs").readFileSync(0, "utf8"));
   const { panel } = input;
-  // Every transformer @grafana/data defines (standardTransformers names some twice).
-  const transformers = new Map(Object.values(grafana.standardTransformers)
-    .map((transformer) => [transformer.id, transformer]));
-  grafana.standardTransformersRegistry.setInit(() => [...transformers.values()].map(
-    (transformer) => ({ id: transformer.id, aliasIds: transformer.aliasIds,
-                        name: transformer.name, transformation: transformer,
-                        editor: () => null, imageDark: "", imageLight: "" })));
   const frames = input.frames.map((frame) => grafana.toDataFrame(frame));
   const transformed = await new Promise((resolve, reject) => {
     grafana.transformDataFrame(panel.transformations || [], frames).subscribe({
@@ -62,8 +63,7 @@ async function main() {
     });
   });
   const theme = grafana.createTheme();
-  const registry = grafana.createFieldConfigRegistry(
-    { useCustomConfig: (builder) => builder }, "table");
+  const registry = grafana.createFieldConfigRegistry({}, "table");
   for (const item of customOptions(panel.fieldConfig)) registry.register(item);
   if (transformed.length !== 1) {
     throw new Error(`the transformations leave ${transformed.length} frames, a table shows one`);
