@@ -648,7 +648,8 @@ def exporter(deployment: Deployment) -> Iterator[str]:
                    *command]
     log = deployment.root / "exporter.log"
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+        # As systemd starts a system unit: in /, not in the test's (maybe private) directory.
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd="/",
                                    env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"})
     base = f"https://localhost:{deployment.port}"
     try:
@@ -818,7 +819,7 @@ def test_a_booking_by_a_member_of_the_booking_group_reaches_prometheus(
     log = tmp_path / "endpoint.log"
     with log.open("w") as out:
         endpoint = subprocess.Popen(_as_nobody(command.split()), stdout=out,
-                                    stderr=subprocess.STDOUT, env=env)
+                                    stderr=subprocess.STDOUT, env=env, cwd="/")
     try:
         with _prometheus(deployment, tmp_path) as query:
             (up,) = query('up{job="gpuwatch-reservations"} == 1')
