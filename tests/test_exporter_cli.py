@@ -10,9 +10,11 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gpuwatch.exporter_main import main
+from gpuwatch.simulate import load_scenario
 
 EXPORTER = [sys.executable, "-m", "gpuwatch.exporter_main"]
 
@@ -96,6 +98,22 @@ def test_an_unknown_scenario_name_lists_the_shipped_ones(capsys: pytest.CaptureF
                                                          ) -> None:
     code, err = run_main(capsys, "--simulate", "mainframe")
     assert code == 2 and "lost-gpu, server, workstation" in err
+
+
+def test_a_scenario_name_works_from_a_directory_it_cannot_look_into(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service user started in a directory it may not enter (stat() of the relative name
+    fails with EACCES) still gets the shipped scenario of that name."""
+    shipped = load_scenario("workstation")
+    real_stat = os.stat
+
+    def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if os.fspath(path) == "workstation":
+            raise PermissionError(13, "Permission denied", "workstation")
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert load_scenario("workstation") == shipped
 
 
 def test_a_port_in_use_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 from collections import Counter
@@ -141,7 +142,9 @@ def scenario_names() -> list[str]:
 def load_scenario(name_or_path: str) -> Scenario:
     """A shipped scenario by name, or a scenario file by path."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # os.path.exists, not Path.exists: a name that cannot be looked up (a working directory
+    # the user may not enter) is a shipped scenario's name, not an error.
+    if path.suffix in (".yaml", ".yml") or os.path.exists(path):
         try:
             text = path.read_text()
         except OSError as e:
