@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import functools
 import gzip
-import hashlib
 import html
 import logging
 import socket
@@ -17,10 +14,10 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import bcrypt
 from prometheus_client import CollectorRegistry
 
 from . import __version__, exposition
+from .auth import BasicAuth
 from .config import WebConfig
 
 log = logging.getLogger(__name__)
@@ -39,48 +36,6 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{address!r} is not HOST:PORT (for example :9839 or 127.0.0.1:9839)")
     return host.strip("[]"), int(port)
-
-
-class BasicAuth:
-    """Checks HTTP basic auth against bcrypt hashes, caching what it has verified.
-
-    bcrypt is slow by design (tens of milliseconds); a scrape every 15 s must not pay it
-    every time, so verified credentials are remembered by their SHA-256, as the
-    exporter-toolkit does.
-    """
-
-    def __init__(self, users: dict[str, bytes]) -> None:
-        self._users = users
-        self._verified: set[bytes] = set()
-        self._lock = threading.Lock()
-
-    def allows(self, header: str | None) -> bool:
-        if not header or not header.startswith("Basic "):
-            return False
-        try:
-            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
-            return False
-        hashed = self._users.get(user)
-        if hashed is None:
-            # spend the same time as for a known user, so names cannot be probed
-            bcrypt.checkpw(password.encode(), _dummy_hash())
-            return False
-        key = hashlib.sha256(b"\0".join((user.encode(), password.encode(), hashed))).digest()
-        with self._lock:
-            if key in self._verified:
-                return True
-        if not bcrypt.checkpw(password.encode(), hashed):
-            return False
-        with self._lock:
-            self._verified.add(key)
-        return True
-
-
-@functools.cache
-def _dummy_hash() -> bytes:
-    """Hashed on first use, not at import: every start would pay for it."""
-    return bcrypt.hashpw(b"gpuwatch", bcrypt.gensalt(rounds=10))
 
 
 @dataclass
