@@ -95,6 +95,9 @@ class WebConfig:
     basic_auth_users: Mapping[str, bytes] = field(default_factory=dict)
     """user -> bcrypt hash."""
     headers: Mapping[str, str] = field(default_factory=dict)
+    client_allowed_sans: tuple[str, ...] = ()
+    """tls_server_config.client_allowed_sans: a verified client certificate must name one of
+    these (DNS, IP, e-mail or URI SAN); empty: any verified certificate."""
 
 
 def load_web_config(path: Path | None, now: datetime.datetime | None = None) -> WebConfig:
