@@ -107,7 +107,11 @@ def parse_when(text: str, now: dt.datetime, end: bool = True,
     if relative:
         seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([wdhms])",
                                                                  relative.group(1)))
-        return now + dt.timedelta(seconds=seconds)
+        try:
+            return now + dt.timedelta(seconds=seconds)
+        except OverflowError:  # timedelta, or the datetime past year 9999
+            raise ReservationError(f"{text!r} is too far from now: give an offset of less "
+                                   "than 9000 years, or a date") from None
     day = _date_only(text, end, tz)
     if day is not None:
         return day
