@@ -42,6 +42,16 @@ def test_label_values_and_help_are_escaped() -> None:
     assert exposition.text(registry) == generate_latest(registry)
 
 
+def test_a_label_value_that_is_not_text_does_not_cost_the_page() -> None:
+    gauge = GaugeMetricFamily("x", "x", labels=["command"])
+    gauge.add_metric([b"\xff\xfeevil".decode("utf-8", "surrogateescape")], 1)
+    gauge.add_metric(["fine"], 2)
+    registry = CollectorRegistry()
+    registry.register(Frozen([gauge]))
+    page = exposition.text(registry).decode("utf-8")  # strict: valid UTF-8
+    assert 'x{command="??evil"} 1.0' in page and 'x{command="fine"} 2.0' in page
+
+
 def test_kinds_it_does_not_write_are_refused() -> None:
     histogram = HistogramMetricFamily("h", "h", buckets=[("1", 1), ("+Inf", 2)], sum_value=3)
     registry = CollectorRegistry()

@@ -7,12 +7,13 @@ import getpass
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
-from gpuwatch.processes import ProcessInspector, parse_cgroup, read_proc_cgroup
+from gpuwatch.processes import ProcessInspector, clean_text, parse_cgroup, read_proc_cgroup
 
 DOCKER_ID = "3f4e1b2c9d8a7f6e5d4c3b2a19081726354453627180919a0b1c2d3e4f5a6b7c"
 
@@ -113,11 +114,81 @@ def test_a_recycled_pid_is_looked_up_again() -> None:
     ps = FakePs()
     inspector = ProcessInspector(ps, read_cgroup=lambda pid: "")
     first = inspector.inspect(7)
-    ps.user = "bob"
-    assert inspector.inspect(7) is first  # same process: cached
+    assert inspector.inspect(7) is first  # same process, nothing changed: cached
     ps.started = 200.0
+    ps.cmdline = ["python", "other.py"]
     renewed = inspector.inspect(7)
-    assert renewed is not None and renewed.user == "bob"
+    assert renewed is not None and renewed.cmdline == "python other.py"
+
+
+def test_a_process_that_changes_its_user_gets_its_new_user_at_once() -> None:
+    ps = FakePs()
+    inspector = ProcessInspector(ps, read_cgroup=lambda pid: "")
+    first = inspector.inspect(7)
+    assert first is not None and first.user == "alice"
+    ps.user = "bob"  # setuid() in a login-like launcher: same pid, same start time
+    again = inspector.inspect(7)
+    assert again is not None and again.user == "bob"
+
+
+PRCTL_CHILD = """
+import ctypes, sys
+libc = ctypes.CDLL(None)
+for line in sys.stdin:
+    libc.prctl(15, line.rstrip("\\n").encode("latin-1"), 0, 0, 0)  # PR_SET_NAME
+    print(flush=True)
+"""
+
+
+@contextlib.contextmanager
+def renaming_child(*argv: bytes) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that sets its name (prctl) to each line written to it, as raw bytes."""
+    child = subprocess.Popen([sys.executable.encode(), b"-c", PRCTL_CHILD.encode(), *argv],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def rename(child: subprocess.Popen[bytes], name: bytes) -> None:
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(name.decode("latin-1").encode() + b"\n")
+    child.stdin.flush()
+    child.stdout.readline()
+
+
+def test_names_and_command_lines_that_are_not_utf8_are_decoded_with_replacement() -> None:
+    with renaming_child(b"--data=\xff\xfe.bin") as child:
+        rename(child, b"\xff\xfeevil")
+        info = ProcessInspector(cmdline_max=1000).inspect(child.pid)
+        assert info is not None
+        assert info.command == "\ufffd\ufffdevil"
+        assert "--data=\ufffd\ufffd.bin" in info.cmdline
+        for value in (info.user, info.command, info.cmdline):
+            value.encode("utf-8")  # strict: every label value can be written
+
+
+def test_a_process_that_renames_itself_gets_its_new_name() -> None:
+    inspector = ProcessInspector()
+    with renaming_child() as child:
+        rename(child, b"loader")
+        first = inspector.inspect(child.pid)
+        assert first is not None and first.command == "loader"
+        rename(child, b"trainer")
+        again = inspector.inspect(child.pid)
+        assert again is not None and again.command == "trainer"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("plain", "plain"),
+    ("caf\xe9", "caf\xe9"),
+    (b"\xff-x".decode("utf-8", "surrogateescape"), "\ufffd-x"),
+    ("\ud800-lone", "\ufffd\ufffd\ufffd-lone"),
+])
+def test_clean_text(value: str, expected: str) -> None:
+    assert clean_text(value) == expected
 
 
 def test_read_proc_cgroup_from_a_proc_tree(tmp_path: Path) -> None:

@@ -50,7 +50,13 @@ def text(registry: Collector) -> bytes:
         help_text = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
         out.extend(_lines(metric.samples, metric.name))
-    return "".join(out).encode()
+    page = "".join(out)
+    try:
+        return page.encode()
+    except UnicodeEncodeError:
+        # a value that is not text (a lone surrogate) must not cost the page: the sources
+        # clean what they read (processes.clean_text), this is the last line of defence
+        return page.encode("utf-8", "replace")
 
 
 def _lines(samples: Iterable[Sample], family: str) -> Iterable[str]:

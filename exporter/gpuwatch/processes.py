@@ -41,16 +41,38 @@ def parse_cgroup(text: str) -> tuple[str, str]:
 
 def read_proc_cgroup(pid: int, proc_root: Path = Path("/proc")) -> str:
     try:
-        return (proc_root / str(pid) / "cgroup").read_text()
+        return (proc_root / str(pid) / "cgroup").read_text(errors="replace")
     except OSError:
         return ""
 
 
-class ProcessInspector:
-    """Looks up pids, remembering each process for as long as it lives.
+def clean_text(value: str) -> str:
+    """A string read from the host as valid UTF-8: bytes that are not UTF-8 become U+FFFD.
 
-    A pid is identified with its start time, so a recycled pid is looked up afresh; entries
-    of processes no longer on any GPU are dropped by `forget_others`.
+    psutil hands out undecodable bytes of /proc (a name set with prctl(PR_SET_NAME), a
+    command line, a user name) as lone surrogates; written as they are, they would make the
+    whole /metrics page fail to encode, so every value of a label passes through here.
+    """
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that was not an escaped byte
+        raw = value.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
+
+
+class ProcessInspector:
+    """Looks up pids, remembering what is costly to read for as long as it stays the same.
+
+    Every look-up reads the process's start time, user and name again, so a process that
+    changes its uid (setuid) or its name (exec, prctl) gets its new labels at once; the
+    command line and the cgroup (container, Slurm job) are read again only then, or when the
+    pid is recycled (another start time). Entries of processes no longer on any GPU are
+    dropped by `forget_others`.
     """
 
     def __init__(self, ps: ModuleType | Any = psutil,
@@ -66,12 +88,16 @@ class ProcessInspector:
         """What the host knows of the pid; None when it exited meanwhile or is invisible."""
         try:
             process = self._ps.Process(pid)
-            started = process.create_time()
-            with self._lock:
-                cached = self._cache.get(pid)
-            if cached is not None and cached[0] == started:
-                return cached[1]
-            info = self._describe(process, started)
+            with process.oneshot():
+                started = process.create_time()
+                user = clean_text(process.username())
+                name = clean_text(process.name())
+                with self._lock:
+                    cached = self._cache.get(pid)
+                if cached is not None and cached[0] == started and \
+                        (cached[1].user, cached[1].command) == (user, name):
+                    return cached[1]
+                info = self._describe(process, user, name, started)
             if not info.cmdline:
                 # caught inside exec(): /proc has no command line yet; look again next time
                 return info
@@ -85,14 +111,11 @@ class ProcessInspector:
             self._cache[pid] = (started, info)
         return info
 
-    def _describe(self, process: Any, started: float) -> ProcessInfo:
-        with process.oneshot():
-            user = process.username()
-            name = process.name()
-            try:
-                cmdline = " ".join(process.cmdline())
-            except self._ps.AccessDenied:
-                cmdline = name
+    def _describe(self, process: Any, user: str, name: str, started: float) -> ProcessInfo:
+        try:
+            cmdline = clean_text(" ".join(process.cmdline()))
+        except self._ps.AccessDenied:
+            cmdline = name
         container, job = parse_cgroup(self._read_cgroup(process.pid))
         return ProcessInfo(user=user, command=name, cmdline=cmdline[: self._cmdline_max],
                            start_time_seconds=started, container_id=container,
