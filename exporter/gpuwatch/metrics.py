@@ -118,8 +118,13 @@ XID_LAST = _gauge("nvidia_gpu_xid_last_timestamp_seconds",
 
 PROCESS_LABELS = ("pid", "user", "command", "container_id", "slurm_job_id")
 PROCESSES = _gauge("nvidia_gpu_processes",
-                   "Compute and graphics processes on the GPU, counted once per pid.",
-                   collector="process")
+                   "Compute and graphics processes on the GPU as NVML lists them, counted once "
+                   "per pid (those the host could not look up included).", collector="process")
+PROCESSES_UNRESOLVED = _gauge("nvidia_gpu_processes_unresolved",
+                              "Processes on the GPU that the host could not look up (exited "
+                              "since NVML listed them, or in another pid namespace): counted "
+                              "in nvidia_gpu_processes, without per-process series.",
+                              collector="process")
 PROCESS_MEMORY = _gauge("nvidia_gpu_process_memory_used_bytes",
                         "Device memory held by the process, in bytes.", labels=PROCESS_LABELS,
                         collector="process")

@@ -68,3 +68,6 @@ class ProcessSample:
     """The processes of one GPU, after deduplication by pid."""
 
     processes: tuple[GpuProcess, ...]
+    unresolved: int = 0
+    """Pids NVML listed that the host could not look up: exited since, or in another pid
+    namespace (an exporter in a container without the host's pids)."""

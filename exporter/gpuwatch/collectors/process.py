@@ -65,12 +65,13 @@ class ProcessCollector(Collector):
         processes = []
         for pid, used in sorted(running.items()):
             info = self._inspector.inspect(pid)
-            if info is not None:  # exited between NVML's list and our look-up
+            if info is not None:  # else exited since NVML's list, or not in our pid namespace
                 processes.append(GpuProcess(pid, used, info))
-        return ProcessSample(tuple(processes))
+        return ProcessSample(tuple(processes), unresolved=len(running) - len(processes))
 
     def families(self, readings: Sequence[tuple[Device, Any]], node: Any) -> Iterable[Metric]:
         count, users_info = family(metrics.PROCESSES), family(metrics.USERS_INFO)
+        unresolved = family(metrics.PROCESSES_UNRESOLVED)
         user_memory, user_processes = family(metrics.USER_MEMORY), family(metrics.USER_PROCESSES)
         memory = _labelled(metrics.PROCESS_MEMORY, self._labels)
         start = _labelled(metrics.PROCESS_START, self._labels)
@@ -78,7 +79,9 @@ class ProcessCollector(Collector):
         for device, sample in readings:
             labels = device.labels
             processes: tuple[GpuProcess, ...] = sample.processes
-            count.add_metric(labels, len(processes))
+            # the GPU is held by every pid NVML lists, whether or not we can name its owner
+            count.add_metric(labels, len(processes) + sample.unresolved)
+            unresolved.add_metric(labels, sample.unresolved)
             by_user: dict[str, list[GpuProcess]] = {}
             for p in processes:
                 by_user.setdefault(p.info.user, []).append(p)
@@ -101,7 +104,8 @@ class ProcessCollector(Collector):
                     memory.add_metric(series, used)
                 start.add_metric(series, started)
         self._inspector.forget_others(p.pid for _, s in readings for p in s.processes)
-        yield from (count, users_info, user_memory, user_processes, memory, start, dropped)
+        yield from (count, unresolved, users_info, user_memory, user_processes, memory, start,
+                    dropped)
 
     def _series(self, processes: Iterable[GpuProcess]
                 ) -> dict[tuple[str, ...], tuple[float | None, float]]:
