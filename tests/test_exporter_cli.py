@@ -159,3 +159,51 @@ def test_without_a_driver_the_exporter_runs_and_says_why() -> None:
     log = process.stderr.read() if process.stderr else ""
     assert log.count("collector gpu failed") == 1, log
     assert "libnvidia-ml.so not found" in log or "NVIDIA" in log
+
+
+BROKEN_HASH = "$2y$10$X0h1gDsPszWURQaxFh.zoubFi6DXncSjhoQNJgRrnGs7EsimhC7z"  # one short
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (f"basic_auth_users:\n  prometheus: '{BROKEN_HASH}'\n",
+     "basic_auth_users.prometheus: not a bcrypt hash"),
+    ("http_server_config:\n  headers: [X-Frame-Options: deny]\n",
+     "http_server_config.headers: expected a mapping"),
+    ("http_server_config:\n  http2: true\n", "http_server_config.http2: gpuwatch-exporter serves "
+                                             "HTTP/1.1 only"),
+    ("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+     "  client_auth_type: RequireAnyClientCert\n", "client_auth_type: RequireAnyClientCert"),
+    ("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+     "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: server.key\n",
+     "client_ca_file: "),
+])
+def test_a_web_config_the_exporter_cannot_honour_is_one_line_naming_it(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        text: str, message: str) -> None:
+    from certs import self_signed
+
+    def serve(*_: object) -> None:
+        raise AssertionError("the exporter started with a web config it cannot honour")
+
+    monkeypatch.setattr("gpuwatch.exporter_main.serve", serve)
+    self_signed(tmp_path)
+    config = tmp_path / "web.yml"
+    config.write_text(text)
+    code, err = run_main(capsys, "--web.config.file", str(config), "--simulate", "workstation",
+                         "--web.listen-address", "127.0.0.1:0")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(config) in lines[0] and message in lines[0], err
+
+
+def test_a_malformed_bcrypt_hash_stops_the_exporter_process(tmp_path: Path) -> None:
+    config = tmp_path / "web.yml"
+    config.write_text(f"basic_auth_users:\n  prometheus: '{BROKEN_HASH}'\n")
+    done = subprocess.run([*EXPORTER, "--simulate", "workstation", "--web.config.file",
+                           str(config), "--web.listen-address", f"127.0.0.1:{free_port()}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"gpuwatch-exporter: error: {config}: basic_auth_users.prometheus: not a bcrypt hash "
+        "($2a$, $2b$ or $2y$, a cost of 04 to 31, then 53 characters of bcrypt base64); make "
+        "one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`"]
