@@ -1,7 +1,8 @@
 """The exporter's files: --config.file (display names) and --web.config.file (TLS, auth).
 
 The web config is the Prometheus exporter-toolkit format, so one file serves node_exporter
-and gpuwatch alike. Every problem is a ConfigError whose message names the file, the key and
+and gpuwatch alike, except for what Python's ssl cannot do (refused, naming the key). Every
+problem is a ConfigError whose message names the file, the key and
 the fix, printed as one line before the exporter exits with status 2.
 """
 
