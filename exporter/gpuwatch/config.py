@@ -2,8 +2,8 @@
 
 The web config is the Prometheus exporter-toolkit format, so one file serves node_exporter
 and gpuwatch alike, except for what Python's ssl cannot do (refused, naming the key). Every
-problem is a ConfigError whose message names the file, the key and
-the fix, printed as one line before the exporter exits with status 2.
+problem is a ConfigError whose message names the file, the key and the fix, printed as one
+line before the exporter exits with status 2.
 """
 
 from __future__ import annotations
