@@ -1,0 +1,609 @@
+/* A fake libnvidia-ml.so.1 for the fault tests: the real nvidia-ml-py loads it through ctypes.
+ *
+ * Signatures and struct layouts are those of NVIDIA's nvml.h (as nvidia-ml-py declares them),
+ * for the functions gpuwatch calls. What the GPUs answer, and which faults they show, comes from
+ * the control file named by $FAKENVML_CONTROL, read again whenever it changes (write it
+ * atomically: a new file renamed over the old one). One directive a line; '#' starts a comment:
+ *
+ *   gpu <index> <uuid> <memory_total_mib> <memory_used_mib> <utilization_%> <name...>
+ *   proc <gpu> <pid> <used_bytes> [graphics]   a process on the GPU (compute unless "graphics")
+ *   lost <gpu>                                 every call on that GPU returns GPU_IS_LOST (15)
+ *   error <gpu|*> <function> <code>            that function returns that nvmlReturn_t
+ *   hang <gpu|*> <function> [ms]               the call blocks while this line is there (or ms)
+ *   xid <gpu> <code> <id>                      one Xid event, delivered once per id
+ *   init_error <code>                          nvmlInit fails with that code
+ *   init_delay_ms <ms>                         nvmlInit takes that long
+ *   count <n>                                  nvmlDeviceGetCount answers n (default: gpu lines)
+ *   log <function|*>                           append "<function> <gpu>" to $FAKENVML_LOG per call
+ *
+ * <function> is the C symbol (nvmlDeviceGetHandleByIndex_v2, nvmlDeviceGetMemoryInfo_v2, ...).
+ * A GPU that comes back (no longer lost, or present again) loses its event registrations, as a
+ * reset GPU does: Xid events reach it only once it is registered again.
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef int nvmlReturn_t;
+enum {
+    NVML_SUCCESS = 0, NVML_ERROR_UNINITIALIZED = 1, NVML_ERROR_INVALID_ARGUMENT = 2,
+    NVML_ERROR_NOT_SUPPORTED = 3, NVML_ERROR_INSUFFICIENT_SIZE = 7, NVML_ERROR_TIMEOUT = 10,
+    NVML_ERROR_GPU_IS_LOST = 15, NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25,
+    NVML_ERROR_UNKNOWN = 999,
+};
+
+#define MAX_GPUS 16
+#define MAX_ITEMS 256
+#define NAME_LEN 96
+#define XID_EVENT 0x8ULL /* nvmlEventTypeXidCriticalError */
+#define MEMORY_V2 0x02000028u /* nvmlMemory_v2: sizeof(nvmlMemory_v2_t) | 2 << 24 */
+#define MIB (1024ULL * 1024ULL)
+
+typedef struct nvmlDevice_st { int index; } *nvmlDevice_t;
+typedef struct nvmlPciInfo_st {
+    char busIdLegacy[16];
+    unsigned int domain, bus, device, pciDeviceId, pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+typedef struct { unsigned int gpu, memory; } nvmlUtilization_t;
+typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
+typedef struct { unsigned int version; unsigned long long total, reserved, free, used; } nvmlMemory_v2_t;
+typedef struct { unsigned int pid; unsigned long long usedGpuMemory; } nvmlProcessInfo_v1_t;
+typedef struct {
+    unsigned int pid;
+    unsigned long long usedGpuMemory;
+    unsigned int gpuInstanceId, computeInstanceId;
+} nvmlProcessInfo_v2_t; /* and _v3, as nvidia-ml-py lays it out */
+typedef struct {
+    nvmlDevice_t device;
+    unsigned long long eventType, eventData;
+    unsigned int gpuInstanceId, computeInstanceId;
+} nvmlEventData_t;
+typedef struct nvmlEventSet_st { int registered[MAX_GPUS]; unsigned generation[MAX_GPUS]; } *nvmlEventSet_t;
+
+struct gpu { int present, lost; char uuid[NAME_LEN], name[NAME_LEN]; unsigned long long total, used; unsigned util; };
+struct proc { int gpu, graphics; unsigned pid; unsigned long long used; };
+struct fault { int gpu; char function[64]; long value; }; /* gpu -1: any; value: code or ms */
+struct xid { int gpu; unsigned long long code; char id[32]; };
+
+static struct state {
+    struct gpu gpus[MAX_GPUS];
+    int count, nprocs, nerrors, nhangs, nxids, nlogs, init_error;
+    long init_delay_ms;
+    struct proc procs[MAX_ITEMS];
+    struct fault errors[MAX_ITEMS], hangs[MAX_ITEMS];
+    struct xid xids[MAX_ITEMS];
+    char logs[MAX_ITEMS][64];
+} st = { .count = -1 };
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static struct nvmlDevice_st devices[MAX_GPUS];
+static unsigned generation[MAX_GPUS]; /* bumped when a GPU comes back */
+static char delivered[MAX_ITEMS][40]; /* "gpu:id" of Xid events already delivered */
+static int ndelivered, initialized, loaded;
+static struct stat seen;
+static struct timespec started;
+
+static long ms_since(const struct timespec *t0) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - t0->tv_sec) * 1000 + (now.tv_nsec - t0->tv_nsec) / 1000000;
+}
+
+static void sleep_ms(long ms) {
+    struct timespec t = { ms / 1000, (ms % 1000) * 1000000 };
+    nanosleep(&t, NULL);
+}
+
+static int parse_gpu(const char *word) { return strcmp(word, "*") == 0 ? -1 : atoi(word); }
+
+static void parse_line(struct state *s, char *line) {
+    char word[64] = "", a[NAME_LEN] = "", b[64] = "", c[64] = "";
+    int at = 0, index;
+    line[strcspn(line, "#\r\n")] = '\0';
+    if (sscanf(line, "%63s %95s %63s %63s %n", word, a, b, c, &at) < 1)
+        return;
+    if (strcmp(word, "gpu") == 0 && (index = atoi(a)) >= 0 && index < MAX_GPUS) {
+        struct gpu *g = &s->gpus[index];
+        unsigned long long total = 81920, used = 0;
+        unsigned util = 0;
+        int name_at = 0;
+        g->present = 1;
+        sscanf(line, "%*s %*s %95s %llu %llu %u %n", g->uuid, &total, &used, &util, &name_at);
+        g->total = total * MIB, g->used = used * MIB, g->util = util;
+        if (g->uuid[0] == '\0')
+            snprintf(g->uuid, sizeof g->uuid, "GPU-%08d-fake-0000-0000-000000000000", index);
+        snprintf(g->name, sizeof g->name, "%s", name_at ? line + name_at : "NVIDIA H100 80GB HBM3");
+    } else if (strcmp(word, "proc") == 0 && s->nprocs < MAX_ITEMS) {
+        struct proc *p = &s->procs[s->nprocs++];
+        p->gpu = atoi(a), p->pid = (unsigned)strtoul(b, NULL, 10), p->used = strtoull(c, NULL, 10);
+        p->graphics = strstr(line + at, "graphics") != NULL;
+    } else if (strcmp(word, "lost") == 0 && (index = atoi(a)) >= 0 && index < MAX_GPUS) {
+        s->gpus[index].lost = 1;
+    } else if ((strcmp(word, "error") == 0 && s->nerrors < MAX_ITEMS) ||
+               (strcmp(word, "hang") == 0 && s->nhangs < MAX_ITEMS)) {
+        struct fault *f = word[0] == 'e' ? &s->errors[s->nerrors++] : &s->hangs[s->nhangs++];
+        f->gpu = parse_gpu(a), f->value = atol(c);
+        snprintf(f->function, sizeof f->function, "%s", b);
+    } else if (strcmp(word, "xid") == 0 && s->nxids < MAX_ITEMS) {
+        struct xid *x = &s->xids[s->nxids++];
+        x->gpu = atoi(a), x->code = strtoull(b, NULL, 10);
+        snprintf(x->id, sizeof x->id, "%s", c);
+    } else if (strcmp(word, "init_error") == 0) {
+        s->init_error = atoi(a);
+    } else if (strcmp(word, "init_delay_ms") == 0) {
+        s->init_delay_ms = atol(a);
+    } else if (strcmp(word, "count") == 0) {
+        s->count = atoi(a);
+    } else if (strcmp(word, "log") == 0 && s->nlogs < MAX_ITEMS) {
+        snprintf(s->logs[s->nlogs++], sizeof s->logs[0], "%s", a);
+    }
+}
+
+/* Read the control file again if it changed; called with mu held. */
+static void reload(void) {
+    const char *path = getenv("FAKENVML_CONTROL");
+    static struct state next;
+    struct stat now;
+    char line[512];
+    FILE *f;
+    if (!loaded) {
+        clock_gettime(CLOCK_MONOTONIC, &started);
+        for (int i = 0; i < MAX_GPUS; i++)
+            devices[i].index = i;
+    }
+    if (path == NULL || stat(path, &now) != 0) {
+        if (!loaded) /* no control file: one healthy GPU */
+            parse_line(&st, strcpy(line, "gpu 0 GPU-00000000-fake-0000-0000-000000000000"));
+        loaded = 1;
+        return;
+    }
+    if (loaded && now.st_ino == seen.st_ino && now.st_size == seen.st_size &&
+        now.st_mtim.tv_sec == seen.st_mtim.tv_sec && now.st_mtim.tv_nsec == seen.st_mtim.tv_nsec)
+        return;
+    if ((f = fopen(path, "r")) == NULL)
+        return;
+    memset(&next, 0, sizeof next);
+    next.count = -1;
+    while (fgets(line, sizeof line, f) != NULL)
+        parse_line(&next, line);
+    fclose(f);
+    for (int i = 0; i < MAX_GPUS; i++) {
+        const struct gpu *was = &st.gpus[i], *is = &next.gpus[i];
+        if ((was->lost && !is->lost) || (!was->present && is->present))
+            generation[i]++;
+    }
+    st = next;
+    seen = now;
+    loaded = 1;
+}
+
+static int device_count(void) {
+    int n = 0;
+    for (int i = 0; i < MAX_GPUS; i++)
+        if (st.gpus[i].present)
+            n = i + 1;
+    return st.count >= 0 ? st.count : n;
+}
+
+static const struct fault *find(const struct fault *faults, int n, const char *function, int gpu) {
+    for (int i = 0; i < n; i++)
+        if (strcmp(faults[i].function, function) == 0 && (faults[i].gpu == -1 || faults[i].gpu == gpu))
+            return &faults[i];
+    return NULL;
+}
+
+static void log_call(const char *function, int gpu) {
+    const char *path = getenv("FAKENVML_LOG");
+    char line[96];
+    for (int i = 0; path != NULL && i < st.nlogs; i++) {
+        if (strcmp(st.logs[i], "*") == 0 || strcmp(st.logs[i], function) == 0) {
+            int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+            int len = snprintf(line, sizeof line, "%s %d\n", function, gpu);
+            if (fd >= 0) {
+                if (write(fd, line, (size_t)len) != len)
+                    perror("fakenvml: log");
+                close(fd);
+            }
+            return;
+        }
+    }
+}
+
+/* Every call starts here: wait out a hang, log, then the faults. Returns with mu held. */
+static nvmlReturn_t enter(const char *function, int gpu) {
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    pthread_mutex_lock(&mu);
+    for (;;) {
+        reload();
+        const struct fault *hang = find(st.hangs, st.nhangs, function, gpu);
+        if (hang == NULL || (hang->value > 0 && ms_since(&t0) >= hang->value))
+            break;
+        pthread_mutex_unlock(&mu);
+        sleep_ms(5);
+        pthread_mutex_lock(&mu);
+    }
+    log_call(function, gpu);
+    const struct fault *error = find(st.errors, st.nerrors, function, gpu);
+    if (error != NULL)
+        return (nvmlReturn_t)error->value;
+    if (!initialized)
+        return NVML_ERROR_UNINITIALIZED;
+    if (gpu >= 0 && (gpu >= device_count() || !st.gpus[gpu].present || st.gpus[gpu].lost))
+        return NVML_ERROR_GPU_IS_LOST;
+    return NVML_SUCCESS;
+}
+
+static nvmlReturn_t leave(nvmlReturn_t rc) {
+    pthread_mutex_unlock(&mu);
+    return rc;
+}
+
+static int index_of(nvmlDevice_t device) {
+    return device >= devices && device < devices + MAX_GPUS ? device->index : -1;
+}
+
+/* The start of every device query: `g` is the GPU, `gpu` its index. */
+#define DEVICE_CALL(device)                                          \
+    int gpu = index_of(device);                                      \
+    if (gpu < 0)                                                     \
+        return NVML_ERROR_INVALID_ARGUMENT;                          \
+    nvmlReturn_t entered = enter(__func__, gpu);                     \
+    if (entered != NVML_SUCCESS)                                     \
+        return leave(entered);                                       \
+    const struct gpu *g = &st.gpus[gpu];                             \
+    (void)g
+
+static nvmlReturn_t copy_string(char *out, unsigned int length, const char *value) {
+    if (out == NULL || length <= strlen(value))
+        return leave(NVML_ERROR_INSUFFICIENT_SIZE);
+    strcpy(out, value);
+    return leave(NVML_SUCCESS);
+}
+
+/* -- library lifetime ----------------------------------------------------------------------- */
+
+nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
+    (void)flags;
+    pthread_mutex_lock(&mu);
+    reload();
+    long delay = st.init_delay_ms;
+    pthread_mutex_unlock(&mu);
+    sleep_ms(delay);
+    initialized++; /* enter() refuses calls before init: let it through, then undo on error */
+    nvmlReturn_t rc = enter(__func__, -1);
+    if (rc == NVML_SUCCESS && st.init_error != 0)
+        rc = st.init_error;
+    if (rc != NVML_SUCCESS)
+        initialized--;
+    return leave(rc);
+}
+
+nvmlReturn_t nvmlInit_v2(void) { return nvmlInitWithFlags(0); }
+
+nvmlReturn_t nvmlShutdown(void) {
+    nvmlReturn_t rc = enter(__func__, -1);
+    if (rc == NVML_SUCCESS)
+        initialized--;
+    return leave(rc);
+}
+
+const char *nvmlErrorString(nvmlReturn_t result) {
+    switch (result) {
+    case NVML_SUCCESS: return "Success";
+    case NVML_ERROR_UNINITIALIZED: return "Uninitialized";
+    case NVML_ERROR_INVALID_ARGUMENT: return "Invalid Argument";
+    case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
+    case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
+    case 9: return "Driver Not Loaded";
+    case NVML_ERROR_TIMEOUT: return "Timeout";
+    case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
+    case NVML_ERROR_ARGUMENT_VERSION_MISMATCH: return "Argument version mismatch";
+    case NVML_ERROR_UNKNOWN: return "Unknown Error";
+    default: return "Fake NVML error";
+    }
+}
+
+nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length) {
+    nvmlReturn_t rc = enter(__func__, -1);
+    return rc != NVML_SUCCESS ? leave(rc) : copy_string(version, length, "550.54.15");
+}
+
+nvmlReturn_t nvmlSystemGetCudaDriverVersion(int *version) {
+    nvmlReturn_t rc = enter(__func__, -1);
+    if (rc == NVML_SUCCESS)
+        *version = 12040;
+    return leave(rc);
+}
+
+nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) {
+    nvmlReturn_t rc = enter(__func__, -1);
+    if (rc == NVML_SUCCESS)
+        *count = (unsigned)device_count();
+    return leave(rc);
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device) {
+    if (index >= MAX_GPUS)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t rc = enter(__func__, (int)index);
+    if (rc == NVML_ERROR_GPU_IS_LOST && (int)index >= device_count())
+        rc = NVML_ERROR_INVALID_ARGUMENT;
+    if (rc == NVML_SUCCESS)
+        *device = &devices[index];
+    return leave(rc);
+}
+
+/* -- identity --------------------------------------------------------------------------------- */
+
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length) {
+    DEVICE_CALL(device);
+    return copy_string(uuid, length, g->uuid);
+}
+
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length) {
+    DEVICE_CALL(device);
+    return copy_string(name, length, g->name);
+}
+
+nvmlReturn_t nvmlDeviceGetVbiosVersion(nvmlDevice_t device, char *version, unsigned int length) {
+    DEVICE_CALL(device);
+    return copy_string(version, length, "96.00.99.00.01");
+}
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci) {
+    DEVICE_CALL(device);
+    memset(pci, 0, sizeof *pci);
+    pci->bus = 0x10u + (unsigned)gpu, pci->pciDeviceId = 0x233010DE, pci->pciSubSystemId = 0x16C110DE;
+    snprintf(pci->busId, sizeof pci->busId, "00000000:%02X:00.0", pci->bus);
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "0000:%02X:00.0", pci->bus);
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *current, unsigned int *pending) {
+    DEVICE_CALL(device);
+    *current = *pending = 0;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetComputeMode(nvmlDevice_t device, int *mode) {
+    DEVICE_CALL(device);
+    *mode = 0;
+    return leave(NVML_SUCCESS);
+}
+
+/* -- readings --------------------------------------------------------------------------------- */
+
+nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *utilization) {
+    DEVICE_CALL(device);
+    utilization->gpu = g->util, utilization->memory = g->util / 2;
+    return leave(NVML_SUCCESS);
+}
+
+static unsigned long long reserved(const struct gpu *g) { return g->total > 512 * MIB ? 256 * MIB : 0; }
+
+nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
+    DEVICE_CALL(device);
+    memory->total = g->total, memory->used = g->used + reserved(g);
+    memory->free = g->total - memory->used;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory) {
+    DEVICE_CALL(device);
+    if (memory->version != MEMORY_V2)
+        return leave(NVML_ERROR_ARGUMENT_VERSION_MISMATCH);
+    memory->total = g->total, memory->reserved = reserved(g), memory->used = g->used;
+    memory->free = g->total - g->used - memory->reserved;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, int sensor, unsigned int *temp) {
+    DEVICE_CALL(device);
+    if (sensor != 0) /* NVML_TEMPERATURE_GPU */
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    *temp = 40u + (unsigned)gpu + g->util / 5;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetTemperatureThreshold(nvmlDevice_t device, int threshold, unsigned int *temp) {
+    DEVICE_CALL(device);
+    if (threshold > 1) /* SHUTDOWN 0, SLOWDOWN 1 */
+        return leave(NVML_ERROR_NOT_SUPPORTED);
+    *temp = threshold == 0 ? 95 : 90;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *milliwatts) {
+    DEVICE_CALL(device);
+    *milliwatts = 70000u + 1000u * (unsigned)gpu + 2000u * g->util;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *milliwatts) {
+    DEVICE_CALL(device);
+    *milliwatts = 350000;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned long long *millijoules) {
+    DEVICE_CALL(device);
+    *millijoules = 1000000ULL * (unsigned)gpu + 70ULL * (unsigned long long)ms_since(&started);
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetFanSpeed(nvmlDevice_t device, unsigned int *percent) {
+    DEVICE_CALL(device);
+    *percent = 30;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetPerformanceState(nvmlDevice_t device, int *pstate) {
+    DEVICE_CALL(device);
+    *pstate = g->util > 0 ? 0 : 8;
+    return leave(NVML_SUCCESS);
+}
+
+static nvmlReturn_t codec(nvmlDevice_t device, const char *function, unsigned *util, unsigned *period) {
+    int gpu = index_of(device);
+    if (gpu < 0)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t rc = enter(function, gpu);
+    if (rc == NVML_SUCCESS)
+        *util = 0, *period = 167000;
+    return leave(rc);
+}
+
+nvmlReturn_t nvmlDeviceGetEncoderUtilization(nvmlDevice_t device, unsigned *util, unsigned *period) {
+    return codec(device, __func__, util, period);
+}
+
+nvmlReturn_t nvmlDeviceGetDecoderUtilization(nvmlDevice_t device, unsigned *util, unsigned *period) {
+    return codec(device, __func__, util, period);
+}
+
+static const unsigned clocks[2][4] = { { 1410, 1410, 1215, 1275 }, { 1980, 1980, 1593, 1710 } };
+
+nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, int type, unsigned int *mhz) {
+    DEVICE_CALL(device);
+    if (type < 0 || type > 3)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    *mhz = clocks[0][type];
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetMaxClockInfo(nvmlDevice_t device, int type, unsigned int *mhz) {
+    DEVICE_CALL(device);
+    if (type < 0 || type > 3)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    *mhz = clocks[1][type];
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetSupportedClocksEventReasons(nvmlDevice_t device, unsigned long long *reasons) {
+    DEVICE_CALL(device);
+    *reasons = 0x1ff;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(nvmlDevice_t device, unsigned long long *reasons) {
+    DEVICE_CALL(device);
+    *reasons = g->util > 0 ? 0 : 0x1; /* idle */
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t device, int type, int counter, unsigned long long *count) {
+    DEVICE_CALL(device);
+    (void)type, (void)counter;
+    *count = 0;
+    return leave(NVML_SUCCESS);
+}
+
+/* -- running processes: the count-then-fill protocol of every variant -------------------------- */
+
+static nvmlReturn_t processes(nvmlDevice_t device, const char *function, int graphics,
+                              unsigned int *count, void *infos, size_t size) {
+    int gpu = index_of(device);
+    if (gpu < 0 || count == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t rc = enter(function, gpu);
+    if (rc != NVML_SUCCESS)
+        return leave(rc);
+    unsigned n = 0, room = infos == NULL ? 0 : *count;
+    for (int i = 0; i < st.nprocs; i++) {
+        const struct proc *p = &st.procs[i];
+        if (p->gpu != gpu || p->graphics != graphics)
+            continue;
+        if (n < room) {
+            nvmlProcessInfo_v2_t info = { p->pid, p->used, 0xFFFFFFFFu, 0xFFFFFFFFu };
+            memcpy((char *)infos + n * size, &info, size); /* v1 is v2's first fields */
+        }
+        n++;
+    }
+    *count = n;
+    return leave(n > room ? NVML_ERROR_INSUFFICIENT_SIZE : NVML_SUCCESS);
+}
+
+#define PROCESS_QUERY(kind, graphics, suffix, type)                                           \
+    nvmlReturn_t nvmlDeviceGet##kind##RunningProcesses##suffix(nvmlDevice_t device,           \
+                                                               unsigned int *count, type *infos) { \
+        return processes(device, __func__, graphics, count, infos, sizeof(type));             \
+    }
+PROCESS_QUERY(Compute, 0, _v3, nvmlProcessInfo_v2_t)
+PROCESS_QUERY(Compute, 0, _v2, nvmlProcessInfo_v2_t)
+PROCESS_QUERY(Compute, 0, , nvmlProcessInfo_v1_t)
+PROCESS_QUERY(Graphics, 1, _v3, nvmlProcessInfo_v2_t)
+PROCESS_QUERY(Graphics, 1, _v2, nvmlProcessInfo_v2_t)
+PROCESS_QUERY(Graphics, 1, , nvmlProcessInfo_v1_t)
+
+/* -- Xid events ------------------------------------------------------------------------------- */
+
+nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set) {
+    nvmlReturn_t rc = enter(__func__, -1);
+    if (rc == NVML_SUCCESS && (*set = calloc(1, sizeof **set)) == NULL)
+        rc = NVML_ERROR_UNKNOWN;
+    return leave(rc);
+}
+
+nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long types, nvmlEventSet_t set) {
+    DEVICE_CALL(device);
+    if (set == NULL || !(types & XID_EVENT))
+        return leave(set == NULL ? NVML_ERROR_INVALID_ARGUMENT : NVML_ERROR_NOT_SUPPORTED);
+    set->registered[gpu] = 1, set->generation[gpu] = generation[gpu];
+    return leave(NVML_SUCCESS);
+}
+
+/* The first Xid event of the control file not yet delivered whose GPU the set watches. */
+static const struct xid *next_xid(nvmlEventSet_t set, char *key, size_t size) {
+    for (int i = 0; i < st.nxids; i++) {
+        const struct xid *x = &st.xids[i];
+        int seen_before = 0;
+        if (x->gpu < 0 || x->gpu >= MAX_GPUS || !set->registered[x->gpu] ||
+            set->generation[x->gpu] != generation[x->gpu])
+            continue;
+        snprintf(key, size, "%d:%s", x->gpu, x->id);
+        for (int j = 0; j < ndelivered && j < MAX_ITEMS; j++)
+            seen_before |= strcmp(delivered[j], key) == 0;
+        if (!seen_before)
+            return x;
+    }
+    return NULL;
+}
+
+nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeout_ms) {
+    struct timespec t0;
+    char key[40];
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (set == NULL || data == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    for (;;) {
+        nvmlReturn_t rc = enter(__func__, -1);
+        if (rc != NVML_SUCCESS)
+            return leave(rc);
+        const struct xid *x = next_xid(set, key, sizeof key);
+        if (x != NULL) {
+            snprintf(delivered[ndelivered++ % MAX_ITEMS], sizeof delivered[0], "%s", key);
+            data->device = &devices[x->gpu], data->eventType = XID_EVENT, data->eventData = x->code;
+            data->gpuInstanceId = data->computeInstanceId = 0xFFFFFFFFu;
+            return leave(NVML_SUCCESS);
+        }
+        leave(NVML_SUCCESS);
+        if (ms_since(&t0) >= (long)timeout_ms)
+            return NVML_ERROR_TIMEOUT;
+        sleep_ms(10);
+    }
+}
+
+nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set) {
+    nvmlReturn_t rc = enter(__func__, -1);
+    if (rc == NVML_SUCCESS)
+        free(set);
+    return leave(rc);
+}
