@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 GRAFANA_JS := tests/grafana_frontend/node_modules/.installed
 PYTHON3 ?= python3
 
-.PHONY: test lint demo bench bench-fleet prometheus systemd-analyze victoria-metrics proxies clean
+.PHONY: test lint demo bench bench-soak bench-fleet prometheus systemd-analyze victoria-metrics proxies clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON3) -m venv $(VENV)
@@ -43,6 +43,10 @@ demo: $(STAMP) prometheus
 
 bench: $(STAMP)
 	$(PY) -m gpuwatch.bench
+
+# 10,000 scrapes of an exporter process on the fake libnvidia-ml (gcc), with process churn
+bench-soak: $(STAMP)
+	$(PY) -m gpuwatch.bench_soak
 
 bench-fleet: $(STAMP) prometheus
 	$(PY) -m gpuwatch.bench_fleet
