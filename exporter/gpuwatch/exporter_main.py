@@ -16,18 +16,25 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector as OwnProcessCollector
 
 from . import __version__
-from .argtypes import non_negative_int, positive_float
+from .argtypes import non_negative_int, positive_float, positive_int
 from .collectors import Collector
 from .collectors.gpu import GpuCollector
 from .collectors.process import ProcessCollector, ProcessOptions
 from .collectors.reservation import ReservationCollector
 from .collectors.xid import XidCollector
-from .config import ConfigError, load_exporter_config, load_web_config
+from .config import ConfigError, load_exporter_config
 from .nvml import Nvml
 from .processes import ProcessInspector, read_proc_cgroup
 from .scrape import DEFAULT_TIMEOUT, Exporter
 from .simulate import Scenario, SimulatedNode, SimulatedNvml, SimulatedPsutil, load_scenario
-from .web import App, parse_listen_address, serve
+from .web import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_READ_TIMEOUT,
+    App,
+    WebConfigSource,
+    parse_listen_address,
+    serve,
+)
 
 PROG = "gpuwatch-exporter"
 DEFAULT_PORT = 9839
@@ -81,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "%(default)s)")
     p.add_argument("--web.config.file", dest="web_config", type=Path, metavar="FILE",
                    help="exporter-toolkit web config: TLS (tls_server_config) and basic auth "
-                   "(basic_auth_users with bcrypt hashes)")
+                   "(basic_auth_users with bcrypt hashes); re-read when it changes")
+    p.add_argument("--web.max-connections", dest="max_connections", type=positive_int,
+                   metavar="N", help="open connections at most; past it the one idle longest "
+                   f"is closed (default {DEFAULT_MAX_CONNECTIONS}, fewer when the fd limit "
+                   "is low)")
+    p.add_argument("--web.read-timeout", dest="read_timeout", type=positive_float,
+                   default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
+                   help="longest a client may take over a TLS handshake, a request or taking "
+                   "its answer, and stay idle between requests (default %(default)s)")
     p.add_argument("--config.file", dest="config", type=Path, metavar="FILE",
                    help="exporter config: display_names (model name -> short name)")
     # None: not given on the command line; enabled() decides
@@ -182,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_listen_address(args.listen_address)
         if not args.telemetry_path.startswith("/"):
             raise ConfigError(f"--web.telemetry-path {args.telemetry_path!r} must start with /")
-        web_config = load_web_config(args.web_config)
+        web_config = WebConfigSource.watch(args.web_config)
         sources = simulated_sources(load_scenario(args.simulate)) if args.simulate \
             else Sources()
         collectors = build_collectors(args, sources)
@@ -193,13 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     exporter = Exporter(nvml, collectors, timeout=args.timeout)
     app = App(build_registry(exporter), args.telemetry_path, web_config)
     try:
-        server = serve(app, args.listen_address)
+        server = serve(app, args.listen_address, args.max_connections, args.read_timeout)
     except OSError as e:
         print(f"{PROG}: error: cannot listen on {args.listen_address}: {e.strerror}; pick "
               "another --web.listen-address", file=sys.stderr)
         return 2
+    # serve_forever returns on SIGTERM; this covers one that comes before it runs
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    scheme = "https" if web_config.tls is not None else "http"
+    scheme = "https" if web_config.latest.tls is not None else "http"
     log.info("gpuwatch-exporter %s listening on %s://%s%s%s", __version__, scheme,
              args.listen_address, args.telemetry_path,
              f" (simulated: {args.simulate})" if args.simulate else "")
@@ -208,8 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
+        server.stop()
         exporter.close()
-        server.httpd.server_close()
     return 0
 
 
