@@ -340,6 +340,20 @@ def test_other_methods_get_405_with_allow(start: Callable[..., Server], method: 
         assert b"nvidia_gpu" not in body
 
 
+@pytest.mark.parametrize("head", [
+    b"garbage\r\n\r\n", b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + b"".join(b"X%d: a\r\n" % i for i in range(100)) + b"\r\n"],
+    ids=["not-http", "bad-path", "long-header", "many-headers"])
+def test_a_malformed_request_gets_400_and_logs_no_traceback(
+        start: Callable[..., Server], caplog: pytest.LogCaptureFixture, head: bytes) -> None:
+    server = start()
+    with caplog.at_level(logging.INFO):
+        answer = _raw_answer(server.port, head)
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
 def test_an_empty_host_listens_on_ipv4_and_ipv6() -> None:
     """":0" binds every address: run in a network namespace of its own (nothing but its
     loopback), so the test exposes nothing."""

@@ -89,6 +89,20 @@ ACCEPT_RETRY_SECONDS = 1.0
 ALLOWED_METHODS = ("GET", "HEAD")
 _LOG_EVERY_SECONDS = 60.0
 
+
+
+def _client_error(record: logging.LogRecord) -> bool:
+    """aiohttp logs a malformed request (a bad request line, too many headers) with a
+    traceback at error level: the client's problem, so one debug line of ours instead."""
+    exc = record.exc_info[1] if record.exc_info else None
+    reason = " ".join(str(exc).split()) if exc is not None else ""
+    log.debug("%s: %s", record.getMessage(), reason)
+    return False
+
+
+_client_log = logging.getLogger(f"{__name__}.client")
+_client_log.addFilter(_client_error)
+
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 
@@ -570,7 +584,7 @@ class Server:
         self._config_pool = ThreadPoolExecutor(1, thread_name_prefix="gpuwatch-web-config")
         connections = self.connections = _Connections(
             self._handle, self.limits.max_connections, loop=loop,
-            keepalive_timeout=self.limits.read_timeout, access_log=None,
+            keepalive_timeout=self.limits.read_timeout, access_log=None, logger=_client_log,
             max_headers=MAX_HEADERS, lingering_time=1.0)
         restore: list[tuple[signal.Signals, Any]] = []
         try:
