@@ -30,7 +30,7 @@ import bcrypt
 import pytest
 import yaml
 from certs import self_signed
-from fakenvml import GCC, Control, Gpu, Process, build, environment, logged_calls
+from fakenvml import GCC, WARNINGS, Control, Gpu, Process, build, environment, logged_calls
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.skipif(GCC is None, reason="gcc is not installed: the fake "
@@ -247,6 +247,10 @@ def children() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         child.wait()
 
 
+def test_the_fake_libnvidia_ml_compiles_without_warnings(fake_library: Path) -> None:
+    assert (fake_library / WARNINGS).read_text() == ""
+
+
 # -- hung calls ---------------------------------------------------------------------------------
 
 
@@ -350,6 +354,33 @@ def test_a_gpu_that_vanishes_from_the_count_is_reported_down(
     samples = node.scrape()
     assert fresh(samples, 0)
     assert marked_not_fresh(samples, 1), _gpu_lines(samples)
+
+
+def test_a_missing_driver_is_one_log_line_and_nvml_is_initialised_again_later(
+        start: Start, control: Control) -> None:
+    control.set_faults("init_error 9")  # NVML_ERROR_DRIVER_NOT_LOADED
+    node = start(control)
+    for _ in range(3):
+        samples = node.scrape()
+        assert value(samples, "nvidia_gpu_nvml_up") == 0, _gpu_lines(samples)
+    complaints = [line for line in node.log.read_text().splitlines()
+                  if re.search(r"level=(WARNING|ERROR|CRITICAL)", line)]
+    assert len(complaints) == 1, "\n".join(complaints)
+    assert "driver" in complaints[0]
+    control.set_faults()
+    node.wait_for(lambda s: fresh(s, 0) and fresh(s, 1), "GPUs once the driver is loaded")
+
+
+def test_nvml_initialised_is_not_logged_on_every_scrape_while_calls_fail(
+        start: Start, control: Control) -> None:
+    node = start(control)
+    assert fresh(node.scrape(), 0)
+    control.set_faults("error * nvmlDeviceGetCount_v2 9")  # the driver went away after init
+    for _ in range(5):
+        node.scrape()
+    initialised = [line for line in node.log.read_text().splitlines()
+                   if "NVML initialised" in line]
+    assert len(initialised) <= 2, "\n".join(initialised)
 
 
 # -- labels that are not UTF-8 ------------------------------------------------------------------

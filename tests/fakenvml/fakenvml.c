@@ -341,22 +341,34 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *dev
     return leave(rc);
 }
 
-/* -- identity --------------------------------------------------------------------------------- */
+/* -- device queries: one answer each ------------------------------------------------------- */
 
-nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length) {
-    DEVICE_CALL(device);
-    return copy_string(uuid, length, g->uuid);
-}
+/* A query with one result: `g` is the GPU, `gpu` its index. */
+#define QUERY(function, type, value)                                   \
+    nvmlReturn_t function(nvmlDevice_t device, type *out) {            \
+        DEVICE_CALL(device);                                           \
+        *out = (value);                                                \
+        return leave(NVML_SUCCESS);                                    \
+    }
+/* A string into the caller's buffer. */
+#define STRING_QUERY(function, value)                                  \
+    nvmlReturn_t function(nvmlDevice_t device, char *out, unsigned int length) { \
+        DEVICE_CALL(device);                                           \
+        return copy_string(out, length, value);                        \
+    }
 
-nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length) {
-    DEVICE_CALL(device);
-    return copy_string(name, length, g->name);
-}
-
-nvmlReturn_t nvmlDeviceGetVbiosVersion(nvmlDevice_t device, char *version, unsigned int length) {
-    DEVICE_CALL(device);
-    return copy_string(version, length, "96.00.99.00.01");
-}
+STRING_QUERY(nvmlDeviceGetUUID, g->uuid)
+STRING_QUERY(nvmlDeviceGetName, g->name)
+STRING_QUERY(nvmlDeviceGetVbiosVersion, "96.00.99.00.01")
+QUERY(nvmlDeviceGetComputeMode, int, 0)
+QUERY(nvmlDeviceGetPowerUsage, unsigned int, 70000u + 1000u * (unsigned)gpu + 2000u * g->util) /* mW */
+QUERY(nvmlDeviceGetEnforcedPowerLimit, unsigned int, 350000)
+QUERY(nvmlDeviceGetTotalEnergyConsumption, unsigned long long,
+      1000000ULL * (unsigned)gpu + 70ULL * (unsigned long long)ms_since(&started)) /* mJ */
+QUERY(nvmlDeviceGetFanSpeed, unsigned int, 30)
+QUERY(nvmlDeviceGetPerformanceState, int, g->util > 0 ? 0 : 8)
+QUERY(nvmlDeviceGetSupportedClocksEventReasons, unsigned long long, 0x1ff)
+QUERY(nvmlDeviceGetCurrentClocksEventReasons, unsigned long long, g->util > 0 ? 0 : 0x1) /* idle */
 
 nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci) {
     DEVICE_CALL(device);
@@ -372,14 +384,6 @@ nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *current, un
     *current = *pending = 0;
     return leave(NVML_SUCCESS);
 }
-
-nvmlReturn_t nvmlDeviceGetComputeMode(nvmlDevice_t device, int *mode) {
-    DEVICE_CALL(device);
-    *mode = 0;
-    return leave(NVML_SUCCESS);
-}
-
-/* -- readings --------------------------------------------------------------------------------- */
 
 nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *utilization) {
     DEVICE_CALL(device);
@@ -421,83 +425,27 @@ nvmlReturn_t nvmlDeviceGetTemperatureThreshold(nvmlDevice_t device, int threshol
     return leave(NVML_SUCCESS);
 }
 
-nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *milliwatts) {
-    DEVICE_CALL(device);
-    *milliwatts = 70000u + 1000u * (unsigned)gpu + 2000u * g->util;
-    return leave(NVML_SUCCESS);
-}
+#define CODEC_QUERY(function)                                                        \
+    nvmlReturn_t function(nvmlDevice_t device, unsigned *util, unsigned *period_us) { \
+        DEVICE_CALL(device);                                                         \
+        *util = 0, *period_us = 167000;                                              \
+        return leave(NVML_SUCCESS);                                                  \
+    }
+CODEC_QUERY(nvmlDeviceGetEncoderUtilization)
+CODEC_QUERY(nvmlDeviceGetDecoderUtilization)
 
-nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *milliwatts) {
-    DEVICE_CALL(device);
-    *milliwatts = 350000;
-    return leave(NVML_SUCCESS);
-}
-
-nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned long long *millijoules) {
-    DEVICE_CALL(device);
-    *millijoules = 1000000ULL * (unsigned)gpu + 70ULL * (unsigned long long)ms_since(&started);
-    return leave(NVML_SUCCESS);
-}
-
-nvmlReturn_t nvmlDeviceGetFanSpeed(nvmlDevice_t device, unsigned int *percent) {
-    DEVICE_CALL(device);
-    *percent = 30;
-    return leave(NVML_SUCCESS);
-}
-
-nvmlReturn_t nvmlDeviceGetPerformanceState(nvmlDevice_t device, int *pstate) {
-    DEVICE_CALL(device);
-    *pstate = g->util > 0 ? 0 : 8;
-    return leave(NVML_SUCCESS);
-}
-
-static nvmlReturn_t codec(nvmlDevice_t device, const char *function, unsigned *util, unsigned *period) {
-    int gpu = index_of(device);
-    if (gpu < 0)
-        return NVML_ERROR_INVALID_ARGUMENT;
-    nvmlReturn_t rc = enter(function, gpu);
-    if (rc == NVML_SUCCESS)
-        *util = 0, *period = 167000;
-    return leave(rc);
-}
-
-nvmlReturn_t nvmlDeviceGetEncoderUtilization(nvmlDevice_t device, unsigned *util, unsigned *period) {
-    return codec(device, __func__, util, period);
-}
-
-nvmlReturn_t nvmlDeviceGetDecoderUtilization(nvmlDevice_t device, unsigned *util, unsigned *period) {
-    return codec(device, __func__, util, period);
-}
-
+/* MHz of nvmlClockType_t GRAPHICS, SM, MEM, VIDEO: now and at most */
 static const unsigned clocks[2][4] = { { 1410, 1410, 1215, 1275 }, { 1980, 1980, 1593, 1710 } };
-
-nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, int type, unsigned int *mhz) {
-    DEVICE_CALL(device);
-    if (type < 0 || type > 3)
-        return leave(NVML_ERROR_INVALID_ARGUMENT);
-    *mhz = clocks[0][type];
-    return leave(NVML_SUCCESS);
-}
-
-nvmlReturn_t nvmlDeviceGetMaxClockInfo(nvmlDevice_t device, int type, unsigned int *mhz) {
-    DEVICE_CALL(device);
-    if (type < 0 || type > 3)
-        return leave(NVML_ERROR_INVALID_ARGUMENT);
-    *mhz = clocks[1][type];
-    return leave(NVML_SUCCESS);
-}
-
-nvmlReturn_t nvmlDeviceGetSupportedClocksEventReasons(nvmlDevice_t device, unsigned long long *reasons) {
-    DEVICE_CALL(device);
-    *reasons = 0x1ff;
-    return leave(NVML_SUCCESS);
-}
-
-nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(nvmlDevice_t device, unsigned long long *reasons) {
-    DEVICE_CALL(device);
-    *reasons = g->util > 0 ? 0 : 0x1; /* idle */
-    return leave(NVML_SUCCESS);
-}
+#define CLOCK_QUERY(function, which)                                        \
+    nvmlReturn_t function(nvmlDevice_t device, int type, unsigned int *mhz) { \
+        DEVICE_CALL(device);                                                \
+        if (type < 0 || type > 3)                                           \
+            return leave(NVML_ERROR_INVALID_ARGUMENT);                      \
+        *mhz = clocks[which][type];                                         \
+        return leave(NVML_SUCCESS);                                         \
+    }
+CLOCK_QUERY(nvmlDeviceGetClockInfo, 0)
+CLOCK_QUERY(nvmlDeviceGetMaxClockInfo, 1)
 
 nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t device, int type, int counter, unsigned long long *count) {
     DEVICE_CALL(device);
