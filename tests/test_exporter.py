@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import pytest
+from gpuwatch import nvml as N
 from gpuwatch.collectors.xid import XidCollector
 from gpuwatch.nvml import Nvml
 from gpuwatch.simulate import GIB, SimulatedNode, SimulatedNvml, load_scenario
 from simnode import T0, build
+from simnode import scenario as scenario_of
 
 IDLE_GPU = """
 gpus:
@@ -128,9 +131,10 @@ def test_no_driver_is_reported_and_retried_on_later_scrapes(caplog) -> None:
     for collector in ("gpu", "process", "xid"):
         assert node.value("nvidia_gpu_scrape_collector_success", collector=collector) == 0
     assert "nvidia_gpu_up{" not in text
-    assert sum("libnvidia-ml.so not found" in r.message for r in caplog.records) == 3
+    # one line, as the README says, not one per collector
+    assert sum("libnvidia-ml.so not found" in r.message for r in caplog.records) == 1
     node.text()  # the failure is logged when it starts, not at every scrape
-    assert sum("libnvidia-ml.so not found" in r.message for r in caplog.records) == 3
+    assert sum("libnvidia-ml.so not found" in r.message for r in caplog.records) == 1
     node.sim.driver_loaded = True  # the driver is installed while the exporter runs
     assert node.value("nvidia_gpu_nvml_up") == 1
     assert node.value("nvidia_gpu_up", gpu="0", uuid=uuid_of(None, 0)) == 1
@@ -317,3 +321,248 @@ def test_gpus_are_read_concurrently() -> None:
     node.text()
     assert node.sim.peak_in_flight >= 2
     node.close()
+
+
+# -- a GPU is up only with a fresh reading; every NVML call under the deadline ----------------
+
+def wait_until(check, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_hung_gpu_is_down_with_a_reason_and_its_neighbours_up() -> None:
+    node = build("gpus:\n  - {}\n  - {hang: [nvmlDeviceGetPowerUsage]}\n", timeout=0.3)
+    hung, fine = uuid_of(None, 1), uuid_of(None, 0)
+    try:
+        text = node.text()  # one scrape: value() would scrape again
+        assert f'nvidia_gpu_up{{gpu="1",uuid="{hung}"}} 0.0' in text
+        assert f'nvidia_gpu_down_info{{gpu="1",reason="timeout",uuid="{hung}"}} 1.0' in text
+        assert f'nvidia_gpu_up{{gpu="0",uuid="{fine}"}} 1.0' in text
+        assert 'nvidia_gpu_down_info{gpu="0"' not in text
+        # the next scrape does not ask it again: still down, now because the call hangs
+        assert node.value("nvidia_gpu_down_info", reason="hung", **gpu(1, hung)) == 1
+        node.sim.release_hangs()
+        assert wait_until(lambda: node.value("nvidia_gpu_up", **gpu(1, hung)) == 1)
+        assert "nvidia_gpu_down_info{" not in node.text()
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("function", ["nvmlDeviceGetHandleByIndex", "nvmlDeviceGetUUID",
+                                      "nvmlDeviceGetMemoryInfo"])
+def test_a_gpu_that_hangs_when_opened_is_down_and_blocks_nobody(function: str) -> None:
+    node = build(f"gpus:\n  - {{}}\n  - {{hang: [{function}]}}\n  - {{}}\n", timeout=0.3,
+                 frozen_timer=False)
+    try:
+        began = time.monotonic()
+        text = node.text()
+        assert time.monotonic() - began < 5  # the deadline, not the hang
+        assert 'nvidia_gpu_up{gpu="1",uuid=""} 0.0' in text
+        assert 'nvidia_gpu_down_info{gpu="1",reason="timeout",uuid=""} 1.0' in text
+        for index in (0, 2):
+            assert node.value("nvidia_gpu_up", **gpu(index, uuid_of(None, index))) == 1
+            assert f'nvidia_gpu_utilization_ratio{{gpu="{index}"' in text
+        calls = node.sim.calls[function]
+        assert 'reason="hung"' in node.text()
+        # the hung open is not repeated; GPUs 0 and 2 ask once each (their reading)
+        assert node.sim.calls[function] - calls == (0 if "Handle" in function else 2)
+        node.sim.release_hangs()
+        assert wait_until(lambda: node.value("nvidia_gpu_up", **gpu(1, uuid_of(None, 1))) == 1)
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("function", ["nvmlInit", "nvmlDeviceGetCount"])
+def test_a_hung_initialisation_is_nvml_down_and_the_scrape_answers(function: str) -> None:
+    node = build(f"hang: [{function}]\ngpus:\n  - {{}}\n", timeout=0.3, frozen_timer=False)
+    try:
+        began = time.monotonic()
+        text = node.text()
+        assert time.monotonic() - began < 5
+        assert node.value("nvidia_gpu_nvml_up") == 0
+        assert node.value("nvidia_gpu_scrape_collector_success", collector="gpu") == 0
+        assert "nvidia_gpu_up{" not in text
+        node.text()
+        assert node.sim.calls[function] == 1  # waited for, not called again
+        node.sim.release_hangs()
+        assert wait_until(lambda: node.value("nvidia_gpu_up", **gpu(0, uuid_of(None, 0))) == 1)
+        assert node.value("nvidia_gpu_nvml_up") == 1
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("error", ["Unknown", "GPUIsLost"])
+def test_one_fields_error_costs_that_field_only(error: str, caplog) -> None:
+    node = build(f"gpus:\n  - errors: {{nvmlDeviceGetPowerUsage: {error}}}\n")
+    labels = gpu(0, uuid_of(None, 0))
+    text = node.text()
+    assert node.value("nvidia_gpu_up", **labels) == 1
+    assert 'nvidia_gpu_power_usage_watts{gpu="0"' not in text
+    assert node.value("nvidia_gpu_power_limit_watts", **labels) == 400
+    assert node.value("nvidia_gpu_processes", **labels) == 0
+    node.text()
+    assert sum("nvmlDeviceGetPowerUsage" in r.message for r in caplog.records) == 1
+    node.close()
+
+
+@pytest.mark.parametrize("function", ["nvmlDeviceGetHandleByIndex", "nvmlDeviceGetUUID"])
+def test_unknown_from_a_presence_call_is_a_lost_gpu(function: str) -> None:
+    node = build(f"gpus:\n  - errors: {{{function}: Unknown}}\n  - {{}}\n")
+    assert node.value("nvidia_gpu_down_info", reason="lost", gpu="0", uuid="") == 1
+    assert node.value("nvidia_gpu_up", **gpu(1, uuid_of(None, 1))) == 1
+    node.close()
+
+
+def test_a_lost_gpu_is_logged_when_it_goes_and_when_it_comes_back(caplog) -> None:
+    now = [T0]
+    node = build("gpus:\n  - {lost_after_seconds: 60, back_after_seconds: 120}\n",
+                 clock=lambda: now[0])
+    with caplog.at_level(logging.INFO):
+        node.text()
+        now[0] += 61
+        node.text()
+        node.text()
+        now[0] += 60
+        node.text()
+    lines = [r for r in caplog.records if r.name == "gpuwatch.scrape" and "GPU 0" in r.message]
+    assert [(r.levelno, "down (lost)" in r.message) for r in lines] == \
+        [(logging.WARNING, True), (logging.INFO, False)]
+    assert "answers again" in lines[1].message
+    node.close()
+
+
+def test_a_gpu_lost_at_start_takes_its_uuid_from_the_kernel_driver(tmp_path) -> None:
+    for bus, uuid in (("0000:17:00.0", "GPU-aaaaaaaa-0000-0000-0000-000000000000"),
+                      ("0000:27:00.0", "GPU-bbbbbbbb-0000-0000-0000-000000000000")):
+        (tmp_path / bus).mkdir()
+        (tmp_path / bus / "information").write_text(
+            f"Model: \t\t NVIDIA A100\nIRQ:   \t\t 42\nGPU UUID: \t {uuid}\n"
+            f"Bus Location: \t {bus}\n")
+    node = build("gpus:\n  - {}\n  - {lost: true}\n")
+    node.exporter._nvml._proc_gpus = tmp_path
+    assert node.value("nvidia_gpu_up", gpu="1", uuid="GPU-bbbbbbbb-0000-0000-0000-000000000000") \
+        == 0
+    node.close()
+
+
+def test_a_gpu_lost_at_start_gets_its_uuid_when_it_answers() -> None:
+    now = [T0]
+    node = build("gpus:\n  - {lost_after_seconds: 0, back_after_seconds: 60}\n",
+                 clock=lambda: now[0])
+    assert node.value("nvidia_gpu_up", gpu="0", uuid="") == 0
+    now[0] += 61
+    assert node.value("nvidia_gpu_up", **gpu(0, uuid_of(None, 0))) == 1
+    assert 'uuid=""' not in node.text()
+    node.close()
+
+
+def test_a_gpu_that_vanishes_from_the_count_is_reported_down() -> None:
+    now = [T0]
+    node = build("gpus:\n  - {}\n  - {missing_after_seconds: 60}\n  - {}\n",
+                 clock=lambda: now[0])
+    assert node.value("nvidia_gpu_up", **gpu(1, uuid_of(None, 1))) == 1
+    now[0] += 61
+    text = node.text()
+    # the GPUs after it move up, and the one gone is counted after them, down, by its uuid
+    assert node.value("nvidia_gpu_up", **gpu(0, uuid_of(None, 0))) == 1
+    assert node.value("nvidia_gpu_up", **gpu(1, uuid_of(None, 2))) == 1
+    assert node.value("nvidia_gpu_up", **gpu(2, uuid_of(None, 1))) == 0
+    assert node.value("nvidia_gpu_down_info", reason="missing", **gpu(2, uuid_of(None, 1))) == 1
+    assert text.count("nvidia_gpu_up{") == 3
+    node.close()
+
+
+def test_nvml_initialised_is_logged_once_while_calls_fail_after_a_good_init(caplog) -> None:
+    node = build("gpus:\n  - {}\n")
+    count = node.sim.nvmlDeviceGetCount
+    node.sim.nvmlDeviceGetCount = lambda: (_ for _ in ()).throw(  # type: ignore[method-assign]
+        N.NVMLError(N.ERROR_UNINITIALIZED))
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            node.text()
+    assert node.value("nvidia_gpu_nvml_up") == 0
+    assert sum("NVML initialised" in r.message for r in caplog.records
+               if r.levelno >= logging.INFO) == 1
+    node.sim.nvmlDeviceGetCount = count  # type: ignore[method-assign]
+    assert node.value("nvidia_gpu_nvml_up") == 1
+    node.close()
+
+
+def test_a_name_that_is_not_utf8_is_decoded_with_replacement() -> None:
+    node = build("gpus:\n  - {}\n")
+
+    def name(h: object) -> str:  # what pynvml's convertStrBytes does with such bytes
+        return b"NVIDIA \xff\xfe A100".decode()
+
+    node.sim.nvmlDeviceGetName = name  # type: ignore[method-assign,assignment]
+    text = node.text()
+    assert 'name="NVIDIA \ufffd\ufffd A100"' in text
+    assert node.value("nvidia_gpu_scrape_collector_success", collector="gpu") == 1
+    node.close()
+
+
+# -- Xid events when they matter: a GPU that falls off the bus and comes back -----------------
+
+LOST_AND_BACK = """
+gpus:
+  - lost_after_seconds: 60
+    back_after_seconds: 120
+    xid:
+      - {code: 79, after_seconds: 60}
+      - {code: 13, after_seconds: 150}
+  - {}
+"""
+
+
+def test_xid_79_of_a_gpu_that_falls_off_the_bus_is_counted_and_it_is_watched_again() -> None:
+    now = [T0]
+    node = build(LOST_AND_BACK, clock=lambda: now[0])
+    labels = gpu(0, uuid_of(None, 0))
+    assert node.value("nvidia_gpu_up", **labels) == 1
+    now[0] += 61
+    assert node.value("nvidia_gpu_up", **labels) == 0
+    assert node.value("nvidia_gpu_xid_errors_total", xid="79", **labels) == 1
+    assert node.value("nvidia_gpu_scrape_collector_success", collector="xid") == 1
+    now[0] += 60  # it answers again, and is registered again
+    assert node.value("nvidia_gpu_up", **labels) == 1
+    now[0] += 30
+    node.text()
+    assert node.value("nvidia_gpu_xid_errors_total", xid="13", **labels) == 1
+    assert node.value("nvidia_gpu_xid_errors_total", xid="79", **labels) == 1
+    node.close()
+
+
+def test_xid_collector_fails_while_a_gpu_cannot_be_watched() -> None:
+    node = build("gpus:\n  - errors: {nvmlDeviceRegisterEvents: Unknown}\n  - {}\n")
+    assert node.value("nvidia_gpu_scrape_collector_success", collector="xid") == 0
+    assert node.value("nvidia_gpu_up", **gpu(0, uuid_of(None, 0))) == 1
+    node.close()
+
+
+def test_the_xid_watcher_thread_counts_a_lost_gpus_xid_and_watches_it_again() -> None:
+    now = [T0]
+    s = scenario_of(LOST_AND_BACK)
+    lib = SimulatedNvml(SimulatedNode(s, clock=lambda: now[0]))
+    nvml = Nvml(lib)
+    nvml.ensure_initialized()
+    from gpuwatch.collectors import Device
+
+    devices = [Device(i, nvml.handle(i), f"uuid-{i}") for i in range(2)]
+    collector = XidCollector(background=True)
+    try:
+        collector.read_node(nvml, devices)
+        now[0] += 61
+        assert wait_until(lambda: collector.read_node(nvml, devices[1:]).counts.get("uuid-0")
+                          == {79: (1, pytest.approx(time.time(), abs=30))})
+        now[0] += 90
+        devices[0] = Device(0, nvml.handle(0), "uuid-0")  # opened again
+        assert wait_until(lambda: 13 in collector.read_node(nvml, devices).counts.get(
+            "uuid-0", {}))
+        assert collector.problem() is None
+    finally:
+        collector.close()
+        lib.release_hangs()

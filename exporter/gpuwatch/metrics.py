@@ -54,8 +54,15 @@ INFO_LABELS = ("name", "display_name", "pci_bus_id", "driver_version", "cuda_ver
                "vbios_version", "mig_mode", "compute_mode")
 
 INFO = _gauge("nvidia_gpu_info", "Descriptive attributes of the GPU; always 1.", labels=INFO_LABELS)
-UP = _gauge("nvidia_gpu_up", "1 when the GPU answered this scrape, 0 when NVML reports it lost.",
-            collector="")
+UP = _gauge("nvidia_gpu_up", "1 when the GPU answered this scrape (opened, its handle and UUID "
+            "answered, and its reading finished within --collection.timeout); 0 when it did "
+            "not, and nvidia_gpu_down_info says why.", collector="")
+DOWN_INFO = _gauge("nvidia_gpu_down_info",
+                   "Why the GPU reports nvidia_gpu_up 0, only while it does; always 1. reason: "
+                   "lost (NVML says so), timeout (no answer within --collection.timeout), "
+                   "hung (a call from an earlier scrape has not returned), open_failed (no "
+                   "handle or UUID for another reason), missing (no longer in NVML's device "
+                   "count).", labels=("reason",), collector="")
 
 UTILIZATION = _gauge("nvidia_gpu_utilization_ratio",
                      "Fraction of the last sample period in which a kernel ran (nvidia-smi "

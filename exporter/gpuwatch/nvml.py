@@ -1,9 +1,14 @@
 """The one door to NVML: the only module that imports pynvml.
 
 Everything else asks through `Nvml`, which maps NVML's errors onto three outcomes:
-a value, ``None`` (the device does not support the field: leave it out), or an exception
+a value, ``None`` (the field is not there this time: leave it out), or an exception
 that means more than one field is gone: `GpuLost` (this GPU) or `NvmlUnavailable` (the
 library or driver; re-initialised on a later scrape).
+
+Only the calls that prove a GPU is there (`handle`, `uuid`) say it is lost: a field query
+that fails, with NVML_ERROR_UNKNOWN or even NVML_ERROR_GPU_IS_LOST, costs that field and
+nothing else (one flaky sensor must not blank a GPU that answers), and the next presence
+call tells whether the GPU is still there.
 
 The NVML library is injected (``lib``), so the simulated GPUs of `gpuwatch.simulate` run
 every line of this module: same function names, same return types, pynvml's own errors.
@@ -12,9 +17,12 @@ every line of this module: same function names, same return types, pynvml's own 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pynvml
@@ -69,7 +77,7 @@ COMPUTE_MODES = {0: "default", 1: "exclusive_thread", 2: "prohibited", 3: "exclu
 # The field is simply not there on this device, or not for us: leave it out.
 _ABSENT = frozenset({ERROR_NOT_SUPPORTED, ERROR_NO_PERMISSION, ERROR_NOT_FOUND, ERROR_NO_DATA,
                      ERROR_FUNCTION_NOT_FOUND, ERROR_ARGUMENT_VERSION_MISMATCH})
-# The GPU stopped answering: every later call on it fails too.
+# From a presence call (handle, UUID): the GPU stopped answering.
 _LOST = frozenset({ERROR_GPU_IS_LOST, ERROR_UNKNOWN})
 # The library or driver went away (driver upgrade, unload): initialise again later.
 _UNAVAILABLE = frozenset({ERROR_UNINITIALIZED, ERROR_DRIVER_NOT_LOADED, ERROR_LIBRARY_NOT_FOUND,
@@ -81,7 +89,8 @@ _PID_MAX = 1 << 22
 
 
 class GpuLost(Exception):
-    """This GPU no longer answers (NVML_ERROR_GPU_IS_LOST or NVML_ERROR_UNKNOWN)."""
+    """This GPU no longer answers: NVML_ERROR_GPU_IS_LOST or NVML_ERROR_UNKNOWN from a call
+    that proves the GPU is there (its handle or its UUID)."""
 
 
 class NvmlUnavailable(Exception):
@@ -94,11 +103,20 @@ class RunningProcess:
     used_memory_bytes: int | None
 
 
+PROC_GPUS = Path("/proc/driver/nvidia/gpus")
+"""One folder per GPU the kernel driver knows, named by PCI bus id, each with an
+``information`` file that names its UUID even when NVML cannot reach the GPU."""
+_UUID_LINE = re.compile(r"^GPU UUID:\s*(GPU-[0-9a-fA-F-]+)\s*$", re.MULTILINE)
+
+
 class Nvml:
     """NVML as the exporter uses it: initialise lazily, query with errors as values."""
 
-    def __init__(self, lib: Any = pynvml) -> None:
+    def __init__(self, lib: Any = pynvml, proc_gpus: Path | None = None) -> None:
         self._lib = lib
+        # the host's driver folders describe the host's GPUs, not a simulated node's
+        self._proc_gpus = proc_gpus if proc_gpus is not None or lib is not pynvml \
+            else PROC_GPUS
         self._lock = threading.RLock()
         self._initialized = False
         self.generation = 0
@@ -107,6 +125,7 @@ class Nvml:
         self._process_query: dict[str, str] = {}
         self.driver_version = ""
         self.cuda_version = ""
+        self._announced: tuple[str, str] | None = None
 
     # -- library lifetime -------------------------------------------------------------------
 
@@ -126,8 +145,13 @@ class Nvml:
             self.driver_version = str(self.query("nvmlSystemGetDriverVersion") or "")
             cuda = self.query("nvmlSystemGetCudaDriverVersion")
             self.cuda_version = f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else ""
-            log.info("NVML initialised: driver %s, CUDA %s", self.driver_version or "unknown",
-                     self.cuda_version or "unknown")
+            # once per driver: a driver that fails its calls after a good init is initialised
+            # again on every scrape, and that is not news
+            announced = (self.driver_version, self.cuda_version)
+            log.log(logging.INFO if announced != self._announced else logging.DEBUG,
+                    "NVML initialised: driver %s, CUDA %s", self.driver_version or "unknown",
+                    self.cuda_version or "unknown")
+            self._announced = announced
 
     def invalidate(self) -> None:
         """Forget the initialisation so the next scrape initialises NVML again."""
@@ -140,32 +164,64 @@ class Nvml:
     def device_count(self) -> int:
         return int(self.call("nvmlDeviceGetCount"))
 
+    # -- presence: the calls that prove a GPU is there --------------------------------------
+
     def handle(self, index: int) -> Any:
-        """The device handle, or GpuLost when the GPU does not answer."""
-        return self.call("nvmlDeviceGetHandleByIndex", index)
+        """The device handle; GpuLost when the GPU does not answer."""
+        return self._proof("nvmlDeviceGetHandleByIndex", index)
+
+    def uuid(self, handle: Any) -> str:
+        """The GPU's UUID (nvidia-smi uuid); GpuLost when the GPU does not answer. Asked on
+        every scrape: it is how a GPU shows it is still there."""
+        return decode(self._proof("nvmlDeviceGetUUID", handle))
+
+    def driver_uuid(self, index: int, count: int) -> str | None:
+        """The UUID the kernel driver gives the index-th GPU in PCI bus order (NVML's order),
+        for a GPU that does not answer NVML; None when unknown, or when the driver lists
+        another number of GPUs than NVML counts (then the order cannot be trusted)."""
+        if self._proc_gpus is None:
+            return None
+        try:
+            folders = sorted(p for p in self._proc_gpus.iterdir() if p.is_dir())
+            if len(folders) != count or not 0 <= index < count:
+                return None
+            text = (folders[index] / "information").read_text(errors="replace")
+        except OSError:
+            return None
+        found = _UUID_LINE.search(text)
+        return found.group(1) if found else None
+
+    def _proof(self, function: str, *args: Any) -> Any:
+        try:
+            return self.call(function, *args)
+        except NVMLError as e:
+            if _code(e) in _LOST:
+                raise GpuLost(f"{function}: {e}") from e
+            raise
 
     # -- queries ----------------------------------------------------------------------------
 
     def call(self, function: str, *args: Any) -> Any:
-        """Call an NVML function; any error but lost/unavailable propagates as NVMLError."""
+        """Call an NVML function; its errors propagate as NVMLError, but NvmlUnavailable when
+        the library or driver went away. A string that is not UTF-8 is decoded with
+        replacement (pynvml's own decoding raises), never an error."""
         fn = getattr(self._lib, function, None)
         if fn is None:
             raise NVMLError(ERROR_FUNCTION_NOT_FOUND)
         try:
             return fn(*args)
+        except UnicodeDecodeError as e:
+            return decode(bytes(e.object))
         except NVMLError as e:
-            code = _code(e)
-            if code in _LOST:
-                raise GpuLost(f"{function}: {e}") from e
-            if code in _UNAVAILABLE:
+            if _code(e) in _UNAVAILABLE:
                 self.invalidate()
                 raise NvmlUnavailable(f"{function}: {e}") from e
             raise
 
     def query(self, function: str, *args: Any) -> Any:
-        """The value of an NVML query, or None when the device does not offer it.
-
-        Raises GpuLost or NvmlUnavailable, which mean more than one field is gone.
+        """The value of an NVML query, or None when it has none this time: the device does not
+        offer it, or the call failed (logged once per function and error). Raises only
+        NvmlUnavailable, which means every field is gone.
         """
         try:
             return self.call(function, *args)
@@ -182,8 +238,10 @@ class Nvml:
         if code == ERROR_FUNCTION_NOT_FOUND:
             log.warning("%s is not in this driver's NVML; an older variant or nothing is used",
                         function)
+        elif code == -2:
+            log.warning("%s: %s (logged once)", function, error)
         else:
-            log.warning("%s failed: %s; the field is skipped", function, error)
+            log.warning("%s failed: %s; the field is skipped while it fails", function, error)
 
     # -- running processes: the v3/v2/v1 probe ----------------------------------------------
 
@@ -193,7 +251,11 @@ class Nvml:
 
         Drivers and bindings disagree on the process struct (driver 535 with older
         nvidia-ml-py returned garbage through the v3 name): try v3, v2, then v1, keep the
-        first that answers with plausible values, and remember it.
+        first whose layout fits, and remember it. A layout fits when most of its entries are
+        plausible (a pid Linux can hand out, no more memory than the GPU has): a wrong layout
+        makes nearly every entry garbage, while one odd entry in a right one (a driver's
+        glitch, a pid from another namespace's view) is dropped alone, counted in the log,
+        and the other processes are kept.
         """
         base = f"nvmlDeviceGet{kind.capitalize()}RunningProcesses"
         variants = [f"{base}_v3", f"{base}_v2", base]
@@ -212,10 +274,16 @@ class Nvml:
                     return None
                 raise
             processes = [_running_process(p) for p in raw]
-            if not all(_plausible(p, memory_total) for p in processes):
+            plausible = [p for p in processes if _plausible(p, memory_total)]
+            if processes and 2 * len(plausible) <= len(processes):
                 self._report_once(name, -1, ValueError("implausible pid or memory values "
                                                        "(struct layout mismatch)"))
                 continue
+            if len(plausible) < len(processes):
+                self._report_once(name, -2, ValueError(
+                    f"{len(processes) - len(plausible)} of {len(processes)} entries with an "
+                    "implausible pid or memory value, left out"))
+                processes = plausible
             if self._process_query.get(kind) != name:
                 self._process_query[kind] = name
                 log.debug("using %s for %s processes", name, kind)
@@ -224,15 +292,21 @@ class Nvml:
 
     # -- Xid events ---------------------------------------------------------------------------
 
-    def xid_event_set(self, handles: list[Any]) -> Any:
-        """An event set registered for Xid errors on every GPU that supports them."""
-        event_set = self.call("nvmlEventSetCreate")
-        for handle in handles:
-            try:
-                self.call("nvmlDeviceRegisterEvents", handle, EVENT_TYPE_XID, event_set)
-            except (NVMLError, GpuLost) as e:
-                log.info("Xid events unavailable on a GPU: %s", e)
-        return event_set
+    def xid_event_set(self) -> Any:
+        """An empty NVML event set, for register_xid."""
+        return self.call("nvmlEventSetCreate")
+
+    def register_xid(self, event_set: Any, handle: Any) -> str | None:
+        """Register the GPU for Xid events; None when done or when the GPU has no Xid events
+        (not supported: nothing to watch), else why it cannot be watched."""
+        try:
+            self.call("nvmlDeviceRegisterEvents", handle, EVENT_TYPE_XID, event_set)
+        except NVMLError as e:
+            if _code(e) in _ABSENT:
+                self._report_once("nvmlDeviceRegisterEvents", _code(e), e)
+                return None
+            return f"nvmlDeviceRegisterEvents: {e}"
+        return None
 
     def wait_event(self, event_set: Any, timeout_ms: int) -> Any | None:
         """The next event of the set, or None when the wait timed out."""
@@ -246,6 +320,14 @@ class Nvml:
     def free_event_set(self, event_set: Any) -> None:
         with contextlib.suppress(NVMLError, NvmlUnavailable):
             self.call("nvmlEventSetFree", event_set)
+
+
+def handle_key(handle: Any) -> Any:
+    """What identifies a device handle: the address behind a ctypes pointer (the handle in an
+    NVML event is a new pointer object to the same device), else the handle itself."""
+    if isinstance(handle, ctypes._Pointer):
+        return ctypes.cast(handle, ctypes.c_void_p).value
+    return handle
 
 
 def _code(error: Exception) -> int:
@@ -279,6 +361,7 @@ def _describe_init_error(error: Exception) -> str:
 
 
 def decode(value: Any) -> str:
-    """NVML strings: pynvml returns str, old bindings bytes."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """NVML strings: pynvml returns str, old bindings bytes; bytes that are not UTF-8 become
+    U+FFFD rather than an error."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 

@@ -2,10 +2,14 @@
 
 The rules (Prometheus' "Writing exporters": read on scrape) with three guards:
 - scrapes that arrive while a collection runs wait for it and share its result;
-- a collection ends at its deadline: a GPU whose NVML call hangs is reported as a failed
-  collection, and is not read again until that call returns, so /metrics keeps answering;
+- a collection ends at its deadline, and every NVML call is under it: initialisation and
+  the device count run in a worker of their own, each GPU is opened and read in its own
+  worker. A GPU whose call hangs is reported down (``nvidia_gpu_up 0``, reason
+  ``timeout``, then ``hung``) and is not asked again until that call returns; a hung
+  initialisation is ``nvidia_gpu_nvml_up 0``. /metrics keeps answering either way;
 - GPUs are read concurrently (ctypes releases the GIL inside NVML), so a scrape costs
   about the slowest GPU rather than the sum.
+A GPU is up only when it answered this scrape: positive evidence, never the lack of news.
 """
 
 from __future__ import annotations
@@ -24,22 +28,43 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import __version__, metrics
 from .collectors import Collector, Device, family
-from .nvml import GpuLost, Nvml, NVMLError, NvmlUnavailable, decode
+from .nvml import GpuLost, Nvml, NVMLError, NvmlUnavailable
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0
 """Seconds a collection may take; well under Prometheus' default scrape timeout (10 s)."""
 
+# Why a GPU is down (nvidia_gpu_down_info's reason label); docs/prometheus.md lists them.
+LOST = "lost"
+"""NVML says so when asked for its handle or UUID (NVML_ERROR_GPU_IS_LOST, _UNKNOWN)."""
+TIMEOUT = "timeout"
+"""Its reading did not finish within the collection timeout."""
+HUNG = "hung"
+"""A call from an earlier scrape has not returned: it is not asked again until it does."""
+OPEN_FAILED = "open_failed"
+"""Its handle or UUID could not be had, for another reason (no permission, say)."""
+MISSING = "missing"
+"""No longer in NVML's device count (it was before)."""
+DOWN_REASONS = (LOST, TIMEOUT, HUNG, OPEN_FAILED, MISSING)
+
 
 @dataclass
 class _GpuResult:
-    device: Device | None
     index: int
-    lost: bool = False
+    device: Device | None
+    down: str | None = None
+    """Why it did not answer this scrape (one of DOWN_REASONS); None when it did."""
+    why: str = ""
+    uuid: str = ""
+    """Its uuid when it has no device (a missing GPU)."""
     readings: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     durations: dict[str, float] = field(default_factory=dict)
+
+
+class _NoAnswer(Exception):
+    """NVML's initialisation or device count did not return within the deadline."""
 
 
 class _Worker:
@@ -84,15 +109,23 @@ class Exporter:
         self._collectors = list(collectors)
         self._timeout = timeout
         self._timer = timer
+        self._nvml_worker: _Worker | None = None
+        self._nvml_busy: Future[tuple[int, int]] | None = None
         self._workers: dict[int, _Worker] = {}
-        self._devices: dict[int, Device] = {}
-        self._uuids: dict[int, str] = {}  # last known uuid, so a lost GPU keeps its series
-        self._count = 0
-        self._generation = -1
         self._busy: dict[int, Future[_GpuResult]] = {}
+        # index -> (NVML generation it was opened in, device); written by the GPU workers
+        self._devices: dict[int, tuple[int, Device]] = {}
+        self._devices_lock = threading.Lock()
+        self._uuids: dict[int, str] = {}  # last known uuid, so a GPU that is down keeps it
+        self._seen: dict[str, int] = {}  # every uuid opened -> its last index
+        self._count = 0
+        self._most = 0
+        """The most GPUs NVML has counted: those beyond today's count are missing."""
+        self._generation = -1
         self._flight_lock = threading.Lock()
         self._in_flight: Future[Collection] | None = None
         self._last_errors: dict[str, str | None] = {}
+        self._last_down: dict[int, str | None] = {}
 
     # -- prometheus_client's Collector protocol ---------------------------------------------
 
@@ -118,26 +151,27 @@ class Exporter:
             collector.close()
         for worker in self._workers.values():
             worker.stop()
+        if self._nvml_worker is not None:
+            self._nvml_worker.stop()
 
     # -- one collection ---------------------------------------------------------------------
 
     def _collect(self) -> Collection:
-        start = self._timer()
+        deadline = self._timer() + self._timeout
         success: dict[str, bool] = {c.name: True for c in self._collectors}
         durations: dict[str, float] = {c.name: 0.0 for c in self._collectors}
         errors: dict[str, str] = {}
         out: list[Metric] = []
         answered: list[_GpuResult] = []
-        devices: list[Device] = []
         running = list(self._collectors)
         if any(c.uses_nvml for c in self._collectors):  # else NVML is never loaded
             nvml_up = family(metrics.NVML_UP)
             out.append(nvml_up)
             try:
-                self._nvml.ensure_initialized()
-                self._open_devices()
-            except NvmlUnavailable as e:
-                self._devices.clear()
+                count = self._open_nvml(deadline)
+            except (NvmlUnavailable, _NoAnswer) as e:
+                with self._devices_lock:
+                    self._devices.clear()
                 nvml_up.add_metric([], 0)
                 for c in self._collectors:
                     if c.uses_nvml:
@@ -146,21 +180,17 @@ class Exporter:
                 running = [c for c in self._collectors if not c.uses_nvml]
             else:
                 nvml_up.add_metric([], 1)
-                results = self._read_gpus(deadline=start + self._timeout)
-                up = family(metrics.UP)
+                results = self._read_gpus(count, deadline)
+                out.extend(self._report_up(results))
                 for result in results:
-                    uuid = result.device.uuid if result.device else \
-                        self._uuids.get(result.index, "")
-                    up.add_metric([str(result.index), uuid], 0 if result.lost else 1)
                     for name, message in result.errors.items():
                         success[name] = False
                         errors.setdefault(name, f"GPU {result.index}: {message}")
                     for name, seconds in result.durations.items():
                         durations[name] = max(durations[name], seconds)
-                out.append(up)
-                answered = [r for r in results if r.device is not None and not r.lost]
-                devices = [d for _, d in sorted(self._devices.items())]
+                answered = [r for r in results if r.device is not None and r.down is None]
 
+        devices = [r.device for r in answered if r.device is not None]
         for collector in running:
             name = collector.name
             readings = [(r.device, r.readings[name]) for r in answered
@@ -180,59 +210,101 @@ class Exporter:
         self._log_errors(errors)
         return Collection(out + self._health(success, durations))
 
-    def _open_devices(self) -> None:
-        count = self._nvml.device_count()
-        if count < self._count or self._generation != self._nvml.generation:
-            # fewer GPUs than before (indices moved) or NVML initialised anew (handles stale)
-            self._devices.clear()
-            self._generation = self._nvml.generation
-        for index in range(count):
-            if index in self._devices:
-                continue
-            try:
-                handle = self._nvml.handle(index)
-                uuid = decode(self._nvml.call("nvmlDeviceGetUUID", handle))
-                memory = self._nvml.query("nvmlDeviceGetMemoryInfo", handle)
-            except (GpuLost, NVMLError) as e:
-                log.debug("GPU %d cannot be opened: %s", index, e)
-                continue
-            self._uuids[index] = uuid
-            self._devices[index] = Device(index, handle, uuid,
-                                          float(memory.total) if memory is not None else None)
-        self._count = count
+    # -- NVML itself: initialisation and the device count, under the deadline -----------------
 
-    def _read_gpus(self, deadline: float) -> list[_GpuResult]:
+    def _open_nvml(self, deadline: float) -> int:
+        """The number of GPUs; NvmlUnavailable, or _NoAnswer when NVML did not answer in
+        time (that call is waited for, not repeated, by the next scrapes)."""
+        future = self._nvml_busy
+        if future is None or future.done():
+            if self._nvml_worker is None:
+                self._nvml_worker = _Worker("nvml")
+            future = self._nvml_busy = self._nvml_worker.submit(self._init_and_count)
+        wait([future], timeout=max(0.0, deadline - self._timer()))
+        if not future.done():
+            raise _NoAnswer(f"NVML initialisation or device count did not return within "
+                            f"{self._timeout:g} s")
+        count, generation = future.result()
+        if generation != self._generation or count < self._count:
+            # NVML initialised anew (handles stale) or fewer GPUs than before (indices moved)
+            with self._devices_lock:
+                self._devices.clear()
+            self._generation = generation
+        self._count = count
+        self._most = max(self._most, count)
+        return count
+
+    def _init_and_count(self) -> tuple[int, int]:
+        self._nvml.ensure_initialized()
+        return self._nvml.device_count(), self._nvml.generation
+
+    # -- the GPUs, each in its own worker -----------------------------------------------------
+
+    def _read_gpus(self, count: int, deadline: float) -> list[_GpuResult]:
         results: dict[int, _GpuResult] = {}
         pending: dict[int, Future[_GpuResult]] = {}
-        for index in range(self._count):
-            device = self._devices.get(index)
-            if device is None:  # could not be opened: lost
-                results[index] = _GpuResult(None, index, lost=True)
-                continue
+        for index in range(count):
             hung = self._busy.get(index)
             if hung is not None and not hung.done():
-                results[index] = self._timed_out(device, "an NVML call from an earlier "
-                                                 "scrape has not returned")
+                results[index] = self._down(index, HUNG, "an NVML call from an earlier "
+                                            "scrape has not returned")
                 continue
             worker = self._workers.get(index)
             if worker is None:
                 worker = self._workers[index] = _Worker(f"gpu{index}")
-            pending[index] = self._busy[index] = worker.submit(partial(self._read_gpu, device))
+            pending[index] = self._busy[index] = worker.submit(
+                partial(self._read_gpu, index, self._generation))
         wait(pending.values(), timeout=max(0.0, deadline - self._timer()))
         for index, future in pending.items():
             if future.done():
                 results[index] = future.result()
             else:
-                results[index] = self._timed_out(self._devices[index],
-                                                 f"no answer within {self._timeout:g} s")
+                results[index] = self._down(index, TIMEOUT,
+                                            f"no answer within {self._timeout:g} s")
+        results.update(self._missing(count))
         return [results[i] for i in sorted(results)]
 
-    def _timed_out(self, device: Device, why: str) -> _GpuResult:
-        failed = {c.name: why for c in self._collectors if _reads_gpus(c)}
-        return _GpuResult(device, device.index, errors=failed)
+    def _missing(self, count: int) -> dict[int, _GpuResult]:
+        """GPUs NVML no longer counts, after the ones it does, each with the uuid of a GPU
+        opened before that is no longer there (lowest former index first)."""
+        if count >= self._most:
+            return {}
+        with self._devices_lock:
+            present = {device.uuid for _, device in self._devices.values()}
+        gone = [u for u, _ in sorted(self._seen.items(), key=lambda item: item[1])
+                if u not in present]
+        return {index: _GpuResult(index, None, MISSING, "no longer in NVML's device count",
+                                  uuid=gone[slot] if slot < len(gone) else "")
+                for slot, index in enumerate(range(count, self._most))}
 
-    def _read_gpu(self, device: Device) -> _GpuResult:
-        result = _GpuResult(device, device.index)
+    def _down(self, index: int, reason: str, why: str) -> _GpuResult:
+        """A GPU that did not answer: every collector that reads GPUs failed on it."""
+        failed = {c.name: why for c in self._collectors if _reads_gpus(c)}
+        return _GpuResult(index, self._device(index), reason, why, errors=failed)
+
+    def _device(self, index: int) -> Device | None:
+        with self._devices_lock:
+            opened = self._devices.get(index)
+        return opened[1] if opened is not None and opened[0] == self._generation else None
+
+    def _read_gpu(self, index: int, generation: int) -> _GpuResult:
+        """Open the GPU if it is not (handle, UUID, memory size), prove it is there, read it.
+        Runs in the GPU's worker."""
+        with self._devices_lock:
+            opened = self._devices.get(index)
+        device = opened[1] if opened is not None and opened[0] == generation else None
+        try:
+            if device is None:
+                device = self._open(index)
+                with self._devices_lock:
+                    self._devices[index] = (generation, device)
+            else:
+                self._nvml.uuid(device.handle)  # still there?
+        except GpuLost as e:
+            return _GpuResult(index, device, LOST, str(e))
+        except (NVMLError, NvmlUnavailable) as e:
+            return _GpuResult(index, device, OPEN_FAILED, str(e))
+        result = _GpuResult(index, device)
         for collector in self._collectors:
             if not _reads_gpus(collector):
                 continue
@@ -240,8 +312,7 @@ class Exporter:
             try:
                 result.readings[collector.name] = collector.read_gpu(self._nvml, device)
             except GpuLost as e:
-                log.debug("GPU %d lost: %s", device.index, e)
-                result.lost = True
+                result.down, result.why = LOST, str(e)
                 return result
             except NvmlUnavailable as e:
                 result.errors[collector.name] = str(e)
@@ -251,6 +322,46 @@ class Exporter:
             finally:
                 result.durations[collector.name] = self._timer() - began
         return result
+
+    def _open(self, index: int) -> Device:
+        handle = self._nvml.handle(index)
+        uuid = self._nvml.uuid(handle)
+        memory = self._nvml.query("nvmlDeviceGetMemoryInfo", handle)
+        self._uuids[index] = uuid
+        self._seen[uuid] = index
+        return Device(index, handle, uuid, float(memory.total) if memory is not None else None)
+
+    # -- nvidia_gpu_up and why --------------------------------------------------------------
+
+    def _report_up(self, results: Sequence[_GpuResult]) -> list[Metric]:
+        up, down = family(metrics.UP), family(metrics.DOWN_INFO)
+        for result in results:
+            labels = [str(result.index), self._uuid(result)]
+            up.add_metric(labels, 0 if result.down else 1)
+            if result.down:
+                down.add_metric(labels + [result.down], 1)
+            if result.down != self._last_down.get(result.index):
+                if result.down:
+                    log.warning("GPU %d (%s) is down (%s): %s", result.index,
+                                labels[1] or "uuid unknown", result.down, result.why)
+                elif result.index in self._last_down:
+                    log.info("GPU %d (%s) answers again", result.index, labels[1])
+                self._last_down[result.index] = result.down
+        return [up, down]
+
+    def _uuid(self, result: _GpuResult) -> str:
+        """The GPU's uuid: from its device, else the last one seen at its index, else the
+        kernel driver's word for the GPU at that place in PCI order (NVML's order)."""
+        if result.device is not None:
+            return result.device.uuid
+        if result.down == MISSING:
+            return result.uuid
+        known = self._uuids.get(result.index)
+        if known is None:
+            known = self._nvml.driver_uuid(result.index, self._count)
+            if known:
+                self._uuids[result.index] = known
+        return known or ""
 
     def _health(self, success: dict[str, bool], durations: dict[str, float]) -> list[Metric]:
         ok = family(metrics.COLLECTOR_SUCCESS)
@@ -264,15 +375,21 @@ class Exporter:
         return [ok, took, build]
 
     def _log_errors(self, errors: dict[str, str]) -> None:
-        """One line when a collector starts or stops failing, not one per scrape."""
+        """One line when collectors start or stop failing, not one per scrape: collectors
+        that fail for the same reason (no driver) share it."""
+        changed: dict[str | None, list[str]] = {}
         for c in self._collectors:
             message = errors.get(c.name)
             if message != self._last_errors.get(c.name):
-                if message is None:
-                    log.info("collector %s recovered", c.name)
-                else:
-                    log.error("collector %s failed: %s", c.name, message)
+                if message is not None or c.name in self._last_errors:
+                    changed.setdefault(message, []).append(c.name)
                 self._last_errors[c.name] = message
+        for message, names in changed.items():
+            which = f"collector{'s' if len(names) > 1 else ''} {', '.join(names)}"
+            if message is None:
+                log.info("%s recovered", which)
+            else:
+                log.error("%s failed: %s", which, message)
 
 
 def _reads_gpus(collector: Collector) -> bool:

@@ -91,6 +91,10 @@ class SimGpu:
     hang: tuple[str, ...] = ()
     """NVML functions that never return (until SimulatedNvml.release_hangs())."""
     lost_after_seconds: float | None = None
+    back_after_seconds: float | None = None
+    """With lost_after_seconds: answers again from then on (a GPU reset)."""
+    missing_after_seconds: float | None = None
+    """From then on the GPU is not in the device count (the GPUs after it move up)."""
     xid: tuple[tuple[int, float], ...] = ()
     """(Xid code, seconds after start) events."""
     processes: tuple[SimProcess, ...] = ()
@@ -112,6 +116,9 @@ class Scenario:
     """Which process query the driver has: v3, v2, v1, or broken_v3 (the 535 mismatch)."""
     latency_seconds: float = 0.0
     """Added to every NVML call on a GPU that sets no latency of its own (benchmarks)."""
+    hang: tuple[str, ...] = ()
+    """Library calls (nvmlInit, nvmlDeviceGetCount) that never return, until
+    SimulatedNvml.release_hangs()."""
     gpus: tuple[SimGpu, ...] = ()
 
     @classmethod
@@ -173,10 +180,15 @@ def parse_scenario(text: str, source: str) -> Scenario:
         driver=r.get(top, "driver", bool, True),
         process_api=r.choice(top, "process_api", PROCESS_APIS, "v3"),
         latency_seconds=r.get(top, "latency_seconds", float, 0.0),
+        hang=tuple(str(f) for f in r.get(top, "hang", list, [])),
         gpus=tuple(_gpu(r, g, f"gpus[{i}]", i) for i, g in enumerate(gpus)),
     )
     r.no_other_keys(top, "", {"description", "driver_version", "cuda_version", "driver",
-                              "process_api", "latency_seconds", "gpu_defaults", "gpus"})
+                              "process_api", "latency_seconds", "hang", "gpu_defaults", "gpus"})
+    for f in scenario.hang:
+        if f not in _LIBRARY_HANGS:
+            raise ScenarioError(f"{source}: hang: {f!r} is not one of {', '.join(_LIBRARY_HANGS)} "
+                                f"(a GPU's own calls hang under gpus[N].hang)")
     if scenario.latency_seconds < 0:
         raise ScenarioError(f"{source}: latency_seconds: must not be negative, got "
                             f"{scenario.latency_seconds}")
@@ -186,6 +198,9 @@ def parse_scenario(text: str, source: str) -> Scenario:
                 raise ScenarioError(f"{source}: {f!r} is not an NVML function the simulator "
                                     f"has (see gpuwatch/simulate.py)")
     return scenario
+
+
+_LIBRARY_HANGS = ("nvmlInit", "nvmlDeviceGetCount")
 
 
 def _gpu(r: _Reader, data: Any, where: str, index: int) -> SimGpu:
@@ -223,6 +238,8 @@ def _gpu(r: _Reader, data: Any, where: str, index: int) -> SimGpu:
         errors=errors,
         hang=tuple(str(f) for f in r.get(g, "hang", list, [])),
         lost_after_seconds=r.get(g, "lost_after_seconds", float, None),
+        back_after_seconds=r.get(g, "back_after_seconds", float, None),
+        missing_after_seconds=r.get(g, "missing_after_seconds", float, None),
         xid=xid,
         processes=tuple(_process(r, p, f"{where}.processes[{i}]")
                         for i, p in enumerate(r.items(g, "processes"))),
@@ -242,8 +259,9 @@ def _gpu(r: _Reader, data: Any, where: str, index: int) -> SimGpu:
 _GPU_KEYS = {"name", "memory_gib", "power_limit_watts", "idle_power_watts", "load",
              "idle_temperature", "load_temperature", "slowdown_temperature",
              "shutdown_temperature", "max_clocks_mhz", "fan", "ecc", "ecc_errors", "errors",
-             "unsupported", "lost", "hang", "lost_after_seconds", "xid", "processes", "uuid",
-             "pci_bus_id", "latency_seconds"}
+             "unsupported", "lost", "hang", "lost_after_seconds", "back_after_seconds",
+             "missing_after_seconds", "xid", "processes", "uuid", "pci_bus_id",
+             "latency_seconds"}
 _PROCESS_KEYS = {"pid", "user", "command", "cmdline", "memory_gib", "age_seconds", "kind",
                  "container_id", "slurm_job_id", "vanished", "period_seconds",
                  "active_seconds", "offset_seconds"}
@@ -446,12 +464,29 @@ class SimulatedNvml:
                 self.last_answer = time.perf_counter()
         if function in gpu.hang:
             self._released.wait()
-        if gpu.lost_after_seconds is not None and self.node.elapsed() >= gpu.lost_after_seconds:
+        if self._lost(gpu):
             raise N.NVMLError(N.ERROR_GPU_IS_LOST)
         error = gpu.errors.get(function)
         if error is not None:
             raise N.NVMLError(ERRORS[error])
         return gpu
+
+    def _lost(self, gpu: SimGpu) -> bool:
+        elapsed = self.node.elapsed()
+        return gpu.lost_after_seconds is not None and elapsed >= gpu.lost_after_seconds and \
+            (gpu.back_after_seconds is None or elapsed < gpu.back_after_seconds)
+
+    def _visible(self) -> list[int]:
+        """The scenario's GPU indices NVML counts now, in order."""
+        elapsed = self.node.elapsed()
+        return [i for i, g in enumerate(self.scenario.gpus)
+                if g.missing_after_seconds is None or elapsed < g.missing_after_seconds]
+
+    def _library_call(self, function: str) -> None:
+        with self._count_lock:
+            self.calls[function] += 1
+        if function in self.scenario.hang:
+            self._released.wait()
 
     def _check_driver(self) -> None:
         if not self.driver_loaded:
@@ -460,6 +495,7 @@ class SimulatedNvml:
     # -- library -----------------------------------------------------------------------------
 
     def nvmlInit(self) -> None:
+        self._library_call("nvmlInit")
         if not self.driver_loaded:
             raise N.NVMLError(N.ERROR_LIBRARY_NOT_FOUND)
 
@@ -476,15 +512,15 @@ class SimulatedNvml:
 
     def nvmlDeviceGetCount(self) -> int:
         self._check_driver()
-        with self._count_lock:
-            self.calls["nvmlDeviceGetCount"] += 1
-        return len(self.scenario.gpus)
+        self._library_call("nvmlDeviceGetCount")
+        return len(self._visible())
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> _Handle:
         self._check_driver()
-        if not 0 <= index < len(self.scenario.gpus):
+        visible = self._visible()
+        if not 0 <= index < len(visible):
             raise N.NVMLError(2)  # NVML_ERROR_INVALID_ARGUMENT
-        handle = _Handle(index)
+        handle = _Handle(visible[index])
         self._gpu(handle, "nvmlDeviceGetHandleByIndex")
         return handle
 
