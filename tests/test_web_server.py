@@ -5,6 +5,7 @@ web config that changes while the exporter runs. Everything on 127.0.0.1 (and ::
 from __future__ import annotations
 
 import base64
+import errno
 import gzip
 import http.client
 import logging
@@ -28,6 +29,8 @@ from certs import certificate_authority, self_signed, signed_by
 from gpuwatch import web
 from gpuwatch.config import load_web_config
 from gpuwatch.web import App, Server, WebConfigSource, accepts_gzip, connection_cap, serve
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 from simnode import build
 
 ROOT = Path(__file__).parent.parent
@@ -143,6 +146,40 @@ def test_an_idle_connection_is_closed_after_the_read_timeout(
         silent.close()
         slow.close()
         kept.close()
+
+
+class _Big:
+    """A registry whose exposition is megabytes: more than socket buffers hold."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("big_series", "Many series.", labels=["n"])
+        for n in range(100_000):
+            family.add_metric([f"{n:040d}"], n)
+        yield family
+
+
+def test_a_client_that_does_not_take_its_answer_is_closed_after_the_read_timeout() -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Big())  # type: ignore[arg-type]
+    server = serve(App(registry), "127.0.0.1:0", read_timeout=0.5)
+    server.start()
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")  # and reads nothing
+        connections = server.connections
+        assert connections is not None
+        end = time.monotonic() + 20
+        while not connections.busy and time.monotonic() < end:
+            time.sleep(0.01)
+        assert connections.busy == 1  # being answered
+        while connections.open and time.monotonic() < end:
+            time.sleep(0.1)
+        assert connections.open == 0
+        sock.close()
+    finally:
+        server.stop()
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -386,6 +423,22 @@ def test_an_empty_host_listens_on_ipv4_and_ipv6() -> None:
     if "::1 failed" in result.stdout and "Address family" in result.stdout:
         pytest.skip("no IPv6 loopback in the namespace")
     assert "::1 200" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("error", [errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL])
+def test_an_empty_host_without_ipv6_listens_on_ipv4(monkeypatch: pytest.MonkeyPatch,
+                                                   error: int) -> None:
+    calls: list[tuple[int, object]] = []
+
+    def bind(family: int, address: object, backlog: int, v6only: bool = True) -> object:
+        calls.append((family, address))
+        if family == socket.AF_INET6:
+            raise OSError(error, os.strerror(error))
+        return "the IPv4 socket"
+
+    monkeypatch.setattr(web, "_bind", bind)
+    assert web._listening_socket("", 9839, 16) == "the IPv4 socket"
+    assert calls == [(socket.AF_INET6, ("::", 9839)), (socket.AF_INET, ("0.0.0.0", 9839))]
 
 
 def _has_ipv6_loopback() -> bool:
