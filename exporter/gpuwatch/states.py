@@ -25,16 +25,17 @@ class State:
     """A colour name that both Grafana and the terminal grid know."""
 
 
-FREE = State("free", 0, "answers, no process on it, less memory allocated than the held "
-             "threshold", "green")
+FREE = State("free", 0, "answered this scrape: no process on it, less memory allocated than "
+             "the held threshold", "green")
 BUSY = State("busy", 1, "held: processes on it, or memory allocated at or above the held "
              "threshold; a booked GPU that its holder uses, even without work", "yellow")
 IDLE = State("idle", 2, "held, but no work (utilisation below the idle threshold) for the "
              "idle duration", "purple")
 RESERVED = State("reserved", 3, "booked (gpuwatch reserve) and not used by whoever booked it "
                  "(a GPU its holder uses is busy)", "blue")
-DOWN = State("down", 4, "not answering: the target is down, NVML is unavailable, or the GPU "
-             "is lost", "red")
+DOWN = State("down", 4, "no fresh reading: the target is down, NVML is unavailable, the GPU is "
+             "lost, hung or missing, or the series that tell held from free are not there; a "
+             "booked GPU too", "red")
 
 ALL: tuple[State, ...] = (FREE, BUSY, IDLE, RESERVED, DOWN)
 BY_NAME: dict[str, State] = {s.name: s for s in ALL}
