@@ -117,6 +117,7 @@ def add_gpu(fake: FakePrometheus, host: str, gpu: int, state: states.State, user
     if inactive_since is not None:
         fake.add(states.INACTIVE_SINCE, inactive_since, **ids)
     fake.add(states.STATE_CODE, state.code, **ids)  # the CLI reads the info series, not this
+    fake.add(metrics.UP.name, 0 if state is states.DOWN else 1, **ids)
 
 
 @pytest.fixture
@@ -291,6 +292,25 @@ def test_pick_prints_the_lowest_free_indices_of_the_host(fleet_of_two: FakeProme
     assert run("--prometheus", fleet_of_two.url, "pick", "1", "--host", "node-a:9839") == \
         (0, "2\n")
     assert run("--prometheus", fleet_of_two.url, "pick", "1", "--host", "node-b") == (0, "0\n")
+
+
+def test_a_gpu_without_a_fresh_reading_is_down_and_never_picked(
+        fleet_of_two: FakePrometheus) -> None:
+    # GPU 2 hangs: the exporter says nvidia_gpu_up 0, while the state rule, evaluated before
+    # that scrape (or by rules older than the exporter), still says free
+    fleet_of_two.series = [(labels, 0.0 if labels["__name__"] == metrics.UP.name
+                            and labels["gpu"] == "2" and labels["host"] == "node-a" else value)
+                           for labels, value in fleet_of_two.series]
+    # GPU 5: the rule says free, but no nvidia_gpu_up for it at all
+    fleet_of_two.series = [(labels, value) for labels, value in fleet_of_two.series
+                           if not (labels["__name__"] == metrics.UP.name
+                                   and labels["gpu"] == "5")]
+    code, out = run("--prometheus", fleet_of_two.url, "status", "--json")
+    by = {(g["host"], g["gpu"]): g["state"] for g in json.loads(out)}
+    assert (by["node-a", 2], by["node-a", 5], by["node-b", 0]) == ("down", "down", "free")
+    assert run("--prometheus", fleet_of_two.url, "pick", "1", "--host", "node-b") == (0, "0\n")
+    code, _ = run("--prometheus", fleet_of_two.url, "pick", "1", "--host", "node-a")
+    assert code != 0
 
 
 def test_pick_without_enough_free_gpus_says_which_are(fleet_of_two: FakePrometheus,

@@ -3,6 +3,9 @@
 The state and the users come from the recording rule ``instance_gpu:gpuwatch_state:info``;
 model, memory and utilisation from the exporter's series, the booking of a booked GPU from
 ``instance_gpu:gpuwatch_reserved_until:timestamp_seconds``, joined by (instance, gpu).
+A GPU whose latest ``nvidia_gpu_up`` is not 1 is down whatever the rule says: the rule was
+evaluated before the scrape that found the GPU hung, or by rules older than the exporter, and
+a GPU is never free (never picked) without a fresh reading.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from .promapi import Prometheus, Sample
 
 # One query for what the grid shows besides the state: names known to be plain series
 _DETAILS = (metrics.MEMORY_USED.name, metrics.MEMORY_TOTAL.name, metrics.UTILIZATION.name,
-            metrics.INFO.name, states.INACTIVE_SINCE, states.RESERVED_UNTIL)
+            metrics.INFO.name, metrics.UP.name, states.INACTIVE_SINCE, states.RESERVED_UNTIL)
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "127.0.0.1", "::1")
 
 
@@ -109,12 +112,15 @@ def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
         info = details[metrics.INFO.name].get(key)
         booked = details[states.RESERVED_UNTIL].get(key)
         model = labels.get("model", "")
+        state = labels.get("state", "")
+        if state != states.DOWN.name and value(metrics.UP.name, key) != 1:
+            state = states.DOWN.name
         fleet.append(GpuStatus(
             host=labels.get("host") or labels.get("instance", ""),
             instance=labels.get("instance", ""),
             gpu=index,
             uuid=labels.get("uuid", ""),
-            state=labels.get("state", ""),
+            state=state,
             users=tuple(u for u in labels.get("users", "").split(",") if u),
             model=model,
             display_name=(info.labels.get("display_name", "") if info else "") or model,
