@@ -566,3 +566,11 @@ def test_the_xid_watcher_thread_counts_a_lost_gpus_xid_and_watches_it_again() ->
     finally:
         collector.close()
         lib.release_hangs()
+
+
+def test_a_name_that_failed_once_is_asked_again() -> None:
+    node = build("gpus:\n  - errors: {nvmlDeviceGetName: Unknown}\n")
+    assert 'name=""' in node.text()
+    node.sim.scenario.gpus[0].errors.pop("nvmlDeviceGetName")  # type: ignore[attr-defined]
+    assert 'name="NVIDIA A100-SXM4-80GB"' in node.text()
+    node.close()

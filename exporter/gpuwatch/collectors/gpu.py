@@ -60,7 +60,9 @@ class GpuCollector(Collector):
     def read_gpu(self, nvml: Nvml, device: Device) -> GpuSample:
         h = device.handle
         q = nvml.query
-        info = device.cached("info", lambda: self._info(nvml, h))
+        info = device.static.get("info") or self._info(nvml, h)
+        if info["name"]:  # kept while the driver is loaded; asked again after a failed call
+            device.static["info"] = info
         utilization = q("nvmlDeviceGetUtilizationRates", h)
         # v2 tells reserved memory apart and matches nvidia-smi's "used" since driver 510
         memory = q("nvmlDeviceGetMemoryInfo", h, MEMORY_V2) or q("nvmlDeviceGetMemoryInfo", h)
