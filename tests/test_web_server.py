@@ -118,6 +118,45 @@ def _listen_queue(port: int) -> int:
     return int(out[2])
 
 
+class _Slow:
+    """A collection that takes 0.3 s, counted."""
+
+    def __init__(self) -> None:
+        self.collections = 0
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        self.collections += 1
+        time.sleep(0.3)
+        yield GaugeMetricFamily("slow_value", "A slow reading.", value=1)
+
+
+def test_scrapes_waiting_for_a_collection_share_it_without_a_thread_each() -> None:
+    """The server has 4 threads: scrapes that each waited in one would need a collection
+    per 4 of them."""
+    slow = _Slow()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(slow)  # type: ignore[arg-type]
+    server = serve(App(registry), "127.0.0.1:0")
+    server.start()
+    try:
+        barrier = threading.Barrier(40)
+        statuses: list[int] = []
+
+        def scrape() -> None:
+            barrier.wait()
+            statuses.append(request(server.port)[0])
+
+        threads = [threading.Thread(target=scrape) for _ in range(40)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        server.stop()
+    assert statuses == [200] * 40
+    assert slow.collections <= 4, f"{slow.collections} collections for 40 scrapes at once"
+
+
 def test_idle_connections_past_the_cap_do_not_lock_a_scrape_out(
         start: Callable[..., Server]) -> None:
     server = start(max_connections=20)

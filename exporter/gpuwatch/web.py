@@ -323,8 +323,13 @@ class App:
 
     def respond(self, request: Request) -> Reply:
         """The answer to one request, body included for HEAD (the server drops it). Blocks
-        (collection, bcrypt): the server calls it in its thread pool."""
+        (collection, bcrypt): the server calls its parts in its thread pool."""
         config = self.source.current()
+        return self.refusal(request, config) or self.answer(request, config)
+
+    def refusal(self, request: Request, config: WebConfig) -> Reply | None:
+        """403 (client certificate), 405 (method) or 401 (password), or None to answer.
+        Blocks for a bcrypt check when the config has users."""
         headers = list(config.headers.items())
         if config.client_allowed_sans and \
                 not peer_allowed(request.peercert, config.client_allowed_sans):
@@ -340,8 +345,14 @@ class App:
                                                 client=request.client):
             return _text(401, "Unauthorized\n",
                          [*headers, ("WWW-Authenticate", 'Basic realm="gpuwatch"')])
+        return None
+
+    def answer(self, request: Request, config: WebConfig, text: bytes | None = None) -> Reply:
+        """The answer to a request let in. On the telemetry path `text` is the exposition
+        (collected now when None: blocks); gzipping it costs CPU too."""
+        headers = list(config.headers.items())
         if request.path == self.telemetry_path:
-            body = exposition.text(self.registry)
+            body = exposition.text(self.registry) if text is None else text
             headers += [("Content-Type", exposition.CONTENT_TYPE), ("Vary", "Accept-Encoding")]
             if accepts_gzip(request.headers.get("accept-encoding", "")):
                 body = gzip.compress(body, compresslevel=GZIP_LEVEL)
@@ -546,6 +557,7 @@ class Server:
         self._pool: ThreadPoolExecutor | None = None
         self._config_pool: ThreadPoolExecutor | None = None
         self._resume: asyncio.TimerHandle | None = None
+        self._collecting: asyncio.Future[bytes] | None = None
         self._logged: dict[str, float] = {}
 
     def serve_forever(self) -> None:
@@ -694,7 +706,6 @@ class Server:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         assert self.connections is not None and self._pool is not None
-        loop = asyncio.get_running_loop()
         transport = request.transport
         with self.connections.answering(request.protocol):
             peercert = transport.get_extra_info("peercert") if transport is not None else None
@@ -703,7 +714,7 @@ class Server:
             question = Request(request.method, request.path, headers, request.remote or "",
                                peercert)
             try:
-                reply = await loop.run_in_executor(self._pool, self.app.respond, question)
+                reply = await self._reply(question)
             except Exception:
                 log.exception("answering %s %s failed", request.method, request.path)
                 reply = _text(500, "Internal Server Error\n", [])
@@ -716,6 +727,43 @@ class Server:
                 if transport is not None:
                     transport.abort()
             return response
+
+    async def _reply(self, question: Request) -> Reply:
+        """The app's answer, its blocking parts in the pool; waiting is done here, on the
+        loop, so 100 scrapes at once hold no thread while they wait for a collection."""
+        loop = asyncio.get_running_loop()
+        source = self.app.source
+        if source.due():
+            await loop.run_in_executor(self._config_pool, source.current)
+        config = source.latest
+        if config.basic_auth_users:  # bcrypt
+            refusal = await loop.run_in_executor(self._pool, self.app.refusal, question, config)
+        else:
+            refusal = self.app.refusal(question, config)
+        if refusal is not None:
+            return refusal
+        if question.path != self.app.telemetry_path:
+            return self.app.answer(question, config)  # a fixed page: nothing to wait for
+        text = await self._exposition()
+        return await loop.run_in_executor(self._pool, self.app.answer, question, config, text)
+
+    async def _exposition(self) -> bytes:
+        """The exposition of the collection in flight, or of one started now: scrapes that
+        arrive while a collection runs share it (as the Exporter shares its collection, but
+        without a thread each to wait in)."""
+        shared = self._collecting
+        if shared is None:
+            loop = asyncio.get_running_loop()
+            assert self._pool is not None
+            shared = self._collecting = loop.run_in_executor(
+                self._pool, exposition.text, self.app.registry)
+            shared.add_done_callback(self._collected)
+        return await asyncio.shield(shared)
+
+    def _collected(self, done: asyncio.Future[bytes]) -> None:
+        self._collecting = None
+        if not done.cancelled():
+            done.exception()  # retrieved here: every waiter may have gone
 
     @staticmethod
     async def _send(request: web.BaseRequest, response: web.Response) -> None:
