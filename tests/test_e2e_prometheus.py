@@ -536,3 +536,38 @@ def test_node_removed_from_the_targets_disappears_without_a_restart(fleet: Fleet
     assert by(fleet, f'up{{instance="{node.instance}"}}', "instance") == {}
     assert by(fleet, f'instance_gpu:gpuwatch_inventory:info{{instance="{node.instance}"}}',
               "gpu") == {}
+
+
+# -- a GPU that hangs ------------------------------------------------------------------------------
+
+HUNG_NODE = """
+description: Two GPUs, both idle; GPU 1's power reading never returns.
+gpus:
+  - {}
+  - hang: [nvmlDeviceGetPowerUsage]
+"""
+
+
+def test_a_gpu_whose_nvml_call_hangs_is_down_and_never_picked(fleet: Fleet) -> None:
+    scenario = fleet.workdir / "hung.yaml"
+    scenario.write_text(HUNG_NODE)
+    port = localstack.free_port()
+    service = localstack.exporter(str(scenario), port, fleet.workdir / f"exporter-{port}.log",
+                                  extra=["--collection.timeout", "0.3"])
+    fleet.stack.callback(service.stop)
+    service.start()
+    node = Node(str(scenario), "hung-node", service, port,
+                expected_gpus(load_scenario(str(scenario))))
+    assert node.expected[1].state == states.FREE.name  # what it would be, did it answer
+    node.expected[1] = ExpectedGpu(states.DOWN.name, (), "", None, {})
+    fleet.nodes.append(node)
+    fleet.write_targets()
+    settled(fleet)  # GPU 0 free, GPU 1 down, the other nodes as they were
+    assert status(fleet)["hung-node", 1]["state"] == states.DOWN.name
+    result = gpuwatch(fleet, "pick", "1", "--host", "hung-node")
+    assert (result.returncode, result.stdout) == (0, "0\n"), result.stderr
+    result = gpuwatch(fleet, "pick", "2", "--host", "hung-node")
+    assert result.returncode == 1 and "1 free GPU (of 2)" in result.stderr
+    assert by(fleet, f'nvidia_gpu_down_info{{instance="{node.instance}"}}', "gpu", "reason") \
+        in ({("1", "timeout"): 1.0}, {("1", "hung"): 1.0})
+    fleet.remove_node(node)
