@@ -271,8 +271,8 @@ class Exporter:
             return {}
         with self._devices_lock:
             present = {device.uuid for _, device in self._devices.values()}
-        gone = [u for u, _ in sorted(self._seen.items(), key=lambda item: item[1])
-                if u not in present]
+            seen = sorted(self._seen.items(), key=lambda item: item[1])
+        gone = [u for u, _ in seen if u not in present]
         return {index: _GpuResult(index, None, MISSING, "no longer in NVML's device count",
                                   uuid=gone[slot] if slot < len(gone) else "")
                 for slot, index in enumerate(range(count, self._most))}
@@ -327,8 +327,9 @@ class Exporter:
         handle = self._nvml.handle(index)
         uuid = self._nvml.uuid(handle)
         memory = self._nvml.query("nvmlDeviceGetMemoryInfo", handle)
-        self._uuids[index] = uuid
-        self._seen[uuid] = index
+        with self._devices_lock:  # a late answer from a hung open races the scrape thread
+            self._uuids[index] = uuid
+            self._seen[uuid] = index
         return Device(index, handle, uuid, float(memory.total) if memory is not None else None)
 
     # -- nvidia_gpu_up and why --------------------------------------------------------------
@@ -360,7 +361,8 @@ class Exporter:
         if known is None:
             known = self._nvml.driver_uuid(result.index, self._count)
             if known:
-                self._uuids[result.index] = known
+                with self._devices_lock:
+                    self._uuids[result.index] = known
         return known or ""
 
     def _health(self, success: dict[str, bool], durations: dict[str, float]) -> list[Metric]:
