@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 
@@ -33,12 +33,7 @@ def self_signed(folder: Path, name: str = "server", days: float = 30,
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+    return _write(folder, name, certificate, key)
 
 
 def certificate_authority(folder: Path, name: str = "ca", days: float = 30) -> tuple[Path, Path]:
@@ -53,7 +48,6 @@ def signed_by(folder: Path, authority: tuple[Path, Path], name: str = "client",
     subject alternative names `sans`: "DNS:x", "IP:1.2.3.4", "email:a@b", "URI:spiffe://x"."""
     import ipaddress
 
-    from cryptography.hazmat.primitives.asymmetric import rsa
 
     ca_cert = x509.load_pem_x509_certificate(authority[0].read_bytes())
     ca_key = serialization.load_pem_private_key(authority[1].read_bytes(), password=None)
@@ -82,6 +76,12 @@ def signed_by(folder: Path, authority: tuple[Path, Path], name: str = "client",
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     certificate = builder.sign(ca_key, hashes.SHA256())
+    return _write(folder, name, certificate, key)
+
+
+def _write(folder: Path, name: str, certificate: x509.Certificate,
+           key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    """NAME.crt and NAME.key (PEM, unencrypted PKCS#8) in folder."""
     cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,

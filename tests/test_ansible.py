@@ -27,7 +27,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import ssl
 import stat
@@ -45,6 +44,7 @@ from typing import Any
 
 import pytest
 import yaml
+from gpuwatch.localstack import end_process
 from grafana_provisioning import provisioned
 
 REPO = Path(__file__).resolve().parents[1]
@@ -665,12 +665,7 @@ def exporter(deployment: Deployment) -> Iterator[str]:
             time.sleep(0.2)
         yield base
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_process(process, 10)
 
 
 def test_deployed_exporter_serves_metrics_over_tls_with_basic_auth(
@@ -730,12 +725,7 @@ def _prometheus(deployment: Deployment, tmp_path: Path) -> Iterator[Callable[[st
     try:
         yield query
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_process(process, 20)
 
 
 def test_prometheus_with_the_rendered_config_scrapes_the_exporter(
@@ -829,12 +819,7 @@ def test_a_booking_by_a_member_of_the_booking_group_reaches_prometheus(
             assert (labels["reserved_host"], labels["gpu"], labels["user"], labels["comment"]) \
                 == ("localhost", "1", "alice", "deployed"), log.read_text()
     finally:
-        endpoint.send_signal(signal.SIGTERM)
-        try:
-            endpoint.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            endpoint.kill()
-            endpoint.wait()
+        end_process(endpoint, 10)
     assert "nvml" not in log.read_text().lower()
 
 

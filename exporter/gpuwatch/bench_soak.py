@@ -17,7 +17,6 @@ import argparse
 import http.client
 import importlib.util
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 from .bench import _environment, _p99
+from .localstack import end_process
 
 FAKE_NVML = Path(__file__).resolve().parents[2] / "tests" / "fakenvml" / "__init__.py"
 """The fake libnvidia-ml's builder and control file writer, in a checkout."""
@@ -228,12 +228,7 @@ def soak(scrapes: int, gpus: int, per_gpu: int, churn_every: int, simulate: bool
             return rows
         finally:
             scraper.close()
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            end_process(process)
             if churn is not None:
                 churn.close()
 

@@ -40,6 +40,16 @@ GRAFANA_MISSING = 3
 _CONSTANT = re.compile(r"^\s*vector\(\s*([-+0-9.eE]+)\s*\)\s*$")
 
 
+
+def end_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, and SIGKILL when the process has not ended `timeout` seconds later."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
 class LocalStackError(Exception):
     """A process could not be started, or a configuration could not be generated."""
 
@@ -204,12 +214,7 @@ class Service:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_process(process, timeout)
 
     def kill(self) -> None:
         """Ends the process at once (SIGKILL), as a crash or the OOM killer would."""
