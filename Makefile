@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 GRAFANA_JS := tests/grafana_frontend/node_modules/.installed
 PYTHON3 ?= python3
 
-.PHONY: test lint demo bench bench-soak bench-fleet prometheus systemd-analyze victoria-metrics proxies clean
+.PHONY: test lint demo bench bench-soak bench-fleet prometheus systemd-analyze victoria-metrics proxies gcc clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON3) -m venv $(VENV)
@@ -31,11 +31,14 @@ victoria-metrics:
 proxies:
 	@scripts/ensure-proxies
 
+gcc:
+	@scripts/ensure-gcc
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check exporter tests
 	$(VENV)/bin/mypy
 
-test: $(STAMP) $(GRAFANA_JS) prometheus systemd-analyze victoria-metrics proxies lint
+test: $(STAMP) $(GRAFANA_JS) prometheus systemd-analyze victoria-metrics proxies gcc lint
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP) prometheus
@@ -45,7 +48,7 @@ bench: $(STAMP)
 	$(PY) -m gpuwatch.bench
 
 # 10,000 scrapes of an exporter process on the fake libnvidia-ml (gcc), with process churn
-bench-soak: $(STAMP)
+bench-soak: $(STAMP) gcc
 	$(PY) -m gpuwatch.bench_soak
 
 bench-fleet: $(STAMP) prometheus
