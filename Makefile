@@ -35,24 +35,24 @@ gcc:
 	@scripts/ensure-gcc
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check exporter tests
+	$(VENV)/bin/ruff check src tools tests
 	$(VENV)/bin/mypy
 
 test: $(STAMP) $(GRAFANA_JS) prometheus systemd-analyze victoria-metrics proxies gcc lint
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP) prometheus
-	$(PY) -m gpuwatch.demo
+	$(PY) -m tools.demo
 
 bench: $(STAMP)
-	$(PY) -m gpuwatch.bench
+	$(PY) -m tools.bench
 
 # 10,000 scrapes of an exporter process on the fake libnvidia-ml (gcc), with process churn
 bench-soak: $(STAMP) gcc
-	$(PY) -m gpuwatch.bench_soak
+	$(PY) -m tools.bench_soak
 
 bench-fleet: $(STAMP) prometheus
-	$(PY) -m gpuwatch.bench_fleet
+	$(PY) -m tools.bench_fleet
 
 clean:
-	rm -rf $(VENV) .demo .bench build dist exporter/*.egg-info tests/grafana_frontend/node_modules
+	rm -rf $(VENV) .demo .bench build dist src/*.egg-info tests/grafana_frontend/node_modules

@@ -1,6 +1,6 @@
 """A small GPU fleet for end-to-end tests: simulated exporters and a real Prometheus.
 
-Built on gpuwatch.localstack (the processes and the generated Prometheus configuration):
+Built on tools.localstack (the processes and the generated Prometheus configuration):
 every process listens on 127.0.0.1 only and is stopped by `Fleet.close()` (or the `with`
 block). With `bookings`, a reservations endpoint serves them from a reservations file, as on
 the monitoring host. Prometheus runs the project's own prometheus.yml (its scrape job and host
@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpuwatch import localstack, reservations
-from gpuwatch.nvml import NVMLError
-from gpuwatch.simulate import Scenario, SimulatedNode, SimulatedNvml, load_scenario
+from gpuwatch import reservations
+from gpuwatch.exporter.nvml import NVMLError
+from gpuwatch.sim import Scenario, SimulatedNode, SimulatedNvml, load_scenario
+from tools import localstack
 
-REPO = Path(__file__).resolve().parent.parent
 LOCALHOST = localstack.LOCALHOST
 DEADLINE = 30.0
 """Seconds the fleet waits for a condition before it gives up (a guard, not a measure)."""

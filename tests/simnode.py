@@ -5,17 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gpuwatch import exposition
-from gpuwatch.exporter_main import (
+from prometheus_client import CollectorRegistry
+
+from gpuwatch.exporter import encoding
+from gpuwatch.exporter.main import (
     build_collectors,
     build_parser,
     build_registry,
     simulated_sources,
 )
-from gpuwatch.nvml import Nvml
-from gpuwatch.scrape import Exporter
-from gpuwatch.simulate import Scenario, SimulatedNvml, load_scenario, parse_scenario
-from prometheus_client import CollectorRegistry
+from gpuwatch.exporter.nvml import Nvml
+from gpuwatch.exporter.scrape import Exporter
+from gpuwatch.sim import Scenario, SimulatedNvml, load_scenario, parse_scenario
 
 T0 = 1_800_000_000.0
 """The frozen clock of reproducible readings (2027-01-15)."""
@@ -31,7 +32,7 @@ class SimExporter:
         return self.registry.get_sample_value(metric, labels)
 
     def text(self) -> str:
-        return exposition.text(self.registry).decode()
+        return encoding.text(self.registry).decode()
 
     def close(self) -> None:
         self.sim.release_hangs()

@@ -1,8 +1,0 @@
-"""gpuwatch: which GPU is free right now, and who holds the others."""
-
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("gpuwatch")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"

@@ -1,0 +1,230 @@
+"""gpuwatch-exporter: argument parsing and wiring only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.process_collector import ProcessCollector as OwnProcessCollector
+
+from gpuwatch import __version__
+from gpuwatch.argtypes import non_negative_int, positive_float, positive_int
+from gpuwatch.exporter.collectors import Collector
+from gpuwatch.exporter.collectors.gpu import GpuCollector
+from gpuwatch.exporter.collectors.process import ProcessCollector, ProcessOptions
+from gpuwatch.exporter.collectors.reservation import ReservationCollector
+from gpuwatch.exporter.collectors.xid import XidCollector
+from gpuwatch.exporter.nvml import Nvml
+from gpuwatch.exporter.processes import ProcessInspector, read_proc_cgroup
+from gpuwatch.exporter.scrape import DEFAULT_TIMEOUT, Exporter
+from gpuwatch.exporter.web import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_READ_TIMEOUT,
+    App,
+    WebConfigSource,
+    parse_listen_address,
+    serve,
+)
+from gpuwatch.exporter.webconfig import ConfigError, load_exporter_config
+from gpuwatch.sim import Scenario, SimulatedNode, SimulatedNvml, SimulatedPsutil, load_scenario
+
+PROG = "gpuwatch-exporter"
+DEFAULT_PORT = 9839
+"""Not taken by the well-known GPU exporters (dcgm-exporter 9400, nvidia_gpu_exporter 9835)."""
+DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
+RESERVATIONS_LISTEN_ADDRESS = f"127.0.0.1:{DEFAULT_PORT + 1}"
+"""Where the reservations endpoint (this exporter with --reservations.file and the GPU
+collectors off) listens on the monitoring host: beside Prometheus, which alone scrapes it."""
+
+log = logging.getLogger("gpuwatch")
+
+
+@dataclass(frozen=True)
+class CollectorEntry:
+    name: str
+    help: str
+    enabled: bool
+    implied_by: str | None = None
+    """The dest of an option that turns the collector on when given (unless it is turned off
+    explicitly); the collector needs that option."""
+
+
+# The collectors, with their default state: each becomes --collector.NAME / --no-collector.NAME
+COLLECTORS = (
+    CollectorEntry(GpuCollector.name, GpuCollector.help, True),
+    CollectorEntry(ProcessCollector.name, ProcessCollector.help, True),
+    CollectorEntry(XidCollector.name, XidCollector.help, True),
+    CollectorEntry(ReservationCollector.name, ReservationCollector.help, False,
+                   implied_by="reservations_file"),
+)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where NVML, psutil and the cgroup files come from: the host, or a simulated node."""
+
+    nvml_lib: Any = None
+    psutil: Any = None
+    read_cgroup: Callable[[int], str] | None = None
+    clock: Callable[[], float] = time.time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Prometheus exporter for NVIDIA GPUs and the processes and "
+        "users holding them.")
+    p.add_argument("--web.listen-address", dest="listen_address", default=DEFAULT_LISTEN_ADDRESS,
+                   metavar="HOST:PORT", help="address to listen on (default %(default)s)")
+    p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
+                   metavar="PATH", help="path under which to expose metrics (default "
+                   "%(default)s)")
+    p.add_argument("--web.config.file", dest="web_config", type=Path, metavar="FILE",
+                   help="exporter-toolkit web config: TLS (tls_server_config) and basic auth "
+                   "(basic_auth_users with bcrypt hashes); re-read when it changes")
+    p.add_argument("--web.max-connections", dest="max_connections", type=positive_int,
+                   metavar="N", help="open connections at most; past it the one idle longest "
+                   f"is closed (default {DEFAULT_MAX_CONNECTIONS}, fewer when the fd limit "
+                   "is low)")
+    p.add_argument("--web.read-timeout", dest="read_timeout", type=positive_float,
+                   default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
+                   help="longest a client may take over a TLS handshake, a request or taking "
+                   "its answer, and stay idle between requests (default %(default)s)")
+    p.add_argument("--config.file", dest="config", type=Path, metavar="FILE",
+                   help="exporter config: display_names (model name -> short name)")
+    # None: not given on the command line; enabled() decides
+    for entry in COLLECTORS:
+        p.add_argument(f"--collector.{entry.name}", dest=f"collector_{entry.name}",
+                       action=argparse.BooleanOptionalAction, default=None,
+                       help=f"{entry.help} (default {'on' if entry.enabled else 'off'})")
+    p.add_argument("--collector.disable-defaults", dest="disable_defaults",
+                   action="store_true", help="turn off the collectors that are on by default; "
+                   "turn single ones back on with --collector.NAME (as node_exporter)")
+    p.add_argument("--reservations.file", dest="reservations_file", type=Path, metavar="FILE",
+                   help="the reservations file that gpuwatch reserve writes; turns the "
+                   "reservation collector on (run it on the monitoring host, with the GPU "
+                   "collectors off)")
+    p.add_argument("--process.command", dest="process_command", default="name",
+                   choices=("name", "cmdline", "none"),
+                   help="the command label: process name, command line (truncated; may hold "
+                   "secrets) or none (default %(default)s)")
+    p.add_argument("--process.pid", dest="process_pid", action=argparse.BooleanOptionalAction,
+                   default=True, help="a pid label on per-process series (default on); off "
+                   "sums processes of one user and command")
+    p.add_argument("--process.max-per-gpu", dest="process_max", type=non_negative_int, default=64,
+                   metavar="N", help="per-process series per GPU, largest memory first "
+                   "(default %(default)s); the rest are counted in "
+                   "nvidia_gpu_process_series_dropped_total")
+    p.add_argument("--collection.timeout", dest="timeout", type=positive_float,
+                   default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="longest a collection may take before it is reported as failed "
+                   "(default %(default)s)")
+    p.add_argument("--log.level", dest="log_level", default="info",
+                   choices=("debug", "info", "warn", "error"), help="(default %(default)s)")
+    p.add_argument("--simulate", metavar="SCENARIO",
+                   help="serve simulated GPUs instead of the host's: a shipped scenario "
+                   "(workstation, server, lost-gpu) or a scenario YAML file")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def enabled(args: argparse.Namespace, entry: CollectorEntry) -> bool:
+    """--collector.NAME / --no-collector.NAME when given, else the collector's default (off
+    with --collector.disable-defaults), else on when the option it needs is given."""
+    chosen: bool | None = getattr(args, f"collector_{entry.name}")
+    if chosen is not None:
+        return chosen
+    if entry.implied_by is not None and getattr(args, entry.implied_by) is not None:
+        return True
+    return entry.enabled and not args.disable_defaults
+
+
+def build_collectors(args: argparse.Namespace, sources: Sources, background_xid: bool = True
+                     ) -> list[Collector]:
+    config = load_exporter_config(args.config)
+    collectors: list[Collector] = []
+    on = {entry.name: enabled(args, entry) for entry in COLLECTORS}
+    if on[GpuCollector.name]:
+        collectors.append(GpuCollector(config.display_names))
+    if on[ProcessCollector.name]:
+        inspector = ProcessInspector() if sources.psutil is None else \
+            ProcessInspector(sources.psutil, sources.read_cgroup or read_proc_cgroup)
+        collectors.append(ProcessCollector(inspector, ProcessOptions(
+            command=args.process_command, pid=args.process_pid, max_per_gpu=args.process_max)))
+    if on[XidCollector.name]:
+        collectors.append(XidCollector(background=background_xid, clock=sources.clock))
+    if on[ReservationCollector.name]:
+        path: Path | None = args.reservations_file
+        if path is None:
+            raise ConfigError("--collector.reservation needs --reservations.file FILE")
+        if not path.parent.is_dir():
+            raise ConfigError(f"--reservations.file {path}: the directory {path.parent} does "
+                              "not exist")
+        collectors.append(ReservationCollector(path, clock=sources.clock))
+    return collectors
+
+
+def build_registry(exporter: Exporter, own_process: bool = True) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(exporter)
+    if own_process:
+        OwnProcessCollector(registry=registry)
+    return registry
+
+
+def simulated_sources(scenario: Scenario, clock: Callable[[], float] = time.time) -> Sources:
+    """A simulated node's NVML, psutil and cgroup files, all on one clock."""
+    node = SimulatedNode(scenario, clock)
+    ps = SimulatedPsutil(node)
+    return Sources(nvml_lib=SimulatedNvml(node), psutil=ps, read_cgroup=ps.read_cgroup,
+                   clock=node.clock)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper().replace("WARN", "WARNING"), stream=sys.stderr,
+        format="ts=%(asctime)s level=%(levelname)s source=%(name)s msg=%(message)r")
+    try:
+        parse_listen_address(args.listen_address)
+        if not args.telemetry_path.startswith("/"):
+            raise ConfigError(f"--web.telemetry-path {args.telemetry_path!r} must start with /")
+        web_config = WebConfigSource.watch(args.web_config)
+        sources = simulated_sources(load_scenario(args.simulate)) if args.simulate \
+            else Sources()
+        collectors = build_collectors(args, sources)
+    except (ConfigError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    nvml = Nvml(sources.nvml_lib) if sources.nvml_lib is not None else Nvml()
+    exporter = Exporter(nvml, collectors, timeout=args.timeout)
+    app = App(build_registry(exporter), args.telemetry_path, web_config)
+    try:
+        server = serve(app, args.listen_address, args.max_connections, args.read_timeout)
+    except OSError as e:
+        print(f"{PROG}: error: cannot listen on {args.listen_address}: {e.strerror}; pick "
+              "another --web.listen-address", file=sys.stderr)
+        return 2
+    # serve_forever returns on SIGTERM; this covers one that comes before it runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    scheme = "https" if web_config.latest.tls is not None else "http"
+    log.info("gpuwatch-exporter %s listening on %s://%s%s%s", __version__, scheme,
+             args.listen_address, args.telemetry_path,
+             f" (simulated: {args.simulate})" if args.simulate else "")
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.stop()
+        exporter.close()
+    return 0
+

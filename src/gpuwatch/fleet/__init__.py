@@ -1,0 +1,192 @@
+"""The fleet as Prometheus sees it: one record per GPU, and which free GPUs to take.
+
+The state and the users come from the recording rule ``instance_gpu:gpuwatch_state:info``;
+model, memory and utilisation from the exporter's series, the booking of a booked GPU from
+``instance_gpu:gpuwatch_reserved_until:timestamp_seconds``, joined by (instance, gpu).
+A GPU whose latest ``nvidia_gpu_up`` is not 1 is down whatever the rule says: the rule was
+evaluated before the scrape that found the GPU hung, or by rules older than the exporter, and
+a GPU is never free (never picked) without a fresh reading.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import socket
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from gpuwatch.contract import metrics, states
+from gpuwatch.fleet.prometheus import Prometheus, Sample
+
+# One query for what the grid shows besides the state: names known to be plain series
+_DETAILS = (metrics.MEMORY_USED.name, metrics.MEMORY_TOTAL.name, metrics.UTILIZATION.name,
+            metrics.INFO.name, metrics.UP.name, states.INACTIVE_SINCE, states.RESERVED_UNTIL)
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class Booking:
+    """The active booking of a GPU, as Prometheus has it."""
+
+    user: str
+    until: str
+    """ISO 8601, in the booking's own time zone."""
+    until_timestamp: float
+    comment: str
+
+    @property
+    def text(self) -> str:
+        """alice until 2024-05-31 23:59+02:00 (NeurIPS deadline)"""
+        until = dt.datetime.fromisoformat(self.until).isoformat(sep=" ", timespec="minutes")
+        return f"{self.user} until {until}" + (f" ({self.comment})" if self.comment else "")
+
+
+def _booking(sample: Sample) -> Booking:
+    """The booking of a sample of the reserved-until rule: its end exactly (the value), in
+    the zone the booking was written in (the until label)."""
+    try:
+        zone = dt.datetime.fromisoformat(sample.labels.get("until", "")).tzinfo
+    except ValueError:
+        zone = None
+    until = dt.datetime.fromtimestamp(sample.value, zone or dt.timezone.utc)
+    return Booking(user=sample.labels.get("user", ""),
+                   until=until.isoformat(timespec="seconds"), until_timestamp=sample.value,
+                   comment=sample.labels.get("comment", ""))
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    host: str
+    instance: str
+    gpu: int
+    uuid: str
+    state: str
+    users: tuple[str, ...]
+    model: str
+    display_name: str
+    memory_used_bytes: float | None
+    memory_total_bytes: float | None
+    utilization_ratio: float | None
+    inactive_since: float | None
+    """Unix time since which the GPU has been held without work; None while it works."""
+    reservation: Booking | None = None
+    """Its active booking (gpuwatch reserve), whatever its state; None when not booked."""
+
+    def to_json(self) -> dict[str, object]:
+        out = asdict(self)
+        out["users"] = list(self.users)
+        return out
+
+
+class FleetError(Exception):
+    """A question about the fleet that has no answer (not enough free GPUs, unknown host)."""
+
+
+Key = tuple[str, str]
+
+
+def _key(labels: Mapping[str, str]) -> Key:
+    return labels.get("instance", ""), labels.get("gpu", "")
+
+
+def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
+    """Every GPU Prometheus knows, sorted by host and index."""
+    rows = prometheus.query(states.STATE_INFO)
+    details: dict[str, dict[Key, Sample]] = {name: {} for name in _DETAILS}
+    for s in prometheus.query(f'{{__name__=~"{"|".join(_DETAILS)}"}}'):
+        details.setdefault(s.labels.get("__name__", ""), {})[_key(s.labels)] = s
+
+    def value(name: str, key: Key) -> float | None:
+        found = details[name].get(key)
+        return found.value if found is not None else None
+
+    fleet = []
+    for row in rows:
+        labels, key = row.labels, _key(row.labels)
+        try:
+            index = int(labels.get("gpu", ""))
+        except ValueError:
+            continue  # not a GPU series of ours
+        info = details[metrics.INFO.name].get(key)
+        booked = details[states.RESERVED_UNTIL].get(key)
+        model = labels.get("model", "")
+        state = labels.get("state", "")
+        if state != states.DOWN.name and value(metrics.UP.name, key) != 1:
+            state = states.DOWN.name
+        fleet.append(GpuStatus(
+            host=labels.get("host") or labels.get("instance", ""),
+            instance=labels.get("instance", ""),
+            gpu=index,
+            uuid=labels.get("uuid", ""),
+            state=state,
+            users=tuple(u for u in labels.get("users", "").split(",") if u),
+            model=model,
+            display_name=(info.labels.get("display_name", "") if info else "") or model,
+            memory_used_bytes=value(metrics.MEMORY_USED.name, key),
+            memory_total_bytes=value(metrics.MEMORY_TOTAL.name, key),
+            utilization_ratio=value(metrics.UTILIZATION.name, key),
+            inactive_since=value(states.INACTIVE_SINCE, key),
+            reservation=_booking(booked) if booked is not None else None,
+        ))
+    return sorted(fleet, key=lambda g: (g.host, g.instance, g.gpu))
+
+
+def local_names(prometheus_url: str) -> list[str]:
+    """The names this machine may have as a target, most specific first.
+
+    The loopback names count only when Prometheus runs here too: a target "localhost" is
+    Prometheus' own machine.
+    """
+    hostname = socket.gethostname()
+    names = [socket.getfqdn(), hostname, hostname.split(".")[0]]
+    prometheus_host = urllib.parse.urlsplit(prometheus_url).hostname or ""
+    if _is_loopback(prometheus_host) or prometheus_host in names:
+        names += _LOOPBACK_NAMES
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def gpus_of_host(fleet: Sequence[GpuStatus], names: Iterable[str]) -> list[GpuStatus]:
+    """The GPUs of the first of `names` that is a host (or an instance) in the fleet.
+
+    FleetError when none is, or when that host has several targets (indices would clash).
+    """
+    names = list(names)
+    for name in names:
+        gpus = [g for g in fleet if name.lower() in (g.host.lower(), g.instance.lower())]
+        if not gpus:
+            continue
+        instances = sorted({g.instance for g in gpus})
+        if len(instances) > 1:
+            raise FleetError(f"{name} has several exporters ({', '.join(instances)}); "
+                             "pass --host with one of them")
+        return gpus
+    hosts = sorted({g.host for g in fleet})
+    raise FleetError(f"{' / '.join(names) or 'this host'} is not among the hosts Prometheus "
+                     f"knows ({', '.join(hosts) or 'none'}); pass --host")
+
+
+def pick(gpus: Sequence[GpuStatus], count: int, user: str | None = None) -> list[int]:
+    """The indices of `count` GPUs of one host to run on: those reserved for `user` and not in
+    use first, then free ones, each lowest first; FleetError when there are fewer."""
+    mine = sorted(g.gpu for g in gpus if user and g.state == states.RESERVED.name
+                  and not g.users and g.reservation is not None and g.reservation.user == user)
+    free = sorted(g.gpu for g in gpus if g.state == states.FREE.name)
+    usable = mine + free
+    if len(usable) < count:
+        host = gpus[0].host if gpus else "this host"
+        which = f": {', '.join(map(str, usable))}" if usable else ""
+        booked = f" (and {len(mine)} booked by {user})" if mine else ""
+        raise FleetError(f"{host} has {len(free)} free GPU{'' if len(free) == 1 else 's'}"
+                         f"{booked} (of {len(gpus)}), {count} wanted{which}")
+    return usable[:count]

@@ -1,0 +1,871 @@
+"""The Ansible deployment: syntax, ansible-lint (production profile, offline), and a real run of
+site.yml against this machine (connection: local) with every path redirected into a temporary
+directory, then a second run that must change nothing.
+
+The run deploys the exporter, Prometheus and reservations roles completely and the Grafana
+role's configuration (Grafana itself cannot be installed here). Services are not started (systemd
+is not PID 1 here); instead the test starts the exporter and the reservations endpoint with their
+units' own ExecStart= (as unprivileged users where the venv's interpreter lets it), scrapes the
+exporter over TLS with basic auth, books a GPU as a member of the booking group, and points a real
+Prometheus with the rendered prometheus.yml at both. Nothing leaves 127.0.0.1: the wheels come
+from a wheelhouse prepared before the run, and the playbook runs in a network namespace without
+network where the machine allows one.
+
+Only the system-wide parts touch the machine: the exporter's system user and group (created once,
+harmless; the group is also the booking group here) and apt, which the run never calls because the
+packages it needs are already there.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import grp
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from grafana_provisioning import provisioned
+from paths import REPO
+
+from tools.localstack import end_process
+
+ANSIBLE_DIR = REPO / "ansible"
+ROLES = ANSIBLE_DIR / "roles"
+VENV_BIN = Path(sys.executable).parent
+EXPORTER_USER = "gpuwatch-exporter"
+EXPORTER_GROUP = "gpuwatch-exporter"
+SCRAPE_USER = "prometheus"
+# The workstation scenario's GPU model, given a short name through the role's config.
+SCENARIO_MODEL = "NVIDIA GeForce RTX 3090"
+DISPLAY_NAME = "3090"
+RECAP = re.compile(
+    r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
+    r"\s+failed=(?P<failed>\d+)", re.MULTILINE)
+
+
+def _tool(name: str) -> str:
+    """A tool of this venv (ansible-playbook, ansible-lint), else from PATH."""
+    local = VENV_BIN / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: `make test` installs it from pyproject's test extra")
+    return found
+
+
+def _ansible_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+        "ANSIBLE_HOME": str(home / "ansible-home"),
+        "ANSIBLE_LOCAL_TEMP": str(home / "ansible-tmp"),
+        "ANSIBLE_REMOTE_TEMP": str(home / "ansible-tmp"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "PY_COLORS": "0",
+        "NO_COLOR": "1",
+        # The venv's tools first, as when the venv is activated (ansible-lint warns otherwise).
+        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+    })
+    return env
+
+
+def _without_network() -> list[str]:
+    """A command prefix that runs in a fresh network namespace (no interface up), where allowed.
+
+    Proves that what runs inside contacts nothing; containers without the privilege run as is.
+    """
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        return []
+    probe = subprocess.run([unshare, "--net", "true"], capture_output=True)
+    return [unshare, "--net"] if probe.returncode == 0 else []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _recap(output: str) -> dict[str, int]:
+    matches = list(RECAP.finditer(output))
+    assert len(matches) == 1, f"expected one host in PLAY RECAP:\n{output[-3000:]}"
+    return {k: int(v) for k, v in matches[0].groupdict().items() if k != "host"}
+
+
+def _changed_tasks(output: str) -> list[str]:
+    """The tasks of a run that reported a change, for failure messages."""
+    changed, task = [], ""
+    for line in output.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            task = line.rstrip(" *")
+        elif line.startswith("changed:"):
+            changed.append(f"{task}: {line}")
+    return changed
+
+
+# --- static checks -----------------------------------------------------------------------------
+
+def test_site_yml_passes_syntax_check(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [_tool("ansible-playbook"), "--syntax-check", "-i", "inventory/example/hosts.yml",
+         "site.yml"],
+        cwd=ANSIBLE_DIR, env=_ansible_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ansible_lint_passes_production_profile_offline(tmp_path: Path) -> None:
+    config = yaml.safe_load((ANSIBLE_DIR / ".ansible-lint").read_text())
+    assert config["profile"] == "production"
+    assert config["offline"] is True, "ansible-lint must never download collections or roles"
+    result = subprocess.run(
+        [*_without_network(), _tool("ansible-lint"), "--nocolor"],
+        cwd=ANSIBLE_DIR, env=_ansible_env(tmp_path), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Profile 'production' was required, and it passed" in output, output
+
+
+def test_every_role_documents_every_default() -> None:
+    """defaults/main.yml and meta/argument_specs.yml list the same variables, all role-prefixed."""
+    for role in sorted(p for p in ROLES.iterdir() if p.is_dir()):
+        defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text()) or {}
+        spec = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())
+        options = spec["argument_specs"]["main"]["options"]
+        assert all(name.startswith(role.name + "_") for name in options), role.name
+        # Only variables without a default on purpose (the Grafana admin password) are spec-only.
+        assert set(defaults) <= set(options), (role.name, set(defaults) - set(options))
+        assert all("description" in o and "type" in o for o in options.values()), role.name
+        for name, value in defaults.items():
+            if "{{" not in str(value):
+                assert options[name].get("default") == value, (role.name, name)
+        readme = (role / "README.md").read_text()
+        undocumented = [name for name in options if f"`{name}`" not in readme]
+        assert not undocumented, f"{role.name}/README.md does not mention {undocumented}"
+
+
+def test_role_defaults_match_the_exporter() -> None:
+    """The port and the collector names are the exporter's, not copies that drift."""
+    from gpuwatch.exporter import main as exporter_main
+
+    def load(path: str) -> dict[str, object]:
+        return yaml.safe_load((ROLES / path).read_text())
+
+    exporter_defaults = load("gpuwatch_exporter/defaults/main.yml")
+    assert exporter_defaults["gpuwatch_exporter_web_listen_address"] == \
+        exporter_main.DEFAULT_LISTEN_ADDRESS
+    assert load("gpuwatch_prometheus/defaults/main.yml")["gpuwatch_prometheus_exporter_port"] == \
+        exporter_main.DEFAULT_PORT
+    assert load("gpuwatch_exporter/vars/main.yml")["_gpuwatch_exporter_collectors"] == \
+        [c.name for c in exporter_main.COLLECTORS]
+    assert load("gpuwatch_reservations/defaults/main.yml")[
+        "gpuwatch_reservations_web_listen_address"] == exporter_main.RESERVATIONS_LISTEN_ADDRESS
+
+
+# --- a real deployment to this machine ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Deployment:
+    root: Path
+    source: Path
+    port: int
+    reservations_port: int
+    password: str
+    cert: Path
+    unit: Path
+    runs: tuple[str, str, str]
+    """The first run, the second run, and a --check --diff run after them."""
+    python_usable_by_others: bool
+
+    @property
+    def venv(self) -> Path:
+        return self.root / "opt/gpuwatch-exporter/venv"
+
+    @property
+    def exporter_config_dir(self) -> Path:
+        return self.root / "etc/gpuwatch-exporter"
+
+    @property
+    def prometheus_dir(self) -> Path:
+        return self.root / "etc/prometheus"
+
+    @property
+    def reservations_file(self) -> Path:
+        return self.root / "var/lib/gpuwatch/reservations/reservations.yml"
+
+    @property
+    def reservations_unit(self) -> Path:
+        return self.root / "etc/systemd/system/gpuwatch-reservations.service"
+
+
+def _readable_by_others(path: Path) -> bool:
+    """Whether a user outside the owner and group can reach and execute this file."""
+    real = path.resolve()
+    if not real.stat().st_mode & stat.S_IXOTH:
+        return False
+    return all(p.stat().st_mode & stat.S_IXOTH for p in real.parents)
+
+
+def _venv_python() -> tuple[str, bool]:
+    """The interpreter for the deployed venv: one of this Python's version (the wheelhouse is
+    built for it) that can make venvs, preferably one the service user may execute."""
+    candidates = ["/usr/bin/python3", sys.executable]
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    usable = []
+    for candidate in candidates:
+        if not Path(candidate).exists():
+            continue
+        probe = subprocess.run(
+            [candidate, "-c", "import sys, venv, ensurepip; "
+             "print(f'{sys.version_info.major}.{sys.version_info.minor}')"],
+            capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == version:
+            usable.append(candidate)
+    assert usable, f"no Python {version} with venv and ensurepip among {candidates}"
+    for candidate in usable:
+        # The venv's python links to the base interpreter, which the service user must reach.
+        base = subprocess.run([candidate, "-c", "import sys; print(sys._base_executable)"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        if _readable_by_others(Path(base)):
+            return candidate, True
+    return usable[0], False
+
+
+def _self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"),
+                x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    # Test-only key in a throwaway directory: readable by the service user, whose group the
+    # playbook only creates later.
+    cert_file.chmod(0o644)
+    key_file.chmod(0o644)
+    return cert_file, key_file
+
+
+def _snapshot(destination: Path) -> Path:
+    """A copy of what the roles read from the checkout: the package source, prometheus/ and
+    grafana/. The runs compared for idempotence then see the same files even while someone
+    edits the working tree."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+    for name in ("exporter", "prometheus", "grafana"):
+        shutil.copytree(REPO / name, destination / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, destination / name)
+    return destination
+
+
+def _dpkg_installed(package: str) -> bool:
+    if shutil.which("dpkg-query") is None:
+        return False
+    result = subprocess.run(["dpkg-query", "--show", "--showformat=${db:Status-Status}", package],
+                            capture_output=True, text=True)
+    return result.returncode == 0 and result.stdout.strip() == "installed"
+
+
+def _playbook(root: Path, extra: list[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*_without_network(), _tool("ansible-playbook"), "-i", str(root / "inventory.yml"),
+         "-e", f"@{root / 'vars.yml'}", "site.yml", *extra],
+        cwd=ANSIBLE_DIR, env=_ansible_env(root), capture_output=True, text=True, timeout=timeout)
+
+
+# Grafana cannot be installed or started here: its configuration is deployed all the same.
+SKIP_GRAFANA_INSTALL = ["--skip-tags", "gpuwatch_grafana_install,gpuwatch_grafana_run"]
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[Deployment]:
+    if os.geteuid() != 0:
+        pytest.skip("the localhost deployment needs root (it creates the exporter's system user)")
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool not found: scripts/ensure-prometheus installs it (make test runs it)")
+
+    root = Path(tempfile.mkdtemp(prefix="gpuwatch-ansible-"))
+    root.chmod(0o755)  # the service user reaches the venv and its configuration below it
+    try:
+        # Everything pip needs, fetched before the playbook runs (pip's cache makes it quick), so
+        # that the playbook itself installs with --no-index.
+        source = _snapshot(root / "checkout")
+        wheelhouse = root / "wheelhouse"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q",
+                        "--disable-pip-version-check", "-d", str(wheelhouse), str(source),
+                        "setuptools>=68", "wheel"],
+                       check=True, capture_output=True, text=True, timeout=300)
+        python, usable_by_others = _venv_python()
+        tls_dir = root / "tls"
+        tls_dir.mkdir(mode=0o755)
+        tls_dir.chmod(0o755)
+        cert, key = _self_signed_cert(tls_dir)
+        password = base64.urlsafe_b64encode(os.urandom(12)).decode()
+        password_file = tls_dir / "scrape-password"
+        password_file.write_text(password)
+        import bcrypt
+        port = _free_port()
+        reservations_port = _free_port()
+
+        inventory = {"all": {
+            "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
+            "children": {
+                "gpu_nodes": {"hosts": {"localhost": {"cluster": "ci", "rack": "r00"}}},
+                "monitoring": {"hosts": {"localhost": None}},
+            }}}
+        etc = root / "etc"
+        variables = {
+            # exporter
+            "gpuwatch_exporter_checkout_dir": str(source),
+            "gpuwatch_exporter_install_dir": str(root / "opt/gpuwatch-exporter"),
+            "gpuwatch_exporter_config_dir": str(etc / "gpuwatch-exporter"),
+            "gpuwatch_exporter_systemd_unit_dir": str(etc / "systemd/system"),
+            "gpuwatch_exporter_python": python,
+            "gpuwatch_exporter_system_packages": [],
+            "gpuwatch_exporter_build_pip_args": ["--no-index", "--find-links", str(wheelhouse)],
+            "gpuwatch_exporter_wheelhouse_dir": str(wheelhouse),
+            "gpuwatch_exporter_web_listen_address": f"127.0.0.1:{port}",
+            "gpuwatch_exporter_tls_server_config": {"cert_file": str(cert), "key_file": str(key)},
+            "gpuwatch_exporter_basic_auth_users": {
+                SCRAPE_USER: bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()},
+            "gpuwatch_exporter_display_names": {SCENARIO_MODEL: DISPLAY_NAME},
+            "gpuwatch_exporter_simulate": "workstation",
+            # prometheus
+            "gpuwatch_prometheus_source_dir": str(source / "prometheus"),
+            "gpuwatch_prometheus_packages": ["prometheus"] if _dpkg_installed("prometheus") else [],
+            "gpuwatch_prometheus_config_dir": str(etc / "prometheus"),
+            "gpuwatch_prometheus_defaults_file": str(etc / "default/prometheus"),
+            "gpuwatch_prometheus_scrape_config_overrides": {
+                "gpuwatch": {
+                    "tls_config": {"ca_file": str(cert)},
+                    "basic_auth": {"username": SCRAPE_USER, "password_file": str(password_file)}},
+                "gpuwatch-reservations": {
+                    "static_configs": [{"targets": [f"127.0.0.1:{reservations_port}"]}]}},
+            "gpuwatch_prometheus_external_labels": {"site": "ci"},
+            # reservations; the booking group is the exporter's, so no other group is created
+            "gpuwatch_reservations_file":
+                str(root / "var/lib/gpuwatch/reservations/reservations.yml"),
+            "gpuwatch_reservations_booking_group": EXPORTER_GROUP,
+            "gpuwatch_reservations_web_listen_address": f"127.0.0.1:{reservations_port}",
+            "gpuwatch_reservations_profile_script": str(etc / "profile.d/gpuwatch.sh"),
+            "gpuwatch_reservations_command_link": str(root / "usr/local/bin/gpuwatch"),
+            "gpuwatch_reservations_systemd_unit_dir": str(etc / "systemd/system"),
+            # grafana (configuration only)
+            "gpuwatch_grafana_source_dir": str(source / "grafana"),
+            "gpuwatch_grafana_admin_password": "test-only-" + password,
+            "gpuwatch_grafana_system_group": "root",
+            "gpuwatch_grafana_provisioning_dir": str(etc / "grafana/provisioning"),
+            "gpuwatch_grafana_dashboards_dir": str(root / "var/lib/grafana/dashboards/gpuwatch"),
+            "gpuwatch_grafana_systemd_dropin_dir":
+                str(etc / "systemd/system/grafana-server.service.d"),
+            "gpuwatch_grafana_admin_password_file": str(etc / "grafana/gpuwatch-admin-password"),
+            # Never touch the services of the machine running the tests, even where systemd is
+            # PID 1: the roles' own detection says no here, these extra vars say it everywhere.
+            "_gpuwatch_exporter_systemd_running": False,
+            "_gpuwatch_prometheus_systemd_running": False,
+            "_gpuwatch_reservations_systemd_running": False,
+            "_gpuwatch_grafana_systemd_running": False,
+        }
+        for directory in ("systemd/system", "default", "grafana", "profile.d"):
+            (etc / directory).mkdir(parents=True, exist_ok=True)
+        (root / "usr/local/bin").mkdir(parents=True)
+        (root / "inventory.yml").write_text(yaml.safe_dump(inventory))
+        (root / "vars.yml").write_text(yaml.safe_dump(variables))
+
+        first = _playbook(root, SKIP_GRAFANA_INSTALL)
+        assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
+        second = _playbook(root, SKIP_GRAFANA_INSTALL)
+        assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
+        check = _playbook(root, [*SKIP_GRAFANA_INSTALL, "--check", "--diff"])
+        assert check.returncode == 0, check.stdout[-6000:] + check.stderr[-3000:]
+        yield Deployment(root=root, source=source, port=port,
+                         reservations_port=reservations_port, password=password, cert=cert,
+                         unit=etc / "systemd/system/gpuwatch-exporter.service",
+                         runs=(first.stdout, second.stdout, check.stdout),
+                         python_usable_by_others=usable_by_others)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_first_run_installs_everything(deployment: Deployment) -> None:
+    recap = _recap(deployment.runs[0])
+    assert recap["failed"] == 0 and recap["unreachable"] == 0
+    assert recap["changed"] > 0
+    # The exporter, Prometheus and reservations roles say they started nothing (Grafana's run
+    # tasks are skipped).
+    assert deployment.runs[0].count("systemd is not PID 1") == 3
+
+
+def test_second_run_changes_nothing(deployment: Deployment) -> None:
+    recap = _recap(deployment.runs[1])
+    assert recap["failed"] == 0
+    assert recap["changed"] == 0, "\n".join(_changed_tasks(deployment.runs[1]))
+
+
+def test_check_mode_after_a_deployment_predicts_no_change(deployment: Deployment) -> None:
+    """`--check --diff` is how the README previews a change: it must not cry wolf."""
+    recap = _recap(deployment.runs[2])
+    assert recap["failed"] == 0
+    assert recap["changed"] == 0, "\n".join(_changed_tasks(deployment.runs[2]))
+
+
+def test_service_user_is_unprivileged_and_may_open_the_gpus(deployment: Deployment) -> None:
+    user = pwd.getpwnam(EXPORTER_USER)
+    assert 0 < user.pw_uid < 1000
+    assert user.pw_shell == "/usr/sbin/nologin"
+    assert grp.getgrgid(user.pw_gid).gr_name == EXPORTER_GROUP
+    assert EXPORTER_USER in grp.getgrnam("video").gr_mem
+    unit = _unit(deployment.unit)
+    assert unit["Service"]["SupplementaryGroups"] == ["video"]
+
+
+def test_configuration_files_are_rendered_from_the_variables(deployment: Deployment) -> None:
+    config_dir = deployment.exporter_config_dir
+    config = yaml.safe_load((config_dir / "config.yml").read_text())
+    assert config == {"display_names": {SCENARIO_MODEL: DISPLAY_NAME}}
+    web = yaml.safe_load((config_dir / "web-config.yml").read_text())
+    assert web["tls_server_config"] == {"cert_file": str(deployment.cert),
+                                        "key_file": str(deployment.cert.with_name("key.pem"))}
+    assert list(web["basic_auth_users"]) == [SCRAPE_USER]
+    assert web["basic_auth_users"][SCRAPE_USER].startswith("$2")
+    for name in ("config.yml", "web-config.yml"):
+        st = (config_dir / name).stat()
+        assert stat.S_IMODE(st.st_mode) == 0o640, name
+        assert (st.st_uid, grp.getgrgid(st.st_gid).gr_name) == (0, EXPORTER_GROUP), name
+    assert (deployment.venv / "bin/gpuwatch-exporter").is_file()
+
+
+def _unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A unit file as section -> key -> values (keys may repeat), continuation lines joined."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in path.read_text().replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key, []).append(value.strip())
+    return sections
+
+
+def _systemd_analyze() -> str:
+    found = shutil.which("systemd-analyze")
+    if found is None:
+        pytest.fail("systemd-analyze not found: scripts/ensure-systemd-analyze installs it")
+    return found
+
+
+def test_exporter_unit_passes_systemd_analyze_verify(deployment: Deployment) -> None:
+    result = subprocess.run([_systemd_analyze(), "verify", "--man=no", str(deployment.unit)],
+                            capture_output=True, text=True, timeout=60)
+    # verify only warns about unknown or unparsable settings: any output is a mistake.
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), \
+        result.stdout + result.stderr
+
+
+def test_exporter_unit_exposure_stays_low(deployment: Deployment) -> None:
+    """systemd's own score (0 best, 10 worst); what is left open is what NVML and /proc need."""
+    result = subprocess.run(
+        [_systemd_analyze(), "security", "--offline=yes", "--threshold=20", "--no-pager",
+         str(deployment.unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+
+
+def test_exporter_unit_is_hardened_but_sees_gpus_and_processes(deployment: Deployment) -> None:
+    service = _unit(deployment.unit)["Service"]
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+                       "PrivateTmp": "yes", "ProtectKernelModules": "yes",
+                       "ProtectControlGroups": "yes", "RestrictSUIDSGID": "yes",
+                       "CapabilityBoundingSet": "", "DevicePolicy": "closed",
+                       "User": EXPORTER_USER}.items():
+        assert service.get(key) == [value], key
+    # PrivateDevices= hides /dev/nvidia*; PrivateUsers= and ProtectProc=invisible hide other
+    # users' processes, which the exporter attributes GPU memory to.
+    assert "PrivateDevices" not in service and "PrivateUsers" not in service
+    assert service["ProtectProc"] == ["default"] and service["ProcSubset"] == ["all"]
+    assert {"char-nvidia-frontend rw", "char-nvidia-uvm rw"} <= set(service["DeviceAllow"])
+
+
+def test_grafana_dropin_passes_systemd_analyze_verify(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """The drop-in next to a stand-in grafana-server.service (Grafana is not installed here)."""
+    unit_dir = tmp_path / "units"
+    shutil.copytree(deployment.root / "etc/systemd/system/grafana-server.service.d",
+                    unit_dir / "grafana-server.service.d")
+    (unit_dir / "grafana-server.service").write_text(
+        "[Unit]\nDescription=stand-in\n[Service]\nExecStart=/bin/true\n")
+    env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{unit_dir}:")
+    result = subprocess.run([_systemd_analyze(), "verify", "--man=no", "grafana-server.service"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), \
+        result.stdout + result.stderr
+    dropin = (unit_dir / "grafana-server.service.d/gpuwatch.conf").read_text()
+    assert "GF_SECURITY_ADMIN_PASSWORD__FILE=" in dropin and "test-only-" not in dropin
+
+
+def test_grafana_provisioning_is_the_checkouts_with_the_deployments_places(
+        deployment: Deployment) -> None:
+    """The shipped files, every line and comment kept, with the datasource URL and the
+    dashboards directory of the deployment (the URL is the role's default here)."""
+    deployed = deployment.root / "etc/grafana/provisioning"
+    shipped = deployment.source / "grafana/provisioning"
+    source, provider = provisioned(deployed)
+    shipped_source, shipped_provider = provisioned(shipped)
+    assert source == shipped_source, "the role's default URL is the shipped one"
+    dashboards = Path(provider["options"]["path"])
+    assert dashboards == deployment.root / "var/lib/grafana/dashboards/gpuwatch"
+    assert sorted(p.name for p in dashboards.glob("*.json")) == \
+        sorted(p.name for p in (deployment.source / "grafana/dashboards").glob("*.json"))
+    assert provider == {**shipped_provider,
+                        "options": {**shipped_provider["options"], "path": str(dashboards)}}
+    for path in sorted(shipped.glob("*/*.yml")):
+        copy = (deployed / path.parent.name / path.name).read_text().splitlines()
+        kept = [line for line in path.read_text().splitlines()
+                if not re.match(r" +(url|path): ", line)]
+        assert [line for line in copy if line in kept] == kept, path
+
+
+@pytest.mark.parametrize("url", ["https://prom.example.org:9443/prometheus?a=1&b=2",
+                                 'http://127.0.0.1:9090/x\\1"y\'z#w'])
+def test_grafana_datasource_gets_any_prometheus_url(
+        deployment: Deployment, tmp_path: Path, url: str) -> None:
+    variables = yaml.safe_load((deployment.root / "vars.yml").read_text())
+    variables.update(gpuwatch_grafana_prometheus_url=url,
+                     gpuwatch_grafana_provisioning_dir=str(tmp_path / "provisioning"))
+    (tmp_path / "vars.yml").write_text(yaml.safe_dump(variables))
+    shutil.copy(deployment.root / "inventory.yml", tmp_path / "inventory.yml")
+    result = _playbook(tmp_path, ["--tags", "gpuwatch_grafana_configure"])
+    assert result.returncode == 0, result.stdout[-4000:]
+    source, _ = provisioned(tmp_path / "provisioning")
+    assert source["url"] == url
+
+
+def test_rendered_prometheus_config_passes_promtool(deployment: Deployment) -> None:
+    config = deployment.prometheus_dir / "prometheus.yml"
+    result = subprocess.run(["promtool", "check", "config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rendered = yaml.safe_load(config.read_text())
+    source = yaml.safe_load((deployment.source / "prometheus/prometheus.yml").read_text())
+    assert [Path(f).name for f in rendered["rule_files"]] == \
+        [Path(f).name for f in source["rule_files"]]
+    assert all(Path(f).is_file() for f in rendered["rule_files"])
+    assert rendered["global"]["external_labels"] == {"site": "ci"}
+    assert "remote_write" not in rendered  # off unless asked for
+
+
+def test_targets_come_from_the_inventory(deployment: Deployment) -> None:
+    targets = yaml.safe_load((deployment.prometheus_dir / "targets/gpu_nodes.yml").read_text())
+    assert targets == [{"targets": [f"localhost:{deployment.port}"],
+                        "labels": {"cluster": "ci", "rack": "r00", "__scheme__": "https"}}]
+
+
+def test_remote_write_is_added_when_asked_for(deployment: Deployment, tmp_path: Path) -> None:
+    remote_write = [{"url": "http://127.0.0.1:8428/api/v1/write",
+                     "queue_config": {"max_samples_per_send": 10000}}]
+    variables = yaml.safe_load((deployment.root / "vars.yml").read_text())
+    variables.update(gpuwatch_prometheus_remote_write=remote_write,
+                     gpuwatch_prometheus_config_dir=str(tmp_path / "prometheus"),
+                     gpuwatch_prometheus_defaults_file=str(tmp_path / "prometheus.default"))
+    (tmp_path / "vars.yml").write_text(yaml.safe_dump(variables))
+    shutil.copy(deployment.root / "inventory.yml", tmp_path / "inventory.yml")
+    result = _playbook(tmp_path, ["--tags", "gpuwatch_prometheus_configure"])
+    assert result.returncode == 0, result.stdout[-4000:]
+    config = tmp_path / "prometheus/prometheus.yml"
+    assert yaml.safe_load(config.read_text())["remote_write"] == remote_write
+    check = subprocess.run(["promtool", "check", "config", str(config)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+# --- the deployed exporter, started with the unit's command line --------------------------------
+
+def _exec_start(unit: Path) -> list[str]:
+    (command,) = _unit(unit)["Service"]["ExecStart"]
+    return command.split()
+
+
+def _get(url: str, cafile: Path, auth: tuple[str, str] | None = None) -> tuple[int, str]:
+    context = ssl.create_default_context(cafile=str(cafile))
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+
+
+@pytest.fixture(scope="module")
+def exporter(deployment: Deployment) -> Iterator[str]:
+    """The installed exporter, run with its unit's ExecStart= as the service user where possible."""
+    command = _exec_start(deployment.unit)
+    if deployment.python_usable_by_others:
+        user = pwd.getpwnam(EXPORTER_USER)
+        command = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
+                   *command]
+    log = deployment.root / "exporter.log"
+    with log.open("w") as out:
+        # As systemd starts a system unit: in /, not in the test's (maybe private) directory.
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd="/",
+                                   env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"})
+    base = f"https://localhost:{deployment.port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if _get(base + "/-/healthy", deployment.cert)[0] in (200, 401):
+                    break
+            except (OSError, ssl.SSLError):
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield base
+    finally:
+        end_process(process, 10)
+
+
+def test_deployed_exporter_serves_metrics_over_tls_with_basic_auth(
+        deployment: Deployment, exporter: str) -> None:
+    status, _ = _get(exporter + "/metrics", deployment.cert)
+    assert status == 401
+    status, body = _get(exporter + "/metrics", deployment.cert, (SCRAPE_USER, "wrong"))
+    assert status == 401
+    status, body = _get(exporter + "/metrics", deployment.cert, (SCRAPE_USER, deployment.password))
+    assert status == 200
+    info = [line for line in body.splitlines() if line.startswith("nvidia_gpu_info{")]
+    assert len(info) == 4, body[:2000]  # the workstation scenario's four GPUs
+    assert all(f'display_name="{DISPLAY_NAME}"' in line for line in info)
+    assert 'user="alice"' in body
+
+
+def test_deployed_exporter_runs_as_the_service_user(deployment: Deployment, exporter: str) -> None:
+    if not deployment.python_usable_by_others:
+        pytest.skip("this machine's Python for venvs lives where the service user cannot run it")
+    status, _ = _get(exporter + "/metrics", deployment.cert, (SCRAPE_USER, deployment.password))
+    assert status == 200  # it read its root:gpuwatch-exporter 0640 configuration
+
+
+@contextlib.contextmanager
+def _prometheus(deployment: Deployment, tmp_path: Path) -> Iterator[Callable[[str], Any]]:
+    """A real Prometheus with the rendered prometheus.yml (scraping every second); yields a
+    function that waits for an instant query to give a result and returns it."""
+    port = _free_port()
+    config = deployment.prometheus_dir / "prometheus.yml"
+    # The repository's 15 s scrape interval; a faster copy keeps the test short.
+    fast = yaml.safe_load(config.read_text())
+    fast["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    fast_config = tmp_path / "prometheus.yml"
+    fast_config.write_text(yaml.safe_dump(fast))
+    log = tmp_path / "prometheus.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            ["prometheus", f"--config.file={fast_config}",
+             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=out, stderr=subprocess.STDOUT)
+
+    def query(expr: str) -> Any:
+        url = f"http://127.0.0.1:{port}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+        deadline = time.monotonic() + 60
+        result: list[dict[str, Any]] = []
+        while not result:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, (expr, log.read_text())
+            time.sleep(0.5)
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    result = json.load(response)["data"]["result"]
+            except OSError:
+                continue
+        return result
+
+    try:
+        yield query
+    finally:
+        end_process(process, 20)
+
+
+def test_prometheus_with_the_rendered_config_scrapes_the_exporter(
+        deployment: Deployment, exporter: str, tmp_path: Path) -> None:
+    with _prometheus(deployment, tmp_path) as query:
+        (series,) = query('up{job="gpuwatch"}')
+        assert series["value"][1] == "1", series
+        assert series["metric"] == {"__name__": "up", "job": "gpuwatch", "host": "localhost",
+                                    "instance": f"localhost:{deployment.port}",
+                                    "cluster": "ci", "rack": "r00"}
+
+
+# --- the deployed reservations: the file, the endpoint, a booking ------------------------------
+
+def test_the_reservations_file_waits_in_a_directory_the_booking_group_may_write(
+        deployment: Deployment) -> None:
+    from gpuwatch import reservations
+
+    directory = deployment.reservations_file.parent
+    st = directory.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o2775  # setgid, not sticky: bookers replace the file
+    assert (st.st_uid, grp.getgrgid(st.st_gid).gr_name) == (0, EXPORTER_GROUP)
+    assert stat.S_IMODE(deployment.reservations_file.stat().st_mode) == 0o644
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert reservations.load(deployment.reservations_file, now) == []
+    profile = (deployment.root / "etc/profile.d/gpuwatch.sh").read_text()
+    assert f"export GPUWATCH_RESERVATIONS={deployment.reservations_file}" in profile
+    link = deployment.root / "usr/local/bin/gpuwatch"
+    assert link.is_symlink() and link.resolve() == (deployment.venv / "bin/gpuwatch").resolve()
+
+
+def test_reservations_unit_passes_systemd_analyze_verify_and_exposes_little(
+        deployment: Deployment) -> None:
+    unit = deployment.reservations_unit
+    result = subprocess.run([_systemd_analyze(), "verify", "--man=no", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), \
+        result.stdout + result.stderr
+    # It needs no GPU, no other process and no identity: it may expose less than the exporter.
+    result = subprocess.run(
+        [_systemd_analyze(), "security", "--offline=yes", "--threshold=15", "--no-pager",
+         str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    service = _unit(unit)["Service"]
+    assert service["DynamicUser"] == ["yes"] and service["PrivateDevices"] == ["yes"]
+    (command,) = service["ExecStart"]
+    assert command.split()[1:] == [
+        "--collector.disable-defaults", f"--reservations.file={deployment.reservations_file}",
+        f"--web.listen-address=127.0.0.1:{deployment.reservations_port}", "--log.level=info"]
+
+
+def _as_nobody(command: list[str], groups: str = "") -> list[str]:
+    """The command as an unprivileged user (and, with `groups`, in those groups)."""
+    user = pwd.getpwnam("nobody")
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+            f"--groups={groups}" if groups else "--clear-groups", *command]
+
+
+def test_a_booking_by_a_member_of_the_booking_group_reaches_prometheus(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """A person in the booking group books with the deployed gpuwatch; the endpoint, started
+    with its unit's command line as another unprivileged user, serves it to Prometheus."""
+    if not deployment.python_usable_by_others:
+        pytest.skip("this machine's Python for venvs lives where other users cannot run it")
+    group = str(grp.getgrnam(EXPORTER_GROUP).gr_gid)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/nonexistent"}
+    booked = subprocess.run(
+        _as_nobody([str(deployment.root / "usr/local/bin/gpuwatch"), "reserve", "localhost:1",
+                    "--user", "alice", "--until", "+2d", "--comment", "deployed",
+                    "--file", str(deployment.reservations_file)], group),
+        capture_output=True, text=True, env=env, timeout=60)
+    assert booked.returncode == 0, booked.stderr
+    assert deployment.reservations_file.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    refused = subprocess.run(
+        _as_nobody([str(deployment.venv / "bin/gpuwatch"), "release", "localhost",
+                    "--file", str(deployment.reservations_file)]),
+        capture_output=True, text=True, env=env, timeout=60)
+    assert refused.returncode == 1 and "Permission denied" in refused.stderr  # not a booker
+
+    (command,) = _unit(deployment.reservations_unit)["Service"]["ExecStart"]
+    log = tmp_path / "endpoint.log"
+    with log.open("w") as out:
+        endpoint = subprocess.Popen(_as_nobody(command.split()), stdout=out,
+                                    stderr=subprocess.STDOUT, env=env, cwd="/")
+    try:
+        with _prometheus(deployment, tmp_path) as query:
+            (up,) = query('up{job="gpuwatch-reservations"} == 1')
+            assert up["metric"]["instance"] == f"127.0.0.1:{deployment.reservations_port}"
+            (series,) = query("nvidia_gpu_reservation_end_timestamp_seconds")
+            labels = series["metric"]
+            assert (labels["reserved_host"], labels["gpu"], labels["user"], labels["comment"]) \
+                == ("localhost", "1", "alice", "deployed"), log.read_text()
+    finally:
+        end_process(endpoint, 10)
+    assert "nvml" not in log.read_text().lower()
+
+
+# --- preflight ---------------------------------------------------------------------------------
+
+def test_preflight_stops_a_provisioning_file_the_role_cannot_set(
+        deployment: Deployment, tmp_path: Path) -> None:
+    checkout = tmp_path / "grafana"
+    shutil.copytree(deployment.source / "grafana", checkout)
+    broken = checkout / "provisioning/datasources/gpuwatch.yml"
+    broken.write_text(broken.read_text().replace("    url: ", "    address: "))
+    variables = yaml.safe_load((deployment.root / "vars.yml").read_text())
+    variables.update(gpuwatch_grafana_source_dir=str(checkout))
+    (tmp_path / "vars.yml").write_text(yaml.safe_dump(variables))
+    shutil.copy(deployment.root / "inventory.yml", tmp_path / "inventory.yml")
+    result = _playbook(tmp_path, ["--tags", "gpuwatch_grafana_configure"])
+    assert result.returncode != 0
+    assert f"{broken} needs exactly one line for each of url for the role to set; " \
+        f"restore it with git checkout -- {broken}" in " ".join(result.stdout.split()), \
+        result.stdout[-4000:]
+    assert _recap(result.stdout)["changed"] == 0
+
+
+@pytest.mark.parametrize(("override", "tags", "message"), [
+    ({"gpuwatch_grafana_admin_password": ""}, "gpuwatch_grafana_configure",
+     "gpuwatch_grafana_admin_password is not set"),
+    ({"gpuwatch_exporter_basic_auth_users": {"prometheus": "plain-text"}},
+     "gpuwatch_exporter_configure", "maps user names to bcrypt hashes, not to passwords"),
+    ({"gpuwatch_exporter_web_listen_address": "9839"}, "gpuwatch_exporter_configure",
+     "it must be HOST:PORT or :PORT"),
+    ({"gpuwatch_exporter_tls_server_config": {"cert_file": "/nonexistent/node.crt",
+                                               "key_file": "/nonexistent/node.key"}},
+     "gpuwatch_exporter_configure", "names files that do not exist on localhost: "
+     "/nonexistent/node.crt, /nonexistent/node.key"),
+    ({"gpuwatch_prometheus_remote_write": [{"name": "vm"}]}, "gpuwatch_prometheus_configure",
+     "gpuwatch_prometheus_remote_write holds entries without a url"),
+])
+def test_preflight_stops_bad_variables_with_the_fix(
+        deployment: Deployment, tmp_path: Path, override: dict[str, object], tags: str,
+        message: str) -> None:
+    variables = yaml.safe_load((deployment.root / "vars.yml").read_text())
+    variables.update(override)
+    (tmp_path / "vars.yml").write_text(yaml.safe_dump(variables))
+    shutil.copy(deployment.root / "inventory.yml", tmp_path / "inventory.yml")
+    result = _playbook(tmp_path, ["--tags", tags])
+    assert result.returncode != 0
+    assert message in " ".join(result.stdout.split()), result.stdout[-4000:]
+    assert _recap(result.stdout)["changed"] == 0

@@ -1,0 +1,172 @@
+"""make demo: the fleet comes up, the grid shows every node, the booking command it prints
+shows in the grid, Ctrl-C stops every process."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from grafana_provisioning import provisioned
+
+from gpuwatch.sim import load_scenario
+from tools import demo
+from tools.localstack import free_port
+
+WAIT = 90.0
+"""A bound on how long the demo may take to show its grid, not a timing assertion."""
+
+
+def _listening(url: str) -> bool:
+    host, port = re.match(r"http://([\d.]+):(\d+)", url).groups()  # type: ignore[union-attr]
+    with socket.socket() as s:
+        return s.connect_ex((host, int(port))) == 0
+
+
+def _as_a_background_job() -> None:
+    """What a shell does to a job started with &: SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.demo", "--dir", str(tmp_path / "demo"),
+         "--port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=_as_a_background_job)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or []],
+                              daemon=True)
+    reader.start()
+    gpus = sum(len(load_scenario(scenario).gpus) for _, scenario in demo.NODES)
+    summary = f"{gpus} GPUs on {len(demo.NODES)} hosts: "
+    seen: list[str] = []
+
+    def wait_for_line(pattern: re.Pattern[str]) -> None:
+        deadline = time.monotonic() + WAIT
+        while not any(pattern.match(line) for line in seen):
+            assert time.monotonic() < deadline, "".join(seen)
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert process.poll() is None, "".join(seen)
+
+    try:
+        wait_for_line(re.compile(re.escape(summary)))
+        urls = sorted({m.group(0) for m in re.finditer(r"http://[\d.:]+", "".join(seen))})
+        assert len(urls) == len(demo.NODES) + 2  # the exporters, the bookings, Prometheus
+        assert all(_listening(url) for url in urls)
+        grid = "".join(seen)
+        for host, _ in demo.NODES:
+            assert re.search(rf"^{re.escape(host)} ", grid, re.MULTILINE), host
+
+        # the booking it starts with (the endpoint may be scraped after the first grid)
+        wait_for_line(re.compile(r"^\s+\d+\s+reserved\s.* frank until "))
+        # the booking command it prints, run as printed
+        (command,) = [line.split(": ", 1)[1] for line in seen if line.startswith("book a GPU: ")]
+        target, until, comment = demo.TRY
+        assert f"reserve {target} --until {until}" in command and " --file /" in command
+        booked = subprocess.run(shlex.split(command), capture_output=True, text=True,
+                                timeout=60)
+        assert booked.returncode == 0, booked.stderr
+        index = target.split(":")[1]
+        wait_for_line(re.compile(rf"^\s+{index}\s+reserved\s.*until .* "
+                                 rf"\({re.escape(comment)}\)$"))
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        reader.join(timeout=10)
+        while not lines.empty():
+            seen.append(lines.get())
+        assert "stopped everything" in "".join(seen)
+        assert not any(_listening(url) for url in urls)
+    finally:
+        if process.poll() is None:  # failed midway: let the demo stop its processes
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# -- Grafana beside the demo -------------------------------------------------------------------
+
+FAKE_GRAFANA = """
+import http.server, json, os, sys
+json.dump({"argv": sys.argv[1:], "env": dict(os.environ)}, open(sys.argv[0] + ".json", "w"))
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/api/health" else 404)
+        self.end_headers()
+        self.wfile.write(b'{"database": "ok"}')
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer((os.environ["GF_SERVER_HTTP_ADDR"], int(os.environ["GF_SERVER_HTTP_PORT"])),
+                       Health).serve_forever()
+"""
+
+
+def _fake_grafana(tmp_path: Path) -> Path:
+    """A `grafana` laid out like Grafana's tarball (bin/, conf/defaults.ini) that answers
+    /api/health where run-grafana tells it to listen and records how it was started."""
+    home = tmp_path / "grafana-home"
+    (home / "conf").mkdir(parents=True)
+    (home / "conf" / "defaults.ini").write_text("")
+    (home / "bin").mkdir()
+    (home / "bin" / "server.py").write_text(FAKE_GRAFANA)
+    binary = home / "bin" / "grafana"
+    binary.write_text(f'#!/bin/sh\nexec {sys.executable} "{home / "bin" / "server.py"}" "$@"\n')
+    binary.chmod(0o755)
+    return home / "bin"
+
+
+def test_demo_starts_grafana_beside_its_prometheus(tmp_path: Path, monkeypatch: Any,
+                                                   capsys: Any) -> None:
+    bindir = _fake_grafana(tmp_path)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    prometheus = f"http://127.0.0.1:{free_port()}"
+    (tmp_path / "demo").mkdir()
+    with ExitStack() as stack:
+        demo._start_grafana(stack, tmp_path / "demo", prometheus)
+        out = capsys.readouterr().out
+        (url,) = re.findall(r"^grafana:  (http://127\.0\.0\.1:\d+)/d/gpuwatch-fleet ", out,
+                            re.MULTILINE)
+        with urllib.request.urlopen(f"{url}/api/health", timeout=5) as answer:
+            assert answer.status == 200
+        started = json.loads((bindir / "server.py.json").read_text())
+        provisioning = Path(started["env"]["GF_PATHS_PROVISIONING"])
+        source, _ = provisioned(provisioning)
+        assert source["url"] == prometheus
+        assert provisioning.is_relative_to(tmp_path / "demo" / "grafana")
+    assert not _listening(url), "stopped with the demo"
+
+
+def test_demo_says_how_to_get_grafana_when_there_is_none(tmp_path: Path, monkeypatch: Any,
+                                                         capsys: Any) -> None:
+    bindir = tmp_path / "bin-without-grafana"
+    bindir.mkdir()
+    for tool in ("sh", "dirname", "cat"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bindir / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", str(bindir))
+    (tmp_path / "demo").mkdir()
+    with ExitStack() as stack:
+        demo._start_grafana(stack, tmp_path / "demo", "http://127.0.0.1:9090")
+    out = capsys.readouterr().out
+    assert out.startswith("grafana: not installed, so the demo runs without it.\n")
+    assert "apt.grafana.com" in out and "grafana.com/grafana/download" in out
+    assert list((tmp_path / "demo").iterdir()) == [], "nothing started, nothing written"

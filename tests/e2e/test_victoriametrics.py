@@ -1,0 +1,263 @@
+"""Past one Prometheus: Prometheus remote_writes to VictoriaMetrics, and the grid reads from it.
+
+Simulated exporters and Debian's Prometheus run this repository's configuration and rules
+(tools.localstack, 1 s intervals) with a remote_write block to a VictoriaMetrics (Debian's
+victoria-metrics, scripts/ensure-victoria-metrics) on 127.0.0.1, with its data in a
+temporary directory. The recording rules stay in Prometheus (docs/scale.md says why):
+VictoriaMetrics evaluates nothing, so every recorded series it answers with was forwarded.
+
+`gpuwatch status --prometheus <VictoriaMetrics URL>` must show the same grid, and the same
+JSON, as against Prometheus: while every node answers, and after one node stops (its GPUs
+down, kept by the inventory rule's memory of them). The GPUs do no work (load 0), so
+nothing shown moves between two scrapes and the two answers can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from gpuwatch.contract import states
+from tools import dashboards, localstack
+
+T = TypeVar("T")
+
+OVERRIDES = localstack.Overrides(scrape_interval="1s", evaluation_interval="1s",
+                                 refresh_interval="1s")
+LATENCY_OFFSET = "1s"
+"""VictoriaMetrics' -search.latencyOffset: how old a sample must be before queries see it
+(30 s by default; docs/scale.md)."""
+REMOTE_WRITE_QUEUE = {"batch_send_deadline": "1s", "min_backoff": "100ms"}
+WAIT = 30.0
+"""Seconds any one condition may take to come true (a bound, not a timing assertion)."""
+
+# Static nodes: load 0 keeps utilisation, temperature and power still; the held GPUs stay
+# busy (the idle duration, 30 minutes, is far away); one GPU is lost.
+NODES = {
+    "vm-a": """
+description: four GPUs, still
+gpu_defaults: {load: 0}
+gpus:
+  - {}
+  - processes: [{pid: 4101, user: alice, command: python, memory_gib: 20}]
+  - processes: [{pid: 4102, user: bob, memory_gib: 8}, {pid: 4103, user: carol, memory_gib: 8}]
+  - lost: true
+""",
+    "vm-b": """
+description: two GPUs, still
+gpu_defaults: {name: NVIDIA H100 80GB HBM3, load: 0}
+gpus:
+  - processes: [{pid: 5101, user: dave, command: torchrun, memory_gib: 70}]
+  - {}
+""",
+    "vm-c": """
+description: two GPUs, still, on a node that stops answering
+gpu_defaults: {name: NVIDIA GeForce RTX 3090, memory_gib: 24, load: 0, ecc: false}
+gpus:
+  - processes: [{pid: 6101, user: erin, memory_gib: 2}]
+  - {}
+""",
+}
+STOPPED = "vm-c"
+CLUSTERS = {"vm-a": "dc", "vm-b": "dc", "vm-c": "lab"}
+
+
+def victoria_metrics(data_dir: Path, port: int, log: Path) -> localstack.Service:
+    binary = shutil.which("victoria-metrics")
+    assert binary, "victoria-metrics is missing: run `make test`, which installs it " \
+        "(scripts/ensure-victoria-metrics)"
+    return localstack.Service(
+        f"victoria-metrics on port {port}",
+        [binary, f"-storageDataPath={data_dir}", f"-httpListenAddr={localstack.LOCALHOST}:{port}",
+         "-retentionPeriod=1d", f"-search.latencyOffset={LATENCY_OFFSET}",
+         "-loggerLevel=WARN"],
+        f"http://{localstack.LOCALHOST}:{port}/health", log)
+
+
+def with_remote_write(config: Path, url: str) -> None:
+    """Adds a remote_write block to a rendered prometheus.yml, as the Ansible role does with
+    gpuwatch_prometheus_remote_write."""
+    doc = yaml.safe_load(config.read_text())
+    doc["remote_write"] = [{"url": url, "queue_config": REMOTE_WRITE_QUEUE}]
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+@dataclass
+class Stack:
+    prometheus: str
+    victoria_metrics: str
+    exporters: dict[str, localstack.Service]
+    gpus: int
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("victoriametrics")
+    with ExitStack() as stop:
+        vm_port = localstack.free_port()
+        vm = victoria_metrics(workdir / "vm-data", vm_port, workdir / "victoria-metrics.log")
+        vm.start()
+        stop.callback(vm.stop)
+        exporters, groups = {}, []
+        for host, scenario in NODES.items():
+            path = workdir / f"{host}.yaml"
+            path.write_text(scenario)
+            port = localstack.free_port()
+            exporter = localstack.exporter(str(path), port, workdir / f"{host}.log",
+                                           ["--log.level", "warn"])
+            exporter.start()
+            stop.callback(exporter.stop)
+            exporters[host] = exporter
+            groups.append({"targets": [f"{localstack.LOCALHOST}:{port}"],
+                           "labels": {"host": host, "cluster": CLUSTERS[host]}})
+        targets = workdir / "targets"
+        targets.mkdir()
+        localstack.write_targets(targets / "fleet.yml", groups)
+        config = localstack.render_config(workdir / "prometheus", targets, OVERRIDES)
+        vm_url = f"http://{localstack.LOCALHOST}:{vm_port}"
+        with_remote_write(config, f"{vm_url}/api/v1/write")
+        check = subprocess.run(["promtool", "check", "config", str(config)],
+                               capture_output=True, text=True, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+        prometheus_port = localstack.free_port()
+        prometheus = localstack.prometheus(config, workdir / "data", prometheus_port,
+                                           workdir / "prometheus.log")
+        prometheus.start()
+        stop.callback(prometheus.stop)
+        gpus = sum(scenario.count("\n  - ") for scenario in NODES.values())
+        yield Stack(f"http://{localstack.LOCALHOST}:{prometheus_port}", vm_url, exporters,
+                    gpus)
+
+
+def api(url: str, path: str, **params: str) -> Any:
+    query = urllib.parse.urlencode(params)
+    with urllib.request.urlopen(f"{url}/api/v1/{path}?{query}", timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+def query(url: str, expr: str) -> list[dict[str, Any]]:
+    return list(api(url, "query", query=expr)["result"])
+
+
+def status(url: str, *extra: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "gpuwatch.cli", "--prometheus", url,
+                           "status", "--color=never", *extra],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def wait_for(what: str, probe: Callable[[], T], done: Callable[[T], bool]) -> T:
+    deadline = time.monotonic() + WAIT
+    while True:
+        value = probe()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {WAIT:.0f} s for {what}; last: {value!r}")
+        time.sleep(0.5)
+
+
+def grids(stack: Stack) -> tuple[tuple[str, Any], tuple[str, Any]]:
+    """(text, JSON) of `gpuwatch status` against Prometheus, then against VictoriaMetrics."""
+    def both(url: str) -> tuple[str, Any]:
+        return status(url), json.loads(status(url, "--json"))
+    return both(stack.prometheus), both(stack.victoria_metrics)
+
+
+def same(pair: tuple[tuple[str, Any], tuple[str, Any]]) -> bool:
+    (text, rows), (vm_text, vm_rows) = pair
+    return text == vm_text and comparable(rows) == comparable(vm_rows)
+
+
+def comparable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows, with Unix times to 10 ms: VictoriaMetrics keeps 12 significant digits."""
+    return [{k: round(v, 2) if k.endswith("_since") and isinstance(v, float) else v
+             for k, v in row.items()} for row in rows]
+
+
+def states_of(rows: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
+    return {(row["host"], row["gpu"]): row["state"] for row in rows}
+
+
+# -- the tests -------------------------------------------------------------------------------
+
+def test_recorded_series_reach_victoriametrics_from_prometheus(stack: Stack) -> None:
+    count = f"count({states.STATE_INFO})"
+    wait_for("every GPU's state in Prometheus", lambda: query(stack.prometheus, count),
+             lambda r: bool(r) and float(r[0]["value"][1]) == stack.gpus)
+    wait_for("every GPU's state in VictoriaMetrics",
+             lambda: query(stack.victoria_metrics, count),
+             lambda r: bool(r) and float(r[0]["value"][1]) == stack.gpus)
+    recorded = '{__name__=~"[a-z_]+:.+"}'
+    names = {r["metric"]["__name__"] for r in query(stack.prometheus, recorded)}
+    assert states.STATE_INFO in names and states.STATE_CODE in names
+    forwarded = wait_for(
+        "every recorded series in VictoriaMetrics",
+        lambda: {r["metric"]["__name__"] for r in query(stack.victoria_metrics, recorded)},
+        lambda got: names <= got)
+    assert forwarded == names, "VictoriaMetrics records nothing of its own"
+
+
+def test_status_shows_the_same_grid_from_victoriametrics(stack: Stack) -> None:
+    pair = wait_for("the same grid from both", lambda: grids(stack), same)
+    (text, rows), _ = pair
+    assert len(rows) == stack.gpus
+    assert set(states_of(rows).values()) == {"free", "busy", "down"}
+    assert "alice" in text and "bob,carol" in text
+    print(text)
+
+
+def test_every_dashboard_query_answers_the_same_series_from_victoriametrics(
+        stack: Stack) -> None:
+    """Grafana pointed at VictoriaMetrics: every panel query (variables as Grafana fills them
+    when a dashboard opens) finds the series it finds in Prometheus. Values are not compared:
+    MetricsQL's increase() does not extrapolate as PromQL's does."""
+    wait_for("the same grid from both", lambda: grids(stack), same)
+    differ = []
+    for uid, dashboard in dashboards.load_all().items():
+        def label_values(label: str, selector: str) -> list[str]:
+            return sorted(api(stack.victoria_metrics, f"label/{label}/values",
+                              **{"match[]": selector}))
+        values = dashboards.resolve_variables(dashboard, label_values,
+                                              dashboards.grafana_values(1.0, 60.0),
+                                              each_value=False)[0]
+        for panel, target in dashboards.targets(dashboard):
+            expr = dashboards.expand(target["expr"], values)
+            if series(stack.prometheus, expr) != series(stack.victoria_metrics, expr):
+                differ.append(f"{uid}: {panel['title']} {target['refId']}: {expr}")
+    assert differ == [], "\n".join(differ)
+
+
+def series(url: str, expr: str) -> list[list[tuple[str, str]]]:
+    return sorted(sorted(r["metric"].items()) for r in query(url, expr))
+
+
+def test_a_node_that_stops_is_down_in_both(stack: Stack) -> None:
+    stack.exporters[STOPPED].stop()
+    stopped = sum(1 for line in NODES[STOPPED].splitlines() if line.startswith("  - "))
+
+    def down_everywhere(pair: tuple[tuple[str, Any], tuple[str, Any]]) -> bool:
+        (_, rows), _ = pair
+        gone = [s for (host, _), s in states_of(rows).items() if host == STOPPED]
+        return gone == ["down"] * stopped and same(pair)
+
+    (text, rows), _ = wait_for(f"{STOPPED}'s GPUs down in both", lambda: grids(stack),
+                               down_everywhere)
+    assert len(rows) == stack.gpus, "the stopped node's GPUs stay in the grid"
+    print(text)

@@ -1,0 +1,451 @@
+"""prometheus/: promtool's checks and rule tests, and the rules against the metric contract,
+the states, the thresholds, the docs and the runbook."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from paths import REPO as ROOT
+
+from gpuwatch.contract import metrics, states
+from gpuwatch.exporter import main as exporter_main
+from tools import localstack
+
+PROMETHEUS = ROOT / "prometheus"
+RULE_FILES = localstack.rule_files(PROMETHEUS)
+PROMTOOL_TESTS = sorted((PROMETHEUS / "tests").glob("*_test.yml"))
+DOCS = (ROOT / "docs" / "prometheus.md").read_text()
+RUNBOOK = ROOT / "docs" / "runbook.md"
+SEVERITIES = {"critical", "warning", "info"}
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("promtool")
+    assert binary, "promtool is not installed: run scripts/ensure-prometheus (Debian's package)"
+    return subprocess.run([binary, *args], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+
+
+def all_rules() -> list[dict[str, Any]]:
+    return [r for path in RULE_FILES for r in localstack.rules(localstack.load_rules(path))]
+
+
+def records() -> set[str]:
+    return {r["record"] for r in all_rules() if "record" in r}
+
+
+def alerts() -> list[dict[str, Any]]:
+    return [r for r in all_rules() if "alert" in r]
+
+
+def rule(name: str) -> dict[str, Any]:
+    return next(r for r in all_rules() if name in (r.get("record"), r.get("alert")))
+
+
+# -- promtool ---------------------------------------------------------------------------------
+
+def test_promtool_check_config() -> None:
+    result = promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", RULE_FILES, ids=lambda p: p.name)
+def test_promtool_check_rules(path: Path) -> None:
+    result = promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_rule_file_is_loaded() -> None:
+    assert sorted(RULE_FILES) == sorted((PROMETHEUS / "rules").glob("*.yml"))
+
+
+@pytest.mark.parametrize("path", PROMTOOL_TESTS, ids=lambda p: p.name)
+def test_promtool_test_rules(path: Path) -> None:
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- the promtool cases cover every rule --------------------------------------------------------
+
+def _promtool_cases() -> list[dict[str, Any]]:
+    return [t for path in PROMTOOL_TESTS for t in yaml.safe_load(path.read_text())["tests"]]
+
+
+def test_every_recording_rule_has_a_promtool_case() -> None:
+    exprs = " ".join(case["expr"] for t in _promtool_cases()
+                     for case in t.get("promql_expr_test", []))
+    untested = sorted(r for r in records() if not re.search(rf"{re.escape(r)}(?![\w:])", exprs))
+    assert not untested, f"recording rules without a promql_expr_test: {untested}"
+
+
+@pytest.mark.parametrize("alert", [a["alert"] for a in alerts()])
+def test_every_alert_has_a_firing_and_an_earlier_silent_case(alert: str) -> None:
+    cases = [(t, c) for t in _promtool_cases() for c in t.get("alert_rule_test", [])
+             if c["alertname"] == alert]
+    firing = [(t, c) for t, c in cases if c.get("exp_alerts")]
+    assert firing, f"{alert}: no case where it fires"
+    for test, case in firing:
+        fires_at = _duration(case["eval_time"])
+        before = [c for t, c in cases if t is test and not c.get("exp_alerts")
+                  and _duration(c["eval_time"]) == fires_at - _duration(
+                      test.get("interval", "1m"))]
+        assert before, (f"{alert} ({test['name']}): no silent case one evaluation before it "
+                        f"fires at {case['eval_time']}")
+
+
+def _duration(text: str) -> int:
+    seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    parts = re.findall(r"(\d+)([smhd])", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(int(n) * seconds[u] for n, u in parts)
+
+
+# -- alerts -------------------------------------------------------------------------------------
+
+def _runbook_anchors() -> set[str]:
+    """GitHub's anchors for the headings of the runbook."""
+    anchors = set()
+    for line in RUNBOOK.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("alert", alerts(), ids=lambda a: a["alert"])
+def test_alert_has_for_severity_summary_description_and_runbook(alert: dict[str, Any]) -> None:
+    name = alert["alert"]
+    assert _duration(alert.get("for", "")) > 0, f"{name}: no for"
+    assert alert.get("labels", {}).get("severity") in SEVERITIES, name
+    annotations = alert.get("annotations", {})
+    for key in ("summary", "description"):
+        assert annotations.get(key, "").strip(), f"{name}: no {key}"
+    page, _, anchor = annotations.get("runbook_url", "").partition("#")
+    assert page == "docs/runbook.md", f"{name}: runbook_url {annotations.get('runbook_url')}"
+    assert anchor == name.lower(), f"{name}: the runbook section is {name}"
+    assert anchor in _runbook_anchors(), f"{name}: docs/runbook.md has no section #{anchor}"
+
+
+@pytest.mark.parametrize("alert", alerts(), ids=lambda a: a["alert"])
+def test_alert_texts_name_the_host(alert: dict[str, Any]) -> None:
+    for key in ("summary", "description"):
+        assert "$labels.host" in alert["annotations"][key], f"{alert['alert']}: {key}"
+
+
+def test_idle_alert_names_the_users() -> None:
+    annotations = rule("GpuHeldIdle")["annotations"]
+    assert "$labels.users" in annotations["summary"]
+    assert "$labels.users" in annotations["description"]
+
+
+def test_runbook_lists_the_critical_xids_of_the_alerts() -> None:
+    critical = re.search(r'xid=~"([\d|]+)"', rule("GpuXidCritical")["expr"])
+    other = re.search(r'xid!~"([\d|]+)"', rule("GpuXidError")["expr"])
+    assert critical and other and critical.group(1) == other.group(1)
+    section = RUNBOOK.read_text().split("## GpuXidCritical")[1].split("\n## ")[0]
+    listed = re.findall(r"^\| (\d+) \|", section, re.MULTILINE)
+    assert sorted(listed, key=int) == sorted(critical.group(1).split("|"), key=int)
+
+
+# -- rules against the metric contract -----------------------------------------------------------
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_MATCHERS = re.compile(r"\{[^}]*\}")
+_LABEL_LISTS = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_RANGES = re.compile(r"\[[^\]]*\]")
+_NAMES = re.compile(r"(?<![\w:.])([a-zA-Z_:][\w:]*)(?![\w:])(?!\s*\()")
+_KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left",
+             "group_right", "offset", "bool", "inf", "nan"}
+_TEMPLATE_QUERIES = re.compile(r'\b(?:query|printf)\s+"((?:[^"\\]|\\.)*)"')
+PROMETHEUS_OWN = {"up"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (not functions, labels or keywords)."""
+    text = _RANGES.sub(" ", _LABEL_LISTS.sub(" ", _MATCHERS.sub(" ", _STRINGS.sub(" ", expr))))
+    return {n for n in _NAMES.findall(text) if n not in _KEYWORDS}
+
+
+def test_metric_names_finds_the_names_and_only_them() -> None:
+    expr = ('sum by (job, user) (rate(nvidia_gpu_energy_joules_total{gpu="0"}[5m] offset 1m)) '
+            '* on (instance) group_left (model) label_replace(x:y:z, "a", "$1", "b", "(.+)") '
+            '> bool 1e9 or vector(0.5)')
+    assert metric_names(expr) == {"nvidia_gpu_energy_joules_total", "x:y:z"}
+
+
+def _selected_names() -> dict[str, set[str]]:
+    """Rule name -> metric names it reads, from its expression and its alert texts."""
+    names = {}
+    for r in all_rules():
+        found = metric_names(r["expr"])
+        for text in r.get("annotations", {}).values():
+            for query in _TEMPLATE_QUERIES.findall(text):
+                found |= metric_names(query.replace("\\\"", '"'))
+        names[r.get("record") or r["alert"]] = found
+    return names
+
+
+def test_rules_read_only_metrics_of_the_contract_or_of_other_rules() -> None:
+    known = {m.name for m in metrics.ALL} | records() | PROMETHEUS_OWN
+    unknown = {name: sorted(found - known) for name, found in _selected_names().items()
+               if found - known}
+    assert not unknown, f"rules reading metrics that nothing produces: {unknown}"
+
+
+def test_rules_read_the_exporters_job_by_name() -> None:
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert [job["job_name"] for job in config["scrape_configs"]] == \
+        [states.JOB, states.RESERVATIONS_JOB]
+    for r in all_rules():
+        for job in re.findall(r'\bup\{job="([^"]*)"\}', r["expr"]):
+            assert job in (states.JOB, states.RESERVATIONS_JOB), r.get("record") or r.get("alert")
+        assert not re.search(r"\bup\b(?!\{job=)", _STRINGS.sub("", r["expr"])), r
+
+
+def test_the_reservations_job_scrapes_the_endpoint_where_it_listens() -> None:
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == states.RESERVATIONS_JOB)
+    assert job["static_configs"] == [{"targets": [exporter_main.RESERVATIONS_LISTEN_ADDRESS]}]
+    # the same host relabelling as the nodes, so its alerts name the monitoring host
+    assert job["relabel_configs"] == config["scrape_configs"][0]["relabel_configs"]
+
+
+def test_booked_hosts_are_matched_by_the_reservations_own_label() -> None:
+    """The endpoint's series carry the booked host as reserved_host (their host label is the
+    monitoring host's); the rule matches it to the GPUs' host."""
+    assert "reserved_host" in metrics.RESERVATION_END.labels
+    assert "host" not in metrics.RESERVATION_END.label_names
+    expr = rule(states.RESERVED_UNTIL)["expr"]
+    assert expr.count('"host", "$1", "reserved_host", "(.*)"') == 2
+
+
+def test_recording_rules_are_named_level_metric_operations() -> None:
+    for name in records():
+        level, metric, operations = (name.split(":") + ["", "", ""])[:3]
+        assert name.count(":") == 2 and level and metric and operations, name
+
+
+def test_every_rule_has_a_comment() -> None:
+    for path in RULE_FILES:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if re.match(r"\s*- (record|alert):", line):
+                previous = next(p for p in reversed(lines[:i]) if p.strip())
+                # alerts explain themselves in their annotations
+                if "record:" in line:
+                    assert previous.strip().startswith("#"), f"{path.name}: {line.strip()}"
+
+
+# -- states and thresholds ----------------------------------------------------------------------
+
+def test_state_rules_use_the_names_and_codes_of_gpuwatch_states() -> None:
+    info = rule(states.STATE_INFO)["expr"]
+    pairs = re.findall(rf'{re.escape(states.STATE_CODE)} == (\d+), "state", "(\w+)"', info)
+    produced = {states.BY_NAME[name] for _, name in pairs}
+    assert {(int(code), states.BY_NAME[name].code) for code, name in pairs} == \
+        {(s.code, s.code) for s in produced}
+    assert produced == set(states.ALL)
+    code = rule(states.STATE_CODE)["expr"]
+    codes = {int(c) for c in re.findall(r"instance_gpu:gpuwatch_inventory:info \* 0 \+ (\d+)",
+                                        code)}
+    codes |= {0} if re.search(r"instance_gpu:gpuwatch_inventory:info \* 0\s*\)\s*$", code) \
+        else set()
+    assert codes == {s.code for s in produced}
+    assert states.INACTIVE_SINCE in records()
+
+
+def test_thresholds_are_constants_read_by_the_other_rules() -> None:
+    thresholds = localstack.threshold_values(PROMETHEUS)
+    assert thresholds, "no thresholds"
+    readers = _selected_names()
+    for name in thresholds:
+        assert name.startswith("gpuwatch:threshold_") and name.endswith(":constant"), name
+        assert any(name in found for other, found in readers.items() if other != name), \
+            f"{name} is read by no rule"
+
+
+def test_no_rule_repeats_a_threshold_value() -> None:
+    """A number equal to a threshold in another rule is a copy that would not follow it."""
+    thresholds = localstack.threshold_values(PROMETHEUS)
+    for r in all_rules():
+        if r.get("record") in thresholds:
+            continue
+        numbers = {float(n) for n in re.findall(r"(?<![\w.])(\d+(?:\.\d+)?(?:e\d+)?)(?![\w.])",
+                                                _STRINGS.sub("", r["expr"]))}
+        copies = {n for n in numbers if n in thresholds.values() and n not in (0, 1)}
+        assert not copies, f"{r.get('record') or r.get('alert')} repeats {copies}"
+
+
+# -- docs ---------------------------------------------------------------------------------------
+
+def _table(section: str) -> list[list[str]]:
+    text = DOCS.split(section, 1)[1]
+    rows = []
+    started = False
+    for line in text.splitlines():
+        if line.startswith("|"):
+            started = True
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not set("".join(cells)) <= set("-: "):
+                rows.append(cells)
+        elif started:
+            break
+    return rows[1:]
+
+
+def test_docs_list_the_states_as_defined() -> None:
+    rows = _table("## GPU states")
+    assert [(r[0], int(r[1]), r[2]) for r in rows] == [(s.name, s.code, s.colour)
+                                                       for s in states.ALL]
+
+
+def test_docs_list_the_thresholds_with_their_values() -> None:
+    rows = _table("### Thresholds")
+    documented = {r[0].strip("`"): float(r[1].split()[0]) for r in rows}
+    assert documented == localstack.threshold_values(PROMETHEUS)
+
+
+def test_docs_list_every_recording_rule() -> None:
+    documented = {r[0].strip("`") for r in _table("## Recording rules")}
+    thresholds = set(localstack.threshold_values(PROMETHEUS))
+    assert documented - {"gpuwatch:threshold_*:constant"} == records() - thresholds
+
+
+def test_docs_list_every_alert_with_its_severity_and_for() -> None:
+    documented = {r[0]: (r[1], r[2]) for r in _table("## Alerts")}
+    assert documented == {a["alert"]: (a["labels"]["severity"], a["for"]) for a in alerts()}
+
+
+def _docs_consul_block() -> dict[str, Any]:
+    block = DOCS.split("### Consul instead of target files", 1)[1].split("```yaml\n", 1)[1]
+    consul: dict[str, Any] = yaml.safe_load(block.split("```", 1)[0])
+    return consul
+
+
+def _check_job(tmp_path: Path, job_changes: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """promtool check config on prometheus.yml with the gpuwatch job changed."""
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    job = config["scrape_configs"][0]
+    for key, value in job_changes.items():
+        if value is None:
+            job.pop(key, None)
+        else:
+            job[key] = value
+    config["rule_files"] = [str(p) for p in RULE_FILES]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return promtool("check", "config", str(path))
+
+
+def test_docs_consul_relabelling_is_valid(tmp_path: Path) -> None:
+    consul = _docs_consul_block()
+    assert set(consul) == {"consul_sd_configs", "relabel_configs"}
+    assert consul["relabel_configs"][0]["target_label"] == "host"
+    result = _check_job(tmp_path, {"relabel_configs": consul["relabel_configs"]})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_docs_consul_block_is_a_valid_scrape_config(tmp_path: Path) -> None:
+    probe = _check_job(tmp_path, {"file_sd_configs": None,
+                                  "consul_sd_configs": [{"server": "localhost:8500"}]})
+    if "field consul_sd_configs not found" in probe.stdout + probe.stderr:
+        pytest.skip("this promtool is built without Consul discovery (Debian 12's package)")
+    result = _check_job(tmp_path, {"file_sd_configs": None, **_docs_consul_block()})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- targets ------------------------------------------------------------------------------------
+
+TARGET_FILES = sorted((PROMETHEUS / "targets").rglob("*.yml"))
+
+
+@pytest.mark.parametrize("path", TARGET_FILES, ids=lambda p: p.name)
+def test_target_files_are_file_sd_lists_of_exporters(path: Path) -> None:
+    groups = yaml.safe_load(path.read_text())
+    assert isinstance(groups, list) and groups
+    for group in groups:
+        assert set(group) <= {"targets", "labels"}
+        for target in group["targets"]:
+            host, _, port = target.rpartition(":")
+            assert host and int(port) == exporter_main.DEFAULT_PORT, target
+        for key, value in group.get("labels", {}).items():
+            assert re.fullmatch(r"[a-zA-Z_]\w*", key) and isinstance(value, str)
+            assert not key.startswith("__")
+
+
+def _host_relabelling() -> dict[str, Any]:
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    relabel: dict[str, Any] = next(r for r in config["scrape_configs"][0]["relabel_configs"]
+                                   if r.get("target_label") == "host")
+    return relabel
+
+
+@pytest.mark.parametrize(("host", "address", "expected"), [
+    ("", "gpu-node-07:9839", "gpu-node-07"),
+    ("", "gpu-node-07.example.org:9839", "gpu-node-07.example.org"),
+    ("", "10.20.3.41:9839", "10.20.3.41"),
+    ("", "[fe80::1]:9839", "fe80::1"),
+    ("gpu-a03", "10.20.3.41:9839", "gpu-a03"),
+])
+def test_host_is_the_target_without_its_port_unless_set(host: str, address: str,
+                                                        expected: str) -> None:
+    # The same regex as Prometheus applies (RE2, anchored); the end-to-end test sees it there.
+    relabel = _host_relabelling()
+    joined = relabel["separator"].join({"host": host, "__address__": address}[label]
+                                       for label in relabel["source_labels"])
+    match = re.fullmatch(relabel["regex"], joined)
+    result = match.expand(relabel["replacement"].replace("$1", r"\1")) if match else host
+    assert result == expected
+
+
+# -- generated variants (the end-to-end tests and the demo run these) -----------------------------
+
+def test_generated_variant_differs_from_the_source_only_by_its_overrides(tmp_path: Path) -> None:
+    idle = "gpuwatch:threshold_idle_duration_seconds:constant"
+    overrides = localstack.Overrides(scrape_interval="1s", evaluation_interval="2s",
+                                     refresh_interval="3s", thresholds={idle: 4},
+                                     alert_for={"GpuLost": "5s"})
+    config_path = localstack.render_config(tmp_path / "out", tmp_path / "targets", overrides,
+                                           source=PROMETHEUS, reservations="127.0.0.1:19840")
+    result = promtool("check", "config", str(config_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load(config_path.read_text())
+    source = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert config["global"] == {**source["global"], "scrape_interval": "1s",
+                                "scrape_timeout": "1s", "evaluation_interval": "2s"}
+    [job, reservations], [source_job, source_reservations] = \
+        config["scrape_configs"], source["scrape_configs"]
+    assert reservations == {**source_reservations,
+                            "static_configs": [{"targets": ["127.0.0.1:19840"]}]}
+    assert job["relabel_configs"] == source_job["relabel_configs"]
+    assert job["file_sd_configs"] == [{"files": [str(tmp_path / "targets" / "*.yml")],
+                                       "refresh_interval": "3s"}]
+    assert [Path(p).name for p in config["rule_files"]] == [p.name for p in RULE_FILES]
+    for generated, original in zip(config["rule_files"], RULE_FILES, strict=True):
+        expected = localstack.load_rules(original)
+        for r in localstack.rules(expected):
+            if r.get("record") == idle:
+                r["expr"] = "vector(4)"
+            if r.get("alert") == "GpuLost":
+                r["for"] = "5s"
+        assert localstack.load_rules(Path(generated)) == expected
+
+
+def test_a_variant_without_a_reservations_endpoint_leaves_its_job_out(tmp_path: Path) -> None:
+    config_path = localstack.render_config(tmp_path / "out", tmp_path / "targets",
+                                           source=PROMETHEUS)
+    config = yaml.safe_load(config_path.read_text())
+    assert [job["job_name"] for job in config["scrape_configs"]] == [states.JOB]
+
+
+def test_overrides_of_rules_that_do_not_exist_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(localstack.LocalStackError, match="GpuOverheated"):
+        localstack.render_config(tmp_path, tmp_path, localstack.Overrides(
+            alert_for={"GpuOverheated": "1s"}), source=PROMETHEUS)

@@ -1,0 +1,212 @@
+"""gpuwatch-exporter as a program: flags, bad input, a real process serving a simulated node."""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpuwatch.exporter.main import main
+from gpuwatch.sim import load_scenario
+
+EXPORTER = [sys.executable, "-m", "gpuwatch.exporter"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+def scrape(port: int, deadline: float = 20) -> str:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--web.listen-address", "nonsense"],
+    ["--process.command", "everything"],
+    ["--process.max-per-gpu", "-1"],
+    ["--collection.timeout", "0"],
+    ["--log.level", "chatty"],
+    ["--no-such-flag"],
+])
+def test_a_malformed_flag_exits_2(capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
+    code, err = run_main(capsys, *flags)
+    assert code == 2
+    assert "error:" in err
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("display_names: [1, 2]\n", "display_names: expected a mapping"),
+    ("display_name: {}\n", "unknown key 'display_name'"),
+    ("display_names: {a: [\n", "not valid YAML"),
+])
+def test_a_malformed_config_file_is_one_line_naming_it(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "gpuwatch.yml"
+    config.write_text(text)
+    code, err = run_main(capsys, "--config.file", str(config), "--simulate", "workstation")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(config) in lines[0] and message in lines[0]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("gpus: 3\n", "gpus: expected a list"),
+    ("gpus:\n  - {load: 2}\n", "gpus[0].load: must be between 0 and 1"),
+    ("gpus:\n  - {lod: 2}\n", "unknown key 'lod'"),
+    ("gpus:\n  - {errors: {nvmlDeviceGetFanSpeed: Broken}}\n", "unknown error 'Broken'"),
+    ("gpus:\n  - {hang: [nvmlDeviceDoesNotExist]}\n", "not an NVML function"),
+    ("gpus:\n  - processes: [{user: ann}]\n", "missing key 'pid'"),
+    ("process_api: v9\ngpus: []\n", "'v9' is not one of"),
+    ("gpus: [\n", "not valid YAML"),
+])
+def test_a_malformed_scenario_is_one_line_naming_it(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(text)
+    code, err = run_main(capsys, "--simulate", str(path))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], err
+
+
+def test_an_unknown_scenario_name_lists_the_shipped_ones(capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    code, err = run_main(capsys, "--simulate", "mainframe")
+    assert code == 2 and "lost-gpu, server, workstation" in err
+
+
+def test_a_scenario_name_works_from_a_directory_it_cannot_look_into(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service user started in a directory it may not enter (stat() of the relative name
+    fails with EACCES) still gets the shipped scenario of that name."""
+    shipped = load_scenario("workstation")
+    real_stat = os.stat
+
+    def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if os.fspath(path) == "workstation":
+            raise PermissionError(13, "Permission denied", "workstation")
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert load_scenario("workstation") == shipped
+
+
+def test_a_port_in_use_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = run_main(capsys, "--simulate", "workstation", "--web.listen-address",
+                             f"127.0.0.1:{port}")
+    assert code == 2 and "cannot listen on" in err
+
+
+def test_the_exporter_serves_a_simulated_node_and_stops_on_sigterm() -> None:
+    port = free_port()
+    process = subprocess.Popen([*EXPORTER, "--simulate", "server", "--web.listen-address",
+                                f"127.0.0.1:{port}"], stderr=subprocess.PIPE, text=True)
+    try:
+        text = scrape(port)
+        assert 'nvidia_gpu_users_info{gpu="3",users="erin"' in text
+        assert "process_resident_memory_bytes" in text  # the exporter's own process metrics
+    finally:
+        process.terminate()
+        assert process.wait(10) == 0
+    assert "listening on http://127.0.0.1" in (process.stderr.read() if process.stderr else "")
+
+
+@pytest.mark.skipif(ctypes.util.find_library("nvidia-ml") is not None,
+                    reason="this machine has an NVIDIA driver")
+def test_without_a_driver_the_exporter_runs_and_says_why() -> None:
+    """On a machine with no NVIDIA driver the real NVML path serves health, not a crash."""
+    port = free_port()
+    env = dict(os.environ, LD_LIBRARY_PATH="/nonexistent")
+    process = subprocess.Popen([*EXPORTER, "--web.listen-address", f"127.0.0.1:{port}"],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        text = scrape(port)
+        assert "nvidia_gpu_nvml_up 0.0" in text
+        assert 'nvidia_gpu_scrape_collector_success{collector="gpu"} 0.0' in text
+        scrape(port)
+    finally:
+        process.terminate()
+        process.wait(10)
+    log = process.stderr.read() if process.stderr else ""
+    # one line, as the README says: the collectors that fail for that reason share it
+    assert log.count("collectors gpu, process, xid failed") == 1, log
+    assert sum("failed" in line for line in log.splitlines()) == 1, log
+    assert "libnvidia-ml.so not found" in log or "NVIDIA" in log
+
+
+BROKEN_HASH = "$2y$10$X0h1gDsPszWURQaxFh.zoubFi6DXncSjhoQNJgRrnGs7EsimhC7z"  # one short
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (f"basic_auth_users:\n  prometheus: '{BROKEN_HASH}'\n",
+     "basic_auth_users.prometheus: not a bcrypt hash"),
+    ("http_server_config:\n  headers: [X-Frame-Options: deny]\n",
+     "http_server_config.headers: expected a mapping"),
+    ("http_server_config:\n  http2: true\n", "http_server_config.http2: gpuwatch-exporter serves "
+                                             "HTTP/1.1 only"),
+    ("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+     "  client_auth_type: RequireAnyClientCert\n", "client_auth_type: RequireAnyClientCert"),
+    ("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+     "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: server.key\n",
+     "client_ca_file: "),
+])
+def test_a_web_config_the_exporter_cannot_honour_is_one_line_naming_it(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        text: str, message: str) -> None:
+    from certs import self_signed
+
+    def serve(*_: object) -> None:
+        raise AssertionError("the exporter started with a web config it cannot honour")
+
+    monkeypatch.setattr("gpuwatch.exporter.main.serve", serve)
+    self_signed(tmp_path)
+    config = tmp_path / "web.yml"
+    config.write_text(text)
+    code, err = run_main(capsys, "--web.config.file", str(config), "--simulate", "workstation",
+                         "--web.listen-address", "127.0.0.1:0")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(config) in lines[0] and message in lines[0], err
+
+
+def test_a_malformed_bcrypt_hash_stops_the_exporter_process(tmp_path: Path) -> None:
+    config = tmp_path / "web.yml"
+    config.write_text(f"basic_auth_users:\n  prometheus: '{BROKEN_HASH}'\n")
+    done = subprocess.run([*EXPORTER, "--simulate", "workstation", "--web.config.file",
+                           str(config), "--web.listen-address", f"127.0.0.1:{free_port()}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"gpuwatch-exporter: error: {config}: basic_auth_users.prometheus: not a bcrypt hash "
+        "($2a$, $2b$ or $2y$, a cost of 04 to 31, then 53 characters of bcrypt base64); make "
+        "one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`"]

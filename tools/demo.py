@@ -1,0 +1,213 @@
+"""make demo: a simulated fleet, a real Prometheus with this repository's configuration, and
+the grid, on 127.0.0.1 until Ctrl-C.
+
+Three nodes run gpuwatch-exporter over simulated GPUs (the workstation, server and lost-gpu
+scenarios); a fourth gpuwatch-exporter serves the bookings of a reservations file, as on a
+monitoring host; Prometheus runs prometheus/prometheus.yml and its rules with shorter
+intervals and a one-minute idle duration, so the grid changes while you watch; Grafana runs
+grafana/provisioning and the dashboards when it is installed (the demo says how to get it
+when it is not). The grid is printed again whenever a GPU changes state, hands or booking;
+the demo prints the `gpuwatch reserve` command that books a GPU in it. Everything is stopped
+on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from types import FrameType
+
+from gpuwatch import cli, reservations
+from gpuwatch.fleet import read_fleet
+from gpuwatch.fleet.prometheus import Prometheus, PrometheusError
+from tools import localstack
+
+PROG = "gpuwatch-demo"
+NODES = (("ws-01", "workstation"), ("gpu-srv-01", "server"), ("gpu-node-07", "lost-gpu"))
+# Rules every second: a booking shows in the grid within a scrape (5 s) of being made.
+OVERRIDES = localstack.Overrides(
+    scrape_interval="5s", evaluation_interval="1s", refresh_interval="5s",
+    thresholds={"gpuwatch:threshold_idle_duration_seconds:constant": 60})
+BOOKED = ("gpu-srv-01", (7,), "frank", "thesis experiments")
+"""A booking the demo starts with (host, GPUs, user, comment), for three days."""
+TRY = ("gpu-srv-01:4", "+2h", "trying the demo")
+"""What the printed `gpuwatch reserve` command books: a free GPU of the server scenario."""
+READY_TIMEOUT = 60.0
+GRAFANA_PORT = 3000
+"""Grafana's usual port, or another free one when it is taken."""
+GRAFANA_START_TIMEOUT = 120.0
+"""A first start creates Grafana's database, which takes a while."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0] if __doc__
+                                else None)
+    p.add_argument("--dir", type=Path, default=Path(".demo"),
+                   help="working directory for configuration, data and logs; emptied first "
+                   "(default %(default)s)")
+    p.add_argument("--port", type=int, default=9090,
+                   help="Prometheus' port on 127.0.0.1, another free one when taken "
+                   "(default %(default)s)")
+    return p
+
+
+def _port(wanted: int) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((localstack.LOCALHOST, wanted))
+        except OSError:
+            return localstack.free_port()
+    return wanted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        localstack.prometheus_binary()
+    except localstack.LocalStackError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    workdir: Path = args.dir.resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    (workdir / "targets").mkdir(parents=True)
+    # SIGTERM ends the demo like Ctrl-C, so the ExitStack stops every process it started;
+    # SIGINT explicitly too: a shell starting the demo in the background ignores it for us
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+    with ExitStack() as stack:
+        try:
+            url = _start(stack, workdir, _port(args.port))
+            return _watch(url)
+        except KeyboardInterrupt:
+            print("\nstopping...", file=sys.stderr)
+            return 0
+        except (localstack.LocalStackError, PrometheusError) as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            stack.close()
+            print(f"stopped everything; logs in {workdir}", file=sys.stderr)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _command() -> str:
+    """How to run gpuwatch from here: the venv's, when the demo runs from one."""
+    beside = Path(sys.executable).parent / "gpuwatch"
+    if not beside.exists():
+        return "gpuwatch"
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
+
+
+def _start(stack: ExitStack, workdir: Path, port: int) -> str:
+    groups = []
+    for host, scenario in NODES:
+        exporter_port = localstack.free_port()
+        service = localstack.exporter(scenario, exporter_port,
+                                      workdir / f"exporter-{host}.log")
+        stack.callback(service.stop)
+        service.start()
+        groups.append({"targets": [f"{localstack.LOCALHOST}:{exporter_port}"],
+                       "labels": {"host": host}})
+        print(f"exporter  {host:<12} ({scenario}): {service.ready_url}")
+    localstack.write_targets(workdir / "targets" / "nodes.yml", groups)
+    booking_file = workdir / "reservations.yml"
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    host, gpus, user, comment = BOOKED
+    reservations.add(booking_file, reservations.Reservation(
+        host=host, gpus=gpus, user=user, start=now, until=now + dt.timedelta(days=3),
+        comment=comment), now)
+    endpoint_port = localstack.free_port()
+    endpoint = localstack.reservations_endpoint(booking_file, endpoint_port,
+                                                workdir / "reservations.log")
+    stack.callback(endpoint.stop)
+    endpoint.start()
+    print(f"bookings  {booking_file}: {endpoint.ready_url}")
+    config = localstack.render_config(workdir / "prometheus", workdir / "targets", OVERRIDES,
+                                      reservations=f"{localstack.LOCALHOST}:{endpoint_port}")
+    prometheus = localstack.prometheus(config, workdir / "data", port,
+                                       workdir / "prometheus.log")
+    stack.callback(prometheus.stop)
+    prometheus.start()
+    url = f"http://{localstack.LOCALHOST}:{port}"
+    print(f"prometheus: {url} (targets: {workdir / 'targets' / 'nodes.yml'}; rules and "
+          f"configuration generated from prometheus/ in {workdir / 'prometheus'})")
+    _start_grafana(stack, workdir, url)
+    print(f"demo settings: scrape every {OVERRIDES.scrape_interval}, rules every "
+          f"{OVERRIDES.evaluation_interval}, idle after "
+          f"{OVERRIDES.thresholds['gpuwatch:threshold_idle_duration_seconds:constant']:g} s")
+    gpuwatch = _command()
+    target, until, comment = TRY
+    file = shlex.quote(str(booking_file))
+    print(f"in another terminal: GPUWATCH_PROMETHEUS={url} {gpuwatch} status")
+    print(f"book a GPU: {gpuwatch} reserve {target} --until {until} "
+          f"--comment {shlex.quote(comment)} --file {file}")
+    print(f"give it back: {gpuwatch} release {target} --file {file}")
+    print("Ctrl-C stops everything.\n", flush=True)
+    return url
+
+
+def _start_grafana(stack: ExitStack, workdir: Path, prometheus_url: str) -> None:
+    """Grafana beside the demo's Prometheus when one is installed; the demo goes on without
+    it otherwise, after saying how to get one."""
+    try:
+        missing = localstack.grafana_missing()
+    except localstack.LocalStackError as e:
+        print(f"grafana: not started: {e}")
+        return
+    if missing is not None:
+        print("grafana: not installed, so the demo runs without it.\n"
+              + "\n".join(f"  {line}" for line in missing.splitlines()))
+        return
+    port = _port(GRAFANA_PORT)
+    service = localstack.grafana(prometheus_url, workdir / "grafana", port,
+                                 workdir / "grafana.log")
+    stack.callback(service.stop)
+    try:
+        service.start(timeout=GRAFANA_START_TIMEOUT)
+    except localstack.LocalStackError as e:
+        print(f"grafana: did not start, the demo goes on without it: {e}")
+        return
+    print(f"grafana:  http://{localstack.LOCALHOST}:{port}/d/gpuwatch-fleet (the availability "
+          f"grid; anonymous viewing, admin/admin to edit; log: {workdir / 'grafana.log'})")
+
+
+def _watch(url: str) -> int:
+    prometheus = Prometheus(url)
+    shown: object = None
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        fleet = read_fleet(prometheus)
+        hosts = {g.host for g in fleet}
+        complete = hosts == {host for host, _ in NODES}
+        view = [(g.host, g.gpu, g.state, g.users, g.reservation) for g in fleet]
+        if complete and view != shown:
+            print(time.strftime("%H:%M:%S"), flush=True)
+            cli.main(["--prometheus", url, "status"])
+            print(flush=True)
+            shown = view
+        elif not complete and time.monotonic() > deadline:
+            raise PrometheusError(f"Prometheus at {url} shows {sorted(hosts) or 'no hosts'} "
+                                  f"after {READY_TIMEOUT:g} s; see the logs")
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Simulated exporters and a real Prometheus on 127.0.0.1, for the end-to-end tests and the demo.
+
+Prometheus runs this repository's prometheus.yml and rules, generated into a directory of
+the caller's with the overrides a short run needs (scrape and evaluation intervals,
+thresholds, alert `for`): the files in prometheus/ are the only source, never forked.
+Everything listens on 127.0.0.1 and every process started here is stopped by its owner.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+
+from gpuwatch.contract import states
+
+LOCALHOST = "127.0.0.1"
+SOURCE_DIR = Path(__file__).resolve().parents[1] / "prometheus"
+"""prometheus/ of the source tree this package runs from (an editable install)."""
+RUN_GRAFANA = SOURCE_DIR.parent / "grafana" / "run-grafana"
+"""grafana/run-grafana of that source tree: a Grafana with the checkout's provisioning."""
+GRAFANA_MISSING = 3
+"""run-grafana's exit status when no Grafana is installed."""
+
+_CONSTANT = re.compile(r"^\s*vector\(\s*([-+0-9.eE]+)\s*\)\s*$")
+
+
+
+def end_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, and SIGKILL when the process has not ended `timeout` seconds later."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+class LocalStackError(Exception):
+    """A process could not be started, or a configuration could not be generated."""
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Overrides:
+    """What a short local run changes in the repository's configuration."""
+
+    scrape_interval: str | None = None
+    """Also the scrape timeout, which may not exceed it."""
+    evaluation_interval: str | None = None
+    refresh_interval: str | None = None
+    """How often file_sd re-reads the target files besides on change notifications."""
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    """Recording rule of rules/thresholds.yml -> value."""
+    alert_for: Mapping[str, str] = field(default_factory=dict)
+    """Alert name -> its `for`."""
+
+
+def load_rules(path: Path) -> dict[str, Any]:
+    doc = yaml.safe_load(path.read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("groups"), list):
+        raise LocalStackError(f"{path}: not a Prometheus rule file (no groups)")
+    return doc
+
+
+def rules(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [rule for group in doc["groups"] for rule in group.get("rules", [])]
+
+
+def rule_files(source: Path = SOURCE_DIR) -> list[Path]:
+    """The rule files prometheus.yml loads, in its order."""
+    config = yaml.safe_load((source / "prometheus.yml").read_text())
+    return [source / f for f in config.get("rule_files", [])]
+
+
+def threshold_values(source: Path = SOURCE_DIR) -> dict[str, float]:
+    """Every constant the rules publish (rules/thresholds.yml): record name -> value."""
+    values = {}
+    for path in rule_files(source):
+        for rule in rules(load_rules(path)):
+            match = _CONSTANT.match(str(rule.get("expr", "")))
+            if "record" in rule and match:
+                values[rule["record"]] = float(match.group(1))
+    return values
+
+
+def render_rules(source: Path, dest: Path, overrides: Overrides) -> set[str]:
+    """Writes the rule file `source` to `dest` with the overrides; returns the names of the
+    rules it overrode."""
+    doc = load_rules(source)
+    done: set[str] = set()
+    for rule in rules(doc):
+        record, alert = str(rule.get("record", "")), str(rule.get("alert", ""))
+        if record in overrides.thresholds:
+            if not _CONSTANT.match(str(rule["expr"])):
+                raise LocalStackError(f"{source}: {record} is not a constant")
+            rule["expr"] = f"vector({overrides.thresholds[record]!r})"
+            done.add(record)
+        if alert in overrides.alert_for:
+            rule["for"] = overrides.alert_for[alert]
+            done.add(alert)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=1000))
+    return done
+
+
+def render_config(dest: Path, targets_dir: Path, overrides: Overrides | None = None,
+                  source: Path = SOURCE_DIR, reservations: str | None = None) -> Path:
+    """Writes prometheus.yml and its rule files under `dest`, reading targets from
+    `targets_dir` and the bookings from the reservations endpoint at `reservations`
+    (HOST:PORT; None leaves that job out); returns the path of the configuration."""
+    overrides = overrides or Overrides()
+    config = yaml.safe_load((source / "prometheus.yml").read_text())
+    glob = config.setdefault("global", {})
+    if overrides.scrape_interval:
+        glob["scrape_interval"] = glob["scrape_timeout"] = overrides.scrape_interval
+    if overrides.evaluation_interval:
+        glob["evaluation_interval"] = overrides.evaluation_interval
+    jobs = config.get("scrape_configs", [])
+    if reservations is None:
+        jobs[:] = [job for job in jobs if job["job_name"] != states.RESERVATIONS_JOB]
+    for job in jobs:
+        if job["job_name"] == states.RESERVATIONS_JOB:
+            job["static_configs"] = [{"targets": [reservations]}]
+        if overrides.scrape_interval:
+            for key in ("scrape_interval", "scrape_timeout"):
+                job.pop(key, None)
+        for sd in job.get("file_sd_configs", []):
+            sd["files"] = [str(targets_dir / Path(f).name) for f in sd["files"]]
+            if overrides.refresh_interval:
+                sd["refresh_interval"] = overrides.refresh_interval
+    done: set[str] = set()
+    rendered = []
+    for name in config.get("rule_files", []):
+        out = dest / "rules" / Path(name).name
+        done |= render_rules(source / name, out, overrides)
+        rendered.append(str(out))
+    config["rule_files"] = rendered
+    unknown = (set(overrides.thresholds) | set(overrides.alert_for)) - done
+    if unknown:
+        raise LocalStackError(f"overrides for rules that do not exist: {sorted(unknown)}")
+    path = dest / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def write_targets(path: Path, groups: Sequence[Mapping[str, Any]]) -> None:
+    """A file_sd targets file, replaced in one step so Prometheus never reads half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump([dict(g) for g in groups], sort_keys=False))
+    os.replace(tmp, path)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOCALHOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Service:
+    """A child process that serves HTTP on 127.0.0.1: started, awaited, stopped."""
+
+    def __init__(self, name: str, argv: Sequence[str], ready_url: str, log: Path,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.ready_url = ready_url
+        self.log = log
+        self.env = dict(env) if env is not None else None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, env=self.env,
+                                             preexec_fn=_stop_with_parent())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise LocalStackError(f"{self.name} exited with {self._process.returncode}: "
+                                      f"{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.ready_url, timeout=1):
+                    return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.1)
+        self.stop()
+        raise LocalStackError(f"{self.name} did not answer {self.ready_url} within "
+                              f"{timeout:g} s: {self.log_tail()}")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        end_process(process, timeout)
+
+    def kill(self) -> None:
+        """Ends the process at once (SIGKILL), as a crash or the OOM killer would."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return " | ".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> Service:
+        self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _stop_with_parent() -> Callable[[], None] | None:
+    """On Linux, a child that gets SIGTERM when its parent dies, so a test runner or demo
+    that is killed (and cannot stop its children) leaves no process behind."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_parent_death_signal() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+    return set_parent_death_signal
+
+
+def exporter(scenario: str, port: int, log: Path, extra: Sequence[str] = ()) -> Service:
+    """gpuwatch-exporter serving a simulated node."""
+    return Service(f"gpuwatch-exporter --simulate {scenario} on port {port}",
+                   [sys.executable, "-m", "gpuwatch.exporter", "--simulate", scenario,
+                    "--web.listen-address", f"{LOCALHOST}:{port}", *extra],
+                   f"http://{LOCALHOST}:{port}/metrics", log)
+
+
+def reservations_endpoint(path: Path, port: int, log: Path) -> Service:
+    """gpuwatch-exporter serving the bookings of the reservations file `path`, as on the
+    monitoring host: the GPU collectors off, so it never touches NVML."""
+    return Service(f"reservations endpoint on port {port}",
+                   [sys.executable, "-m", "gpuwatch.exporter",
+                    "--collector.disable-defaults",
+                    "--reservations.file", str(path),
+                    "--web.listen-address", f"{LOCALHOST}:{port}"],
+                   f"http://{LOCALHOST}:{port}/metrics", log)
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if found is None:
+        raise LocalStackError("prometheus is not installed: run scripts/ensure-prometheus "
+                              "(Debian's package)")
+    return found
+
+
+def prometheus(config: Path, data_dir: Path, port: int, log: Path) -> Service:
+    """A Prometheus server with `config`, its data in `data_dir`."""
+    return Service(f"prometheus on port {port}",
+                   [prometheus_binary(), f"--config.file={config}",
+                    f"--storage.tsdb.path={data_dir}",
+                    f"--web.listen-address={LOCALHOST}:{port}", "--log.level=warn"],
+                   f"http://{LOCALHOST}:{port}/-/ready", log)
+
+
+def grafana_missing() -> str | None:
+    """None when grafana/run-grafana finds a Grafana to start; otherwise what it says about
+    getting one."""
+    try:
+        done = subprocess.run([str(RUN_GRAFANA), "--check"], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise LocalStackError(f"{RUN_GRAFANA} --check failed: {e}") from e
+    if done.returncode == 0:
+        return None
+    if done.returncode == GRAFANA_MISSING:
+        return done.stderr.strip()
+    raise LocalStackError(f"{RUN_GRAFANA} --check exited with {done.returncode}: "
+                          f"{done.stderr.strip()}")
+
+
+def grafana(prometheus_url: str, state_dir: Path, port: int, log: Path) -> Service:
+    """Grafana with this checkout's provisioning and dashboards (grafana/run-grafana), its
+    datasource at `prometheus_url`, its database in `state_dir`."""
+    env = {**os.environ, "GPUWATCH_PROMETHEUS_URL": prometheus_url,
+           "GPUWATCH_GRAFANA_STATE": str(state_dir), "GPUWATCH_GRAFANA_ADDR": LOCALHOST,
+           "GPUWATCH_GRAFANA_PORT": str(port)}
+    return Service(f"grafana on port {port}", [str(RUN_GRAFANA)],
+                   f"http://{LOCALHOST}:{port}/api/health", log, env=env)
