@@ -26,8 +26,8 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 import yaml
 from grafana_provisioning import provisioned
+from paths import REPO
 from prom_harness import (
-    REPO,
     THRESHOLD_IDLE_DURATION,
     Fleet,
     Node,

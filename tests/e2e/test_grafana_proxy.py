@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from certs import self_signed
-from prom_harness import REPO
+from paths import REPO
 
 from tools.localstack import LOCALHOST, free_port
 
