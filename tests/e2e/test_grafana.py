@@ -34,6 +34,7 @@ from prom_harness import (
     recorded_names,
     rules,
 )
+from promql import grafana_metric_names
 
 from gpuwatch.contract import metrics, states
 from gpuwatch.reservations import Reservation
@@ -75,11 +76,6 @@ GRAFANA_BUILTINS = {"__range", "__range_s", "__range_ms", "__interval", "__inter
                     "__url_time_range", "__all", "__dashboard", "__from", "__to", "__org",
                     "__user", "timeFilter"}
 
-PROMQL_WORDS = {
-    "and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
-    "group_left", "group_right", "inf", "nan", "sum", "avg", "count", "min", "max",
-    "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group", "atan2",
-}
 DASHBOARD_LINK = re.compile(r"^/d/([\w-]+)(?:/[\w-]*)?(?:\?(.*))?$")
 
 
@@ -110,20 +106,6 @@ def links(node: Any) -> Iterator[str]:
     elif isinstance(node, list):
         for value in node:
             yield from links(value)
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects (not functions, keywords or labels)."""
-    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    s = re.sub(r"'(?:[^'\\]|\\.)*'", "''", s)
-    s = re.sub(r"\{[^}]*\}", " ", s)
-    s = re.sub(r"\[[^\]]*\]", " ", s)
-    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", r" \1 ", s)
-    found = set()
-    for m in re.finditer(r"(?<![\w.:$])([a-zA-Z_:][\w:]*)(?![\w:])(?!\s*\()", s):
-        if m.group(1) not in PROMQL_WORDS:
-            found.add(m.group(1))
-    return found
 
 
 def normalized(expr: str) -> str:
@@ -269,17 +251,9 @@ def test_queries_name_only_exported_or_recorded_metrics(uid: str) -> None:
     exprs += [(f"variable {v['name']}", label_values_query(variable_query(v))[0])
               for v in variables(d).values() if v["type"] == "query"]
     for where, expr in exprs:
-        names = metric_names(expr)
+        names = grafana_metric_names(expr)
         assert names, f"{where}: {expr} selects no metric"
         assert names <= known, f"{where}: unknown metrics {sorted(names - known)}"
-
-
-def test_metric_names_are_found_in_promql() -> None:
-    expr = ('sum by (user) (sum_over_time(user:gpuwatch_gpus_held:count{user=~"$user"}'
-            '[$__range:$__interval])) * $__interval_ms / 3600000 + on (instance) group_left '
-            '(model) label_join(nvidia_gpu_up{a="b c"}, "x", ",", "y") and up offset 5m '
-            '/ 1e6 > bool time()')
-    assert metric_names(expr) == {"user:gpuwatch_gpus_held:count", "nvidia_gpu_up", "up"}
 
 
 def test_panels_read_the_recording_rules_instead_of_repeating_them() -> None:
@@ -290,7 +264,7 @@ def test_panels_read_the_recording_rules_instead_of_repeating_them() -> None:
                 assert expr not in normalized(t["expr"]), \
                     f"{uid} / {p['title']}: repeats the expression of {name}; read {name}"
     read = {n for d in DASHBOARDS.values() for _, t in targets(d)
-            for n in metric_names(t["expr"])}
+            for n in grafana_metric_names(t["expr"])}
     assert read & recorded_names(), "the dashboards read the recording rules"
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from paths import REPO as ROOT
+from promql import metric_names
 
 from gpuwatch.contract import metrics, states
 from gpuwatch.exporter import main as exporter_main
@@ -157,27 +158,8 @@ def test_runbook_lists_the_critical_xids_of_the_alerts() -> None:
 # -- rules against the metric contract -----------------------------------------------------------
 
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
-_MATCHERS = re.compile(r"\{[^}]*\}")
-_LABEL_LISTS = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-_RANGES = re.compile(r"\[[^\]]*\]")
-_NAMES = re.compile(r"(?<![\w:.])([a-zA-Z_:][\w:]*)(?![\w:])(?!\s*\()")
-_KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left",
-             "group_right", "offset", "bool", "inf", "nan"}
 _TEMPLATE_QUERIES = re.compile(r'\b(?:query|printf)\s+"((?:[^"\\]|\\.)*)"')
 PROMETHEUS_OWN = {"up"}
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects (not functions, labels or keywords)."""
-    text = _RANGES.sub(" ", _LABEL_LISTS.sub(" ", _MATCHERS.sub(" ", _STRINGS.sub(" ", expr))))
-    return {n for n in _NAMES.findall(text) if n not in _KEYWORDS}
-
-
-def test_metric_names_finds_the_names_and_only_them() -> None:
-    expr = ('sum by (job, user) (rate(nvidia_gpu_energy_joules_total{gpu="0"}[5m] offset 1m)) '
-            '* on (instance) group_left (model) label_replace(x:y:z, "a", "$1", "b", "(.+)") '
-            '> bool 1e9 or vector(0.5)')
-    assert metric_names(expr) == {"nvidia_gpu_energy_joules_total", "x:y:z"}
 
 
 def _selected_names() -> dict[str, set[str]]:
