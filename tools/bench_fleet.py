@@ -50,6 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpuwatch import __version__
 from gpuwatch.contract import metrics, states
+from gpuwatch.contract.prometheus import SCRAPE_SERIES as PER_TARGET_SERIES
 from tools import dashboards, fleetsim, localstack
 
 PROG = "gpuwatch-bench-fleet"
@@ -65,9 +66,6 @@ TARGET_SERIES_PER_GPU = 45.0
 
 PROCESS_SERIES = (metrics.PROCESS_MEMORY.name, metrics.PROCESS_START.name)
 USER_SERIES = (metrics.USER_MEMORY.name, metrics.USER_PROCESSES.name)
-PER_TARGET_SERIES = ("up", "scrape_duration_seconds", "scrape_samples_scraped",
-                     "scrape_samples_post_metric_relabeling", "scrape_series_added")
-"""What Prometheus records for every scrape itself."""
 CHURN_GPUS = 1_000
 CHURN_JOB_SECONDS = 60.0
 """Every process slot of the churn runs starts a new job (a new pid) every minute."""

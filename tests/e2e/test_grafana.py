@@ -37,6 +37,7 @@ from prom_harness import (
 from promql import grafana_metric_names
 
 from gpuwatch.contract import metrics, states
+from gpuwatch.contract.prometheus import SCRAPE_SERIES
 from gpuwatch.reservations import Reservation
 from tools.dashboards import (
     VARIABLE,
@@ -66,10 +67,6 @@ CURRENT_PANEL_TYPES = {
     "news", "dashlist", "alertlist", "nodeGraph", "trend", "xychart", "canvas",
 }
 """Grafana 10/11 core panels; graph, singlestat, table-old and the old plugins are not here."""
-
-PROMETHEUS_OWN_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped",
-                         "scrape_samples_post_metric_relabeling", "scrape_series_added"}
-"""What Prometheus records for every scrape itself (Prometheus docs, "Jobs and instances")."""
 
 GRAFANA_BUILTINS = {"__range", "__range_s", "__range_ms", "__interval", "__interval_ms",
                     "__rate_interval", "__data", "__field", "__value", "__series",
@@ -245,7 +242,7 @@ def test_every_variable_used_is_defined(uid: str) -> None:
 
 @pytest.mark.parametrize("uid", DASHBOARDS)
 def test_queries_name_only_exported_or_recorded_metrics(uid: str) -> None:
-    known = {m.name for m in metrics.ALL} | recorded_names() | PROMETHEUS_OWN_SERIES
+    known = {m.name for m in metrics.ALL} | recorded_names() | set(SCRAPE_SERIES)
     d = DASHBOARDS[uid]
     exprs = [(p["title"], t["expr"]) for p, t in targets(d)]
     exprs += [(f"variable {v['name']}", label_values_query(variable_query(v))[0])

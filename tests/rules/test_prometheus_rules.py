@@ -15,6 +15,7 @@ from paths import REPO as ROOT
 from promql import metric_names
 
 from gpuwatch.contract import metrics, states
+from gpuwatch.contract.prometheus import SCRAPE_SERIES
 from gpuwatch.exporter import main as exporter_main
 from tools import localstack
 
@@ -159,7 +160,6 @@ def test_runbook_lists_the_critical_xids_of_the_alerts() -> None:
 
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _TEMPLATE_QUERIES = re.compile(r'\b(?:query|printf)\s+"((?:[^"\\]|\\.)*)"')
-PROMETHEUS_OWN = {"up"}
 
 
 def _selected_names() -> dict[str, set[str]]:
@@ -175,7 +175,7 @@ def _selected_names() -> dict[str, set[str]]:
 
 
 def test_rules_read_only_metrics_of_the_contract_or_of_other_rules() -> None:
-    known = {m.name for m in metrics.ALL} | records() | PROMETHEUS_OWN
+    known = {m.name for m in metrics.ALL} | records() | set(SCRAPE_SERIES)
     unknown = {name: sorted(found - known) for name, found in _selected_names().items()
                if found - known}
     assert not unknown, f"rules reading metrics that nothing produces: {unknown}"
