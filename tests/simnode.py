@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
 from gpuwatch.exporter import encoding
-from gpuwatch.exporter.main import (
-    build_collectors,
-    build_parser,
-    build_registry,
-    simulated_sources,
-)
+from gpuwatch.exporter.main import build_collectors, build_registry, simulated_sources
 from gpuwatch.exporter.nvml import Nvml
+from gpuwatch.exporter.options import ExporterOptions
 from gpuwatch.exporter.scrape import Exporter
 from gpuwatch.sim import Scenario, SimulatedNvml, load_scenario, parse_scenario
 
 T0 = 1_800_000_000.0
 """The frozen clock of reproducible readings (2027-01-15)."""
+OPTIONS = ExporterOptions(xid_in_background=False, own_process_metrics=False)
+"""The exporter's defaults, without threads or series that make a reading irreproducible."""
 
 
 @dataclass
@@ -46,15 +44,15 @@ def scenario(yaml_or_name: str) -> Scenario:
     return load_scenario(yaml_or_name)
 
 
-def build(source: str | Scenario, flags: Sequence[str] = (),
-          clock: Callable[[], float] = lambda: T0, timeout: float = 5.0,
-          frozen_timer: bool = True) -> SimExporter:
+def build(source: str | Scenario, options: ExporterOptions = OPTIONS,
+          clock: Callable[[], float] = lambda: T0, frozen_timer: bool = True) -> SimExporter:
+    """An exporter over the simulated node; derive options from OPTIONS
+    (`dataclasses.replace(OPTIONS, collection_timeout=0.3)`)."""
     s = scenario(source) if isinstance(source, str) else source
     sources = simulated_sources(s, clock)
-    args = build_parser().parse_args(list(flags))
-    collectors = build_collectors(args, sources, background_xid=False)
     sim = sources.nvml_lib
     assert isinstance(sim, SimulatedNvml)
     kwargs = {"timer": lambda: 0.0} if frozen_timer else {}
-    exporter = Exporter(Nvml(sim), collectors, timeout=timeout, **kwargs)
-    return SimExporter(sim, exporter, build_registry(exporter, own_process=False))
+    exporter = Exporter(Nvml(sim), build_collectors(options, sources),
+                        timeout=options.collection_timeout, **kwargs)
+    return SimExporter(sim, exporter, build_registry(exporter, options))

@@ -40,9 +40,9 @@ from prometheus_client.core import Metric
 
 from gpuwatch import __version__
 from gpuwatch.exporter import encoding
-from gpuwatch.exporter.main import build_collectors, build_parser, build_registry, simulated_sources
-from gpuwatch.exporter.nvml import Nvml
-from gpuwatch.exporter.scrape import Exporter
+from gpuwatch.exporter.collectors.process import ProcessOptions
+from gpuwatch.exporter.main import build_exporter, build_registry, simulated_sources
+from gpuwatch.exporter.options import ExporterOptions
 from gpuwatch.sim import Scenario, SimulatedNvml
 
 NODES = tuple((gpus, processes) for gpus in (1, 8, 16) for processes in (0, 8, 64))
@@ -59,6 +59,8 @@ WALL_TARGET_RATIO = 1.3
 
 PROCESS_CAP = 1024
 """--process.max-per-gpu: far above any node here, so every process is exported."""
+OPTIONS = ExporterOptions(process=ProcessOptions(max_per_gpu=PROCESS_CAP))
+"""The exporter's defaults otherwise (the Xid watcher thread and the process_* series too)."""
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,8 @@ def measure_node(gpus: int, processes: int, budget: Budget, latency: float = 0.0
     sources = simulated_sources(scenario)
     sim = sources.nvml_lib
     assert isinstance(sim, SimulatedNvml)
-    args = build_parser().parse_args([f"--process.max-per-gpu={PROCESS_CAP}"])
-    exporter = Exporter(Nvml(sim), build_collectors(args, sources))
-    registry = build_registry(exporter)
+    exporter = build_exporter(OPTIONS, sources)
+    registry = build_registry(exporter, OPTIONS)
     try:
         for _ in range(budget.warmup_scrapes):
             encoding.text(registry)

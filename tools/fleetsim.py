@@ -1,7 +1,7 @@
 """Many simulated GPU nodes in one process, for load work: `python -m tools.fleetsim`.
 
 Every node is what gpuwatch-exporter serves for its simulated GPUs, built with the exporter's
-own code (`simulated_sources`, `build_collectors`, `Exporter`, `build_registry` and the web
+own code (`ExporterOptions`, `simulated_sources`, `build_exporter`, `build_registry` and the web
 `App`), so each /metrics answer holds the same families, names, labels and encodings
 (OpenMetrics or text, gzip when asked) as a real exporter's. Each node listens on its own
 loopback address, 127.1.0.1, 127.1.0.2, ... (only 127.0.0.0/8), all on one port, so
@@ -12,7 +12,7 @@ What stands in for one exporter per machine:
 - one asyncio loop accepts and reads the HTTP requests of every node; a small thread pool
   renders the answers (the collection and the exposition, most of the cost, hold the GIL);
 - the Xid collector drains its event set on each scrape instead of one watcher thread per
-  node (`background_xid=False`, as the tests do); each node keeps the exporter's one worker
+  node (`xid_in_background=False`, as the tests do); each node keeps the exporter's one worker
   thread per GPU;
 - with `--cache-seconds`, a node answers repeated scrapes within that time with the bytes
   of its last collection (for several scrapers of one fleet; off by default).
@@ -40,13 +40,19 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from gpuwatch.argtypes import non_negative_int, positive_int
-from gpuwatch.exporter.main import build_collectors, build_parser, build_registry, simulated_sources
-from gpuwatch.exporter.nvml import Nvml
+from gpuwatch.exporter.main import (
+    FlagError,
+    build_exporter,
+    build_registry,
+    parse_flags,
+    simulated_sources,
+)
+from gpuwatch.exporter.options import ExporterOptions
 from gpuwatch.exporter.scrape import Exporter
 from gpuwatch.exporter.web import App
 from gpuwatch.sim import GIB, Scenario, SimGpu, SimProcess
@@ -217,27 +223,29 @@ class SimNode:
         self.exporter.close()
 
 
-def exporter_args(flags: Sequence[str] = ()) -> argparse.Namespace:
-    """gpuwatch-exporter's options from its own flags; FleetSimError for a bad one."""
-    parser = build_parser()
+NODE_OPTIONS = ExporterOptions(telemetry_path=TELEMETRY_PATH, xid_in_background=False)
+"""gpuwatch-exporter's defaults, but the Xid event set is drained on each scrape (no watcher
+thread per node)."""
+
+
+def exporter_options(flags: Sequence[str] = ()) -> ExporterOptions:
+    """The nodes' options: gpuwatch-exporter's, from its own flags (--exporter-flag);
+    FleetSimError for a bad one."""
     try:
-        args, unknown = parser.parse_known_args(list(flags))
-    except SystemExit as e:  # argparse has printed why
+        options = parse_flags(flags)
+    except FlagError as e:
         raise FleetSimError(f"--exporter-flag {' '.join(flags)}: not valid for "
-                            "gpuwatch-exporter") from e
-    if unknown:
-        raise FleetSimError(f"--exporter-flag {unknown[0]}: not a gpuwatch-exporter flag")
-    return args
+                            f"gpuwatch-exporter: {e}") from e
+    return replace(options, telemetry_path=NODE_OPTIONS.telemetry_path,
+                   xid_in_background=NODE_OPTIONS.xid_in_background)
 
 
-def build_node(spec: FleetSpec, index: int, address: str, args: argparse.Namespace,
-               cache_seconds: float = 0.0) -> SimNode:
+def build_node(spec: FleetSpec, index: int, address: str,
+               options: ExporterOptions = NODE_OPTIONS, cache_seconds: float = 0.0) -> SimNode:
     """A node as gpuwatch-exporter --simulate would serve it, with the exporter's options."""
     sources = simulated_sources(node_scenario(spec, index))
-    exporter = Exporter(Nvml(sources.nvml_lib),
-                        build_collectors(args, sources, background_xid=False),
-                        timeout=args.timeout)
-    app = App(build_registry(exporter), TELEMETRY_PATH)
+    exporter = build_exporter(options, sources)
+    app = App(build_registry(exporter, options), options.telemetry_path)
     return SimNode(index, spec.host(index), spec.cluster(index), address, exporter, app,
                    cache_seconds)
 
@@ -441,8 +449,8 @@ def build_fleet(spec: FleetSpec, base_address: str = DEFAULT_BASE_ADDRESS,
                 cache_seconds: float = 0.0, exporter_flags: Sequence[str] = ()
                 ) -> list[SimNode]:
     addresses = [node_address(base_address, n) for n in range(spec.nodes)]
-    args = exporter_args(exporter_flags)
-    return [build_node(spec, n, address, args, cache_seconds)
+    options = exporter_options(exporter_flags)
+    return [build_node(spec, n, address, options, cache_seconds)
             for n, address in enumerate(addresses)]
 
 

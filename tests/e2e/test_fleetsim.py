@@ -22,9 +22,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpuwatch.exporter.main import build_collectors, build_parser, build_registry, simulated_sources
-from gpuwatch.exporter.nvml import Nvml
-from gpuwatch.exporter.scrape import Exporter
+from gpuwatch.exporter.main import build_exporter, build_registry, simulated_sources
+from gpuwatch.exporter.options import ExporterOptions
 from gpuwatch.exporter.web import App
 from gpuwatch.sim import SimulatedNode
 from tools import fleetsim, localstack
@@ -125,9 +124,9 @@ def exporter_answer(node: int, headers: dict[str, str]) -> tuple[str, list[tuple
                                                                  bytes]:
     """What gpuwatch-exporter answers for the node's scenario, built with its own code."""
     sources = simulated_sources(fleetsim.node_scenario(SPEC, node))
-    args = build_parser().parse_args([])
-    exporter = Exporter(Nvml(sources.nvml_lib), build_collectors(args, sources))
-    app = App(build_registry(exporter), "/metrics")
+    options = ExporterOptions()  # what gpuwatch-exporter runs with, no flags given
+    exporter = build_exporter(options, sources)
+    app = App(build_registry(exporter, options), options.telemetry_path)
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": "",
                **{f"HTTP_{k.upper().replace('-', '_')}": v for k, v in headers.items()}}
     started: list[Any] = []

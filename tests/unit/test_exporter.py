@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 
 import pytest
-from simnode import T0, build
+from simnode import OPTIONS, T0, build
 from simnode import scenario as scenario_of
 
 from gpuwatch.exporter import nvml as N
+from gpuwatch.exporter.collectors.process import ProcessOptions
 from gpuwatch.exporter.collectors.xid import XidCollector
 from gpuwatch.exporter.nvml import Nvml
 from gpuwatch.sim import GIB, SimulatedNode, SimulatedNvml, load_scenario
@@ -26,6 +28,9 @@ gpus:
     ecc: false
     max_clocks_mhz: {graphics: 2100, sm: 2100, memory: 9751, video: 1950}
 """
+
+
+SHORT_TIMEOUT = replace(OPTIONS, collection_timeout=0.3)
 
 
 def gpu(index: int, node_uuid: str) -> dict[str, str]:
@@ -85,7 +90,7 @@ def test_info_carries_the_descriptive_labels(idle) -> None:
 def test_display_names_come_from_the_config_file(tmp_path) -> None:
     config = tmp_path / "gpuwatch.yml"
     config.write_text('display_names:\n  "NVIDIA GeForce RTX 3090": "3090"\n')
-    node = build(IDLE_GPU, ["--config.file", str(config)])
+    node = build(IDLE_GPU, replace(OPTIONS, config_file=config))
     assert 'display_name="3090"' in node.text()
     node.close()
 
@@ -204,7 +209,7 @@ def test_processes_come_and_go_with_their_series() -> None:
 
 
 def test_the_cap_keeps_the_largest_processes_and_counts_the_rest() -> None:
-    node = build("server", ["--process.max-per-gpu", "1"])
+    node = build("server", replace(OPTIONS, process=ProcessOptions(max_per_gpu=1)))
     labels = gpu(6, uuid_of(node.sim.scenario, 6))
     text = node.text()
     assert text.count('nvidia_gpu_process_memory_used_bytes{command="python",container_id="",'
@@ -215,7 +220,7 @@ def test_the_cap_keeps_the_largest_processes_and_counts_the_rest() -> None:
 
 
 def test_without_pid_labels_processes_of_one_user_and_command_are_summed() -> None:
-    node = build("server", ["--no-process.pid"])
+    node = build("server", replace(OPTIONS, process=ProcessOptions(pid=False)))
     labels = dict(gpu(6, uuid_of(node.sim.scenario, 6)), user="alice", command="python",
                   container_id="", slurm_job_id="")
     assert node.value("nvidia_gpu_process_memory_used_bytes", **labels) == 24 * GIB
@@ -225,10 +230,11 @@ def test_without_pid_labels_processes_of_one_user_and_command_are_summed() -> No
 
 
 def test_command_label_modes() -> None:
-    cmdline = build("workstation", ["--process.command", "cmdline"])
+    cmdline = build("workstation",
+                    replace(OPTIONS, process=ProcessOptions(command="cmdline")))
     assert 'command="python train.py --config resnet50.yaml"' in cmdline.text()
     cmdline.close()
-    none = build("workstation", ["--process.command", "none"])
+    none = build("workstation", replace(OPTIONS, process=ProcessOptions(command="none")))
     text = none.text()
     assert "command=" not in text
     assert 'nvidia_gpu_process_memory_used_bytes{container_id="",gpu="0",pid="41021"' in text
@@ -236,7 +242,7 @@ def test_command_label_modes() -> None:
 
 
 def test_collectors_can_be_turned_off() -> None:
-    node = build("workstation", ["--no-collector.process", "--no-collector.xid"])
+    node = build("workstation", replace(OPTIONS, collectors=frozenset({"gpu"})))
     text = node.text()
     assert "nvidia_gpu_processes{" not in text
     assert "nvidia_gpu_utilization_ratio{" in text
@@ -277,7 +283,7 @@ def test_the_xid_watcher_thread_counts_events_in_the_background() -> None:
 
 
 def test_a_hung_nvml_call_fails_the_collection_not_the_scrape() -> None:
-    node = build("gpus:\n  - {}\n  - {hang: [nvmlDeviceGetPowerUsage]}\n", timeout=0.3)
+    node = build("gpus:\n  - {}\n  - {hang: [nvmlDeviceGetPowerUsage]}\n", SHORT_TIMEOUT)
     text = node.text()
     assert 'nvidia_gpu_scrape_collector_success{collector="gpu"} 0.0' in text
     assert 'nvidia_gpu_utilization_ratio{gpu="0"' in text
@@ -298,7 +304,8 @@ def test_a_hung_nvml_call_fails_the_collection_not_the_scrape() -> None:
 
 
 def test_concurrent_scrapes_share_one_collection() -> None:
-    node = build("gpus:\n  - {hang: [nvmlDeviceGetPowerUsage]}\n", timeout=10)
+    node = build("gpus:\n  - {hang: [nvmlDeviceGetPowerUsage]}\n",
+                 replace(OPTIONS, collection_timeout=10))
     results: list[str] = []
     first = threading.Thread(target=lambda: results.append(node.text()))
     first.start()
@@ -336,7 +343,7 @@ def wait_until(check, seconds: float = 5.0) -> bool:
 
 
 def test_a_hung_gpu_is_down_with_a_reason_and_its_neighbours_up() -> None:
-    node = build("gpus:\n  - {}\n  - {hang: [nvmlDeviceGetPowerUsage]}\n", timeout=0.3)
+    node = build("gpus:\n  - {}\n  - {hang: [nvmlDeviceGetPowerUsage]}\n", SHORT_TIMEOUT)
     hung, fine = uuid_of(None, 1), uuid_of(None, 0)
     try:
         text = node.text()  # one scrape: value() would scrape again
@@ -356,7 +363,7 @@ def test_a_hung_gpu_is_down_with_a_reason_and_its_neighbours_up() -> None:
 @pytest.mark.parametrize("function", ["nvmlDeviceGetHandleByIndex", "nvmlDeviceGetUUID",
                                       "nvmlDeviceGetMemoryInfo"])
 def test_a_gpu_that_hangs_when_opened_is_down_and_blocks_nobody(function: str) -> None:
-    node = build(f"gpus:\n  - {{}}\n  - {{hang: [{function}]}}\n  - {{}}\n", timeout=0.3,
+    node = build(f"gpus:\n  - {{}}\n  - {{hang: [{function}]}}\n  - {{}}\n", SHORT_TIMEOUT,
                  frozen_timer=False)
     try:
         began = time.monotonic()
@@ -379,7 +386,7 @@ def test_a_gpu_that_hangs_when_opened_is_down_and_blocks_nobody(function: str) -
 
 @pytest.mark.parametrize("function", ["nvmlInit", "nvmlDeviceGetCount"])
 def test_a_hung_initialisation_is_nvml_down_and_the_scrape_answers(function: str) -> None:
-    node = build(f"hang: [{function}]\ngpus:\n  - {{}}\n", timeout=0.3, frozen_timer=False)
+    node = build(f"hang: [{function}]\ngpus:\n  - {{}}\n", SHORT_TIMEOUT, frozen_timer=False)
     try:
         began = time.monotonic()
         text = node.text()

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from simnode import build
+from simnode import OPTIONS, build
 
 from gpuwatch.exporter import encoding
+from gpuwatch.exporter.collectors.process import ProcessOptions
 from gpuwatch.exporter.main import build_registry
+from gpuwatch.exporter.options import ExporterOptions
 from gpuwatch.sim import Scenario, scenario_names
 
 
 @pytest.mark.parametrize("name", scenario_names())
-@pytest.mark.parametrize("flags", [[], ["--process.command", "cmdline", "--no-process.pid"]])
-def test_same_bytes_as_prometheus_client(name: str, flags: list[str]) -> None:
-    node = build(name, flags)
+@pytest.mark.parametrize("options", [
+    OPTIONS, replace(OPTIONS, process=ProcessOptions(command="cmdline", pid=False))])
+def test_same_bytes_as_prometheus_client(name: str, options: ExporterOptions) -> None:
+    node = build(name, options)
     families = list(node.registry.collect())
     node.close()
     registry = CollectorRegistry()
@@ -25,7 +30,7 @@ def test_same_bytes_as_prometheus_client(name: str, flags: list[str]) -> None:
 
 def test_same_bytes_with_the_exporters_own_process_metrics() -> None:
     node = build(Scenario.synthetic(2, 3))
-    registry = build_registry(node.exporter, own_process=True)
+    registry = build_registry(node.exporter, replace(OPTIONS, own_process_metrics=True))
     families = list(registry.collect())
     node.close()
     frozen = CollectorRegistry()

@@ -34,7 +34,7 @@ from gpuwatch.exporter.collectors import reservation as reservation_collector
 from gpuwatch.exporter.collectors.reservation import ReservationCollector
 from gpuwatch.exporter.nvml import Nvml
 from gpuwatch.exporter.scrape import Exporter
-from gpuwatch.reservations import Reservation, ReservationError
+from gpuwatch.reservations import Reservation, ReservationError, legacy, store
 from tools import localstack
 
 UTC = dt.timezone.utc
@@ -285,7 +285,7 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path,
     def full_disk(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(reservations.os, "fsync", full_disk)
+    monkeypatch.setattr(store.os, "fsync", full_disk)
     with pytest.raises(ReservationError) as e:
         reservations.add(path, booking(gpus=(1,), user="bob"), NOW)
     assert str(e.value) == f"{path}: not written (No space left on device); the file is " \
@@ -499,7 +499,7 @@ def test_a_booked_gpu_is_refused_with_who_has_it(rfile: Path,
 # -- the old comments.json ---------------------------------------------------------------------
 
 def test_the_old_format_is_converted_with_each_unreadable_date_named() -> None:
-    found = reservations.convert_comments(json.loads(FIXTURE.read_text()), NOW, tz=UTC)
+    found = legacy.convert_comments(json.loads(FIXTURE.read_text()), NOW, tz=UTC)
     assert sorted((b.host, b.gpus, b.user, b.until.isoformat(), b.comment)
                   for b in found.bookings) == [
         ("gpu-node-07", (0, 1), "frank", "2099-01-15T23:59:59+00:00", ""),
@@ -514,11 +514,10 @@ def test_the_old_format_is_converted_with_each_unreadable_date_named() -> None:
         "gpu-srv-01 GPU 6 (dave)", "gpu-srv-01 GPU 7 (erin)", "ws-01 GPU 2 (judy)"]
     assert "'next friday' is not a date" in found.problems[0]
     assert "--day-first or --month-first" in found.problems[1]
-    day_first = reservations.convert_comments(json.loads(FIXTURE.read_text()), NOW, True, UTC)
+    day_first = legacy.convert_comments(json.loads(FIXTURE.read_text()), NOW, True, UTC)
     erin = next(b for b in day_first.bookings if b.user == "erin")
     assert erin.until.date() == dt.date(2099, 6, 5)
-    month_first = reservations.convert_comments(json.loads(FIXTURE.read_text()), NOW, False,
-                                                UTC)
+    month_first = legacy.convert_comments(json.loads(FIXTURE.read_text()), NOW, False, UTC)
     assert next(b for b in month_first.bookings if b.user == "erin").until.date() == \
         dt.date(2099, 5, 6)
 
@@ -528,7 +527,7 @@ def test_the_old_format_is_converted_with_each_unreadable_date_named() -> None:
     ("2099/05/31", "2099-05-31"), ("31 May 2099", "2099-05-31"), ("May 31, 2099", "2099-05-31"),
     ("31/05/2099", "2099-05-31"), ("05/31/2099", "2099-05-31"), ("2099-05-31 18:00", None)])
 def test_old_dates_in_the_plausible_formats(text: str, day: str | None) -> None:
-    until = reservations.parse_old_date(text, None, UTC)
+    until = legacy.parse_old_date(text, None, UTC)
     if day is None:
         assert until == dt.datetime(2099, 5, 31, 18, tzinfo=UTC)
     else:
@@ -583,6 +582,18 @@ def test_import_of_what_is_not_the_old_format(rfile: Path, tmp_path: Path,
     assert "n2: expected GPU index" in err
 
 
+def test_the_exporter_never_loads_the_old_format_importer() -> None:
+    """The exporter reads the reservations file; importing comments.json is the command's."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, gpuwatch.exporter.main, "
+         "gpuwatch.exporter.collectors.reservation; "
+         "print(sorted(m for m in sys.modules if m.startswith('gpuwatch.reservations')))"],
+        capture_output=True, text=True, timeout=60, check=True)
+    loaded = done.stdout.strip()
+    assert "gpuwatch.reservations.model" in loaded, loaded  # the check can see what loads
+    assert "gpuwatch.reservations.legacy" not in loaded, loaded
+
+
 # -- the reservation collector and the exporter that runs it ----------------------------------
 
 class NoNvml:
@@ -600,12 +611,12 @@ class Clock:
         return self.now.timestamp()
 
 
-def endpoint(path: Path, clock: Clock, *flags: str) -> tuple[Exporter, CollectorRegistry]:
-    args = exporter_main.build_parser().parse_args(
-        ["--collector.disable-defaults", "--reservations.file", str(path), *flags])
-    collectors = exporter_main.build_collectors(args, exporter_main.Sources(clock=clock))
+def endpoint(path: Path, clock: Clock) -> tuple[Exporter, CollectorRegistry]:
+    options = exporter_main.ExporterOptions(collectors=frozenset({ReservationCollector.name}),
+                                            reservations_file=path, own_process_metrics=False)
+    collectors = exporter_main.build_collectors(options, exporter_main.Sources(clock=clock))
     exporter = Exporter(Nvml(NoNvml()), collectors, timer=lambda: 0.0)
-    return exporter, exporter_main.build_registry(exporter, own_process=False)
+    return exporter, exporter_main.build_registry(exporter, options)
 
 
 def served(registry: CollectorRegistry) -> dict[tuple[str, str, str], tuple[float, str, str]]:
@@ -725,16 +736,15 @@ def test_the_exposition_passes_promtool(tmp_path: Path) -> None:
 def test_the_reservations_file_turns_the_collector_on(tmp_path: Path, flags: list[str],
                                                       on: bool) -> None:
     argv = [str(tmp_path / "r.yml") if f == "R" else f for f in flags]
-    args = exporter_main.build_parser().parse_args(argv)
-    names = [c.name for c in exporter_main.build_collectors(args, exporter_main.Sources(),
-                                                            background_xid=False)]
+    options = exporter_main.options_from_args(exporter_main.build_parser().parse_args(argv))
+    names = [c.name for c in exporter_main.build_collectors(options, exporter_main.Sources())]
     assert names == ["gpu", "process", "xid"] + (["reservation"] if on else [])
 
 
 def test_disable_defaults_leaves_the_collectors_turned_on_by_name() -> None:
-    args = exporter_main.build_parser().parse_args(["--collector.disable-defaults",
-                                                    "--collector.process"])
-    assert [c.name for c in exporter_main.build_collectors(args, exporter_main.Sources())] == \
+    options = exporter_main.options_from_args(exporter_main.build_parser().parse_args(
+        ["--collector.disable-defaults", "--collector.process"]))
+    assert [c.name for c in exporter_main.build_collectors(options, exporter_main.Sources())] == \
         ["process"]
 
 

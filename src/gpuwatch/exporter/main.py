@@ -1,4 +1,4 @@
-"""gpuwatch-exporter: argument parsing and wiring only."""
+"""gpuwatch-exporter: the flags, turned into options once, and the wiring that reads them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector as OwnProcessCollector
@@ -23,6 +23,13 @@ from gpuwatch.exporter.collectors.process import ProcessCollector, ProcessOption
 from gpuwatch.exporter.collectors.reservation import ReservationCollector
 from gpuwatch.exporter.collectors.xid import XidCollector
 from gpuwatch.exporter.nvml import Nvml
+from gpuwatch.exporter.options import (
+    COLLECTORS,
+    DEFAULT_LISTEN_ADDRESS,
+    DEFAULT_PORT,
+    CollectorEntry,
+    ExporterOptions,
+)
 from gpuwatch.exporter.processes import ProcessInspector, read_proc_cgroup
 from gpuwatch.exporter.scrape import DEFAULT_TIMEOUT, Exporter
 from gpuwatch.exporter.web import (
@@ -36,35 +43,14 @@ from gpuwatch.exporter.web import (
 from gpuwatch.exporter.webconfig import ConfigError, load_exporter_config
 from gpuwatch.sim import Scenario, SimulatedNode, SimulatedNvml, SimulatedPsutil, load_scenario
 
+__all__ = ["COLLECTORS", "DEFAULT_LISTEN_ADDRESS", "DEFAULT_PORT", "ExporterOptions"]
+
 PROG = "gpuwatch-exporter"
-DEFAULT_PORT = 9839
-"""Not taken by the well-known GPU exporters (dcgm-exporter 9400, nvidia_gpu_exporter 9835)."""
-DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 RESERVATIONS_LISTEN_ADDRESS = f"127.0.0.1:{DEFAULT_PORT + 1}"
 """Where the reservations endpoint (this exporter with --reservations.file and the GPU
 collectors off) listens on the monitoring host: beside Prometheus, which alone scrapes it."""
 
 log = logging.getLogger("gpuwatch")
-
-
-@dataclass(frozen=True)
-class CollectorEntry:
-    name: str
-    help: str
-    enabled: bool
-    implied_by: str | None = None
-    """The dest of an option that turns the collector on when given (unless it is turned off
-    explicitly); the collector needs that option."""
-
-
-# The collectors, with their default state: each becomes --collector.NAME / --no-collector.NAME
-COLLECTORS = (
-    CollectorEntry(GpuCollector.name, GpuCollector.help, True),
-    CollectorEntry(ProcessCollector.name, ProcessCollector.help, True),
-    CollectorEntry(XidCollector.name, XidCollector.help, True),
-    CollectorEntry(ReservationCollector.name, ReservationCollector.help, False,
-                   implied_by="reservations_file"),
-)
 
 
 @dataclass(frozen=True)
@@ -77,8 +63,20 @@ class Sources:
     clock: Callable[[], float] = time.time
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+# -- the flags ---------------------------------------------------------------------------------
+
+class FlagError(ValueError):
+    """A flag parse_flags cannot take (argparse's message)."""
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise FlagError(message)
+
+
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+                 ) -> argparse.ArgumentParser:
+    p = parser_class(
         prog=PROG, description="Prometheus exporter for NVIDIA GPUs and the processes and "
         "users holding them.")
     p.add_argument("--web.listen-address", dest="listen_address", default=DEFAULT_LISTEN_ADDRESS,
@@ -99,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "its answer, and stay idle between requests (default %(default)s)")
     p.add_argument("--config.file", dest="config", type=Path, metavar="FILE",
                    help="exporter config: display_names (model name -> short name)")
-    # None: not given on the command line; enabled() decides
+    # None: not given on the command line; options_from_args decides
     for entry in COLLECTORS:
         p.add_argument(f"--collector.{entry.name}", dest=f"collector_{entry.name}",
                        action=argparse.BooleanOptionalAction, default=None,
@@ -135,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def enabled(args: argparse.Namespace, entry: CollectorEntry) -> bool:
+def _enabled(args: argparse.Namespace, entry: CollectorEntry) -> bool:
     """--collector.NAME / --no-collector.NAME when given, else the collector's default (off
     with --collector.disable-defaults), else on when the option it needs is given."""
     chosen: bool | None = getattr(args, f"collector_{entry.name}")
@@ -146,22 +144,49 @@ def enabled(args: argparse.Namespace, entry: CollectorEntry) -> bool:
     return entry.enabled and not args.disable_defaults
 
 
-def build_collectors(args: argparse.Namespace, sources: Sources, background_xid: bool = True
-                     ) -> list[Collector]:
-    config = load_exporter_config(args.config)
+def options_from_args(args: argparse.Namespace) -> ExporterOptions:
+    """The options the parsed flags ask for: the one place flags become options."""
+    return ExporterOptions(
+        listen_address=args.listen_address,
+        telemetry_path=args.telemetry_path,
+        web_config_file=args.web_config,
+        max_connections=args.max_connections,
+        read_timeout=args.read_timeout,
+        config_file=args.config,
+        collectors=frozenset(e.name for e in COLLECTORS if _enabled(args, e)),
+        reservations_file=args.reservations_file,
+        process=ProcessOptions(command=args.process_command, pid=args.process_pid,
+                               max_per_gpu=args.process_max),
+        collection_timeout=args.timeout,
+        log_level=args.log_level,
+        simulate=args.simulate,
+    )
+
+
+def parse_flags(argv: Sequence[str]) -> ExporterOptions:
+    """The options of gpuwatch-exporter flags, for a tool that passes them on (the fleet
+    simulator's --exporter-flag): FlagError for a bad or unknown one, never an exit."""
+    return options_from_args(build_parser(_RaisingParser).parse_args(list(argv)))
+
+
+# -- the wiring --------------------------------------------------------------------------------
+
+def build_collectors(options: ExporterOptions, sources: Sources) -> list[Collector]:
+    """The collectors the options turn on, in the table's order, over the sources."""
+    config = load_exporter_config(options.config_file)
     collectors: list[Collector] = []
-    on = {entry.name: enabled(args, entry) for entry in COLLECTORS}
-    if on[GpuCollector.name]:
+    on = options.collectors
+    if GpuCollector.name in on:
         collectors.append(GpuCollector(config.display_names))
-    if on[ProcessCollector.name]:
+    if ProcessCollector.name in on:
         inspector = ProcessInspector() if sources.psutil is None else \
             ProcessInspector(sources.psutil, sources.read_cgroup or read_proc_cgroup)
-        collectors.append(ProcessCollector(inspector, ProcessOptions(
-            command=args.process_command, pid=args.process_pid, max_per_gpu=args.process_max)))
-    if on[XidCollector.name]:
-        collectors.append(XidCollector(background=background_xid, clock=sources.clock))
-    if on[ReservationCollector.name]:
-        path: Path | None = args.reservations_file
+        collectors.append(ProcessCollector(inspector, options.process))
+    if XidCollector.name in on:
+        collectors.append(XidCollector(background=options.xid_in_background,
+                                       clock=sources.clock))
+    if ReservationCollector.name in on:
+        path = options.reservations_file
         if path is None:
             raise ConfigError("--collector.reservation needs --reservations.file FILE")
         if not path.parent.is_dir():
@@ -171,10 +196,18 @@ def build_collectors(args: argparse.Namespace, sources: Sources, background_xid:
     return collectors
 
 
-def build_registry(exporter: Exporter, own_process: bool = True) -> CollectorRegistry:
+def build_exporter(options: ExporterOptions, sources: Sources,
+                   timer: Callable[[], float] = time.perf_counter) -> Exporter:
+    """The Exporter of the options over the sources; ConfigError for an unusable config."""
+    nvml = Nvml(sources.nvml_lib) if sources.nvml_lib is not None else Nvml()
+    return Exporter(nvml, build_collectors(options, sources),
+                    timeout=options.collection_timeout, timer=timer)
+
+
+def build_registry(exporter: Exporter, options: ExporterOptions) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(exporter)
-    if own_process:
+    if options.own_process_metrics:
         OwnProcessCollector(registry=registry)
     return registry
 
@@ -187,38 +220,42 @@ def simulated_sources(scenario: Scenario, clock: Callable[[], float] = time.time
                    clock=node.clock)
 
 
+def sources_for(options: ExporterOptions) -> Sources:
+    """The host's, or the simulated node of --simulate."""
+    return simulated_sources(load_scenario(options.simulate)) if options.simulate \
+        else Sources()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    options = options_from_args(build_parser().parse_args(argv))
     logging.basicConfig(
-        level=args.log_level.upper().replace("WARN", "WARNING"), stream=sys.stderr,
+        level=options.log_level.upper().replace("WARN", "WARNING"), stream=sys.stderr,
         format="ts=%(asctime)s level=%(levelname)s source=%(name)s msg=%(message)r")
     try:
-        parse_listen_address(args.listen_address)
-        if not args.telemetry_path.startswith("/"):
-            raise ConfigError(f"--web.telemetry-path {args.telemetry_path!r} must start with /")
-        web_config = WebConfigSource.watch(args.web_config)
-        sources = simulated_sources(load_scenario(args.simulate)) if args.simulate \
-            else Sources()
-        collectors = build_collectors(args, sources)
+        parse_listen_address(options.listen_address)
+        if not options.telemetry_path.startswith("/"):
+            raise ConfigError(f"--web.telemetry-path {options.telemetry_path!r} must start "
+                              "with /")
+        web_config = WebConfigSource.watch(options.web_config_file)
+        exporter = build_exporter(options, sources_for(options))
     except (ConfigError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    nvml = Nvml(sources.nvml_lib) if sources.nvml_lib is not None else Nvml()
-    exporter = Exporter(nvml, collectors, timeout=args.timeout)
-    app = App(build_registry(exporter), args.telemetry_path, web_config)
+    app = App(build_registry(exporter, options), options.telemetry_path, web_config)
     try:
-        server = serve(app, args.listen_address, args.max_connections, args.read_timeout)
+        server = serve(app, options.listen_address, options.max_connections,
+                       options.read_timeout)
     except OSError as e:
-        print(f"{PROG}: error: cannot listen on {args.listen_address}: {e.strerror}; pick "
+        exporter.close()
+        print(f"{PROG}: error: cannot listen on {options.listen_address}: {e.strerror}; pick "
               "another --web.listen-address", file=sys.stderr)
         return 2
     # serve_forever returns on SIGTERM; this covers one that comes before it runs
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     scheme = "https" if web_config.latest.tls is not None else "http"
     log.info("gpuwatch-exporter %s listening on %s://%s%s%s", __version__, scheme,
-             args.listen_address, args.telemetry_path,
-             f" (simulated: {args.simulate})" if args.simulate else "")
+             options.listen_address, options.telemetry_path,
+             f" (simulated: {options.simulate})" if options.simulate else "")
     try:
         server.serve_forever()
     except (KeyboardInterrupt, SystemExit):
@@ -227,4 +264,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.stop()
         exporter.close()
     return 0
-
