@@ -1,18 +1,27 @@
 # The two commands of the README: `make demo` and `make test`. Everything they need is set up here.
+# One venv, two stamps: `make demo` (and the benchmarks) install the package with its runtime
+# dependencies only; `make test` adds the test extra (pytest, ruff, mypy, Ansible, Grafana's SDK).
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+TESTING := $(VENV)/.installed-test
 # Grafana's frontend data code (@grafana/data) that tests/test_grafana.py runs on the grid.
 GRAFANA_JS := tests/grafana_frontend/node_modules/.installed
 PYTHON3 ?= python3
 
 .PHONY: test lint demo bench bench-soak bench-fleet prometheus systemd-analyze victoria-metrics proxies gcc clean
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+
+$(RUNTIME): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
 	touch $@
+
+$(TESTING): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@ $(RUNTIME)
 
 $(GRAFANA_JS): tests/grafana_frontend/package.json tests/grafana_frontend/package-lock.json
 	@scripts/ensure-node
@@ -34,24 +43,24 @@ proxies:
 gcc:
 	@scripts/ensure-gcc
 
-lint: $(STAMP)
+lint: $(TESTING)
 	$(VENV)/bin/ruff check src tools tests
 	$(VENV)/bin/mypy
 
-test: $(STAMP) $(GRAFANA_JS) prometheus systemd-analyze victoria-metrics proxies gcc lint
+test: $(TESTING) $(GRAFANA_JS) prometheus systemd-analyze victoria-metrics proxies gcc lint
 	$(VENV)/bin/pytest -q
 
-demo: $(STAMP) prometheus
+demo: $(RUNTIME) prometheus
 	$(PY) -m tools.demo
 
-bench: $(STAMP)
+bench: $(RUNTIME)
 	$(PY) -m tools.bench
 
 # 10,000 scrapes of an exporter process on the fake libnvidia-ml (gcc), with process churn
-bench-soak: $(STAMP) gcc
+bench-soak: $(RUNTIME) gcc
 	$(PY) -m tools.bench_soak
 
-bench-fleet: $(STAMP) prometheus
+bench-fleet: $(RUNTIME) prometheus
 	$(PY) -m tools.bench_fleet
 
 clean:

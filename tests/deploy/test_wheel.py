@@ -241,3 +241,23 @@ def test_status_says_in_one_line_what_prometheus_lacks(installed: Installed, ent
         assert done.stdout == ""
         (line,) = done.stderr.splitlines()
         assert line.startswith("gpuwatch: error: ") and says in line and url in line, line
+
+
+# -- what the Makefile installs -----------------------------------------------------------------
+
+def _make_dry_run(target: str, venv: Path) -> list[str]:
+    done = subprocess.run(["make", "-n", "-B", target, f"VENV={venv}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_make_demo_installs_the_runtime_dependencies_only(tmp_path: Path) -> None:
+    """A fresh `make demo` installs the package and what it runs on, no extra (no pytest,
+    mypy, Ansible, Grafana's SDK) and none of the test machine's tools (nginx, Caddy)."""
+    lines = _make_dry_run("demo", tmp_path / "venv")
+    installs = [line for line in lines if " pip install " in line and "--upgrade pip" not in line]
+    assert installs == [f"{tmp_path / 'venv'}/bin/python -m pip install -q -e ."], lines
+    assert not [line for line in lines if "ensure-" in line and "ensure-prometheus" not in line]
+    test = _make_dry_run("test", tmp_path / "venv")
+    assert f"{tmp_path / 'venv'}/bin/python -m pip install -q -e '.[test]'" in test, test
