@@ -34,7 +34,7 @@ from gpuwatch.exporter.collectors import reservation as reservation_collector
 from gpuwatch.exporter.collectors.reservation import ReservationCollector
 from gpuwatch.exporter.nvml import Nvml
 from gpuwatch.exporter.scrape import Exporter
-from gpuwatch.reservations import Reservation, ReservationError, legacy, store
+from gpuwatch.reservations import Reservation, ReservationError, legacy
 from tools import localstack
 
 UTC = dt.timezone.utc
@@ -285,7 +285,7 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path,
     def full_disk(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store.os, "fsync", full_disk)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(ReservationError) as e:
         reservations.add(path, booking(gpus=(1,), user="bob"), NOW)
     assert str(e.value) == f"{path}: not written (No space left on device); the file is " \
@@ -585,13 +585,15 @@ def test_import_of_what_is_not_the_old_format(rfile: Path, tmp_path: Path,
 def test_the_exporter_never_loads_the_old_format_importer() -> None:
     """The exporter reads the reservations file; importing comments.json is the command's."""
     done = subprocess.run(
-        [sys.executable, "-c", "import sys, gpuwatch.exporter.main, "
-         "gpuwatch.exporter.collectors.reservation; "
-         "print(sorted(m for m in sys.modules if m.startswith('gpuwatch.reservations')))"],
+        [sys.executable, "-c", "import json, sys, gpuwatch.exporter.main, "
+         "gpuwatch.exporter.collectors.reservation; print(json.dumps(["
+         "sorted(n for n in sys.modules if n.startswith('gpuwatch.reservations')), "
+         "sorted(n for n, m in sys.modules.items() if hasattr(m, 'convert_comments'))]))"],
         capture_output=True, text=True, timeout=60, check=True)
-    loaded = done.stdout.strip()
-    assert "gpuwatch.reservations.model" in loaded, loaded  # the check can see what loads
+    loaded, importers = json.loads(done.stdout)
+    assert "gpuwatch.reservations.model" in loaded, loaded
     assert "gpuwatch.reservations.legacy" not in loaded, loaded
+    assert importers == [], f"the exporter loads the importer: {importers}"
 
 
 # -- the reservation collector and the exporter that runs it ----------------------------------

@@ -25,7 +25,7 @@ from gpuwatch.argtypes import positive_float, positive_int
 from gpuwatch.contract import states
 from gpuwatch.fleet import FleetError, GpuStatus, gpus_of_host, local_names, pick, read_fleet
 from gpuwatch.fleet.prometheus import DEFAULT_TIMEOUT, Prometheus, PrometheusError
-from gpuwatch.reservations import Reservation, ReservationError
+from gpuwatch.reservations import Reservation, ReservationError, legacy
 
 PROG = "gpuwatch"
 ENV_PROMETHEUS = "GPUWATCH_PROMETHEUS"
@@ -358,7 +358,7 @@ def _import(args: argparse.Namespace, out: TextIO) -> int:
     except ValueError as e:
         raise UserError(f"{source}: not JSON: {e}") from None
     try:
-        found = reservations.convert_comments(data, now, args.day_first)
+        found = legacy.convert_comments(data, now, args.day_first)
     except ReservationError as e:
         raise UserError(f"{source}: {e}") from None
     for problem in found.problems:
@@ -372,7 +372,7 @@ def _import(args: argparse.Namespace, out: TextIO) -> int:
                  if not any(replace(o, start=None) == b for o in reservations.load(path, now))]
         present = [b for b in found.bookings if b not in added]
     else:
-        added, present = reservations.merge_imported(path, found.bookings, now)
+        added, present = legacy.merge_imported(path, found.bookings, now)
     verb = "would import" if args.dry_run else "imported"
     for b in added:
         out.write(f"{verb} {b.describe()}\n")

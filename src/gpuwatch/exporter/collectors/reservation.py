@@ -25,7 +25,9 @@ from prometheus_client.core import Metric
 from gpuwatch.contract import metrics
 from gpuwatch.exporter.collectors import Collector, Device, family
 from gpuwatch.exporter.nvml import Nvml
-from gpuwatch.reservations import Reservation, ReservationError, parse, short
+from gpuwatch.reservations.errors import ReservationError
+from gpuwatch.reservations.model import Reservation, parse
+from gpuwatch.reservations.times import short
 
 log = logging.getLogger(__name__)
 
