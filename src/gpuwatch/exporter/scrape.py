@@ -95,9 +95,21 @@ class _Worker:
                     future.set_exception(e)
 
 
-@dataclass(frozen=True)
-class Collection:
-    families: list[Metric]
+@dataclass
+class _Outcome:
+    """Each collector's success, time and first error in one collection."""
+
+    success: dict[str, bool]
+    durations: dict[str, float]
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, collectors: Sequence[Collector]) -> _Outcome:
+        return cls({c.name: True for c in collectors}, {c.name: 0.0 for c in collectors})
+
+    def fail(self, name: str, message: str) -> None:
+        self.success[name] = False
+        self.errors.setdefault(name, message)
 
 
 class Exporter:
@@ -124,7 +136,7 @@ class Exporter:
         """The most GPUs NVML has counted: those beyond today's count are missing."""
         self._generation = -1
         self._flight_lock = threading.Lock()
-        self._in_flight: Future[Collection] | None = None
+        self._in_flight: Future[list[Metric]] | None = None
         self._last_errors: dict[str, str | None] = {}
         self._last_down: dict[int, str | None] = {}
 
@@ -145,7 +157,7 @@ class Exporter:
             finally:
                 with self._flight_lock:
                     self._in_flight = None
-        return flight.result().families
+        return flight.result()
 
     def close(self) -> None:
         for collector in self._collectors:
@@ -157,59 +169,76 @@ class Exporter:
 
     # -- one collection ---------------------------------------------------------------------
 
-    def _collect(self) -> Collection:
+    def _collect(self) -> list[Metric]:
+        """One collection, as node_exporter's execute(): NVML, then the GPUs (each in its
+        worker), then every collector's turn; each collector's success and time reported."""
         deadline = self._timer() + self._timeout
-        success: dict[str, bool] = {c.name: True for c in self._collectors}
-        durations: dict[str, float] = {c.name: 0.0 for c in self._collectors}
-        errors: dict[str, str] = {}
+        outcome = _Outcome.of(self._collectors)
         out: list[Metric] = []
-        answered: list[_GpuResult] = []
-        running = list(self._collectors)
+        answered: list[tuple[Device, _GpuResult]] = []
+        running = self._collectors
         if any(c.uses_nvml for c in self._collectors):  # else NVML is never loaded
-            nvml_up = family(metrics.NVML_UP)
+            nvml_up, count = self._nvml_step(deadline, outcome)
             out.append(nvml_up)
-            try:
-                count = self._open_nvml(deadline)
-            except (NvmlUnavailable, _NoAnswer) as e:
-                with self._devices_lock:
-                    self._devices.clear()
-                nvml_up.add_metric([], 0)
-                for c in self._collectors:
-                    if c.uses_nvml:
-                        success[c.name] = False
-                        errors[c.name] = str(e)
+            if count is None:
                 running = [c for c in self._collectors if not c.uses_nvml]
             else:
-                nvml_up.add_metric([], 1)
-                results = self._read_gpus(count, deadline)
-                out.extend(self._report_up(results))
-                for result in results:
-                    for name, message in result.errors.items():
-                        success[name] = False
-                        errors.setdefault(name, f"GPU {result.index}: {message}")
-                    for name, seconds in result.durations.items():
-                        durations[name] = max(durations[name], seconds)
-                answered = [r for r in results if r.device is not None and r.down is None]
-
-        devices = [r.device for r in answered if r.device is not None]
+                up, answered = self._gpus_step(count, deadline, outcome)
+                out.extend(up)
         for collector in running:
-            name = collector.name
-            readings = [(r.device, r.readings[name]) for r in answered
-                        if r.device is not None and name in r.readings]
-            began = self._timer()
-            try:
-                node = collector.read_node(self._nvml, devices)
-                out.extend(collector.families(readings, node))
-                problem = collector.problem()
-                if problem is not None:
-                    success[name] = False
-                    errors.setdefault(name, problem)
-            except (NVMLError, GpuLost, NvmlUnavailable, OSError, ValueError) as e:
-                success[name] = False
-                errors.setdefault(name, str(e))
-            durations[name] += self._timer() - began
-        self._log_errors(errors)
-        return Collection(out + self._health(success, durations))
+            out.extend(self._execute(collector, answered, outcome))
+        self._log_errors(outcome.errors)
+        return out + self._health(outcome)
+
+    def _nvml_step(self, deadline: float, outcome: _Outcome) -> tuple[Metric, int | None]:
+        """nvidia_gpu_nvml_up and the number of GPUs; None, and every collector that reads
+        GPUs failed, when NVML is not there or did not answer in time."""
+        nvml_up = family(metrics.NVML_UP)
+        try:
+            count = self._open_nvml(deadline)
+        except (NvmlUnavailable, _NoAnswer) as e:
+            with self._devices_lock:
+                self._devices.clear()
+            nvml_up.add_metric([], 0)
+            for c in self._collectors:
+                if c.uses_nvml:
+                    outcome.fail(c.name, str(e))
+            return nvml_up, None
+        nvml_up.add_metric([], 1)
+        return nvml_up, count
+
+    def _gpus_step(self, count: int, deadline: float, outcome: _Outcome
+                   ) -> tuple[list[Metric], list[tuple[Device, _GpuResult]]]:
+        """Every GPU read at once: nvidia_gpu_up and why, and the GPUs that answered. A
+        collector failed where it failed on one GPU; its time is the slowest GPU's (they run
+        concurrently)."""
+        results = self._read_gpus(count, deadline)
+        for result in results:
+            for name, message in result.errors.items():
+                outcome.fail(name, f"GPU {result.index}: {message}")
+            for name, seconds in result.durations.items():
+                outcome.durations[name] = max(outcome.durations[name], seconds)
+        answered = [(r.device, r) for r in results if r.device is not None and r.down is None]
+        return self._report_up(results), answered
+
+    def _execute(self, collector: Collector, answered: Sequence[tuple[Device, _GpuResult]],
+                 outcome: _Outcome) -> list[Metric]:
+        """One collector's turn: what it reads once per node, then its families from that
+        and the GPUs' readings; a failure costs this collector only."""
+        name = collector.name
+        out: list[Metric] = []
+        readings = [(device, r.readings[name]) for device, r in answered if name in r.readings]
+        began = self._timer()
+        try:
+            node = collector.read_node(self._nvml, [device for device, _ in answered])
+            out.extend(collector.families(readings, node))
+            problem = collector.problem()
+            if problem is not None:
+                outcome.fail(name, problem)
+        except (NVMLError, GpuLost, NvmlUnavailable, OSError, ValueError) as e:
+            outcome.fail(name, str(e))
+        outcome.durations[name] += self._timer() - began
+        return out
 
     # -- NVML itself: initialisation and the device count, under the deadline -----------------
 
@@ -366,12 +395,12 @@ class Exporter:
                     self._uuids[result.index] = known
         return known or ""
 
-    def _health(self, success: dict[str, bool], durations: dict[str, float]) -> list[Metric]:
+    def _health(self, outcome: _Outcome) -> list[Metric]:
         ok = family(metrics.COLLECTOR_SUCCESS)
         took = family(metrics.COLLECTOR_DURATION)
-        for name in success:
-            ok.add_metric([name], 1 if success[name] else 0)
-            took.add_metric([name], durations[name])
+        for name, succeeded in outcome.success.items():
+            ok.add_metric([name], 1 if succeeded else 0)
+            took.add_metric([name], outcome.durations[name])
         build = GaugeMetricFamily(metrics.BUILD_INFO.name, metrics.BUILD_INFO.help,
                                   labels=metrics.BUILD_INFO.label_names)
         build.add_metric([__version__], 1)
