@@ -7,8 +7,11 @@ monitoring host; Prometheus runs prometheus/prometheus.yml and its rules with sh
 intervals and a one-minute idle duration, so the grid changes while you watch; Grafana runs
 grafana/provisioning and the dashboards when it is installed (the demo says how to get it
 when it is not). The grid is printed again whenever a GPU changes state, hands or booking;
-the demo prints the `gpuwatch reserve` command that books a GPU in it. Everything is stopped
-on Ctrl-C.
+the demo prints the `gpuwatch reserve` command that books a GPU in it. A node added to its
+targets file shows in the grid like any other. Everything is stopped on Ctrl-C.
+
+Each start begins afresh: the working directory is emptied, so the bookings made in a demo
+(its reservations file is in there) are gone when it starts again.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
 from gpuwatch import cli, reservations
-from gpuwatch.fleet import read_fleet
+from gpuwatch.fleet import GpuStatus, read_fleet
 from gpuwatch.fleet.prometheus import Prometheus, PrometheusError
 from tools import localstack
 
@@ -61,9 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _port(wanted: int) -> int:
-    import socket
+    """`wanted` when a server can listen there, else a free port.
 
+    The probe binds as Prometheus's and Grafana's Go listeners do, with SO_REUSEADDR: the
+    connections of a demo just stopped linger in TIME_WAIT on its ports, which keep a plain
+    bind out but not those servers, so a quick restart gets the usual ports again.
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((localstack.LOCALHOST, wanted))
         except OSError:
@@ -138,7 +147,8 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
                                                 workdir / "reservations.log")
     stack.callback(endpoint.stop)
     endpoint.start()
-    print(f"bookings  {booking_file}: {endpoint.ready_url}")
+    print(f"bookings  {booking_file}: {endpoint.ready_url} (a new file each start: "
+          "bookings reset when the demo restarts)")
     config = localstack.render_config(workdir / "prometheus", workdir / "targets", OVERRIDES,
                                       reservations=f"{localstack.LOCALHOST}:{endpoint_port}")
     prometheus = localstack.prometheus(config, workdir / "data", port,
@@ -146,8 +156,9 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
     stack.callback(prometheus.stop)
     prometheus.start()
     url = f"http://{localstack.LOCALHOST}:{port}"
-    print(f"prometheus: {url} (targets: {workdir / 'targets' / 'nodes.yml'}; rules and "
-          f"configuration generated from prometheus/ in {workdir / 'prometheus'})")
+    print(f"prometheus: {url} (targets: {workdir / 'targets' / 'nodes.yml'}, add a node "
+          f"there; rules and configuration generated from prometheus/ in "
+          f"{workdir / 'prometheus'})")
     _start_grafana(stack, workdir, url)
     print(f"demo settings: scrape every {OVERRIDES.scrape_interval}, rules every "
           f"{OVERRIDES.evaluation_interval}, idle after "
@@ -188,23 +199,45 @@ def _start_grafana(stack: ExitStack, workdir: Path, prometheus_url: str) -> None
           f"grid; anonymous viewing, admin/admin to edit; log: {workdir / 'grafana.log'})")
 
 
+class Watch:
+    """When the demo prints the grid: once Prometheus shows every node the demo started, then
+    whenever what the grid shows changes. Nodes the user adds to the targets file, or removes
+    from it, are changes like any other, never the end of the demo."""
+
+    def __init__(self, url: str, deadline: float) -> None:
+        self.url = url
+        self.deadline = deadline
+        self.started = False
+        self.shown: list[Hashable] | None = None
+
+    def should_show(self, fleet: Sequence[GpuStatus], now: float) -> bool:
+        """Whether `fleet` is a grid to print; PrometheusError when the demo's own nodes did
+        not all show by the deadline."""
+        hosts = {g.host for g in fleet}
+        if not self.started:
+            if not {host for host, _ in NODES} <= hosts:
+                if now > self.deadline:
+                    raise PrometheusError(
+                        f"Prometheus at {self.url} shows {sorted(hosts) or 'no hosts'} after "
+                        f"{READY_TIMEOUT:g} s; see the logs")
+                return False
+            self.started = True
+        view: list[Hashable] = [(g.host, g.gpu, g.state, g.users, g.reservation)
+                                for g in fleet]
+        if view == self.shown:
+            return False
+        self.shown = view
+        return True
+
+
 def _watch(url: str) -> int:
     prometheus = Prometheus(url)
-    shown: object = None
-    deadline = time.monotonic() + READY_TIMEOUT
+    watch = Watch(url, time.monotonic() + READY_TIMEOUT)
     while True:
-        fleet = read_fleet(prometheus)
-        hosts = {g.host for g in fleet}
-        complete = hosts == {host for host, _ in NODES}
-        view = [(g.host, g.gpu, g.state, g.users, g.reservation) for g in fleet]
-        if complete and view != shown:
+        if watch.should_show(read_fleet(prometheus), time.monotonic()):
             print(time.strftime("%H:%M:%S"), flush=True)
             cli.main(["--prometheus", url, "status"])
             print(flush=True)
-            shown = view
-        elif not complete and time.monotonic() > deadline:
-            raise PrometheusError(f"Prometheus at {url} shows {sorted(hosts) or 'no hosts'} "
-                                  f"after {READY_TIMEOUT:g} s; see the logs")
         time.sleep(1)
 
 

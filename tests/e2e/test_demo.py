@@ -1,5 +1,6 @@
 """make demo: the fleet comes up, the grid shows every node, the booking command it prints
-shows in the grid, Ctrl-C stops every process."""
+shows in the grid, a node added to its targets file joins the grid, Ctrl-C stops every
+process; a quick restart finds its ports again."""
 
 from __future__ import annotations
 
@@ -20,10 +21,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
 from grafana_provisioning import provisioned
 
+from gpuwatch.fleet import GpuStatus
+from gpuwatch.fleet.prometheus import PrometheusError
 from gpuwatch.sim import load_scenario
-from tools import demo
+from tools import demo, localstack
 from tools.localstack import free_port
 
 WAIT = 90.0
@@ -85,6 +90,18 @@ def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
         index = target.split(":")[1]
         wait_for_line(re.compile(rf"^\s+{index}\s+reserved\s.*until .* "
                                  rf"\({re.escape(comment)}\)$"))
+
+        # a node of one's own, added to the targets file the demo names, as
+        # docs/prometheus.md teaches: it joins the grid and the demo goes on
+        (targets_file,) = re.findall(r"\(targets: (/\S+), add a node there", "".join(seen))
+        added = localstack.exporter("workstation", free_port(), tmp_path / "added.log")
+        with added:
+            groups = yaml.safe_load(Path(targets_file).read_text())
+            groups.append({"targets": [added.ready_url.split("/")[2]],
+                           "labels": {"host": "my-node"}})
+            localstack.write_targets(Path(targets_file), groups)
+            wait_for_line(re.compile(r"^my-node "))
+            assert process.poll() is None, "".join(seen)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
         reader.join(timeout=10)
@@ -170,3 +187,68 @@ def test_demo_says_how_to_get_grafana_when_there_is_none(tmp_path: Path, monkeyp
     assert out.startswith("grafana: not installed, so the demo runs without it.\n")
     assert "apt.grafana.com" in out and "grafana.com/grafana/download" in out
     assert list((tmp_path / "demo").iterdir()) == [], "nothing started, nothing written"
+
+
+# -- when the grid is printed -------------------------------------------------------------------
+
+def _gpus(*hosts: str, state: str = "free") -> list[GpuStatus]:
+    return [GpuStatus(host=host, instance=f"{host}:9839", gpu=0, uuid=f"GPU-{host}",
+                      state=state, users=(), model="NVIDIA H100 80GB HBM3",
+                      display_name="H100 80GB HBM3", memory_used_bytes=0.0,
+                      memory_total_bytes=1.0, utilization_ratio=0.0, inactive_since=None)
+            for host in hosts]
+
+
+DEMO_HOSTS = [host for host, _ in demo.NODES]
+
+
+def test_the_grid_waits_for_the_demos_nodes_until_the_deadline() -> None:
+    watch = demo.Watch("http://127.0.0.1:9090", deadline=100.0)
+    assert not watch.should_show(_gpus(*DEMO_HOSTS[:-1]), now=50.0)
+    with pytest.raises(PrometheusError, match="after 60 s; see the logs"):
+        watch.should_show(_gpus(*DEMO_HOSTS[:-1]), now=101.0)
+
+
+def test_a_node_added_to_the_targets_file_is_shown_not_the_end_of_the_demo() -> None:
+    watch = demo.Watch("http://127.0.0.1:9090", deadline=100.0)
+    assert watch.should_show(_gpus(*DEMO_HOSTS), now=10.0)
+    assert not watch.should_show(_gpus(*DEMO_HOSTS), now=20.0), "nothing changed"
+    assert watch.should_show(_gpus(*DEMO_HOSTS, "my-node"), now=500.0)
+    assert not watch.should_show(_gpus(*DEMO_HOSTS, "my-node"), now=501.0)
+    assert watch.should_show(_gpus(*DEMO_HOSTS[1:], "my-node"), now=502.0), \
+        "a node removed from the targets file is a change too"
+    assert watch.should_show(_gpus(*DEMO_HOSTS[1:], "my-node", state="busy"), now=503.0)
+
+
+# -- a quick restart gets the usual ports ------------------------------------------------------
+
+def _port_in_time_wait() -> int:
+    """A port nothing listens on with a connection in TIME_WAIT, as right after the demo's
+    Prometheus stopped: the server's end closed first, so it is the one left waiting."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            server, _ = listener.accept()
+            server.close()
+            assert client.recv(1) == b""
+    return port
+
+
+def test_a_port_in_time_wait_is_still_the_demos() -> None:
+    port = _port_in_time_wait()
+    # what the probe saw without SO_REUSEADDR
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
+    assert demo._port(port) == port
+
+
+def test_a_port_someone_listens_on_is_not_the_demos() -> None:
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+        assert demo._port(port) != port
