@@ -22,6 +22,7 @@ import json
 import types
 import typing
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -147,3 +148,23 @@ def test_the_schema_check_finds_what_grafana_would_ignore(damage: Any, expected:
     damage(dashboard)
     problems = schema_problems(dashboard)
     assert any(expected in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_a_folder_without_dashboards_is_an_error_not_an_empty_answer(
+        tmp_path: Path, folder: str) -> None:
+    """From an installed wheel (no grafana/ beside the code) the reader says where it looked
+    and what to do, instead of answering {} and letting every check pass on nothing."""
+    source = tmp_path / folder
+    if folder == "empty":
+        source.mkdir()
+        (source / "README.md").write_text("not a dashboard")
+    with pytest.raises(FileNotFoundError) as raised:
+        dashboards.load_all(source)
+    (line,) = str(raised.value).splitlines()
+    assert line == f"{source}: no dashboards (*.json) here; run this from a checkout of the " \
+        "gpuwatch repository"
+
+
+def test_the_checkouts_dashboards_are_found() -> None:
+    assert set(DASHBOARDS) == {p.stem for p in dashboards.SOURCE_DIR.glob("*.json")} != set()
