@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from gpuwatch import cli, fleet
+from gpuwatch.cli import common, status
 from gpuwatch.contract import metrics, states
 from tools.localstack import free_port
 
@@ -230,17 +231,17 @@ def test_status_when_two_exporters_share_a_host_names_them_by_target(
 
 def test_prometheus_url_comes_from_the_environment_unless_given(
         fleet_of_two: FakePrometheus, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(cli.ENV_PROMETHEUS, fleet_of_two.url)
+    monkeypatch.setenv(common.ENV_PROMETHEUS, fleet_of_two.url)
     code, out = run("status", "--json")
     assert code == 0 and len(json.loads(out)) == 7
     assert fleet_of_two.queries[0] == states.STATE_INFO
-    monkeypatch.setenv(cli.ENV_PROMETHEUS, f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv(common.ENV_PROMETHEUS, f"http://127.0.0.1:{free_port()}")
     code, out = run("status", "--prometheus", fleet_of_two.url, "--json")
     assert code == 0 and len(json.loads(out)) == 7
 
 
 def test_default_prometheus_is_localhost_9090(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(cli.ENV_PROMETHEUS, raising=False)
+    monkeypatch.delenv(common.ENV_PROMETHEUS, raising=False)
     args = cli.build_parser().parse_args(["status"])
     assert args.prometheus == "http://localhost:9090"
 
@@ -377,7 +378,7 @@ def test_pick_wants_a_positive_count(count: str, capsys: pytest.CaptureFixture[s
     (0, "0s"), (59.9, "59s"), (60, "1m"), (3599, "59m"), (3600, "1h00m"), (7500, "2h05m"),
     (86400 + 4 * 3600 + 59, "1d04h"), (-5, "0s")])
 def test_duration(seconds: float, text: str) -> None:
-    assert cli.duration(seconds) == text
+    assert status.duration(seconds) == text
 
 
 def test_commands_are_subcommands_for_later_ones_to_join() -> None:

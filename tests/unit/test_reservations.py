@@ -8,6 +8,7 @@ with the real clock and book far enough ahead that the test's own duration never
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 import io
 import json
 import multiprocessing
@@ -395,7 +396,7 @@ def one_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 def rfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "reservations.yml"
     monkeypatch.setenv(reservations.ENV_FILE, str(path))
-    monkeypatch.setattr(cli.getpass, "getuser", lambda: "alice")
+    monkeypatch.setattr(getpass, "getuser", lambda: "alice")
     return path
 
 

@@ -1,0 +1,97 @@
+"""What every command shares: the one-line error, the command table's entry, the options
+accepted before and after a command (Prometheus), the reservations file, and the clock."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from gpuwatch import reservations
+from gpuwatch.argtypes import positive_float
+from gpuwatch.contract import states
+from gpuwatch.fleet import GpuStatus, read_fleet
+from gpuwatch.fleet.prometheus import DEFAULT_TIMEOUT, Prometheus
+from gpuwatch.reservations import ReservationError
+
+PROG = "gpuwatch"
+ENV_PROMETHEUS = "GPUWATCH_PROMETHEUS"
+DEFAULT_PROMETHEUS = "http://localhost:9090"
+
+
+class UserError(Exception):
+    """Something to tell the user in one line, then exit 1."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, TextIO], int]
+
+
+def default_or_suppress(defaults: bool) -> Callable[[object], object]:
+    """For options given both before and after a command: the default lives on one parser
+    only, so a value given before the command is not overwritten by the other's default."""
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+    return default
+
+
+# -- Prometheus --------------------------------------------------------------------------------
+
+def common_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """Options accepted before and after the command; the defaults live on the top level."""
+    default = default_or_suppress(defaults)
+    p.add_argument("--prometheus", metavar="URL",
+                   default=default(os.environ.get(ENV_PROMETHEUS) or DEFAULT_PROMETHEUS),
+                   help=f"the Prometheus to ask (default: ${ENV_PROMETHEUS}, else "
+                   f"{DEFAULT_PROMETHEUS})")
+    p.add_argument("--timeout", type=positive_float, metavar="SECONDS",
+                   default=default(DEFAULT_TIMEOUT),
+                   help=f"how long to wait for Prometheus (default {DEFAULT_TIMEOUT:g})")
+
+
+def fleet(args: argparse.Namespace) -> list[GpuStatus]:
+    """Every GPU the Prometheus of --prometheus knows; UserError when it knows none."""
+    found = read_fleet(Prometheus(args.prometheus, args.timeout))
+    if not found:
+        raise UserError(f"Prometheus at {args.prometheus} knows no GPUs (no "
+                        f"{states.STATE_INFO} series): are the gpuwatch rules loaded and the "
+                        "exporters in its targets?")
+    return found
+
+
+# -- the reservations file ---------------------------------------------------------------------
+
+def file_arguments(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    p.add_argument("--file", type=Path, metavar="PATH",
+                   default=os.environ.get(reservations.ENV_FILE) or None if defaults
+                   else argparse.SUPPRESS,
+                   help=f"the reservations file (default: ${reservations.ENV_FILE})")
+
+
+def reservations_file(args: argparse.Namespace) -> Path:
+    path: Path | None = args.file
+    if path is None:
+        raise UserError(f"which reservations file? Pass --file PATH or set "
+                        f"{reservations.ENV_FILE} (the file that the reservations endpoint "
+                        "on the monitoring host reads)")
+    return path
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+def when(text: str, moment: dt.datetime, end: bool, option: str) -> dt.datetime:
+    """The time `option` gives, from `moment`; UserError naming the option."""
+    try:
+        return reservations.parse_when(text, moment, end=end).replace(microsecond=0)
+    except ReservationError as e:
+        raise UserError(f"{option} {e}") from None

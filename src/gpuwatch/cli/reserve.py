@@ -1,0 +1,53 @@
+"""`gpuwatch reserve HOST:GPUS --until WHEN`: book GPUs in the reservations file."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+from typing import TextIO
+
+from gpuwatch import reservations
+from gpuwatch.cli.common import Command, UserError, file_arguments, now, reservations_file, when
+from gpuwatch.reservations import Reservation, ReservationError
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="HOST:GPUS",
+                   help="the host as `gpuwatch status` names it and its GPUs: 0,2 or 0-3 or "
+                   "all (an IPv6 address in brackets: [fe80::1]:0)")
+    p.add_argument("--until", required=True, metavar="WHEN",
+                   help=f"when the booking ends: {reservations.WHEN_FORMATS}")
+    p.add_argument("--user", default=None, metavar="NAME",
+                   help="who the GPUs are for (default: you)")
+    p.add_argument("--comment", default="", metavar="TEXT", help="why, for the others")
+    p.add_argument("--from", dest="start", default="now", metavar="WHEN",
+                   help="when the booking starts (default: now); a date means its start")
+    p.add_argument("--replace", action="store_true",
+                   help="your own bookings of these GPUs give way to this one (to extend or "
+                   "shorten a booking)")
+    file_arguments(p)
+
+
+def _run(args: argparse.Namespace, out: TextIO) -> int:
+    path = reservations_file(args)
+    moment = now()
+    try:
+        host, gpus = reservations.parse_target(args.target)
+    except ReservationError as e:
+        raise UserError(str(e)) from None
+    user = args.user or getpass.getuser()
+    if not user.strip() or any(c.isspace() for c in user):
+        raise UserError(f"--user {user!r}: a user name, without spaces")
+    booking = Reservation(host=host, gpus=gpus, user=user,
+                          until=when(args.until, moment, True, "--until"),
+                          start=when(args.start, moment, False, "--from"),
+                          comment=" ".join(args.comment.split()))
+    reservations.add(path, booking, moment, replace_own=args.replace)
+    starts = "" if booking.start is None or booking.start <= moment else \
+        f", from {reservations.short(booking.start)}"
+    out.write(f"booked {booking.describe()}{starts}\n")
+    return 0
+
+
+COMMAND = Command("reserve", "book GPUs of a host for someone until a time, with a comment",
+                  _arguments, _run)
