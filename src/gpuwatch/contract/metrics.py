@@ -17,7 +17,7 @@ DEVICE_LABELS = ("gpu", "uuid")
 
 
 @dataclass(frozen=True)
-class Metric:
+class MetricDef:
     name: str
     kind: Literal["gauge", "counter"]
     help: str
@@ -26,7 +26,7 @@ class Metric:
     device: bool = True
     """Carries ``gpu`` and ``uuid``."""
     field: str | None = None
-    """The GpuSample attribute holding a scalar value, for plain per-device series."""
+    """The GpuReading attribute holding a scalar value, for plain per-device series."""
     collector: str = "gpu"
     """The collector that serves it (``--no-collector.<name>`` turns it off)."""
 
@@ -41,13 +41,13 @@ class Metric:
 
 
 def _gauge(name: str, help: str, field: str | None = None, labels: tuple[str, ...] = (),
-           collector: str = "gpu") -> Metric:
-    return Metric(name, "gauge", help, labels, field=field, collector=collector)
+           collector: str = "gpu") -> MetricDef:
+    return MetricDef(name, "gauge", help, labels, field=field, collector=collector)
 
 
 def _counter(name: str, help: str, field: str | None = None, labels: tuple[str, ...] = (),
-             collector: str = "gpu") -> Metric:
-    return Metric(name, "counter", help, labels, field=field, collector=collector)
+             collector: str = "gpu") -> MetricDef:
+    return MetricDef(name, "counter", help, labels, field=field, collector=collector)
 
 
 INFO_LABELS = ("name", "display_name", "pci_bus_id", "driver_version", "cuda_version",
@@ -152,30 +152,30 @@ USERS_INFO = _gauge("nvidia_gpu_users_info",
                     "always 1.", labels=("users",), collector="process")
 
 RESERVATION_LABELS = ("reserved_host", "gpu", "user", "until", "comment")
-RESERVATION_END = Metric(
+RESERVATION_END = MetricDef(
     "nvidia_gpu_reservation_end_timestamp_seconds", "gauge",
     "Unix time at which an active booking of the reservations file ends. reserved_host is "
     "the booked host as `gpuwatch status` names it (the scraping job's own host label stays "
     "apart), gpu its index or all, user who booked it, until the end in the booking's own "
     "time zone, comment why.", RESERVATION_LABELS, device=False, collector="reservation")
 
-COLLECTOR_SUCCESS = Metric("nvidia_gpu_scrape_collector_success", "gauge",
+COLLECTOR_SUCCESS = MetricDef("nvidia_gpu_scrape_collector_success", "gauge",
                            "1 when the collector's last collection succeeded.",
                            ("collector",), device=False, collector="")
-COLLECTOR_DURATION = Metric("nvidia_gpu_scrape_collector_duration_seconds", "gauge",
+COLLECTOR_DURATION = MetricDef("nvidia_gpu_scrape_collector_duration_seconds", "gauge",
                             "Wall time the collector took, in seconds.", ("collector",),
                             device=False, collector="")
-NVML_UP = Metric("nvidia_gpu_nvml_up", "gauge",
+NVML_UP = MetricDef("nvidia_gpu_nvml_up", "gauge",
                  "1 when the NVML library is loaded and initialised, 0 when it is not "
                  "(no driver, driver/library mismatch); absent when no collector reads GPUs.",
                  device=False, collector="")
-BUILD_INFO = Metric("nvidia_gpu_exporter_build_info", "gauge",
+BUILD_INFO = MetricDef("nvidia_gpu_exporter_build_info", "gauge",
                     "The exporter's version; always 1.", ("version",), device=False,
                     collector="")
 
-ALL: tuple[Metric, ...] = tuple(v for v in dict(globals()).values() if isinstance(v, Metric))
-SCALARS: tuple[Metric, ...] = tuple(m for m in ALL if m.field is not None)
-BY_NAME: dict[str, Metric] = {m.name: m for m in ALL}
+ALL: tuple[MetricDef, ...] = tuple(v for v in dict(globals()).values()
+                                   if isinstance(v, MetricDef))
+SCALARS: tuple[MetricDef, ...] = tuple(m for m in ALL if m.field is not None)
 
 
 def reference_table() -> str:

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.process_collector import ProcessCollector as OwnProcessCollector
+from prometheus_client.process_collector import ProcessCollector
 
 from gpuwatch import __version__
 from gpuwatch.argtypes import non_negative_int, positive_float, positive_int
 from gpuwatch.exporter.collectors import Collector
 from gpuwatch.exporter.collectors.gpu import GpuCollector
-from gpuwatch.exporter.collectors.process import ProcessCollector, ProcessOptions
+from gpuwatch.exporter.collectors.process import GpuProcessCollector, ProcessOptions
 from gpuwatch.exporter.collectors.reservation import ReservationCollector
 from gpuwatch.exporter.collectors.xid import XidCollector
 from gpuwatch.exporter.nvml import Nvml
@@ -40,7 +40,7 @@ from gpuwatch.exporter.web import (
     parse_listen_address,
     serve,
 )
-from gpuwatch.exporter.webconfig import ConfigError, load_exporter_config
+from gpuwatch.exporter.webconfig import ConfigError, load_display_names
 from gpuwatch.sim import Scenario, SimulatedNode, SimulatedNvml, SimulatedPsutil, load_scenario
 
 __all__ = ["COLLECTORS", "DEFAULT_LISTEN_ADDRESS", "DEFAULT_PORT", "ExporterOptions"]
@@ -173,15 +173,15 @@ def parse_flags(argv: Sequence[str]) -> ExporterOptions:
 
 def build_collectors(options: ExporterOptions, sources: Sources) -> list[Collector]:
     """The collectors the options turn on, in the table's order, over the sources."""
-    config = load_exporter_config(options.config_file)
+    display_names = load_display_names(options.config_file)
     collectors: list[Collector] = []
     on = options.collectors
     if GpuCollector.name in on:
-        collectors.append(GpuCollector(config.display_names))
-    if ProcessCollector.name in on:
+        collectors.append(GpuCollector(display_names))
+    if GpuProcessCollector.name in on:
         inspector = ProcessInspector() if sources.psutil is None else \
             ProcessInspector(sources.psutil, sources.read_cgroup or read_proc_cgroup)
-        collectors.append(ProcessCollector(inspector, options.process))
+        collectors.append(GpuProcessCollector(inspector, options.process))
     if XidCollector.name in on:
         collectors.append(XidCollector(background=options.xid_in_background,
                                        clock=sources.clock))
@@ -208,7 +208,7 @@ def build_registry(exporter: Exporter, options: ExporterOptions) -> CollectorReg
     registry = CollectorRegistry(auto_describe=False)
     registry.register(exporter)
     if options.own_process_metrics:
-        OwnProcessCollector(registry=registry)
+        ProcessCollector(registry=registry)  # prometheus_client's: the exporter's own process_*
     return registry
 
 

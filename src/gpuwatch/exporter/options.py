@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpuwatch.exporter.collectors.gpu import GpuCollector
-from gpuwatch.exporter.collectors.process import ProcessCollector, ProcessOptions
+from gpuwatch.exporter.collectors.process import GpuProcessCollector, ProcessOptions
 from gpuwatch.exporter.collectors.reservation import ReservationCollector
 from gpuwatch.exporter.collectors.xid import XidCollector
 from gpuwatch.exporter.scrape import DEFAULT_TIMEOUT
@@ -36,7 +36,7 @@ class CollectorEntry:
 # The collectors, with their default state: each becomes --collector.NAME / --no-collector.NAME
 COLLECTORS = (
     CollectorEntry(GpuCollector.name, GpuCollector.help, True),
-    CollectorEntry(ProcessCollector.name, ProcessCollector.help, True),
+    CollectorEntry(GpuProcessCollector.name, GpuProcessCollector.help, True),
     CollectorEntry(XidCollector.name, XidCollector.help, True),
     CollectorEntry(ReservationCollector.name, ReservationCollector.help, False,
                    implied_by="reservations_file"),

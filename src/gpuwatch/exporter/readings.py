@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
-class GpuSample:
+class GpuReading:
     """One reading of one GPU (collector ``gpu``)."""
 
     info: Mapping[str, str]
@@ -64,7 +64,7 @@ class GpuProcess:
 
 
 @dataclass(frozen=True)
-class ProcessSample:
+class ProcessReading:
     """The processes of one GPU, after deduplication by pid."""
 
     processes: tuple[GpuProcess, ...]

@@ -60,15 +60,11 @@ def reject_unknown_keys(source: object, where: str, data: Mapping[str, Any], kno
 
 # -- --config.file ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ExporterConfig:
-    display_names: Mapping[str, str] = field(default_factory=dict)
-    """Full NVML model name -> short display name, e.g. "NVIDIA GeForce RTX 3090": "3090"."""
-
-
-def load_exporter_config(path: Path | None) -> ExporterConfig:
+def load_display_names(path: Path | None) -> dict[str, str]:
+    """The exporter config's display_names: full NVML model name -> short display name,
+    e.g. "NVIDIA GeForce RTX 3090": "3090"; empty without a config file."""
     if path is None:
-        return ExporterConfig()
+        return {}
     data = _load_yaml(path)
     reject_unknown_keys(path, "", data, {"display_names"})
     names = data.get("display_names") or {}
@@ -76,7 +72,7 @@ def load_exporter_config(path: Path | None) -> ExporterConfig:
             isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in names.items()):
         raise ConfigError(f"{path}: display_names: expected a mapping of model name to short "
                           f'name, e.g. "NVIDIA GeForce RTX 3090": "3090"')
-    return ExporterConfig(display_names={k: str(v) for k, v in names.items()})
+    return {k: str(v) for k, v in names.items()}
 
 
 # -- --web.config.file -----------------------------------------------------------------------

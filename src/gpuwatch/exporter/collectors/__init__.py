@@ -69,7 +69,7 @@ class Collector(ABC):
         """Release background resources."""
 
 
-def family(metric: metrics.Metric) -> GaugeMetricFamily | CounterMetricFamily:
+def family(metric: metrics.MetricDef) -> GaugeMetricFamily | CounterMetricFamily:
     """An empty family for a metric of the contract, with its label names."""
     if metric.kind == "counter":
         return CounterMetricFamily(metric.family_name, metric.help, labels=metric.label_names)

@@ -22,7 +22,7 @@ from gpuwatch.exporter.nvml import (
     Nvml,
     decode,
 )
-from gpuwatch.exporter.readings import GpuSample
+from gpuwatch.exporter.readings import GpuReading
 
 _VENDOR_WORDS = ("NVIDIA", "GeForce", "Tesla", "Quadro")
 
@@ -57,7 +57,7 @@ class GpuCollector(Collector):
         # history and alerts work and the zeros of reasons that never happen cost nothing
         self._seen_events: dict[str, set[str]] = {}
 
-    def read_gpu(self, nvml: Nvml, device: Device) -> GpuSample:
+    def read_gpu(self, nvml: Nvml, device: Device) -> GpuReading:
         h = device.handle
         q = nvml.query
         info = device.static.get("info") or self._info(nvml, h)
@@ -68,7 +68,7 @@ class GpuCollector(Collector):
         memory = q("nvmlDeviceGetMemoryInfo", h, MEMORY_V2) or q("nvmlDeviceGetMemoryInfo", h)
         encoder = q("nvmlDeviceGetEncoderUtilization", h)
         decoder = q("nvmlDeviceGetDecoderUtilization", h)
-        return GpuSample(
+        return GpuReading(
             info=info,
             utilization_ratio=_ratio(utilization.gpu) if utilization else None,
             memory_utilization_ratio=_ratio(utilization.memory) if utilization else None,
@@ -151,30 +151,30 @@ class GpuCollector(Collector):
 
     def families(self, readings: Sequence[tuple[Device, Any]], node: Any) -> Iterable[Metric]:
         info = family(metrics.INFO)
-        for device, sample in readings:
-            info.add_metric(device.labels + [sample.info[k] for k in metrics.INFO_LABELS], 1)
+        for device, reading in readings:
+            info.add_metric(device.labels + [reading.info[k] for k in metrics.INFO_LABELS], 1)
         yield info
         for metric in metrics.SCALARS:
             f = family(metric)
-            for device, sample in readings:
-                value = getattr(sample, metric.field or "")
+            for device, reading in readings:
+                value = getattr(reading, metric.field or "")
                 if value is not None:
                     f.add_metric(device.labels, value)
             yield f
         clock, clock_max = family(metrics.CLOCK), family(metrics.CLOCK_MAX)
         events, ecc = family(metrics.CLOCK_EVENT), family(metrics.ECC_ERRORS)
-        for device, sample in readings:
-            for name, hz in sample.clocks_hertz.items():
+        for device, reading in readings:
+            for name, hz in reading.clocks_hertz.items():
                 clock.add_metric(device.labels + [name], hz)
-            for name, hz in sample.max_clocks_hertz.items():
+            for name, hz in reading.max_clocks_hertz.items():
                 clock_max.add_metric(device.labels + [name], hz)
             seen = self._seen_events.setdefault(device.uuid, set())
-            for reason, active in sample.clock_events.items():
+            for reason, active in reading.clock_events.items():
                 if active:
                     seen.add(reason)
                 if reason in seen:
                     events.add_metric(device.labels + [reason], float(active))
-            for (error_type, scope), count in sample.ecc_errors.items():
+            for (error_type, scope), count in reading.ecc_errors.items():
                 ecc.add_metric(device.labels + [error_type, scope], count)
         yield from (clock, clock_max, events, ecc)
 

@@ -14,7 +14,7 @@ from gpuwatch.contract import metrics
 from gpuwatch.exporter.collectors import Collector, Device, family
 from gpuwatch.exporter.nvml import Nvml
 from gpuwatch.exporter.processes import ProcessInspector
-from gpuwatch.exporter.readings import GpuProcess, ProcessSample
+from gpuwatch.exporter.readings import GpuProcess, ProcessReading
 
 CommandMode = Literal["name", "cmdline", "none"]
 
@@ -33,7 +33,7 @@ class ProcessOptions:
     """Per-process series kept per GPU, largest memory first; the rest are counted."""
 
 
-class ProcessCollector(Collector):
+class GpuProcessCollector(Collector):
     name = "process"
     help = "processes on each GPU with user, command, memory and start time; per-user roll-ups"
 
@@ -47,7 +47,7 @@ class ProcessCollector(Collector):
                              if not (label == "pid" and not self._options.pid)
                              and not (label == "command" and self._options.command == "none"))
 
-    def read_gpu(self, nvml: Nvml, device: Device) -> ProcessSample:
+    def read_gpu(self, nvml: Nvml, device: Device) -> ProcessReading:
         running: dict[int, float | None] = {}
         answered = False
         for kind in ("compute", "graphics"):
@@ -67,7 +67,7 @@ class ProcessCollector(Collector):
             info = self._inspector.inspect(pid)
             if info is not None:  # else exited since NVML's list, or not in our pid namespace
                 processes.append(GpuProcess(pid, used, info))
-        return ProcessSample(tuple(processes), unresolved=len(running) - len(processes))
+        return ProcessReading(tuple(processes), unresolved=len(running) - len(processes))
 
     def families(self, readings: Sequence[tuple[Device, Any]], node: Any) -> Iterable[Metric]:
         count, users_info = family(metrics.PROCESSES), family(metrics.USERS_INFO)
@@ -76,12 +76,12 @@ class ProcessCollector(Collector):
         memory = _labelled(metrics.PROCESS_MEMORY, self._labels)
         start = _labelled(metrics.PROCESS_START, self._labels)
         dropped = family(metrics.PROCESS_DROPPED)
-        for device, sample in readings:
+        for device, reading in readings:
             labels = device.labels
-            processes: tuple[GpuProcess, ...] = sample.processes
+            processes: tuple[GpuProcess, ...] = reading.processes
             # the GPU is held by every pid NVML lists, whether or not we can name its owner
-            count.add_metric(labels, len(processes) + sample.unresolved)
-            unresolved.add_metric(labels, sample.unresolved)
+            count.add_metric(labels, len(processes) + reading.unresolved)
+            unresolved.add_metric(labels, reading.unresolved)
             by_user: dict[str, list[GpuProcess]] = {}
             for p in processes:
                 by_user.setdefault(p.info.user, []).append(p)
@@ -103,7 +103,7 @@ class ProcessCollector(Collector):
                 if used is not None:
                     memory.add_metric(series, used)
                 start.add_metric(series, started)
-        self._inspector.forget_others(p.pid for _, s in readings for p in s.processes)
+        self._inspector.forget_others(p.pid for _, r in readings for p in r.processes)
         yield from (count, unresolved, users_info, user_memory, user_processes, memory, start,
                     dropped)
 
@@ -133,6 +133,6 @@ class ProcessCollector(Collector):
         return series
 
 
-def _labelled(metric: metrics.Metric, labels: tuple[str, ...]) -> GaugeMetricFamily:
+def _labelled(metric: metrics.MetricDef, labels: tuple[str, ...]) -> GaugeMetricFamily:
     """The family with the process labels the options leave in."""
     return GaugeMetricFamily(metric.name, metric.help, labels=metrics.DEVICE_LABELS + labels)
