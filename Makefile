@@ -5,7 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 TESTING := $(VENV)/.installed-test
-# Grafana's frontend data code (@grafana/data) that tests/test_grafana.py runs on the grid.
+# Grafana's frontend data code (@grafana/data) that tests/e2e/test_grafana.py runs on the grid.
 GRAFANA_JS := tests/grafana_frontend/node_modules/.installed
 PYTHON3 ?= python3
 

@@ -1,8 +1,8 @@
 """The Grafana dashboards as data: their panels, queries and variables, and the queries as
 Grafana would send them (variables replaced by the values Grafana gives them).
 
-tests/test_grafana.py runs every panel query against a Prometheus fed by simulated exporters;
-the fleet benchmark (gpuwatch.bench_fleet) times the same queries at scale. Both read the
+tests/e2e/test_grafana.py runs every panel query against a Prometheus fed by simulated exporters;
+the fleet benchmark (tools.bench_fleet) times the same queries at scale. Both read the
 dashboards from grafana/dashboards/ of the source tree through this module.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "grafana" / "dashboards"
-"""grafana/dashboards/ of the source tree this package runs from (an editable install)."""
+"""grafana/dashboards/ of the checkout these tools run from."""
 
 VARIABLE = re.compile(r"\$([a-zA-Z_]\w*)|\$\{([a-zA-Z_]\w*)(?:[.:][^}]*)?\}|\[\[(\w+)\]\]")
 """$var, ${var}, ${var:format}, ${__data.fields.x} and the old [[var]]; not a regex's $1."""
