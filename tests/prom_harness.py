@@ -1,49 +1,57 @@
-"""A small GPU fleet for end-to-end tests: simulated exporters and a real Prometheus.
+"""A small GPU fleet for end-to-end tests: simulated exporters, a reservations endpoint and a
+real Prometheus, and what they should show.
 
-Built on tools.localstack (the processes and the generated Prometheus configuration):
-every process listens on 127.0.0.1 only and is stopped by `Fleet.close()` (or the `with`
-block). With `bookings`, a reservations endpoint serves them from a reservations file, as on
-the monitoring host. Prometheus runs the project's own prometheus.yml (its scrape job and host
-relabelling) and rule files, changed only where a test must be quick: shorter scrape and
-evaluation intervals, this fleet's targets file, and thresholds a test overrides
-(`Fleet(..., thresholds={...})`). What a test expects is derived from the scenarios the
-exporters simulate and from the thresholds the rules read, never copied.
+Built on tools.localstack (the processes and the generated Prometheus configuration): every
+process listens on 127.0.0.1 only and is stopped when the `with` block ends (`Fleet.close()`).
+Prometheus runs the project's own prometheus.yml (its scrape jobs and host relabelling) and
+rule files, changed only where a test must be quick: shorter scrape, evaluation and target
+refresh intervals, this fleet's targets file, and the thresholds and alert `for`s a test
+overrides. A reservations endpoint serves the fleet's reservations file, as on the monitoring
+host; tests edit the file with `gpuwatch reserve` and `gpuwatch release`, as people do.
+Prometheus is asked through gpuwatch.fleet.prometheus, the client the CLI uses (`fleet.api`).
 
-    with Fleet([Node("ws-01", "workstation", {"cluster": "lab"})], tmp_path) as fleet:
+What a test expects comes from `Fleet.expected()`, the one oracle: every GPU's state, users
+and model derived from the scenarios the exporters simulate (the simulator's own view of each
+GPU at a given time), the thresholds the rules read and the bookings in the reservations
+file, never copied.
+
+    with Fleet(tmp_path, [Node("ws-01", "workstation", {"cluster": "lab"})]) as fleet:
         fleet.wait_for_rules()
-        rows = fleet.query("instance_gpu:gpuwatch_state:info")
-        fleet.expected_grid()
+        fleet.api.query(states.STATE_INFO)
+        fleet.expected()
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gpuwatch import reservations
+from gpuwatch.contract import states
 from gpuwatch.exporter.nvml import NVMLError
+from gpuwatch.fleet.prometheus import Prometheus
 from gpuwatch.sim import Scenario, SimulatedNode, SimulatedNvml, load_scenario
 from tools import localstack
 
+T = TypeVar("T")
+
 LOCALHOST = localstack.LOCALHOST
 DEADLINE = 30.0
-"""Seconds the fleet waits for a condition before it gives up (a guard, not a measure)."""
+"""Seconds a condition may take to come true before the fleet gives up (a bound, not a
+timing assertion)."""
 
 THRESHOLD_HELD_MEMORY = "gpuwatch:threshold_held_memory_bytes:constant"
 THRESHOLD_IDLE_UTILIZATION = "gpuwatch:threshold_idle_utilization_ratio:constant"
 THRESHOLD_IDLE_DURATION = "gpuwatch:threshold_idle_duration_seconds:constant"
 
 
-class FleetError(RuntimeError):
-    """Prometheus did not answer, or a condition was not reached in time."""
+class FleetError(AssertionError):
+    """A condition was not reached in time; the message has Prometheus' log."""
 
 
 # -- the project's rule files ------------------------------------------------------------------
@@ -67,11 +75,14 @@ def thresholds() -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Node:
-    """One simulated GPU node: its host name, scenario and target labels (cluster, rack)."""
+    """One simulated GPU node: the host label its target gets (None: Prometheus derives it
+    from the target, 127.0.0.1), its scenario (a name or a file), other target labels
+    (cluster, rack) and extra exporter flags."""
 
-    host: str
+    host: str | None
     scenario: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -82,48 +93,73 @@ class RunningNode:
     service: localstack.Service
     started: float
     """Unix time just before the exporter started: its simulated clock starts a moment later."""
+    killed: bool = False
 
     @property
-    def address(self) -> str:
+    def instance(self) -> str:
         return f"{LOCALHOST}:{self.port}"
 
+    @property
+    def host(self) -> str:
+        """The host label Prometheus gives its series."""
+        return self.node.host or LOCALHOST
 
-@dataclass(frozen=True)
-class ExpectedProcess:
-    host: str
-    gpu: str
-    pid: str
-    user: str
-    command: str
+    def kill(self) -> None:
+        """Ends the exporter at once, as a crash would; its target stays."""
+        self.service.kill()
+        self.killed = True
 
 
 @dataclass(frozen=True)
 class ExpectedGpu:
     host: str
-    gpu: str
+    gpu: int
     state: str
     users: tuple[str, ...]
-    model: str | None
+    model: str
+    """"" where Prometheus has never seen the GPU's name (a GPU lost or hung from the start)."""
+    memory_total_bytes: float | None
+    user_memory: Mapping[str, float]
+    """Bytes of device memory each user's processes hold (whole bytes: sums are exact)."""
     reservation: str | None = None
     """The booking in words, as the grid shows it: alice until ... (why)."""
 
 
-class Fleet:
-    """Simulated exporters and a Prometheus with the project's config and rules."""
+@dataclass(frozen=True)
+class ExpectedProcess:
+    host: str
+    gpu: int
+    pid: int
+    user: str
+    command: str
 
-    def __init__(self, nodes: Sequence[Node], workdir: Path, interval: float = 1.0,
+
+class Fleet:
+    """Simulated exporters, a reservations endpoint and a Prometheus with the project's
+    config and rules."""
+
+    def __init__(self, workdir: Path, nodes: Sequence[Node] = (), interval: float = 1.0,
                  thresholds: Mapping[str, float] | None = None,
+                 alert_for: Mapping[str, str] | None = None,
                  bookings: Sequence[reservations.Reservation] = ()) -> None:
-        self.nodes = list(nodes)
         self.workdir = workdir
+        self.initial_nodes = list(nodes)
         self.interval = interval
         self.overrides = dict(thresholds or {})
-        self.bookings = list(bookings)
-        self.running: list[RunningNode] = []
-        self.reservations: localstack.Service | None = None
+        self.alert_for = dict(alert_for or {})
+        self.initial_bookings = list(bookings)
+        self.targets = workdir / "targets"
+        self.reservations_file = workdir / "reservations.yml"
+        self.nodes: list[RunningNode] = []
+        self.reservations_port = localstack.free_port()
+        self.reservations = localstack.reservations_endpoint(
+            self.reservations_file, self.reservations_port, workdir / "reservations.log")
+        self.port = localstack.free_port()
+        self.url = f"http://{LOCALHOST}:{self.port}"
+        self.api = Prometheus(self.url, timeout=30)
         self.prometheus: localstack.Service | None = None
-        self.prometheus_port = 0
         self.prometheus_started = 0.0
+        self._stack = ExitStack()
 
     def __enter__(self) -> Fleet:
         try:
@@ -136,99 +172,88 @@ class Fleet:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.prometheus_port}"
-
     def thresholds(self) -> dict[str, float]:
         """The thresholds this fleet's Prometheus runs with."""
         return {**thresholds(), **self.overrides}
 
     def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        for node in self.nodes:
-            port = localstack.free_port()
-            service = localstack.exporter(node.scenario, port,
-                                          self.workdir / f"exporter-{node.host}.log",
-                                          ["--log.level", "warn"])
-            running = RunningNode(node, load_scenario(node.scenario), port, service,
-                                  time.time())
-            self.running.append(running)
-            service.start()
-
-        targets = self.workdir / "targets"
-        targets.mkdir(exist_ok=True)
-        localstack.write_targets(targets / "fleet.yml", [
-            {"targets": [r.address], "labels": {"host": r.node.host, **r.node.labels}}
-            for r in self.running])
-        endpoint = None
-        if self.bookings:
-            reservations.write(self.workdir / "reservations.yml", self.bookings)
-            port = localstack.free_port()
-            self.reservations = localstack.reservations_endpoint(
-                self.workdir / "reservations.yml", port, self.workdir / "reservations.log")
-            self.reservations.start()
-            endpoint = f"{LOCALHOST}:{port}"
+        self.targets.mkdir(parents=True, exist_ok=True)
+        for node in self.initial_nodes:
+            self._start_exporter(node)
+        self.write_targets()
+        if self.initial_bookings:
+            reservations.write(self.reservations_file, self.initial_bookings)
+        self._stack.callback(self.reservations.stop)
+        self.reservations.start()
         every = f"{self.interval:g}s"
         config = localstack.render_config(
-            self.workdir / "prometheus", targets,
+            self.workdir / "prometheus", self.targets,
             localstack.Overrides(scrape_interval=every, evaluation_interval=every,
-                                 thresholds=self.overrides), reservations=endpoint)
-        self.prometheus_port = localstack.free_port()
-        self.prometheus = localstack.prometheus(config, self.workdir / "data",
-                                                self.prometheus_port,
+                                 refresh_interval=every, thresholds=self.overrides,
+                                 alert_for=self.alert_for),
+            reservations=f"{LOCALHOST}:{self.reservations_port}")
+        self.prometheus = localstack.prometheus(config, self.workdir / "data", self.port,
                                                 self.workdir / "prometheus.log")
+        self._stack.callback(self.prometheus.stop)
         self.prometheus_started = time.time()
         self.prometheus.start()
 
     def close(self) -> None:
-        if self.prometheus is not None:
-            self.prometheus.stop()
-        if self.reservations is not None:
-            self.reservations.stop()
-        for running in self.running:
-            running.service.stop()
+        """Stops every process the fleet started (Prometheus first)."""
+        self._stack.close()
 
-    # -- asking Prometheus ---------------------------------------------------------------------
+    # -- nodes ---------------------------------------------------------------------------------
 
-    def api(self, path: str, **params: str) -> Any:
-        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
-        try:
-            with urllib.request.urlopen(url, timeout=30.0) as response:
-                body = response.read()
-        except urllib.error.HTTPError as e:
-            body = e.read()
-        answer = json.loads(body)
-        if answer.get("status") != "success":
-            raise FleetError(f"{path} {params}: {answer.get('errorType')}: "
-                             f"{answer.get('error')}")
-        return answer["data"]
+    def _start_exporter(self, node: Node) -> RunningNode:
+        port = localstack.free_port()
+        service = localstack.exporter(node.scenario, port,
+                                      self.workdir / f"exporter-{port}.log",
+                                      ["--log.level", "warn", *node.flags])
+        running = RunningNode(node, load_scenario(node.scenario), port, service, time.time())
+        self._stack.callback(service.stop)
+        service.start()
+        self.nodes.append(running)
+        return running
 
-    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
-        """An instant query's result: a list of {"metric": labels, "value": [t, "v"]}."""
-        params = {"query": expr}
-        if at is not None:
-            params["time"] = f"{at:.3f}"
-        data = self.api("query", **params)
-        if data["resultType"] == "scalar":
-            return [{"metric": {}, "value": data["result"]}]
-        return list(data["result"])
+    def add_node(self, node: Node) -> RunningNode:
+        """Starts an exporter and adds it to the targets file (Prometheus picks it up)."""
+        running = self._start_exporter(node)
+        self.write_targets()
+        return running
 
-    def label_values(self, label: str, match: str) -> list[str]:
-        return sorted(self.api(f"label/{label}/values", **{"match[]": match}))
+    def remove_node(self, running: RunningNode) -> None:
+        """Takes a node out of the targets file, then stops its exporter."""
+        self.nodes.remove(running)
+        self.write_targets()
+        running.service.stop()
 
-    def wait_for(self, expr: str, done: Callable[[list[dict[str, Any]]], bool],
-                 what: str) -> list[dict[str, Any]]:
-        """Polls an instant query until `done(result)`; FleetError past the deadline."""
+    def write_targets(self) -> None:
+        localstack.write_targets(self.targets / "nodes.yml", [
+            {"targets": [n.instance],
+             **({"labels": {**({"host": n.node.host} if n.node.host else {}),
+                            **n.node.labels}} if n.node.host or n.node.labels else {})}
+            for n in self.nodes])
+
+    def node(self, host: str) -> RunningNode:
+        """The node whose series carry this host label."""
+        (found,) = [n for n in self.nodes if n.host == host]
+        return found
+
+    # -- waiting -------------------------------------------------------------------------------
+
+    def wait_for(self, what: str, probe: Callable[[], T], ok: Callable[[T], bool]) -> T:
+        """probe() until ok(value), at most DEADLINE seconds; FleetError otherwise, with the
+        last value and Prometheus' log."""
         deadline = time.monotonic() + DEADLINE
         while True:
-            result = self.query(expr)
-            if done(result):
-                return result
+            value = probe()
+            if ok(value):
+                return value
             if time.monotonic() > deadline:
-                raise FleetError(f"waited {DEADLINE:.0f} s for {what}; {expr} "
-                                 f"gives {result}")
-            time.sleep(self.interval / 2)
+                log = self.prometheus.log_tail() if self.prometheus else "(not started)"
+                raise FleetError(f"{what}: not within {DEADLINE:g} s; last seen {value!r}; "
+                                 f"prometheus log: {log}")
+            time.sleep(min(0.25, self.interval / 2))
 
     def wait_for_rules(self, evaluations: int = 3) -> None:
         """Waits until every node is scraped and the rules have run `evaluations` times since.
@@ -236,91 +261,117 @@ class Fleet:
         The idle clock and `rate()` need a few samples; the state of every GPU needs the
         rule of its own previous evaluation (the inventory keeps itself).
         """
-        self.wait_for('count(up{job="gpuwatch"} == 1)',
-                      lambda r: bool(r) and float(r[0]["value"][1]) == len(self.running),
-                      "every exporter to be scraped")
-        gpus = sum(len(r.scenario.gpus) for r in self.running)
-        self.wait_for("count(instance_gpu:gpuwatch_state:info)",
-                      lambda r: bool(r) and float(r[0]["value"][1]) == gpus,
-                      "the state of every GPU")
+        live = sum(not n.killed for n in self.nodes)
+        self.wait_for("every exporter scraped",
+                      lambda: self.api.query_value(f'count(up{{job="{states.JOB}"}} == 1)'),
+                      lambda found: found == live)
+        gpus = sum(len(n.scenario.gpus) for n in self.nodes)
+        self.wait_for("the state of every GPU",
+                      lambda: self.api.query_value(f"count({states.STATE_INFO})"),
+                      lambda found: found == gpus)
         first = time.time()
-        self.wait_for("time()", lambda r: float(r[0]["value"][1])
-                      >= first + evaluations * self.interval, "more evaluations")
-        self.wait_for(f"count(instance_gpu:gpuwatch_state:info offset {evaluations}s)",
-                      lambda r: bool(r) and float(r[0]["value"][1]) == gpus,
-                      "history of the state")
+        self.wait_for("more evaluations", lambda: self.api.query_value("time()"),
+                      lambda now: now is not None and now >= first + evaluations * self.interval)
+        self.wait_for("history of the state", lambda: self.api.query_value(
+            f"count({states.STATE_INFO} offset {evaluations * self.interval:g}s)"),
+            lambda found: found == gpus)
 
     # -- what the scenarios say ----------------------------------------------------------------
 
-    def expected_grid(self, at: float | None = None) -> list[ExpectedGpu]:
-        """Every simulated GPU's state and users at `at`, from its scenario and thresholds.
+    def bookings(self, at: float | None = None) -> list[reservations.Reservation]:
+        """The bookings of the reservations file that are active at `at` (now)."""
+        now = dt.datetime.fromtimestamp(time.time() if at is None else at, dt.timezone.utc)
+        return [b for b in reservations.load(self.reservations_file, now) if b.active(now)]
 
-        free: answers, no process, memory below the held threshold; busy: held; idle: held
-        with utilisation below the idle threshold for the idle duration (counted from when
-        Prometheus started, since it has seen no earlier samples); down: lost. A GPU with an
-        active booking is reserved, unless it is down, or busy by the user who booked it.
+    def expected(self, at: float | None = None) -> dict[tuple[str, int], ExpectedGpu]:
+        """Every GPU's state, users and model at `at` (now), by (host, gpu), from its
+        scenario, the thresholds and the bookings; what the rules should find.
+
+        down: the exporter is killed, or the GPU is lost, or one of its NVML calls hangs (the
+        collection timeout gives up on it); free: it answers, no process on it, memory below
+        the held threshold; busy: held; idle: held with utilisation below the idle threshold
+        for the idle duration (counted from when Prometheus or the exporter started, whichever
+        is later: nothing earlier was seen). A GPU with an active booking is reserved, unless
+        it is down, or used by the user who booked it (then busy).
         """
         now = time.time() if at is None else at
-        now_at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
         t = self.thresholds()
-        inactive_long_enough = now - self.prometheus_started >= t[THRESHOLD_IDLE_DURATION]
-        expected = []
-        for running in self.running:
+        booked = self.bookings(now)
+        expected = {}
+        for running in self.nodes:
+            if running.scenario.hang:
+                raise NotImplementedError(f"{running.node.scenario}: the oracle does not model "
+                                          "NVML library calls that hang")
+            node = SimulatedNode(running.scenario, clock=lambda: now, start=running.started)
+            nvml = SimulatedNvml(node)
+            seen_for = now - max(self.prometheus_started, running.started)
+            for index, gpu in enumerate(running.scenario.gpus):
+                host = running.host
+                booking = next((b for b in booked if b.shares_gpus(host, (index,))), None)
+                words = None if booking is None else describe(booking)
+                unknown = ExpectedGpu(host, index, states.DOWN.name, (), "", None, {}, words)
+                if gpu.hang:  # the exporter gives up on it; Prometheus never saw its name
+                    expected[host, index] = unknown
+                    continue
+                try:
+                    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                except NVMLError:  # lost: no model, nobody known
+                    expected[host, index] = unknown
+                    continue
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                model = nvml.nvmlDeviceGetName(handle)
+                if running.killed:  # the inventory keeps what it knew
+                    expected[host, index] = ExpectedGpu(host, index, states.DOWN.name, (),
+                                                        model, float(memory.total), {}, words)
+                    continue
+                visible = [p.process for p in node.processes(index) if not p.process.vanished]
+                user_memory: dict[str, float] = {}
+                for p in visible:
+                    user_memory[p.user] = user_memory.get(p.user, 0.0) + int(p.memory_bytes)
+                users = tuple(sorted(user_memory))
+                held = bool(visible) or memory.used >= t[THRESHOLD_HELD_MEMORY]
+                utilization = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
+                idle = utilization < t[THRESHOLD_IDLE_UTILIZATION] and \
+                    seen_for >= t[THRESHOLD_IDLE_DURATION]
+                if booking is not None and booking.user in users:
+                    state = states.BUSY
+                elif booking is not None:
+                    state = states.RESERVED
+                elif held and idle:
+                    state = states.IDLE
+                elif held:
+                    state = states.BUSY
+                else:
+                    state = states.FREE
+                expected[host, index] = ExpectedGpu(host, index, state.name, users, model,
+                                                    float(memory.total), user_memory, words)
+        return expected
+
+    def expected_processes(self, at: float | None = None) -> list[ExpectedProcess]:
+        """The processes the exporters report at `at` (now): what NVML lists, less those that
+        exit while being read (they are skipped)."""
+        now = time.time() if at is None else at
+        expected: list[ExpectedProcess] = []
+        for running in self.nodes:
+            if running.killed:
+                continue
             node = SimulatedNode(running.scenario, clock=lambda: now, start=running.started)
             nvml = SimulatedNvml(node)
             for index, gpu in enumerate(running.scenario.gpus):
-                host, name = running.node.host, str(index)
-                booked = self.booking(host, index, now)
-                try:
-                    handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                except NVMLError:
-                    expected.append(ExpectedGpu(host, name, "down", (), None, booked))
-                    continue
-                live = node.processes(index)
-                users = tuple(sorted({p.process.user for p in live if not p.process.vanished}))
-                held = (bool(live) or nvml.nvmlDeviceGetMemoryInfo(handle).used
-                        >= t[THRESHOLD_HELD_MEMORY])
-                utilization = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
-                inactive = utilization < t[THRESHOLD_IDLE_UTILIZATION]
-                holder = next((b.user for b in self.bookings
-                               if b.shares_gpus(host, (index,)) and b.active(now_at)), None)
-                if booked is not None and holder in users:
-                    state = "busy"
-                elif booked is not None:
-                    state = "reserved"
-                elif held and inactive and inactive_long_enough:
-                    state = "idle"
-                elif held:
-                    state = "busy"
-                else:
-                    state = "free"
-                expected.append(ExpectedGpu(host, name, state, users, gpu.name, booked))
-        return expected
-
-    def booking(self, host: str, gpu: int, now: float) -> str | None:
-        """The active booking of a GPU in words, as the rules write it, or None."""
-        at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
-        for b in self.bookings:
-            if b.shares_gpus(host, (gpu,)) and b.active(at):
-                note = f" ({b.comment})" if b.comment else ""
-                return f"{b.user} until {reservations.short(b.until)}{note}"
-        return None
-
-    def expected_processes(self, at: float | None = None) -> list[ExpectedProcess]:
-        """The processes the exporters report at `at`: what NVML lists, less those that exit
-        while being read (they are skipped)."""
-        now = time.time() if at is None else at
-        expected: list[ExpectedProcess] = []
-        for running in self.running:
-            node = SimulatedNode(running.scenario, clock=lambda: now, start=running.started)
-            nvml = SimulatedNvml(node)
-            for index in range(len(running.scenario.gpus)):
+                if gpu.hang:
+                    continue  # the exporter gives up on it
                 try:
                     nvml.nvmlDeviceGetHandleByIndex(index)
                 except NVMLError:
                     continue  # a lost GPU: nothing is read from it
                 expected.extend(
-                    ExpectedProcess(running.node.host, str(index), str(p.pid), p.process.user,
+                    ExpectedProcess(running.host, index, p.pid, p.process.user,
                                     p.process.command)
                     for p in node.processes(index) if not p.process.vanished)
         return expected
+
+
+def describe(booking: reservations.Reservation) -> str:
+    """A booking in words, as the rules write it in the reservation label."""
+    note = f" ({booking.comment})" if booking.comment else ""
+    return f"{booking.user} until {reservations.short(booking.until)}{note}"

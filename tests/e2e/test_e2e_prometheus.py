@@ -1,11 +1,11 @@
-"""End to end: simulated exporters and a real Prometheus on 127.0.0.1.
+"""End to end: simulated exporters and a real Prometheus on 127.0.0.1 (tests/prom_harness.py).
 
-Three nodes (the workstation, server and lost-gpu scenarios) run gpuwatch-exporter on free
-ports; Prometheus (Debian's package) runs this repository's prometheus.yml and rules,
-generated with short intervals, a short idle duration and short `for` (tools.localstack;
-the files in prometheus/ are the only source), reading a targets file this test writes.
-What every GPU should look like is derived from the scenarios (the simulator's own view of
-each GPU) and the thresholds in prometheus/rules/thresholds.yml, then checked through the
+Nodes of the workstation, server and lost-gpu scenarios run gpuwatch-exporter on free ports;
+Prometheus (Debian's package) runs this repository's prometheus.yml and rules, generated with
+short intervals, a short idle duration and short `for` (tools.localstack; the files in
+prometheus/ are the only source), reading a targets file the harness writes. What every GPU
+should look like comes from the harness's oracle (`Fleet.expected()`: the scenarios, the
+thresholds in prometheus/rules/thresholds.yml and the bookings), checked through the
 Prometheus HTTP API and `gpuwatch status --json` / `gpuwatch pick`. A reservations endpoint
 (gpuwatch-exporter with only its reservation collector) serves a reservations file that the
 tests edit with `gpuwatch reserve` and `gpuwatch release`, as people do.
@@ -21,183 +21,41 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from prom_harness import THRESHOLD_IDLE_DURATION, Fleet, Node
 
 from gpuwatch import reservations
 from gpuwatch.contract import states
-from gpuwatch.exporter.nvml import NVMLError
-from gpuwatch.fleet.prometheus import Prometheus
-from gpuwatch.sim import Scenario, SimulatedNode, SimulatedNvml, load_scenario
 from tools import localstack
 
-T = TypeVar("T")
-
-IDLE_DURATION = "gpuwatch:threshold_idle_duration_seconds:constant"
-OVERRIDES = localstack.Overrides(
-    scrape_interval="1s", evaluation_interval="1s", refresh_interval="1s",
-    thresholds={IDLE_DURATION: 3},
-    # GpuHeldIdle keeps its hour: the idle GPU's alert is seen pending
-    alert_for={"GpuLost": "2s", "GpuXidCritical": "2s", "GpuXidError": "2s",
-               "GpuExporterDown": "2s", "GpuReservationViolated": "2s"},
-)
 THIS_HOST = socket.gethostname()
-NODES = (("workstation", THIS_HOST), ("server", "gpu-server"), ("lost-gpu", None),
-         ("workstation", "doomed"), ("server", "leaving"))
-WAIT = 30.0
-"""Seconds any one condition may take to come true (a bound, not a timing assertion)."""
-
-THRESHOLDS = localstack.threshold_values()
-HELD_MEMORY = THRESHOLDS["gpuwatch:threshold_held_memory_bytes:constant"]
-IDLE_UTILIZATION = THRESHOLDS["gpuwatch:threshold_idle_utilization_ratio:constant"]
-
-
-@dataclass(frozen=True)
-class ExpectedGpu:
-    state: str
-    users: tuple[str, ...]
-    model: str
-    memory_total_bytes: float | None
-    user_memory: dict[str, float]
-
-
-def expected_gpus(scenario: Scenario) -> dict[int, ExpectedGpu]:
-    """Each GPU's state as the rules define it, from the simulator's view of the node."""
-    node = SimulatedNode(scenario)
-    nvml = SimulatedNvml(node)
-    gpus = {}
-    for index in range(len(scenario.gpus)):
-        try:
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-        except NVMLError:  # lost: no model, nobody known
-            gpus[index] = ExpectedGpu(states.DOWN.name, (), "", None, {})
-            continue
-        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-        utilization = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
-        visible = [p.process for p in node.processes(index) if not p.process.vanished]
-        user_memory: dict[str, float] = {}
-        for p in visible:
-            user_memory[p.user] = user_memory.get(p.user, 0.0) + int(p.memory_bytes)
-        held = bool(visible) or memory.used >= HELD_MEMORY
-        state = (states.FREE if not held else
-                 states.IDLE if utilization < IDLE_UTILIZATION else states.BUSY)
-        gpus[index] = ExpectedGpu(state.name, tuple(sorted(user_memory)),
-                                  nvml.nvmlDeviceGetName(handle), float(memory.total),
-                                  user_memory)
-    return gpus
-
-
-@dataclass
-class Node:
-    scenario: str
-    host: str | None
-    """The host label the targets file gives it; None: derived from the target (127.0.0.1)."""
-    exporter: localstack.Service
-    port: int
-    expected: dict[int, ExpectedGpu] = field(default_factory=dict)
-
-    @property
-    def instance(self) -> str:
-        return f"{localstack.LOCALHOST}:{self.port}"
-
-    @property
-    def shown_host(self) -> str:
-        return self.host or localstack.LOCALHOST
-
-
-class Fleet:
-    def __init__(self, workdir: Path, stack: ExitStack) -> None:
-        self.workdir = workdir
-        self.stack = stack
-        self.targets = workdir / "targets"
-        self.targets.mkdir()
-        self.nodes: list[Node] = []
-        self.reservations_file = workdir / "reservations.yml"
-        reservations_port = localstack.free_port()
-        self.reservations = localstack.reservations_endpoint(
-            self.reservations_file, reservations_port, workdir / "reservations.log")
-        config = localstack.render_config(
-            workdir / "config", self.targets, OVERRIDES,
-            reservations=f"{localstack.LOCALHOST}:{reservations_port}")
-        self.port = localstack.free_port()
-        self.prometheus = localstack.prometheus(config, workdir / "data", self.port,
-                                                workdir / "prometheus.log")
-        self.url = f"http://{localstack.LOCALHOST}:{self.port}"
-        self.api = Prometheus(self.url, timeout=5)
-
-    def start_node(self, scenario: str, host: str | None) -> Node:
-        port = localstack.free_port()
-        service = localstack.exporter(scenario, port, self.workdir / f"exporter-{port}.log")
-        self.stack.callback(service.stop)
-        service.start()
-        node = Node(scenario, host, service, port, expected_gpus(load_scenario(scenario)))
-        self.nodes.append(node)
-        self.write_targets()
-        return node
-
-    def remove_node(self, node: Node) -> None:
-        self.nodes.remove(node)
-        self.write_targets()
-        node.exporter.stop()
-
-    def write_targets(self) -> None:
-        groups = [{"targets": [n.instance], **({"labels": {"host": n.host}} if n.host else {})}
-                  for n in self.nodes]
-        localstack.write_targets(self.targets / "nodes.yml", groups)
-
-    def node(self, host: str) -> Node:
-        return next(n for n in self.nodes if n.shown_host == host)
-
-    def get(self, path: str, **params: str) -> Any:
-        url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return json.load(response)["data"]
-
-    def expected(self) -> dict[tuple[str, int], ExpectedGpu]:
-        return {(n.shown_host, i): gpu for n in self.nodes for i, gpu in n.expected.items()}
-
-
-def wait_for(what: str, probe: Callable[[], T], ok: Callable[[T], bool],
-             fleet: Fleet) -> T:
-    """probe() until ok(value), at most WAIT seconds; the last value otherwise."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        value = probe()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            logs = fleet.prometheus.log_tail()
-            pytest.fail(f"{what}: not within {WAIT:g} s; last seen {value!r}; "
-                        f"prometheus log: {logs}")
-        time.sleep(0.25)
+NODES = (Node(THIS_HOST, "workstation"), Node("gpu-server", "server"), Node(None, "lost-gpu"),
+         Node("doomed", "workstation"), Node("leaving", "server"))
+"""The workstation is this machine, for `gpuwatch pick`; lost-gpu keeps the host Prometheus
+derives from its target. "doomed" and "leaving" are there to be killed and removed; started
+with the others, they are discovered with them (Prometheus passes target changes on at most
+every 5 s)."""
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    with ExitStack() as stack:
-        f = Fleet(tmp_path_factory.mktemp("e2e"), stack)
-        # The workstation is this machine, for `gpuwatch pick`; lost-gpu keeps the host
-        # Prometheus derives from its target. "doomed" and "leaving" are there to be killed
-        # and removed; started with the others, they are discovered with them (Prometheus
-        # passes target changes on at most every 5 s).
-        for scenario, host in NODES:
-            f.start_node(scenario, host)
-        stack.callback(f.reservations.stop)
-        f.reservations.start()
-        stack.callback(f.prometheus.stop)
-        f.prometheus.start()
+    # a short idle duration and short `for`s; GpuHeldIdle keeps its hour: the idle GPU's
+    # alert is seen pending
+    with Fleet(tmp_path_factory.mktemp("e2e"), NODES,
+               thresholds={THRESHOLD_IDLE_DURATION: 3},
+               alert_for={"GpuLost": "2s", "GpuXidCritical": "2s", "GpuXidError": "2s",
+                          "GpuExporterDown": "2s", "GpuReservationViolated": "2s"}) as f:
         yield f
 
 
-def grid(fleet: Fleet) -> dict[tuple[str, int], tuple[str, tuple[str, ...], str]]:
+Grid = dict[tuple[str, int], tuple[str, tuple[str, ...], str]]
+
+
+def grid(fleet: Fleet) -> Grid:
     """(host, gpu) -> (state, users, model), from the recording rule."""
     return {(s.labels["host"], int(s.labels["gpu"])):
             (s.labels["state"], tuple(u for u in s.labels.get("users", "").split(",") if u),
@@ -205,13 +63,13 @@ def grid(fleet: Fleet) -> dict[tuple[str, int], tuple[str, tuple[str, ...], str]
             for s in fleet.api.query(states.STATE_INFO)}
 
 
-def expected_grid(fleet: Fleet) -> dict[tuple[str, int], tuple[str, tuple[str, ...], str]]:
+def expected_grid(fleet: Fleet) -> Grid:
     return {key: (gpu.state, gpu.users, gpu.model) for key, gpu in fleet.expected().items()}
 
 
 def settled(fleet: Fleet) -> None:
-    wait_for("every GPU in its state, with its users and model", lambda: grid(fleet),
-             lambda g: g == expected_grid(fleet), fleet)
+    fleet.wait_for("every GPU in its state, with its users and model", lambda: grid(fleet),
+                   lambda g: g == expected_grid(fleet))
 
 
 def by(fleet: Fleet, expr: str, *labels: str) -> dict[tuple[str, ...], float]:
@@ -223,13 +81,19 @@ def eventually(fleet: Fleet, expected: dict[tuple[str, ...], float], expr: str,
                *labels: str) -> None:
     """`expr` by `labels` becomes `expected`: rule groups are evaluated one after the other,
     so a group reading another's results follows it by up to one evaluation."""
-    wait_for(expr, lambda: by(fleet, expr, *labels), lambda found: found == expected, fleet)
+    fleet.wait_for(expr, lambda: by(fleet, expr, *labels), lambda found: found == expected)
+
+
+def gpus_of(fleet: Fleet, host: str, state: str) -> list[int]:
+    return sorted(i for (h, i), gpu in fleet.expected().items()
+                  if h == host and gpu.state == state)
 
 
 # -- the fleet as the rules see it ----------------------------------------------------------------
 
 def test_the_scenarios_cover_every_state_but_reserved(fleet: Fleet) -> None:
     """Reserved comes from bookings, which the reservation tests below make."""
+    settled(fleet)  # idle needs the idle duration to have passed
     seen = {gpu.state for gpu in fleet.expected().values()}
     assert seen == {s.name for s in states.ALL} - {states.RESERVED.name}
 
@@ -242,13 +106,13 @@ def test_every_gpu_has_its_state_users_and_model(fleet: Fleet) -> None:
 def test_host_is_derived_from_the_target_unless_the_targets_file_sets_it(fleet: Fleet) -> None:
     settled(fleet)
     hosts = by(fleet, 'up{job="gpuwatch"}', "instance", "host")
-    assert set(hosts) == {(n.instance, n.shown_host) for n in fleet.nodes}
+    assert set(hosts) == {(n.instance, n.host) for n in fleet.nodes}
     assert (fleet.node(localstack.LOCALHOST).instance, localstack.LOCALHOST) in hosts
 
 
 def test_every_rule_evaluates_without_error(fleet: Fleet) -> None:
     settled(fleet)
-    rules = [r for g in fleet.get("/api/v1/rules")["groups"] for r in g["rules"]]
+    rules = [r for g in fleet.api.rules() for r in g["rules"]]
     assert len(rules) == sum(len(localstack.rules(localstack.load_rules(p)))
                              for p in localstack.rule_files())
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
@@ -256,21 +120,20 @@ def test_every_rule_evaluates_without_error(fleet: Fleet) -> None:
 
 def test_free_counts_per_node_per_model_and_for_the_fleet(fleet: Fleet) -> None:
     settled(fleet)
-    free = [(n.shown_host, gpu.model) for n in fleet.nodes for gpu in n.expected.values()
-            if gpu.state == states.FREE.name]
+    expected = fleet.expected().values()
+    free = [(gpu.host, gpu.model) for gpu in expected if gpu.state == states.FREE.name]
     per_host = Counter(host for host, _ in free)
     assert by(fleet, "instance:gpuwatch_gpus_free:count", "host") == {
-        (n.shown_host,): per_host[n.shown_host] for n in fleet.nodes}
+        (n.host,): per_host[n.host] for n in fleet.nodes}
     per_model = Counter(model for _, model in free)
-    models = {gpu.model for n in fleet.nodes for gpu in n.expected.values()}
+    models = {gpu.model for gpu in expected}
     assert by(fleet, "model:gpuwatch_gpus_free:count", "model") == {
         (m,): per_model[m] for m in models}
     per_host_model = Counter(free)
     assert by(fleet, "instance_model:gpuwatch_gpus_free:count", "host", "model") == {
-        (n.shown_host, gpu.model): per_host_model[n.shown_host, gpu.model]
-        for n in fleet.nodes for gpu in n.expected.values()}
+        (gpu.host, gpu.model): per_host_model[gpu.host, gpu.model] for gpu in expected}
     assert by(fleet, "job:gpuwatch_gpus_free:count", "job") == {(states.JOB,): len(free)}
-    per_state = Counter(gpu.state for gpu in fleet.expected().values())
+    per_state = Counter(gpu.state for gpu in expected)
     assert by(fleet, "state:gpuwatch_gpus:count", "state") == {
         (s,): n for s, n in per_state.items()}
 
@@ -296,19 +159,18 @@ def test_per_user_gpus_memory_and_idle_gpus(fleet: Fleet) -> None:
 # -- alerts ---------------------------------------------------------------------------------------
 
 def alerts(fleet: Fleet) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = fleet.get("/api/v1/alerts")["alerts"]
-    return found
+    return fleet.api.alerts()
 
 
 def test_idle_held_gpu_alert_is_pending_and_names_the_users(fleet: Fleet) -> None:
     settled(fleet)
     idle = {key: gpu for key, gpu in fleet.expected().items() if gpu.state == states.IDLE.name}
     assert idle
-    pending = wait_for(
+    pending = fleet.wait_for(
         "GpuHeldIdle pending for every idle GPU",
         lambda: {(a["labels"]["host"], int(a["labels"]["gpu"])): a for a in alerts(fleet)
                  if a["labels"]["alertname"] == "GpuHeldIdle"},
-        lambda found: set(found) == set(idle), fleet)
+        lambda found: set(found) == set(idle))
     for key, alert in pending.items():
         assert alert["state"] == "pending"  # its `for` is the production hour
         assert alert["labels"]["users"] == ",".join(idle[key].users)
@@ -319,15 +181,15 @@ def test_idle_held_gpu_alert_is_pending_and_names_the_users(fleet: Fleet) -> Non
 
 def test_lost_gpu_and_xid_alerts_fire(fleet: Fleet) -> None:
     settled(fleet)
-    lost = {(n.shown_host, str(i)) for n in fleet.nodes for i, gpu in n.expected.items()
+    lost = {(gpu.host, str(gpu.gpu)) for gpu in fleet.expected().values()
             if gpu.state == states.DOWN.name}
     critical = re.search(r'xid=~"([\d|]+)"', next(
         r["expr"] for p in localstack.rule_files() for r in
         localstack.rules(localstack.load_rules(p)) if r.get("alert") == "GpuXidCritical"))
     assert critical
     xids = {("GpuXidCritical" if str(code) in critical.group(1).split("|") else "GpuXidError",
-             n.shown_host, str(i), str(code))
-            for n in fleet.nodes for i, gpu in enumerate(load_scenario(n.scenario).gpus)
+             n.host, str(i), str(code))
+            for n in fleet.nodes for i, gpu in enumerate(n.scenario.gpus)
             for code, after in gpu.xid if after == 0}
     assert lost and xids
 
@@ -336,7 +198,7 @@ def test_lost_gpu_and_xid_alerts_fire(fleet: Fleet) -> None:
                  a["labels"].get("xid", "")) for a in alerts(fleet) if a["state"] == "firing"}
 
     wanted = {("GpuLost", host, gpu, "") for host, gpu in lost} | xids
-    wait_for("GpuLost and the Xid alerts firing", firing, lambda f: wanted <= f, fleet)
+    fleet.wait_for("GpuLost and the Xid alerts firing", firing, lambda f: wanted <= f)
     assert {a for a in firing() if a[0] in ("GpuLost", "GpuXidCritical", "GpuXidError")} == \
         wanted
 
@@ -386,20 +248,18 @@ def test_gpuwatch_status_grid(fleet: Fleet) -> None:
 def test_gpuwatch_pick_on_this_host_and_another(fleet: Fleet) -> None:
     settled(fleet)
 
-    def free(node: Node) -> list[int]:
-        return sorted(i for i, gpu in node.expected.items() if gpu.state == states.FREE.name)
-
-    here = fleet.node(THIS_HOST)  # the workstation, labelled with this machine's host name
-    assert free(here), "the workstation scenario has a free GPU"
-    result = gpuwatch(fleet, "pick", str(len(free(here))))
-    assert (result.returncode, result.stdout) == (0, ",".join(map(str, free(here))) + "\n"), \
+    # the workstation, labelled with this machine's host name
+    here = gpus_of(fleet, THIS_HOST, states.FREE.name)
+    assert here, "the workstation scenario has a free GPU"
+    result = gpuwatch(fleet, "pick", str(len(here)))
+    assert (result.returncode, result.stdout) == (0, ",".join(map(str, here)) + "\n"), \
         result.stderr
-    result = gpuwatch(fleet, "pick", str(len(free(here)) + 1))
+    result = gpuwatch(fleet, "pick", str(len(here) + 1))
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "free GPU" in result.stderr
-    server = fleet.node("gpu-server")
-    result = gpuwatch(fleet, "pick", "2", "--host", server.shown_host)
-    assert result.stdout == ",".join(map(str, free(server)[:2])) + "\n", result.stderr
+    server = gpus_of(fleet, "gpu-server", states.FREE.name)
+    result = gpuwatch(fleet, "pick", "2", "--host", "gpu-server")
+    assert result.stdout == ",".join(map(str, server[:2])) + "\n", result.stderr
 
 
 # -- reservations ---------------------------------------------------------------------------------
@@ -416,23 +276,18 @@ def book(fleet: Fleet, *argv: str) -> str:
     return result.stdout
 
 
-def server_gpus(fleet: Fleet, state: str) -> list[int]:
-    return sorted(i for i, gpu in fleet.node("gpu-server").expected.items()
-                  if gpu.state == state)
-
-
 def test_a_booking_made_with_gpuwatch_reserve_shows_in_status_and_goes_when_released(
         fleet: Fleet) -> None:
     settled(fleet)
-    gpu = server_gpus(fleet, states.FREE.name)[0]
+    gpu = gpus_of(fleet, "gpu-server", states.FREE.name)[0]
     key = ("gpu-server", gpu)
     out = book(fleet, "reserve", f"gpu-server:{gpu}", "--user", "frank", "--until", "+1d",
                "--comment", "end-to-end deadline")
     (booked,) = reservations.load(fleet.reservations_file, dt.datetime.now(dt.timezone.utc))
     try:
         assert out == f"booked {booked.describe()}\n"
-        shown = wait_for("the booking in gpuwatch status", lambda: status(fleet)[key],
-                         lambda g: g["state"] == states.RESERVED.name, fleet)
+        shown = fleet.wait_for("the booking in gpuwatch status", lambda: status(fleet)[key],
+                               lambda g: g["state"] == states.RESERVED.name)
         assert shown["users"] == []
         assert shown["reservation"] == {
             "user": "frank", "until": reservations.iso(booked.until),
@@ -452,58 +307,56 @@ def test_a_booking_made_with_gpuwatch_reserve_shows_in_status_and_goes_when_rele
                         "frank").stdout == f"{gpu}\n"
     finally:
         book(fleet, "release", f"gpu-server:{gpu}")
-    wait_for("the released GPU free again", lambda: status(fleet)[key],
-             lambda g: g["state"] == states.FREE.name and g["reservation"] is None, fleet)
+    fleet.wait_for("the released GPU free again", lambda: status(fleet)[key],
+                   lambda g: g["state"] == states.FREE.name and g["reservation"] is None)
     settled(fleet)
 
 
 def test_a_booked_gpu_used_by_its_holder_is_busy_and_by_another_alerts(fleet: Fleet) -> None:
     settled(fleet)
-    server = fleet.node("gpu-server")
-    by_one = [i for i in server_gpus(fleet, states.BUSY.name)
-              if len(server.expected[i].users) == 1]
-    mine, theirs = by_one[0], next(i for i in by_one
-                                   if server.expected[i].users != server.expected[by_one[0]].users)
-    holder = server.expected[mine].users[0]
-    squatter = server.expected[theirs].users[0]
+    users = {i: gpu.users for (host, i), gpu in fleet.expected().items()
+             if host == "gpu-server" and gpu.state == states.BUSY.name}
+    by_one = sorted(i for i, held_by in users.items() if len(held_by) == 1)
+    mine, theirs = by_one[0], next(i for i in by_one if users[i] != users[by_one[0]])
+    (holder,), (squatter,) = users[mine], users[theirs]
     book(fleet, "reserve", f"gpu-server:{mine}", "--user", holder, "--until", "+2d")
     book(fleet, "reserve", f"gpu-server:{theirs}", "--user", "frank", "--until", "+2d",
          "--comment", "paper")
     try:
-        gpus = wait_for("both bookings in gpuwatch status", lambda: status(fleet),
-                        lambda g: g["gpu-server", theirs]["state"] == states.RESERVED.name
-                        and g["gpu-server", mine]["reservation"] is not None, fleet)
+        gpus = fleet.wait_for("both bookings in gpuwatch status", lambda: status(fleet),
+                              lambda g: g["gpu-server", theirs]["state"] == states.RESERVED.name
+                              and g["gpu-server", mine]["reservation"] is not None)
         assert (gpus["gpu-server", mine]["state"], gpus["gpu-server", mine]["users"]) == \
             (states.BUSY.name, [holder])
         assert gpus["gpu-server", theirs]["users"] == [squatter]
         assert gpus["gpu-server", theirs]["reservation"]["user"] == "frank"
-        firing = wait_for(
+        firing = fleet.wait_for(
             "GpuReservationViolated firing",
             lambda: [a["labels"] for a in alerts(fleet)
                      if a["labels"]["alertname"] == "GpuReservationViolated"
                      and a["state"] == "firing"],
-            lambda found: bool(found), fleet)
+            lambda found: bool(found))
         assert [(a["host"], a["gpu"], a["user"], a["reserved_by"], a["comment"])
                 for a in firing] == [("gpu-server", str(theirs), squatter, "frank", "paper")]
     finally:
         book(fleet, "release", "--user", "frank")
         book(fleet, "release", "--user", holder)
     settled(fleet)
-    wait_for("GpuReservationViolated gone with the booking",
-             lambda: [a for a in alerts(fleet)
-                      if a["labels"]["alertname"] == "GpuReservationViolated"],
-             lambda found: not found, fleet)
+    fleet.wait_for("GpuReservationViolated gone with the booking",
+                   lambda: [a for a in alerts(fleet)
+                            if a["labels"]["alertname"] == "GpuReservationViolated"],
+                   lambda found: not found)
 
 
 def test_a_booking_that_ends_drops_out_by_itself(fleet: Fleet) -> None:
     settled(fleet)
-    gpu = server_gpus(fleet, states.FREE.name)[-1]
+    gpu = gpus_of(fleet, "gpu-server", states.FREE.name)[-1]
     book(fleet, "reserve", f"gpu-server:{gpu}", "--user", "frank", "--until", "+8s")
     (booked,) = reservations.load(fleet.reservations_file, dt.datetime.now(dt.timezone.utc))
-    wait_for("the booking to end", lambda: time.time(), lambda t: t > booked.until.timestamp(),
-             fleet)
-    wait_for("the GPU free again", lambda: status(fleet)["gpu-server", gpu],
-             lambda g: g["state"] == states.FREE.name and g["reservation"] is None, fleet)
+    fleet.wait_for("the booking to end", lambda: time.time(),
+                   lambda t: t > booked.until.timestamp())
+    fleet.wait_for("the GPU free again", lambda: status(fleet)["gpu-server", gpu],
+                   lambda g: g["state"] == states.FREE.name and g["reservation"] is None)
     # it was reserved while the booking ran, and it stays in the file until tidied
     window = f"{int(time.time() - booked.until.timestamp()) + 12}s"
     assert by(fleet, f'count_over_time({states.STATE_INFO}{{host="gpu-server", gpu="{gpu}", '
@@ -517,15 +370,15 @@ def test_a_booking_that_ends_drops_out_by_itself(fleet: Fleet) -> None:
 def test_killed_exporter_turns_its_gpus_down(fleet: Fleet) -> None:
     node = fleet.node("doomed")
     settled(fleet)
-    node.exporter.kill()  # the target stays in the targets file
-    node.expected = {i: ExpectedGpu(states.DOWN.name, (), gpu.model, gpu.memory_total_bytes, {})
-                     for i, gpu in node.expected.items()}
+    node.kill()  # the target stays in the targets file
+    assert {gpu.state for (host, _), gpu in fleet.expected().items() if host == "doomed"} == \
+        {states.DOWN.name}
     settled(fleet)  # down, keeping the model they had
-    firing = wait_for(
+    firing = fleet.wait_for(
         "GpuExporterDown firing", lambda: {a["labels"]["instance"] for a in alerts(fleet)
                                            if a["labels"]["alertname"] == "GpuExporterDown"
                                            and a["state"] == "firing"},
-        lambda found: node.instance in found, fleet)
+        lambda found: node.instance in found)
     assert firing == {node.instance}
 
 
@@ -535,7 +388,7 @@ def test_node_removed_from_the_targets_disappears_without_a_restart(fleet: Fleet
     assert any(host == "leaving" for host, _ in grid(fleet))
     fleet.remove_node(node)
     settled(fleet)  # its GPUs are gone, the other nodes' unchanged
-    assert fleet.prometheus.running
+    assert fleet.prometheus is not None and fleet.prometheus.running
     assert by(fleet, f'up{{instance="{node.instance}"}}', "instance") == {}
     assert by(fleet, f'instance_gpu:gpuwatch_inventory:info{{instance="{node.instance}"}}',
               "gpu") == {}
@@ -554,17 +407,11 @@ gpus:
 def test_a_gpu_whose_nvml_call_hangs_is_down_and_never_picked(fleet: Fleet) -> None:
     scenario = fleet.workdir / "hung.yaml"
     scenario.write_text(HUNG_NODE)
-    port = localstack.free_port()
-    service = localstack.exporter(str(scenario), port, fleet.workdir / f"exporter-{port}.log",
-                                  extra=["--collection.timeout", "0.3"])
-    fleet.stack.callback(service.stop)
-    service.start()
-    node = Node(str(scenario), "hung-node", service, port,
-                expected_gpus(load_scenario(str(scenario))))
-    assert node.expected[1].state == states.FREE.name  # what it would be, did it answer
-    node.expected[1] = ExpectedGpu(states.DOWN.name, (), "", None, {})
-    fleet.nodes.append(node)
-    fleet.write_targets()
+    node = fleet.add_node(Node("hung-node", str(scenario),
+                               flags=("--collection.timeout", "0.3")))
+    # GPU 0 is GPU 1 without the hang
+    assert [fleet.expected()["hung-node", i].state for i in (0, 1)] == \
+        [states.FREE.name, states.DOWN.name]
     settled(fleet)  # GPU 0 free, GPU 1 down, the other nodes as they were
     assert status(fleet)["hung-node", 1]["state"] == states.DOWN.name
     result = gpuwatch(fleet, "pick", "1", "--host", "hung-node")

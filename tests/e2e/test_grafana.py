@@ -17,7 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from promql import grafana_metric_names
 
 from gpuwatch.contract import metrics, states
 from gpuwatch.contract.prometheus import SCRAPE_SERIES
+from gpuwatch.fleet.prometheus import Sample
 from gpuwatch.reservations import Reservation
 from tools.dashboards import (
     VARIABLE,
@@ -484,7 +485,7 @@ def fleet_bookings() -> list[Reservation]:
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     # The idle duration is 0 so erin's held-but-unused GPU is idle at once; every other
     # threshold is the rules' own.
-    with Fleet(FLEET_NODES, tmp_path_factory.mktemp("fleet"),
+    with Fleet(tmp_path_factory.mktemp("fleet"), FLEET_NODES,
                thresholds={THRESHOLD_IDLE_DURATION: 0},
                bookings=fleet_bookings()) as running:
         running.wait_for_rules()
@@ -498,7 +499,7 @@ def grafana_values(fleet: Fleet) -> dict[str, str]:
 
 def resolve_variables(fleet: Fleet, dashboard: dict[str, Any]) -> list[dict[str, str]]:
     """Every assignment Grafana offers (tools.dashboards.resolve_variables)."""
-    return resolve_with(dashboard, fleet.label_values, grafana_values(fleet))
+    return resolve_with(dashboard, fleet.api.label_values, grafana_values(fleet))
 
 
 @pytest.mark.parametrize("uid", DASHBOARDS)
@@ -507,19 +508,19 @@ def test_every_panel_query_returns_data(fleet: Fleet, uid: str) -> None:
     assignments = resolve_variables(fleet, dashboard)
     empty = []
     for panel, target in targets(dashboard):
-        results = [fleet.query(expand(target["expr"], values)) for values in assignments]
+        results = [fleet.api.query(expand(target["expr"], values)) for values in assignments]
         if not any(results):
             empty.append(f"{panel['title']} {target['refId']}: {target['expr']}")
     assert empty == [], "queries without data:\n" + "\n".join(empty)
 
 
-def grid_rows(fleet: Fleet) -> dict[tuple[str, str], dict[str, str]]:
+def grid_rows(fleet: Fleet) -> dict[tuple[str, int], Mapping[str, str]]:
     (target,) = grid_panel()["targets"]
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
     rows = {}
-    for series in fleet.query(expand(target["expr"], values)):
-        labels = series["metric"]
-        key = (labels["host"], labels["gpu"])
+    for series in fleet.api.query(expand(target["expr"], values)):
+        labels = series.labels
+        key = (labels["host"], int(labels["gpu"]))
         assert key not in rows, f"two cells for {key}"
         rows[key] = labels
     return rows
@@ -527,7 +528,7 @@ def grid_rows(fleet: Fleet) -> dict[tuple[str, str], dict[str, str]]:
 
 def test_grid_shows_every_gpu_in_its_state_with_its_users(fleet: Fleet) -> None:
     rows = grid_rows(fleet)
-    expected = fleet.expected_grid()
+    expected = fleet.expected().values()
     assert sorted(rows) == sorted((e.host, e.gpu) for e in expected)
     mappings = grid_panel()["fieldConfig"]["defaults"]["mappings"]
     for e in expected:
@@ -536,7 +537,7 @@ def test_grid_shows_every_gpu_in_its_state_with_its_users(fleet: Fleet) -> None:
         assert labels["state"] == e.state, where
         users = labels.get("users", "")
         assert tuple(u for u in users.split(",") if u) == e.users, where
-        assert labels.get("model") == e.model, where
+        assert labels.get("model", "") == e.model, where
         shown = apply_mappings(mappings, labels["cell"])
         assert shown is not None, f"{where}: no colour for {labels['cell']!r}"
         assert shown["color"] == states.BY_NAME[e.state].colour, where
@@ -559,7 +560,7 @@ GRAFANA_FRONTEND = REPO / "tests" / "grafana_frontend"
 it with npm ci), and render-table.cjs, which runs a table panel's data through it."""
 
 
-def prometheus_table_frames(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def prometheus_table_frames(results: dict[str, list[Sample]]) -> list[dict[str, Any]]:
     """The data frames Grafana's Prometheus datasource makes of instant queries in table
     format (transformDFToTable in Grafana's packages/grafana-prometheus), one per query by
     refId: Time, a string field per label name (each series' labels in name order, new names
@@ -569,14 +570,14 @@ def prometheus_table_frames(results: dict[str, list[dict[str, Any]]]) -> list[di
     for ref_id, result in results.items():
         names: list[str] = []
         for series in result:
-            names += [name for name in sorted(series["metric"]) if name not in names]
+            names += [name for name in sorted(series.labels) if name not in names]
         value = "Value" if len(results) == 1 else f"Value #{ref_id}"
         frames.append({"refId": ref_id, "fields": [
             {"name": "Time", "type": "time",
-             "values": [float(s["value"][0]) * 1000 for s in result]},
+             "values": [s.timestamp * 1000 for s in result]},
             *({"name": name, "type": "string", "config": {"filterable": True},
-               "values": [s["metric"].get(name, "") for s in result]} for name in names),
-            {"name": value, "type": "number", "values": [float(s["value"][1]) for s in result]},
+               "values": [s.labels.get(name, "") for s in result]} for name in names),
+            {"name": value, "type": "number", "values": [s.value for s in result]},
         ]})
     return frames
 
@@ -603,8 +604,8 @@ def test_grid_as_grafanas_own_code_draws_it(fleet: Fleet) -> None:
     (target,) = panel["targets"]
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
     drawn = draw_table(panel, prometheus_table_frames(
-        {target["refId"]: fleet.query(expand(target["expr"], values))}))
-    expected = {(e.host, int(e.gpu)): e for e in fleet.expected_grid()}
+        {target["refId"]: fleet.api.query(expand(target["expr"], values))}))
+    expected = fleet.expected()
     hosts = sorted({host for host, _ in expected})
     indices = sorted({index for _, index in expected})
     columns = {field["name"]: field for field in drawn["fields"]}
@@ -646,7 +647,7 @@ def test_table_columns_as_grafanas_own_code_draws_them(fleet: Fleet, uid: str,
     panel = panel_titled(uid, title)
     assert all(t.get("format") == "table" for t in panel["targets"]), "table queries"
     for values in resolve_variables(fleet, DASHBOARDS[uid]):  # the first choice with data
-        results = {t["refId"]: fleet.query(expand(t["expr"], values))
+        results = {t["refId"]: fleet.api.query(expand(t["expr"], values))
                    for t in panel["targets"] if not t.get("hide")}
         if all(results.values()):
             break
@@ -701,24 +702,24 @@ def test_state_history_names_the_states_the_grid_shows(fleet: Fleet) -> None:
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
     names = timeline["fieldConfig"]["defaults"]["mappings"]
     rows = grid_rows(fleet)
-    codes = fleet.query(expand(target["expr"], values))
+    codes = fleet.api.query(expand(target["expr"], values))
     assert len(codes) == len(rows)
     for series in codes:
-        labels = series["metric"]
-        shown = apply_mappings(names, series["value"][1])
+        labels = series.labels
+        shown = apply_mappings(names, f"{series.value:g}")
         assert shown is not None
-        assert shown["text"] == rows[(labels["host"], labels["gpu"])]["state"]
+        assert shown["text"] == rows[(labels["host"], int(labels["gpu"]))]["state"]
 
 
 def test_free_counts_match_the_scenarios(fleet: Fleet) -> None:
-    expected = fleet.expected_grid()
+    expected = fleet.expected().values()
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
     (total,) = panel_titled("gpuwatch-fleet", "Free GPUs")["targets"]
-    (result,) = fleet.query(expand(total["expr"], values))
-    assert float(result["value"][1]) == sum(e.state == "free" for e in expected)
+    (result,) = fleet.api.query(expand(total["expr"], values))
+    assert result.value == sum(e.state == "free" for e in expected)
     (per_model,) = panel_titled("gpuwatch-fleet", "Free GPUs per model")["targets"]
-    got = {r["metric"]["model"]: float(r["value"][1])
-           for r in fleet.query(expand(per_model["expr"], values))}
+    got = {r.labels["model"]: r.value
+           for r in fleet.api.query(expand(per_model["expr"], values))}
     assert got == {model: float(sum(e.state == "free" and e.model == model for e in expected))
                    for model in {e.model for e in expected if e.model}}
 
@@ -727,8 +728,8 @@ def test_holders_table_lists_every_process(fleet: Fleet) -> None:
     table = panel_titled("gpuwatch-fleet", "Who holds GPUs now")
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
     for target in table["targets"]:
-        got = sorted((r["metric"]["host"], r["metric"]["gpu"], r["metric"]["pid"],
-                      r["metric"]["user"], r["metric"]["command"])
-                     for r in fleet.query(expand(target["expr"], values)))
-        assert got == sorted((p.host, p.gpu, p.pid, p.user, p.command)
+        got = sorted((r.labels["host"], r.labels["gpu"], r.labels["pid"], r.labels["user"],
+                      r.labels["command"])
+                     for r in fleet.api.query(expand(target["expr"], values)))
+        assert got == sorted((p.host, str(p.gpu), str(p.pid), p.user, p.command)
                              for p in fleet.expected_processes()), target["refId"]
