@@ -98,15 +98,15 @@ def add_gpu(fake: FakePrometheus, host: str, gpu: int, state: states.State, user
             model: str = "NVIDIA H100 80GB HBM3", used_gib: float | None = None,
             util: float | None = None, port: int = 9839,
             inactive_since: float | None = None,
-            booked: tuple[str, str, float, str] | None = None) -> None:
-    """A GPU as the rules and the exporter publish it; `booked`: (user, until as the booking
-    wrote it, its Unix time, comment)."""
+            reservation: tuple[str, str, float, str] | None = None) -> None:
+    """A GPU as the rules and the exporter publish it; `reservation`: (user, until as it was
+    written, its Unix time, comment)."""
     ids = {"job": states.JOB, "instance": f"{host}:{port}", "host": host, "gpu": str(gpu),
            "uuid": f"GPU-{host}-{gpu}"}
     fake.add(states.STATE_INFO, 1, **ids, state=state.name, model=model,
              **({"users": users} if users else {}))
-    if booked is not None:
-        user, until, end, comment = booked
+    if reservation is not None:
+        user, until, end, comment = reservation
         fake.add(states.RESERVED_UNTIL, end, **ids, model=model, user=user, until=until,
                  **({"comment": comment} if comment else {}))
     if state is not states.DOWN:
@@ -410,11 +410,11 @@ END = 4_102_444_800.0  # 2100-01-01T00:00:00Z
 @pytest.fixture
 def booked_fleet(prom: FakePrometheus) -> FakePrometheus:
     add_gpu(prom, "node-a", 0, states.RESERVED, used_gib=0, util=0,
-            booked=("alice", "2100-01-01 01:00+01:00", END, "NeurIPS deadline"))
+            reservation=("alice", "2100-01-01 01:00+01:00", END, "NeurIPS deadline"))
     add_gpu(prom, "node-a", 1, states.BUSY, "bob", used_gib=30, util=0.0,
-            booked=("bob", "2100-01-01 00:00+00:00", END, ""))
+            reservation=("bob", "2100-01-01 00:00+00:00", END, ""))
     add_gpu(prom, "node-a", 2, states.RESERVED, "dave", used_gib=10, util=0.9,
-            booked=("carol", "2100-01-01 00:00+00:00", END, "demo"))
+            reservation=("carol", "2100-01-01 00:00+00:00", END, "demo"))
     add_gpu(prom, "node-a", 3, states.FREE, used_gib=0, util=0)
     return prom
 

@@ -45,8 +45,9 @@ BERLIN = ZoneInfo("Europe/Berlin")
 FIXTURE = FIXTURES / "comments.json"
 
 
-def booking(host: str = "gpu-srv-01", gpus: tuple[int, ...] | None = (0,), user: str = "alice",
-            days: float = 3, start_days: float | None = None, comment: str = "") -> Reservation:
+def reservation(host: str = "gpu-srv-01", gpus: tuple[int, ...] | None = (0,),
+                user: str = "alice", days: float = 3, start_days: float | None = None,
+                comment: str = "") -> Reservation:
     return Reservation(host=host, gpus=gpus, user=user, until=NOW + dt.timedelta(days=days),
                        start=NOW + dt.timedelta(days=start_days) if start_days is not None
                        else None, comment=comment)
@@ -125,27 +126,27 @@ def test_targets() -> None:
 # -- the file ----------------------------------------------------------------------------------
 
 def test_bookings_count_from_their_start_until_their_end() -> None:
-    b = booking(days=2, start_days=1)
+    b = reservation(days=2, start_days=1)
     assert not b.active(NOW) and not b.expired(NOW)
     assert b.active(NOW + dt.timedelta(days=1))
     assert not b.active(NOW + dt.timedelta(days=2)) and b.expired(NOW + dt.timedelta(days=2))
-    assert booking().active(NOW)
+    assert reservation().active(NOW)
 
 
 def test_overlaps_need_the_same_gpu_at_the_same_time() -> None:
-    assert booking(gpus=(0, 1)).overlaps(booking(gpus=(1, 2), user="bob"))
-    assert not booking(gpus=(0, 1)).overlaps(booking(gpus=(2,), user="bob"))
-    assert booking(gpus=None).overlaps(booking(gpus=(5,), user="bob"))
-    assert not booking(gpus=None).overlaps(booking(host="other", gpus=(0,), user="bob"))
+    assert reservation(gpus=(0, 1)).overlaps(reservation(gpus=(1, 2), user="bob"))
+    assert not reservation(gpus=(0, 1)).overlaps(reservation(gpus=(2,), user="bob"))
+    assert reservation(gpus=None).overlaps(reservation(gpus=(5,), user="bob"))
+    assert not reservation(gpus=None).overlaps(reservation(host="other", gpus=(0,), user="bob"))
     # one after the other
-    assert not booking(days=1).overlaps(booking(days=3, start_days=1, user="bob"))
-    assert booking(days=1).overlaps(booking(days=3, start_days=0.5, user="bob"))
+    assert not reservation(days=1).overlaps(reservation(days=3, start_days=1, user="bob"))
+    assert reservation(days=1).overlaps(reservation(days=3, start_days=0.5, user="bob"))
 
 
 def test_the_file_round_trips_and_reads_as_people_wrote_it(tmp_path: Path) -> None:
     path = tmp_path / "reservations.yml"
-    written = [booking(gpus=(0, 1), comment="NeurIPS deadline"),
-               booking(host="ws-01", gpus=None, user="bob", days=10, start_days=-1)]
+    written = [reservation(gpus=(0, 1), comment="NeurIPS deadline"),
+               reservation(host="ws-01", gpus=None, user="bob", days=10, start_days=-1)]
     reservations.write(path, written)
     assert reservations.load(path, NOW) == written
     text = path.read_text()
@@ -219,11 +220,11 @@ def test_a_bad_file_is_one_line_naming_it(tmp_path: Path, text: str, message: st
 def test_two_bookings_of_one_gpu_at_once_are_refused_but_ended_ones_may_overlap(
         tmp_path: Path) -> None:
     path = tmp_path / "reservations.yml"
-    reservations.write(path, [booking(gpus=(0, 1)), booking(gpus=None, user="bob")])
+    reservations.write(path, [reservation(gpus=(0, 1)), reservation(gpus=None, user="bob")])
     with pytest.raises(ReservationError, match="two bookings of the same GPU at the same time"):
         reservations.load(path, NOW)
-    reservations.write(path, [booking(gpus=(0, 1), days=-2), booking(gpus=(1,), days=-1),
-                              booking(gpus=(1,), user="bob")])
+    reservations.write(path, [reservation(gpus=(0, 1), days=-2), reservation(gpus=(1,), days=-1),
+                              reservation(gpus=(1,), user="bob")])
     assert len(reservations.load(path, NOW)) == 3
 
 
@@ -232,25 +233,26 @@ def test_two_bookings_of_one_gpu_at_once_are_refused_but_ended_ones_may_overlap(
 def test_reserve_refuses_an_end_in_the_past_and_a_gpu_someone_has(tmp_path: Path) -> None:
     path = tmp_path / "reservations.yml"
     with pytest.raises(ReservationError, match="is not in the future"):
-        reservations.add(path, booking(days=-1), NOW)
+        reservations.add(path, reservation(days=-1), NOW)
     assert not path.exists()
-    reservations.add(path, booking(gpus=(0, 1), comment="deadline"), NOW)
+    reservations.add(path, reservation(gpus=(0, 1), comment="deadline"), NOW)
     with pytest.raises(ReservationError) as e:
-        reservations.add(path, booking(gpus=(1, 2), user="bob"), NOW)
+        reservations.add(path, reservation(gpus=(1, 2), user="bob"), NOW)
     assert str(e.value) == (
         f"{path}: GPU 1 of gpu-srv-01 is already booked: GPUs 0-1 of gpu-srv-01 for alice "
         "until 2027-01-18 12:00+00:00 (deadline); ask them, or pick other GPUs")
     with pytest.raises(ReservationError, match="add --replace"):
-        reservations.add(path, booking(gpus=(1,), days=5), NOW)
-    # after alice's booking ends, bob may have GPU 1
-    reservations.add(path, booking(gpus=(1,), user="bob", start_days=3, days=4), NOW)
+        reservations.add(path, reservation(gpus=(1,), days=5), NOW)
+    # after alice's reservation ends, bob may have GPU 1
+    reservations.add(path, reservation(gpus=(1,), user="bob", start_days=3, days=4), NOW)
     assert [b.user for b in reservations.load(path, NOW)] == ["alice", "bob"]
 
 
 def test_replace_gives_way_to_a_new_booking_of_ones_own(tmp_path: Path) -> None:
     path = tmp_path / "reservations.yml"
-    reservations.add(path, booking(gpus=(0, 1), comment="deadline"), NOW)
-    reservations.add(path, booking(gpus=(1,), days=7, comment="extended"), NOW, replace_own=True)
+    reservations.add(path, reservation(gpus=(0, 1), comment="deadline"), NOW)
+    reservations.add(path, reservation(gpus=(1,), days=7, comment="extended"), NOW,
+                     replace_own=True)
     assert [(b.gpus, b.until, b.comment) for b in reservations.load(path, NOW)] == [
         ((0,), NOW + dt.timedelta(days=3), "deadline"),
         ((1,), NOW + dt.timedelta(days=7), "extended")]
@@ -258,10 +260,10 @@ def test_replace_gives_way_to_a_new_booking_of_ones_own(tmp_path: Path) -> None:
 
 def test_release_by_gpus_by_user_and_the_ended_ones(tmp_path: Path) -> None:
     path = tmp_path / "reservations.yml"
-    reservations.write(path, [booking(gpus=(0, 1, 2)), booking(host="ws-01", gpus=None),
-                              booking(gpus=(5,), user="bob"), booking(gpus=(6,), days=-1)])
+    reservations.write(path, [reservation(gpus=(0, 1, 2)), reservation(host="ws-01", gpus=None),
+                              reservation(gpus=(5,), user="bob"), reservation(gpus=(6,), days=-1)])
     done = reservations.release(path, NOW, host="gpu-srv-01", gpus=(1,))
-    assert done.removed == [booking(gpus=(0, 1, 2))]
+    assert done.removed == [reservation(gpus=(0, 1, 2))]
     assert reservations.load(path, NOW)[0].gpus == (0, 2)
     with pytest.raises(ReservationError, match="books every GPU of ws-01; release ws-01:all"):
         reservations.release(path, NOW, host="ws-01", gpus=(0,))
@@ -270,8 +272,8 @@ def test_release_by_gpus_by_user_and_the_ended_ones(tmp_path: Path) -> None:
     with pytest.raises(ReservationError, match="there is no booking by alice"):
         reservations.release(path, NOW, user="alice")
     done = reservations.release(path, NOW, expired=True)
-    assert done.removed == [booking(gpus=(6,), days=-1)]
-    assert reservations.load(path, NOW) == [booking(gpus=(5,), user="bob")]
+    assert done.removed == [reservation(gpus=(6,), days=-1)]
+    assert reservations.load(path, NOW) == [reservation(gpus=(5,), user="bob")]
     with pytest.raises(ReservationError, match="there is no booking of gpu-srv-01:5 by carol"):
         reservations.release(path, NOW, host="gpu-srv-01", gpus=(5,), user="carol")
 
@@ -279,7 +281,7 @@ def test_release_by_gpus_by_user_and_the_ended_ones(tmp_path: Path) -> None:
 def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "reservations.yml"
-    reservations.add(path, booking(), NOW)
+    reservations.add(path, reservation(), NOW)
     path.chmod(0o640)
     before = path.read_bytes()
 
@@ -288,23 +290,23 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path,
 
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(ReservationError) as e:
-        reservations.add(path, booking(gpus=(1,), user="bob"), NOW)
+        reservations.add(path, reservation(gpus=(1,), user="bob"), NOW)
     assert str(e.value) == f"{path}: not written (No space left on device); the file is " \
         "unchanged"
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reservations.yml",
                                                           "reservations.yml.lock"]
     monkeypatch.undo()
-    reservations.add(path, booking(gpus=(1,), user="bob"), NOW)
+    reservations.add(path, reservation(gpus=(1,), user="bob"), NOW)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640  # the mode it had
 
 
 def test_a_bad_change_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "reservations.yml"
-    reservations.add(path, booking(), NOW)
+    reservations.add(path, reservation(), NOW)
     before = path.read_bytes()
     with pytest.raises(ReservationError, match="two bookings of the same GPU"):
-        reservations.update(path, lambda b: [*b, booking(user="bob")], NOW)
+        reservations.update(path, lambda b: [*b, reservation(user="bob")], NOW)
     assert path.read_bytes() == before
 
 
@@ -323,15 +325,15 @@ def test_an_edit_through_a_link_replaces_the_file_it_points_to(tmp_path: Path) -
     real.parent.mkdir()
     link = tmp_path / "reservations.yml"
     link.symlink_to(real)
-    reservations.add(link, booking(), NOW)
-    assert link.is_symlink() and reservations.load(real, NOW) == [booking()]
+    reservations.add(link, reservation(), NOW)
+    assert link.is_symlink() and reservations.load(real, NOW) == [reservation()]
 
 
 def _book_at_once(args: tuple[str, int, str, Any]) -> str:
     path, gpu, user, barrier = args
     barrier.wait()
     try:
-        reservations.add(Path(path), booking(gpus=(gpu,), user=user), NOW)
+        reservations.add(Path(path), reservation(gpus=(gpu,), user=user), NOW)
     except ReservationError as e:
         return f"refused: {e}"
     return "booked"
@@ -348,8 +350,8 @@ def test_many_people_booking_at_once_lose_no_booking(tmp_path: Path) -> None:
     path = tmp_path / "reservations.yml"
     results = _run_at_once(path, [(gpu, f"user{gpu}") for gpu in range(16)])
     assert results == ["booked"] * 16
-    booked = reservations.load(path, NOW)
-    assert sorted((b.gpus, b.user) for b in booked) == \
+    reserved = reservations.load(path, NOW)
+    assert sorted((b.gpus, b.user) for b in reserved) == \
         sorted(((gpu,), f"user{gpu}") for gpu in range(16))
 
 
@@ -502,7 +504,7 @@ def test_a_booked_gpu_is_refused_with_who_has_it(rfile: Path,
 def test_the_old_format_is_converted_with_each_unreadable_date_named() -> None:
     found = legacy.convert_comments(json.loads(FIXTURE.read_text()), NOW, tz=UTC)
     assert sorted((b.host, b.gpus, b.user, b.until.isoformat(), b.comment)
-                  for b in found.bookings) == [
+                  for b in found.reservations) == [
         ("gpu-node-07", (0, 1), "frank", "2099-01-15T23:59:59+00:00", ""),
         ("gpu-node-07", (2,), "grace", "2099-03-15T23:59:59+00:00", "rebuttal"),
         ("gpu-node-07", (3,), "heidi", "2099-01-31T23:59:59+00:00", "long job"),
@@ -516,10 +518,10 @@ def test_the_old_format_is_converted_with_each_unreadable_date_named() -> None:
     assert "'next friday' is not a date" in found.problems[0]
     assert "--day-first or --month-first" in found.problems[1]
     day_first = legacy.convert_comments(json.loads(FIXTURE.read_text()), NOW, True, UTC)
-    erin = next(b for b in day_first.bookings if b.user == "erin")
+    erin = next(b for b in day_first.reservations if b.user == "erin")
     assert erin.until.date() == dt.date(2099, 6, 5)
     month_first = legacy.convert_comments(json.loads(FIXTURE.read_text()), NOW, False, UTC)
-    assert next(b for b in month_first.bookings if b.user == "erin").until.date() == \
+    assert next(b for b in month_first.reservations if b.user == "erin").until.date() == \
         dt.date(2099, 5, 6)
 
 
@@ -642,10 +644,10 @@ def test_the_endpoint_serves_active_bookings_and_never_touches_nvml(tmp_path: Pa
     path = tmp_path / "reservations.yml"
     clock = Clock(NOW)
     reservations.write(path, [
-        booking(gpus=(0, 1), comment="NeurIPS deadline"),
-        booking(host="ws-01", gpus=None, user="bob", days=1),
-        booking(host="ws-02", gpus=(3,), user="carol", start_days=1, days=2),  # ahead
-        booking(host="ws-03", gpus=(0,), user="dave", days=-1)])  # ended
+        reservation(gpus=(0, 1), comment="NeurIPS deadline"),
+        reservation(host="ws-01", gpus=None, user="bob", days=1),
+        reservation(host="ws-02", gpus=(3,), user="carol", start_days=1, days=2),  # ahead
+        reservation(host="ws-03", gpus=(0,), user="dave", days=-1)])  # ended
     exporter, registry = endpoint(path, clock)
     try:
         end = (NOW + dt.timedelta(days=3)).timestamp()
@@ -657,7 +659,7 @@ def test_the_endpoint_serves_active_bookings_and_never_touches_nvml(tmp_path: Pa
         assert success(registry) == 1
         text = generate_latest(registry).decode()
         assert "nvidia_gpu_nvml_up" not in text and "nvidia_gpu_up" not in text
-        # a day and a half later bob's booking has ended and carol's has begun, by themselves
+        # a day and a half later bob's reservation has ended and carol's has begun, by themselves
         clock.now = NOW + dt.timedelta(days=1.5)
         assert set(served(registry)) == {("gpu-srv-01", "0", "alice"),
                                          ("gpu-srv-01", "1", "alice"), ("ws-02", "3", "carol")}
@@ -678,8 +680,8 @@ def test_a_change_is_served_on_the_next_scrape_and_the_file_parsed_only_when_it_
     monkeypatch.setattr(reservation_collector, "parse", counting_parse)
     exporter, registry = endpoint(path, Clock(NOW))
     try:
-        assert served(registry) == {} and success(registry) == 1  # no file yet: no bookings
-        reservations.add(path, booking(), NOW)
+        assert served(registry) == {} and success(registry) == 1  # no file yet: no reservations
+        reservations.add(path, reservation(), NOW)
         assert set(served(registry)) == {("gpu-srv-01", "0", "alice")}
         for _ in range(3):
             served(registry)
@@ -694,7 +696,7 @@ def test_a_change_is_served_on_the_next_scrape_and_the_file_parsed_only_when_it_
 def test_a_broken_file_fails_the_collector_and_keeps_the_bookings_read_before(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "reservations.yml"
-    reservations.write(path, [booking()])
+    reservations.write(path, [reservation()])
     exporter, registry = endpoint(path, Clock(NOW))
     try:
         assert set(served(registry)) == {("gpu-srv-01", "0", "alice")}
@@ -706,7 +708,7 @@ def test_a_broken_file_fails_the_collector_and_keeps_the_bookings_read_before(
         assert len(failures) == 1, failures  # one line when it starts failing
         assert str(path) in failures[0] and "'soon' is not an ISO 8601 time" in failures[0]
         assert "serving the 1 bookings read before" in failures[0]
-        reservations.write(path, [booking(user="bob")])
+        reservations.write(path, [reservation(user="bob")])
         assert set(served(registry)) == {("gpu-srv-01", "0", "bob")}
         assert success(registry) == 1
     finally:
@@ -715,8 +717,8 @@ def test_a_broken_file_fails_the_collector_and_keeps_the_bookings_read_before(
 
 def test_the_exposition_passes_promtool(tmp_path: Path) -> None:
     path = tmp_path / "reservations.yml"
-    reservations.write(path, [booking(gpus=(0, 1), comment='a "quoted", long\\ comment'),
-                              booking(host="ws-01", gpus=None, user="bob")])
+    reservations.write(path, [reservation(gpus=(0, 1), comment='a "quoted", long\\ comment'),
+                              reservation(host="ws-01", gpus=None, user="bob")])
     exporter, registry = endpoint(path, Clock(NOW))
     try:
         text = generate_latest(registry)

@@ -3,7 +3,7 @@
 Argument parsing and output only, one module per command (status, pick, reserve, release,
 reservations with its import action), registered in one table (COMMANDS); what they share is
 in gpuwatch.cli.common. The fleet comes from gpuwatch.fleet, the states from
-gpuwatch.contract.states, the bookings from gpuwatch.reservations (the reservations file,
+gpuwatch.contract.states, the reservations from gpuwatch.reservations (the reservations file,
 which reserve, release and reservations edit without asking Prometheus).
 """
 

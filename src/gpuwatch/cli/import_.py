@@ -1,4 +1,4 @@
-"""`gpuwatch reservations import comments.json`: the bookings of the old format, added to the
+"""`gpuwatch reservations import comments.json`: the reservations of the old format, added to the
 reservations file (gpuwatch.reservations.legacy reads them)."""
 
 from __future__ import annotations
@@ -56,11 +56,11 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
                         f"{'y' if len(found.problems) == 1 else 'ies'} cannot be read (above); "
                         "nothing imported. Fix them, or import the rest with --skip-invalid")
     if args.dry_run:
-        added = [b for b in found.bookings
+        added = [b for b in found.reservations
                  if not any(replace(o, start=None) == b for o in reservations.load(path, moment))]
-        present = [b for b in found.bookings if b not in added]
+        present = [b for b in found.reservations if b not in added]
     else:
-        added, present = legacy.merge_imported(path, found.bookings, moment)
+        added, present = legacy.merge_imported(path, found.reservations, moment)
     verb = "would import" if args.dry_run else "imported"
     for b in added:
         out.write(f"{verb} {b.describe()}\n")

@@ -48,30 +48,30 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         return import_.run(args, out)
     path = reservations_file(args)
     moment = now()
-    bookings = [b for b in reservations.load(path, moment)
-                if (args.all or not b.expired(moment))
-                and (args.host is None or b.host == args.host)
-                and (args.user is None or b.user == args.user)]
-    bookings.sort(key=lambda b: (b.host, -1 if b.gpus is None else b.gpus[0], b.until))
+    listed = [b for b in reservations.load(path, moment)
+              if (args.all or not b.expired(moment))
+              and (args.host is None or b.host == args.host)
+              and (args.user is None or b.user == args.user)]
+    listed.sort(key=lambda b: (b.host, -1 if b.gpus is None else b.gpus[0], b.until))
     if args.json:
-        json.dump([b.to_json(moment) for b in bookings], out, indent=2)
+        json.dump([b.to_json(moment) for b in listed], out, indent=2)
         out.write("\n")
         return 0
-    if not bookings:
+    if not listed:
         out.write(f"no {'' if args.all else 'current '}bookings in {path}\n")
         return 0
-    out.write(render_bookings(bookings, moment, status=args.all))
+    out.write(render_reservations(listed, moment, status=args.all))
     return 0
 
 
-def render_bookings(bookings: Sequence[Reservation], now: dt.datetime, status: bool) -> str:
+def render_reservations(listed: Sequence[Reservation], now: dt.datetime, status: bool) -> str:
     header = ("HOST", "GPUS", "USER", "FROM", "UNTIL") + (("STATUS",) if status else ()) + \
         ("COMMENT",)
     rows = [(b.host, reservations.gpus_text(b.gpus), b.user,
              reservations.short(b.start) if b.start else "-", reservations.short(b.until))
             + ((("ended" if b.expired(now) else "active" if b.active(now) else "upcoming"),)
                if status else ())
-            + (b.comment or "-",) for b in bookings]
+            + (b.comment or "-",) for b in listed]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n"
                    for r in [header, *rows])

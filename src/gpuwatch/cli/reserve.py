@@ -38,14 +38,14 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     user = args.user or getpass.getuser()
     if not user.strip() or any(c.isspace() for c in user):
         raise UserError(f"--user {user!r}: a user name, without spaces")
-    booking = Reservation(host=host, gpus=gpus, user=user,
-                          until=when(args.until, moment, True, "--until"),
-                          start=when(args.start, moment, False, "--from"),
-                          comment=" ".join(args.comment.split()))
-    reservations.add(path, booking, moment, replace_own=args.replace)
-    starts = "" if booking.start is None or booking.start <= moment else \
-        f", from {reservations.short(booking.start)}"
-    out.write(f"booked {booking.describe()}{starts}\n")
+    reservation = Reservation(host=host, gpus=gpus, user=user,
+                              until=when(args.until, moment, True, "--until"),
+                              start=when(args.start, moment, False, "--from"),
+                              comment=" ".join(args.comment.split()))
+    reservations.add(path, reservation, moment, replace_own=args.replace)
+    starts = "" if reservation.start is None or reservation.start <= moment else \
+        f", from {reservations.short(reservation.start)}"
+    out.write(f"booked {reservation.describe()}{starts}\n")
     return 0
 
 

@@ -43,20 +43,20 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
 
 def render_grid(gpus: Sequence[GpuStatus], colour: bool, now: float) -> str:
     """The grid: one line per GPU, grouped by host (named once), states coloured; a column
-    with the booking (who, until when, why) when a GPU shown is booked."""
+    with the reservation (who, until when, why) when a GPU shown is booked."""
     instances_of: dict[str, set[str]] = {}
     for g in gpus:
         instances_of.setdefault(g.host, set()).add(g.instance)
-    booked = any(g.reservation is not None for g in gpus)
+    reserved = any(g.reservation is not None for g in gpus)
     header = ("HOST", "GPU", "STATE", "USERS", "MODEL", "MEMORY", "UTIL") + \
-        (("RESERVATION",) if booked else ())
+        (("RESERVATION",) if reserved else ())
     rows: list[tuple[str, ...]] = []
     previous = None
     for g in gpus:
         node = g.host if len(instances_of[g.host]) == 1 else g.instance
         rows.append((node if node != previous else "", str(g.gpu), _state_text(g, now),
                      _users_text(g), g.display_name or "-", _memory_text(g), _util_text(g))
-                    + ((g.reservation.text if g.reservation else "-",) if booked else ()))
+                    + ((g.reservation.text if g.reservation else "-",) if reserved else ()))
         previous = node
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     right = {1, 5, 6}  # numbers

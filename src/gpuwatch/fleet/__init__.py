@@ -1,7 +1,7 @@
 """The fleet as Prometheus sees it: one record per GPU, and which free GPUs to take.
 
 The state and the users come from the recording rule ``instance_gpu:gpuwatch_state:info``;
-model, memory and utilisation from the exporter's series, the booking of a booked GPU from
+model, memory and utilisation from the exporter's series, the reservation of a booked GPU from
 ``instance_gpu:gpuwatch_reserved_until:timestamp_seconds``, joined by (instance, gpu).
 A GPU whose latest ``nvidia_gpu_up`` is not 1 is down whatever the rule says: the rule was
 evaluated before the scrape that found the GPU hung, or by rules older than the exporter, and
@@ -27,12 +27,12 @@ _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
-class Booking:
-    """The active booking of a GPU, as Prometheus has it."""
+class ActiveReservation:
+    """The active reservation of a GPU, as Prometheus has it."""
 
     user: str
     until: str
-    """ISO 8601, in the booking's own time zone."""
+    """ISO 8601, in the reservation's own time zone."""
     until_timestamp: float
     comment: str
 
@@ -43,17 +43,18 @@ class Booking:
         return f"{self.user} until {until}" + (f" ({self.comment})" if self.comment else "")
 
 
-def _booking(sample: Sample) -> Booking:
-    """The booking of a sample of the reserved-until rule: its end exactly (the value), in
-    the zone the booking was written in (the until label)."""
+def _active_reservation(sample: Sample) -> ActiveReservation:
+    """The reservation of a sample of the reserved-until rule: its end exactly (the value), in
+    the zone the reservation was written in (the until label)."""
     try:
         zone = dt.datetime.fromisoformat(sample.labels.get("until", "")).tzinfo
     except ValueError:
         zone = None
     until = dt.datetime.fromtimestamp(sample.value, zone or dt.timezone.utc)
-    return Booking(user=sample.labels.get("user", ""),
-                   until=until.isoformat(timespec="seconds"), until_timestamp=sample.value,
-                   comment=sample.labels.get("comment", ""))
+    return ActiveReservation(user=sample.labels.get("user", ""),
+                             until=until.isoformat(timespec="seconds"),
+                             until_timestamp=sample.value,
+                             comment=sample.labels.get("comment", ""))
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,8 @@ class GpuStatus:
     utilization_ratio: float | None
     inactive_since: float | None
     """Unix time since which the GPU has been held without work; None while it works."""
-    reservation: Booking | None = None
-    """Its active booking (gpuwatch reserve), whatever its state; None when not booked."""
+    reservation: ActiveReservation | None = None
+    """Its active reservation (gpuwatch reserve), whatever its state; None when not booked."""
 
     def to_json(self) -> dict[str, object]:
         out = asdict(self)
@@ -110,7 +111,7 @@ def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
         except ValueError:
             continue  # not a GPU series of ours
         info = details[metrics.INFO.name].get(key)
-        booked = details[states.RESERVED_UNTIL].get(key)
+        reserved = details[states.RESERVED_UNTIL].get(key)
         model = labels.get("model", "")
         state = labels.get("state", "")
         if state != states.DOWN.name and value(metrics.UP.name, key) != 1:
@@ -128,7 +129,7 @@ def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
             memory_total_bytes=value(metrics.MEMORY_TOTAL.name, key),
             utilization_ratio=value(metrics.UTILIZATION.name, key),
             inactive_since=value(states.INACTIVE_SINCE, key),
-            reservation=_booking(booked) if booked is not None else None,
+            reservation=_active_reservation(reserved) if reserved is not None else None,
         ))
     return sorted(fleet, key=lambda g: (g.host, g.instance, g.gpu))
 
@@ -186,7 +187,7 @@ def pick(gpus: Sequence[GpuStatus], count: int, user: str | None = None) -> list
     if len(usable) < count:
         host = gpus[0].host if gpus else "this host"
         which = f": {', '.join(map(str, usable))}" if usable else ""
-        booked = f" (and {len(mine)} booked by {user})" if mine else ""
+        reserved = f" (and {len(mine)} booked by {user})" if mine else ""
         raise FleetError(f"{host} has {len(free)} free GPU{'' if len(free) == 1 else 's'}"
-                         f"{booked} (of {len(gpus)}), {count} wanted{which}")
+                         f"{reserved} (of {len(gpus)}), {count} wanted{which}")
     return usable[:count]

@@ -2,10 +2,10 @@
 
 The file is the source of truth. ``gpuwatch reserve / release / reservations`` edit it, each
 edit under a lock on a file beside it (``PATH.lock``) and written in one step (a temporary
-file in the same directory, fsync, rename), so two people booking at once never lose each
-other's booking and a failed write leaves the old file as it was. The exporter's reservation
-collector reads it on each scrape. A booking counts from ``from`` (when it was made, unless
-booked ahead) until ``until``; expired bookings stop counting by themselves and may stay in
+file in the same directory, fsync, rename), so two people reserving at once never lose each
+other's reservation and a failed write leaves the old file as it was. The exporter's reservation
+collector reads it on each scrape. A reservation counts from ``from`` (when it was made, unless
+booked ahead) until ``until``; expired reservations stop counting by themselves and may stay in
 the file.
 
     reservations:

@@ -4,4 +4,4 @@ from __future__ import annotations
 
 
 class ReservationError(ValueError):
-    """A booking or a reservations file that cannot be used; the message is one line."""
+    """A reservation or a reservations file that cannot be used; the message is one line."""

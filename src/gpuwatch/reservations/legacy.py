@@ -28,7 +28,7 @@ _DATE_FORMATS = (
 
 def parse_old_date(text: str, day_first: bool | None, tz: dt.tzinfo | None = None
                    ) -> dt.datetime:
-    """A `date` of comments.json, the day the booking runs until (included): ISO dates and
+    """A `date` of comments.json, the day the reservation runs until (included): ISO dates and
     times (with or without a zone), 31.05.2024, 2024/05/31, 31 May 2024, May 31, 2024, and
     31/05/2024 or 05/31/2024 when the order is plain (a part above 12) or given by
     `day_first`. Dates and times without a zone are local time."""
@@ -58,7 +58,7 @@ def parse_old_date(text: str, day_first: bool | None, tz: dt.tzinfo | None = Non
             parsed = dt.datetime.strptime(text, form)
         except ValueError:
             continue
-        if "%y" in form and parsed.year < 2000:  # a booking ends in this century: 99 is 2099
+        if "%y" in form and parsed.year < 2000:  # a reservation ends in this century: 99 is 2099
             parsed = parsed.replace(year=parsed.year + 100)
         return local_time(parsed, tz) if with_time else day_bound(parsed.date(), True, tz)
     raise ValueError(f"{text!r} is not a date gpuwatch knows (2024-05-31, 31.05.2024, "
@@ -67,8 +67,8 @@ def parse_old_date(text: str, day_first: bool | None, tz: dt.tzinfo | None = Non
 
 @dataclass(frozen=True)
 class Imported:
-    bookings: list[Reservation]
-    """New bookings, one per host, user, end and comment (GPUs merged)."""
+    reservations: list[Reservation]
+    """New reservations, one per host, user, end and comment (GPUs merged)."""
     expired: list[str]
     """Old entries that had already ended, described."""
     problems: list[str]
@@ -86,7 +86,7 @@ def _old_gpus(machine: Any) -> Iterator[tuple[Any, Any]]:
 
 def convert_comments(data: Any, now: dt.datetime, day_first: bool | None = None,
                      tz: dt.tzinfo | None = None) -> Imported:
-    """The bookings of the old comments.json: per machine, per GPU index, `name` (who),
+    """The reservations of the old comments.json: per machine, per GPU index, `name` (who),
     `date` (booked until, that day included) and `comment`. Entries without a name are free
     GPUs; entries that have ended are listed, not imported."""
     if not isinstance(data, dict):
@@ -125,26 +125,26 @@ def convert_comments(data: Any, now: dt.datetime, day_first: bool | None = None,
                 expired.append(f"{where} ({name}, until {short(until)})")
                 continue
             grouped.setdefault((str(machine), name, until, comment), []).append(index[0])
-    bookings = [Reservation(host=host, gpus=tuple(sorted(set(indices))), user=user,
-                            until=until, comment=comment)
-                for (host, user, until, comment), indices in grouped.items()]
-    return Imported(bookings, expired, problems)
+    reservations = [Reservation(host=host, gpus=tuple(sorted(set(indices))), user=user,
+                                until=until, comment=comment)
+                    for (host, user, until, comment), indices in grouped.items()]
+    return Imported(reservations, expired, problems)
 
 
 def merge_imported(path: Path, imported: Sequence[Reservation], now: dt.datetime,
                    tz: dt.tzinfo | None = None) -> tuple[list[Reservation], list[Reservation]]:
-    """Adds imported bookings; those already in the file (same host, GPUs, user, end and
+    """Adds imported reservations; those already in the file (same host, GPUs, user, end and
     comment) are left out, so an import can run twice. Returns (added, already there)."""
     added: list[Reservation] = []
     present: list[Reservation] = []
 
-    def change(bookings: list[Reservation]) -> list[Reservation]:
+    def change(reservations: list[Reservation]) -> list[Reservation]:
         added.clear()
         present.clear()
-        for booking in imported:
-            same = [b for b in bookings if replace(b, start=None) == booking]
-            (present if same else added).append(booking)
-        return [*bookings, *added]
+        for reservation in imported:
+            same = [b for b in reservations if replace(b, start=None) == reservation]
+            (present if same else added).append(reservation)
+        return [*reservations, *added]
 
     update(path, change, now, tz)
     return added, present

@@ -95,7 +95,7 @@ def parse_target(text: str, gpus_required: bool = True) -> tuple[str, Gpus]:
     return host, parse_gpus(gpus)
 
 
-# -- bookings ---------------------------------------------------------------------------------
+# -- reservations ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Reservation:
@@ -104,7 +104,7 @@ class Reservation:
     user: str
     until: dt.datetime
     start: dt.datetime | None = None
-    """When the booking starts counting (`from` in the file); None: it counts until its end
+    """When the reservation starts counting (`from` in the file); None: it counts until its end
     (`gpuwatch reserve` writes when it was made)."""
     comment: str = ""
 
@@ -206,8 +206,8 @@ def _label(index: int, raw: Any) -> str:
 
 def parse(text: str, path: Path | str, now: dt.datetime,
           tz: dt.tzinfo | None = None) -> list[Reservation]:
-    """The bookings of a file's text; ReservationError naming `path` for the first problem,
-    including two bookings of the same GPU at the same time (expired ones aside)."""
+    """The reservations of a file's text; ReservationError naming `path` for the first problem,
+    including two reservations of the same GPU at the same time (expired ones aside)."""
     doc = parse_yaml(text, path, ReservationError)
     if doc is None:
         return []
@@ -217,19 +217,19 @@ def parse(text: str, path: Path | str, now: dt.datetime,
     entries = doc.get("reservations") or []
     if not isinstance(entries, list):
         raise ReservationError(f"{path}: reservations: expected a list of bookings")
-    bookings = []
+    reservations = []
     for index, raw in enumerate(entries):
         try:
-            bookings.append(_entry(raw, _label(index, raw), tz))
+            reservations.append(_entry(raw, _label(index, raw), tz))
         except ReservationError as e:
             raise ReservationError(f"{path}: {e}") from None
-    check_overlaps(bookings, path, now)
-    return bookings
+    check_overlaps(reservations, path, now)
+    return reservations
 
 
-def check_overlaps(bookings: Sequence[Reservation], path: Path | str,
+def check_overlaps(reservations: Sequence[Reservation], path: Path | str,
                    now: dt.datetime) -> None:
-    current = [b for b in bookings if not b.expired(now)]
+    current = [b for b in reservations if not b.expired(now)]
     for i, a in enumerate(current):
         for b in current[i + 1:]:
             if a.overlaps(b):
@@ -249,7 +249,7 @@ _Dumper.add_representer(_Indices, lambda dumper, data: dumper.represent_sequence
     "tag:yaml.org,2002:seq", data, flow_style=True))
 
 
-def render(bookings: Iterable[Reservation]) -> str:
-    body = yaml.dump({"reservations": [b.to_yaml() for b in bookings]}, Dumper=_Dumper,
+def render(reservations: Iterable[Reservation]) -> str:
+    body = yaml.dump({"reservations": [b.to_yaml() for b in reservations]}, Dumper=_Dumper,
                      sort_keys=False, allow_unicode=True, width=1000)
     return HEADER + body

@@ -1,8 +1,8 @@
 """The reservations file on disk: read it (load), and edit it one writer at a time.
 
 Each edit holds a lock on a file beside it (``PATH.lock``) and replaces the file in one step
-(a temporary file in the same directory, fsync, rename), so two people booking at once never
-lose each other's booking and a failed write leaves the old file as it was. add and release
+(a temporary file in the same directory, fsync, rename), so two people reserving at once never
+lose each other's reservation and a failed write leaves the old file as it was. add and release
 are the edits `gpuwatch reserve` and `gpuwatch release` make.
 """
 
@@ -32,7 +32,7 @@ FILE_MODE = 0o644
 
 
 def load(path: Path, now: dt.datetime, tz: dt.tzinfo | None = None) -> list[Reservation]:
-    """The bookings of the file; none when it does not exist yet."""
+    """The reservations of the file; none when it does not exist yet."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -72,10 +72,10 @@ def locked(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def write(path: Path, bookings: Iterable[Reservation]) -> None:
+def write(path: Path, reservations: Iterable[Reservation]) -> None:
     """Replaces the file in one step: a temporary file beside it, written and fsynced, then
     renamed over it. On any failure the old file stays as it was and the temporary goes."""
-    text = render(bookings)
+    text = render(reservations)
     try:
         old = path.stat()
         mode, group = old.st_mode & 0o7777, old.st_gid
@@ -119,49 +119,49 @@ def resolve(path: Path) -> Path:
 def update(path: Path, change: Callable[[list[Reservation]], list[Reservation]],
            now: dt.datetime, tz: dt.tzinfo | None = None) -> list[Reservation]:
     """Reads the file, applies `change`, checks and writes the result, all under the lock;
-    returns the new bookings. Nothing is written when `change` raises."""
+    returns the new reservations. Nothing is written when `change` raises."""
     path = resolve(path)
     if not path.parent.is_dir():
         raise ReservationError(f"{path}: the directory {path.parent} does not exist")
     with locked(path):
-        bookings = change(load(path, now, tz))
-        check_overlaps(bookings, path, now)
-        write(path, bookings)
-    return bookings
+        reservations = change(load(path, now, tz))
+        check_overlaps(reservations, path, now)
+        write(path, reservations)
+    return reservations
 
 
 # -- reserve, release -------------------------------------------------------------------------
 
-def add(path: Path, booking: Reservation, now: dt.datetime, replace_own: bool = False,
+def add(path: Path, reservation: Reservation, now: dt.datetime, replace_own: bool = False,
         tz: dt.tzinfo | None = None) -> list[Reservation]:
-    """Adds a booking. It must end in the future and take no GPU another booking has at the
-    same time; with `replace_own`, the user's own bookings of those GPUs give way (to extend
+    """Adds a reservation. It must end in the future and take no GPU another reservation has at the
+    same time; with `replace_own`, the user's own reservations of those GPUs give way (to extend
     or shorten one)."""
-    if booking.until <= now:
-        raise ReservationError(f"{path}: until {iso(booking.until)} is not in the future "
+    if reservation.until <= now:
+        raise ReservationError(f"{path}: until {iso(reservation.until)} is not in the future "
                                f"(now: {iso(now)})")
-    if booking.start is not None and booking.start >= booking.until:
-        raise ReservationError(f"{path}: from {iso(booking.start)} is not before until "
-                               f"{iso(booking.until)}")
+    if reservation.start is not None and reservation.start >= reservation.until:
+        raise ReservationError(f"{path}: from {iso(reservation.start)} is not before until "
+                               f"{iso(reservation.until)}")
 
-    def change(bookings: list[Reservation]) -> list[Reservation]:
+    def change(reservations: list[Reservation]) -> list[Reservation]:
         if replace_own:
-            bookings = _give_back(bookings, path, now, booking.host, booking.gpus,
-                                  booking.user)[1]
-        for other in bookings:
-            if not other.expired(now) and other.overlaps(booking):
+            reservations = _give_back(reservations, path, now, reservation.host,
+                                      reservation.gpus, reservation.user)[1]
+        for other in reservations:
+            if not other.expired(now) and other.overlaps(reservation):
                 hint = "; to change your own booking, add --replace" \
-                    if other.user == booking.user else "; ask them, or pick other GPUs"
-                which, verb = _shared(booking, other)
-                raise ReservationError(f"{path}: {which} of {booking.host} {verb} already "
+                    if other.user == reservation.user else "; ask them, or pick other GPUs"
+                which, verb = _shared(reservation, other)
+                raise ReservationError(f"{path}: {which} of {reservation.host} {verb} already "
                                        f"booked: {other.describe()}{hint}")
-        return [*bookings, booking]
+        return [*reservations, reservation]
 
     return update(path, change, now, tz)
 
 
 def _shared(a: Reservation, b: Reservation) -> tuple[str, str]:
-    """The GPUs two bookings of one host share, and the verb that goes with them."""
+    """The GPUs two reservations of one host share, and the verb that goes with them."""
     if a.gpus is None and b.gpus is None:
         return "every GPU", "is"
     shared = tuple(sorted(set(a.gpus or b.gpus or ()) & set(b.gpus or a.gpus or ())))
@@ -169,23 +169,23 @@ def _shared(a: Reservation, b: Reservation) -> tuple[str, str]:
         (f"GPU {shared[0]}", "is")
 
 
-def _give_back(bookings: Sequence[Reservation], path: Path | str, now: dt.datetime,
+def _give_back(reservations: Sequence[Reservation], path: Path | str, now: dt.datetime,
                host: str | None, gpus: Gpus, user: str | None, expired: bool = False
                ) -> tuple[list[Reservation], list[Reservation]]:
-    """(the bookings concerned, as they were; all bookings after giving back): the `gpus` of
+    """(the reservations concerned, as they were; all reservations after giving back): the `gpus` of
     `host` (every GPU when None; every host when `host` is None) booked by `user` (anyone
-    when None), among the bookings that have ended (`expired`) or not. A booking of several
+    when None), among the reservations that have ended (`expired`) or not. A reservation of several
     GPUs keeps those not given back."""
     concerned: list[Reservation] = []
     result: list[Reservation] = []
-    for b in bookings:
+    for b in reservations:
         if b.expired(now) != expired or (user is not None and b.user != user) or \
                 (host is not None and not b.shares_gpus(host, gpus)):
             result.append(b)
             continue
         concerned.append(b)
         if host is None or gpus is None:
-            continue  # the whole booking goes
+            continue  # the whole reservation goes
         if b.gpus is None:
             raise ReservationError(f"{path}: {b.describe()} books every GPU of {b.host}; "
                                    f"release {b.host}:all, then book the GPUs to keep")
@@ -198,22 +198,22 @@ def _give_back(bookings: Sequence[Reservation], path: Path | str, now: dt.dateti
 @dataclass(frozen=True)
 class Released:
     removed: list[Reservation]
-    """The bookings as they were before being wholly or partly given back."""
-    bookings: list[Reservation]
+    """The reservations as they were before being wholly or partly given back."""
+    reservations: list[Reservation]
 
 
 def release(path: Path, now: dt.datetime, host: str | None = None, gpus: Gpus = None,
             user: str | None = None, expired: bool = False,
             tz: dt.tzinfo | None = None) -> Released:
     """Gives GPUs back: the `gpus` of `host` (all of them when None), and/or everything
-    `user` booked; with `expired`, the bookings that have ended (of `host`/`user`, or all).
+    `user` booked; with `expired`, the reservations that have ended (of `host`/`user`, or all).
     ReservationError when nothing matches."""
     if host is None and user is None and not expired:
         raise ReservationError("say what to release: HOST:GPUS, --user NAME, or --expired")
     removed: list[Reservation] = []
 
-    def change(bookings: list[Reservation]) -> list[Reservation]:
-        concerned, result = _give_back(bookings, path, now, host, gpus, user, expired)
+    def change(reservations: list[Reservation]) -> list[Reservation]:
+        concerned, result = _give_back(reservations, path, now, host, gpus, user, expired)
         if not concerned:
             what = " ".join(filter(None, [
                 "ended" if expired else "", "booking",

@@ -107,5 +107,5 @@ def iso(moment: dt.datetime) -> str:
 
 
 def short(moment: dt.datetime) -> str:
-    """How people read a time: 2024-05-31 23:59+02:00 (the booking's own zone)."""
+    """How people read a time: 2024-05-31 23:59+02:00 (the reservation's own zone)."""
     return moment.isoformat(sep=" ", timespec="minutes")

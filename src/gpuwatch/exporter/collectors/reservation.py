@@ -1,12 +1,12 @@
-"""Reservations: the bookings of the reservations file, as Prometheus series.
+"""Reservations: what the reservations file holds, as Prometheus series.
 
-Read on every scrape, so a booking made with `gpuwatch reserve` is seen on the next one and
-a booking that has ended drops out by itself. The file is parsed again only when it changed
+Read on every scrape, so a reservation made with `gpuwatch reserve` is seen on the next one and
+a reservation that has ended drops out by itself. The file is parsed again only when it changed
 (its inode, size or modification time); between changes a scrape costs one stat().
 
 It needs no GPU: on the monitoring host it runs in an exporter of its own with the GPU
 collectors off, where NVML is never touched. A file that cannot be used (a bad hand edit)
-fails the collector and is logged once; the bookings read before are served meanwhile, so
+fails the collector and is logged once; the reservations read before are served meanwhile, so
 booked GPUs do not turn free because of a typo.
 """
 
@@ -32,7 +32,7 @@ from gpuwatch.reservations.times import short
 log = logging.getLogger(__name__)
 
 ALL_GPUS = "all"
-"""The gpu label of a booking of every GPU of a host."""
+"""The gpu label of a reservation of every GPU of a host."""
 
 
 class ReservationCollector(Collector):
@@ -45,7 +45,7 @@ class ReservationCollector(Collector):
         self._path = path
         self._clock = clock
         self._seen: tuple[int, int, int, int] | None = None
-        self._bookings: list[Reservation] = []
+        self._reservations: list[Reservation] = []
         self._problem: str | None = None
 
     def read_node(self, nvml: Nvml, devices: Sequence[Device]) -> list[Reservation]:
@@ -56,7 +56,7 @@ class ReservationCollector(Collector):
             if self._seen != (0, 0, 0, 0):
                 log.info("%s does not exist (yet): no bookings; gpuwatch reserve creates it",
                          self._path)
-            self._seen, self._bookings, self._problem = (0, 0, 0, 0), [], None
+            self._seen, self._reservations, self._problem = (0, 0, 0, 0), [], None
         except OSError as e:
             self._problem = f"{self._path}: cannot read: {e.strerror}"
         else:
@@ -64,15 +64,15 @@ class ReservationCollector(Collector):
             if seen != self._seen:
                 self._seen = seen
                 self._load(now)
-        return [b for b in self._bookings if b.active(now)]
+        return [b for b in self._reservations if b.active(now)]
 
     def _load(self, now: dt.datetime) -> None:
         try:
             text = self._path.read_text(encoding="utf-8")
-            self._bookings = parse(text, self._path, now)
+            self._reservations = parse(text, self._path, now)
             self._problem = None
         except ReservationError as e:
-            self._problem = f"{e}; serving the {len(self._bookings)} bookings read before"
+            self._problem = f"{e}; serving the {len(self._reservations)} bookings read before"
         except (OSError, UnicodeDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) else str(e)
             self._problem = f"{self._path}: cannot read: {reason}"
@@ -83,8 +83,8 @@ class ReservationCollector(Collector):
 
     def families(self, readings: Sequence[tuple[Device, Any]], node: Any) -> Iterable[Metric]:
         ends = family(metrics.RESERVATION_END)
-        bookings: list[Reservation] = node
-        for b in bookings:
+        reservations: list[Reservation] = node
+        for b in reservations:
             for gpu in (ALL_GPUS,) if b.gpus is None else map(str, b.gpus):
                 ends.add_metric([b.host, gpu, b.user, short(b.until), b.comment],
                                 b.until.timestamp())
