@@ -168,3 +168,30 @@ def test_a_folder_without_dashboards_is_an_error_not_an_empty_answer(
 
 def test_the_checkouts_dashboards_are_found() -> None:
     assert set(DASHBOARDS) == {p.stem for p in dashboards.SOURCE_DIR.glob("*.json")} != set()
+
+
+# -- the fleet dashboard names GPUs as `gpuwatch status` does -----------------------------------
+
+def test_fleet_dashboard_shows_display_names_not_nvml_names() -> None:
+    """The short names (display_name of nvidia_gpu_info: the exporter's --config.file, else
+    the NVML name without vendor words) wherever the fleet dashboard names a model; the
+    queries keep the model label (the Model variable filters on it)."""
+    fleet = DASHBOARDS["gpuwatch-fleet"]
+    shown = 0
+    for panel in dashboards.panels(fleet):
+        for target in panel.get("targets", []):
+            if target.get("legendFormat") in ("{{model}}", "{{display_name}}"):
+                assert target["legendFormat"] == "{{display_name}}", panel["title"]
+                assert "display_name" in target["expr"], panel["title"]
+                shown += 1
+        if panel["type"] != "table":
+            continue
+        for step in panel.get("transformations", []):
+            options = step["options"]
+            placed = options.get("indexByName", {})
+            if step["id"] == "organize" and ("model" in placed or "display_name" in placed):
+                assert options["renameByName"].get("display_name") == "model", panel["title"]
+                assert options["excludeByName"].get("model") is True, panel["title"]
+                assert all("group_left (display_name)" in t["expr"] for t in panel["targets"])
+                shown += 1
+    assert shown == 3, "Free GPUs per model, Who holds GPUs now, Idle-held GPUs"
