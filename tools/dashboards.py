@@ -3,7 +3,7 @@ Grafana would send them (variables replaced by the values Grafana gives them).
 
 tests/e2e/test_grafana.py runs every panel query against a Prometheus fed by simulated exporters;
 the fleet benchmark (tools.bench_fleet) times the same queries at scale. Both read the
-dashboards from grafana/dashboards/ of the source tree through this module.
+dashboards from grafana/dashboards/ of the checkout through this module.
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ from gpuwatch.contract import states
 
 LOCALHOST = "127.0.0.1"
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "prometheus"
-"""prometheus/ of the source tree this package runs from (an editable install)."""
+"""prometheus/ of the checkout these tools run from (tools/ is not in the wheel)."""
 RUN_GRAFANA = SOURCE_DIR.parent / "grafana" / "run-grafana"
-"""grafana/run-grafana of that source tree: a Grafana with the checkout's provisioning."""
+"""grafana/run-grafana of that checkout: a Grafana with its provisioning and dashboards."""
 GRAFANA_MISSING = 3
 """run-grafana's exit status when no Grafana is installed."""
 
