@@ -148,9 +148,7 @@ def node_scenario(spec: FleetSpec, node: int) -> Scenario:
                 offset_seconds=job * (seat % 97) / 97))
         gpus.append(SimGpu(processes=tuple(processes),
                            pci_bus_id=f"00000000:{0x17 + index * 0x10:02X}:00.0"))
-    return Scenario(name=f"fleetsim/{spec.host(node)}",
-                    description=f"fleet simulator node {node + 1} of {spec.nodes}",
-                    gpus=tuple(gpus))
+    return Scenario(name=f"fleetsim/{spec.host(node)}", gpus=tuple(gpus))
 
 
 def node_address(base: str, node: int) -> str:

@@ -38,9 +38,9 @@ def gpu(index: int, node_uuid: str) -> dict[str, str]:
 
 
 def uuid_of(node: object, index: int) -> str:
-    from gpuwatch.sim import _uuid
+    from gpuwatch.sim import gpu_uuid
 
-    return _uuid(getattr(node, "name", "test-scenario"), index)
+    return gpu_uuid(getattr(node, "name", "test-scenario"), index)
 
 
 @pytest.fixture

@@ -1,0 +1,334 @@
+"""pynvml's functions over a SimulatedNode, with pynvml's names, return types and errors.
+
+`gpuwatch.exporter.nvml` runs every line of its error mapping and version probing against it:
+a scenario's faults raise pynvml's own NVMLError with the code a driver gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from gpuwatch.exporter import nvml as N
+from gpuwatch.sim.node import SimulatedNode
+from gpuwatch.sim.scenario import ERRORS, MIB, SimGpu
+
+
+@dataclass(frozen=True)
+class _Handle:
+    """A device handle: its own type, not the index, so that code which passes an index where
+    pynvml wants a handle fails here as it would on a real driver."""
+
+    index: int
+
+
+def gpu_uuid(scenario: str, index: int) -> str:
+    """The stable, well-formed UUID of a simulated GPU that sets none in its scenario."""
+    digest = hashlib.sha256(f"{scenario}/{index}".encode()).hexdigest()
+    return f"GPU-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+
+
+class SimulatedNvml:
+    """pynvml's functions over a SimulatedNode."""
+
+    def __init__(self, node: SimulatedNode) -> None:
+        self.node = node
+        self.scenario = node.scenario
+        self.driver_loaded = node.scenario.driver
+        self._released = threading.Event()
+        self._energy = {i: (node.clock(), 1e9) for i in range(len(node.scenario.gpus))}
+        self._xid_delivered: set[tuple[int, int]] = set()
+        self.calls: Counter[str] = Counter()
+        """NVML function -> times called."""
+        self._in_flight = 0
+        self.peak_in_flight = 0
+        """Most GPU calls that were under way at once (with latency_seconds)."""
+        self.latency_spent: dict[int, float] = dict.fromkeys(range(len(node.scenario.gpus)), 0.0)
+        """GPU index -> seconds of simulated latency its calls have taken so far."""
+        self.last_answer = 0.0
+        """time.perf_counter() when the latest GPU call with latency returned."""
+        self._count_lock = threading.Lock()
+
+    def release_hangs(self) -> None:
+        self._released.set()
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _gpu(self, handle: _Handle, function: str) -> SimGpu:
+        gpu = self.scenario.gpus[handle.index]
+        with self._count_lock:
+            self.calls[function] += 1
+        latency = self.scenario.latency_seconds if gpu.latency_seconds is None \
+            else gpu.latency_seconds
+        if latency:
+            with self._count_lock:
+                self._in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+            time.sleep(latency)
+            with self._count_lock:
+                self._in_flight -= 1
+                self.latency_spent[handle.index] += latency
+                self.last_answer = time.perf_counter()
+        if function in gpu.hang:
+            self._released.wait()
+        if self._lost(gpu):
+            raise N.NVMLError(N.ERROR_GPU_IS_LOST)
+        error = gpu.errors.get(function)
+        if error is not None:
+            raise N.NVMLError(ERRORS[error])
+        return gpu
+
+    def _lost(self, gpu: SimGpu) -> bool:
+        elapsed = self.node.elapsed()
+        return gpu.lost_after_seconds is not None and elapsed >= gpu.lost_after_seconds and \
+            (gpu.back_after_seconds is None or elapsed < gpu.back_after_seconds)
+
+    def _visible(self) -> list[int]:
+        """The scenario's GPU indices NVML counts now, in order."""
+        elapsed = self.node.elapsed()
+        return [i for i, g in enumerate(self.scenario.gpus)
+                if g.missing_after_seconds is None or elapsed < g.missing_after_seconds]
+
+    def _library_call(self, function: str) -> None:
+        with self._count_lock:
+            self.calls[function] += 1
+        if function in self.scenario.hang:
+            self._released.wait()
+
+    def _check_driver(self) -> None:
+        if not self.driver_loaded:
+            raise N.NVMLError(N.ERROR_UNINITIALIZED)
+
+    # -- library -----------------------------------------------------------------------------
+
+    def nvmlInit(self) -> None:
+        self._library_call("nvmlInit")
+        if not self.driver_loaded:
+            raise N.NVMLError(N.ERROR_LIBRARY_NOT_FOUND)
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._check_driver()
+        return self.scenario.driver_version
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        self._check_driver()
+        return self.scenario.cuda_version
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._check_driver()
+        self._library_call("nvmlDeviceGetCount")
+        return len(self._visible())
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> _Handle:
+        self._check_driver()
+        visible = self._visible()
+        if not 0 <= index < len(visible):
+            raise N.NVMLError(2)  # NVML_ERROR_INVALID_ARGUMENT
+        handle = _Handle(visible[index])
+        self._gpu(handle, "nvmlDeviceGetHandleByIndex")
+        return handle
+
+    # -- identity ----------------------------------------------------------------------------
+
+    def nvmlDeviceGetUUID(self, h: _Handle) -> str:
+        gpu = self._gpu(h, "nvmlDeviceGetUUID")
+        return gpu.uuid or gpu_uuid(self.scenario.name, h.index)
+
+    def nvmlDeviceGetName(self, h: _Handle) -> str:
+        return self._gpu(h, "nvmlDeviceGetName").name
+
+    def nvmlDeviceGetPciInfo(self, h: _Handle) -> SimpleNamespace:
+        gpu = self._gpu(h, "nvmlDeviceGetPciInfo")
+        return SimpleNamespace(busId=gpu.pci_bus_id.encode())
+
+    def nvmlDeviceGetVbiosVersion(self, h: _Handle) -> str:
+        self._gpu(h, "nvmlDeviceGetVbiosVersion")
+        return "92.00.45.00.06"
+
+    def nvmlDeviceGetMigMode(self, h: _Handle) -> list[int]:
+        gpu = self._gpu(h, "nvmlDeviceGetMigMode")
+        if "A100" not in gpu.name and "H100" not in gpu.name and "H200" not in gpu.name:
+            raise N.NVMLError(N.ERROR_NOT_SUPPORTED)
+        return [0, 0]
+
+    def nvmlDeviceGetComputeMode(self, h: _Handle) -> int:
+        self._gpu(h, "nvmlDeviceGetComputeMode")
+        return 0
+
+    # -- load --------------------------------------------------------------------------------
+
+    def nvmlDeviceGetUtilizationRates(self, h: _Handle) -> SimpleNamespace:
+        self._gpu(h, "nvmlDeviceGetUtilizationRates")
+        util = self.node.utilization(h.index)
+        return SimpleNamespace(gpu=round(util * 100), memory=round(util * 60))
+
+    def _used(self, index: int) -> int:
+        held = sum(p.process.memory_bytes for p in self.node.processes(index))
+        return int(held + (2 * MIB if held == 0 else 300 * MIB))
+
+    def nvmlDeviceGetMemoryInfo(self, h: _Handle, version: int | None = None
+                                ) -> SimpleNamespace:
+        gpu = self._gpu(h, "nvmlDeviceGetMemoryInfo")
+        total = int(gpu.memory_bytes)
+        used = min(self._used(h.index), total)
+        if version is None:
+            return SimpleNamespace(total=total, used=used, free=total - used)
+        reserved = int(total * 0.006)
+        return SimpleNamespace(version=version, total=total, reserved=reserved, used=used,
+                               free=total - used - reserved)
+
+    def nvmlDeviceGetTemperature(self, h: _Handle, sensor: int) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetTemperature")
+        util = self.node.utilization(h.index)
+        return round(gpu.idle_temperature + (gpu.load_temperature - gpu.idle_temperature) * util)
+
+    def nvmlDeviceGetTemperatureThreshold(self, h: _Handle, threshold: int) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetTemperatureThreshold")
+        if threshold == N.TEMPERATURE_THRESHOLD_SLOWDOWN:
+            return round(gpu.slowdown_temperature)
+        return round(gpu.shutdown_temperature)
+
+    def _power_mw(self, index: int) -> float:
+        gpu = self.scenario.gpus[index]
+        util = self.node.utilization(index)
+        return 1000 * (gpu.idle_power_watts + (gpu.power_limit_watts - gpu.idle_power_watts)
+                       * 0.9 * util)
+
+    def nvmlDeviceGetPowerUsage(self, h: _Handle) -> int:
+        self._gpu(h, "nvmlDeviceGetPowerUsage")
+        return round(self._power_mw(h.index))
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h: _Handle) -> int:
+        return round(self._gpu(h, "nvmlDeviceGetEnforcedPowerLimit").power_limit_watts * 1000)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h: _Handle) -> int:
+        self._gpu(h, "nvmlDeviceGetTotalEnergyConsumption")
+        last, energy = self._energy[h.index]
+        now = self.node.clock()
+        energy += max(0.0, now - last) * self._power_mw(h.index)
+        self._energy[h.index] = (now, energy)
+        return round(energy)
+
+    def nvmlDeviceGetFanSpeed(self, h: _Handle) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetFanSpeed")
+        if not gpu.fan:
+            raise N.NVMLError(N.ERROR_NOT_SUPPORTED)
+        return round(30 + 50 * self.node.utilization(h.index))
+
+    def nvmlDeviceGetPerformanceState(self, h: _Handle) -> int:
+        self._gpu(h, "nvmlDeviceGetPerformanceState")
+        return 0 if self.node.busy(h.index) else 8
+
+    def nvmlDeviceGetEncoderUtilization(self, h: _Handle) -> list[int]:
+        self._gpu(h, "nvmlDeviceGetEncoderUtilization")
+        return [0, 167000]
+
+    def nvmlDeviceGetDecoderUtilization(self, h: _Handle) -> list[int]:
+        self._gpu(h, "nvmlDeviceGetDecoderUtilization")
+        return [0, 167000]
+
+    def nvmlDeviceGetClockInfo(self, h: _Handle, clock_type: int) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetClockInfo")
+        name = next(k for k, v in N.CLOCKS.items() if v == clock_type)
+        util = self.node.utilization(h.index)
+        return round(gpu.max_clocks_mhz.get(name, 1000) * (0.3 + 0.7 * util))
+
+    def nvmlDeviceGetMaxClockInfo(self, h: _Handle, clock_type: int) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetMaxClockInfo")
+        name = next(k for k, v in N.CLOCKS.items() if v == clock_type)
+        return round(gpu.max_clocks_mhz.get(name, 1000))
+
+    def nvmlDeviceGetSupportedClocksEventReasons(self, h: _Handle) -> int:
+        self._gpu(h, "nvmlDeviceGetSupportedClocksEventReasons")
+        return sum(N.CLOCK_EVENT_REASONS.values())
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h: _Handle) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetCurrentClocksEventReasons")
+        reasons = N.CLOCK_EVENT_REASONS
+        active = 0
+        if self.node.utilization(h.index) == 0:
+            active |= reasons["gpu_idle"]
+        if self._power_mw(h.index) >= 0.95 * gpu.power_limit_watts * 1000:
+            active |= reasons["sw_power_cap"]
+        if self.nvmlDeviceGetTemperature(h, N.TEMPERATURE_GPU) >= gpu.slowdown_temperature:
+            active |= reasons["hw_thermal_slowdown"] | reasons["sw_thermal_slowdown"]
+        return active
+
+    def nvmlDeviceGetTotalEccErrors(self, h: _Handle, error_type: int, counter_type: int
+                                    ) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetTotalEccErrors")
+        if not gpu.ecc:
+            raise N.NVMLError(N.ERROR_NOT_SUPPORTED)
+        name = next(k for k, v in N.ECC_TYPES.items() if v == error_type)
+        return int(gpu.ecc_errors.get(name, 0))
+
+    # -- processes: v3, v2 and v1 as drivers differ ------------------------------------------
+
+    def _running(self, h: _Handle, function: str, kind: str, version: str) -> list[Any]:
+        self._gpu(h, function)
+        api = self.scenario.process_api
+        order = {"v1": 1, "v2": 2, "v3": 3, "broken_v3": 3}
+        if order[version] > order[api]:
+            raise N.NVMLError(N.ERROR_FUNCTION_NOT_FOUND)
+        procs = [p for p in self.node.processes(h.index) if p.process.kind in (kind, "both")]
+        if api == "broken_v3" and version == "v3":
+            # what a v2 driver's array looks like through the v3 struct: shifted fields
+            return [SimpleNamespace(pid=p.pid << 32, usedGpuMemory=p.pid * (1 << 40))
+                    for p in procs]
+        return [SimpleNamespace(pid=p.pid, usedGpuMemory=int(p.process.memory_bytes),
+                                gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF)
+                for p in procs]
+
+    def nvmlDeviceGetComputeRunningProcesses_v3(self, h: _Handle) -> list[Any]:
+        return self._running(h, "nvmlDeviceGetComputeRunningProcesses_v3", "compute", "v3")
+
+    def nvmlDeviceGetComputeRunningProcesses_v2(self, h: _Handle) -> list[Any]:
+        return self._running(h, "nvmlDeviceGetComputeRunningProcesses_v2", "compute", "v2")
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: _Handle) -> list[Any]:
+        return self._running(h, "nvmlDeviceGetComputeRunningProcesses", "compute", "v1")
+
+    def nvmlDeviceGetGraphicsRunningProcesses_v3(self, h: _Handle) -> list[Any]:
+        return self._running(h, "nvmlDeviceGetGraphicsRunningProcesses_v3", "graphics", "v3")
+
+    def nvmlDeviceGetGraphicsRunningProcesses_v2(self, h: _Handle) -> list[Any]:
+        return self._running(h, "nvmlDeviceGetGraphicsRunningProcesses_v2", "graphics", "v2")
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, h: _Handle) -> list[Any]:
+        return self._running(h, "nvmlDeviceGetGraphicsRunningProcesses", "graphics", "v1")
+
+    # -- Xid events --------------------------------------------------------------------------
+
+    def nvmlEventSetCreate(self) -> SimpleNamespace:
+        self._check_driver()
+        return SimpleNamespace(handles=[])
+
+    def nvmlDeviceRegisterEvents(self, h: _Handle, event_types: int, event_set: Any) -> None:
+        self._gpu(h, "nvmlDeviceRegisterEvents")
+        event_set.handles.append(h)
+
+    def nvmlEventSetWait_v2(self, event_set: Any, timeout_ms: int) -> SimpleNamespace:
+        self._check_driver()
+        elapsed = self.node.elapsed()
+        for h in event_set.handles:
+            for n, (code, after) in enumerate(self.scenario.gpus[h.index].xid):
+                if after <= elapsed and (h.index, n) not in self._xid_delivered:
+                    self._xid_delivered.add((h.index, n))
+                    return SimpleNamespace(device=h, eventType=N.EVENT_TYPE_XID,
+                                           eventData=code, gpuInstanceId=0xFFFFFFFF,
+                                           computeInstanceId=0xFFFFFFFF)
+        if timeout_ms:
+            self._released.wait(min(timeout_ms, 200) / 1000)
+        raise N.NVMLError(N.ERROR_TIMEOUT)
+
+    def nvmlEventSetFree(self, event_set: Any) -> None:
+        pass
+

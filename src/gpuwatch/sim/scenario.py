@@ -1,0 +1,327 @@
+"""Scenarios: the simulated GPUs, their processes and faults, as data and as YAML files.
+
+A scenario file (scenarios/*.yaml, or any path) is read into frozen dataclasses with errors
+that name the file and the field; `SimulatedNode` runs a scenario on a clock.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gpuwatch.exporter import nvml as N
+from gpuwatch.exporter.webconfig import parse_yaml, reject_unknown_keys
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+ERRORS = {
+    "NotSupported": N.ERROR_NOT_SUPPORTED,
+    "NoPermission": N.ERROR_NO_PERMISSION,
+    "GPUIsLost": N.ERROR_GPU_IS_LOST,
+    "Unknown": N.ERROR_UNKNOWN,
+    "FunctionNotFound": N.ERROR_FUNCTION_NOT_FOUND,
+    "Timeout": N.ERROR_TIMEOUT,
+    "LibraryNotFound": N.ERROR_LIBRARY_NOT_FOUND,
+    "DriverNotLoaded": N.ERROR_DRIVER_NOT_LOADED,
+}
+"""The error names a scenario uses -> the NVML error code SimulatedNvml raises."""
+PROCESS_APIS = ("v3", "v2", "v1", "broken_v3")
+LIBRARY_HANGS = ("nvmlInit", "nvmlDeviceGetCount")
+"""The library calls (not a GPU's) a scenario may hang."""
+_SCENARIOS = resources.files("gpuwatch.sim") / "scenarios"
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class SimProcess:
+    pid: int
+    user: str
+    command: str
+    memory_bytes: float
+    cmdline: str = ""
+    age_seconds: float = 3600.0
+    kind: str = "compute"
+    container_id: str = ""
+    slurm_job_id: str = ""
+    vanished: bool = False
+    """NVML lists it but it has exited by the time the host is asked."""
+    period_seconds: float = 0.0
+    """With active_seconds: runs active_seconds of every period, with a new pid each time."""
+    active_seconds: float = 0.0
+    offset_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SimGpu:
+    name: str = "NVIDIA A100-SXM4-80GB"
+    memory_bytes: float = 80 * GIB
+    power_limit_watts: float = 400.0
+    idle_power_watts: float = 60.0
+    load: float = 0.85
+    """Mean utilisation while a process runs (0 for a GPU held but idle)."""
+    idle_temperature: float = 32.0
+    load_temperature: float = 72.0
+    slowdown_temperature: float = 87.0
+    shutdown_temperature: float = 92.0
+    max_clocks_mhz: Mapping[str, float] = field(default_factory=lambda: {
+        "graphics": 1410, "sm": 1410, "memory": 1593, "video": 1275})
+    fan: bool = False
+    ecc: bool = True
+    ecc_errors: Mapping[str, int] = field(default_factory=dict)
+    errors: Mapping[str, str] = field(default_factory=dict)
+    """NVML function -> error name (see ERRORS) it raises on this GPU."""
+    hang: tuple[str, ...] = ()
+    """NVML functions that never return (until SimulatedNvml.release_hangs())."""
+    lost_after_seconds: float | None = None
+    back_after_seconds: float | None = None
+    """With lost_after_seconds: answers again from then on (a GPU reset)."""
+    missing_after_seconds: float | None = None
+    """From then on the GPU is not in the device count (the GPUs after it move up)."""
+    xid: tuple[tuple[int, float], ...] = ()
+    """(Xid code, seconds after start) events."""
+    processes: tuple[SimProcess, ...] = ()
+    uuid: str = ""
+    pci_bus_id: str = ""
+    latency_seconds: float | None = None
+    """Added to every NVML call on this GPU; None: the scenario's latency_seconds."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    driver_version: str = "550.54.15"
+    cuda_version: int = 12040
+    driver: bool = True
+    """False: no driver, nvmlInit fails with NVML_ERROR_LIBRARY_NOT_FOUND."""
+    process_api: str = "v3"
+    """Which process query the driver has: v3, v2, v1, or broken_v3 (the 535 mismatch)."""
+    latency_seconds: float = 0.0
+    """Added to every NVML call on a GPU that sets no latency of its own (benchmarks)."""
+    hang: tuple[str, ...] = ()
+    """Library calls (nvmlInit, nvmlDeviceGetCount) that never return, until
+    SimulatedNvml.release_hangs()."""
+    gpus: tuple[SimGpu, ...] = ()
+
+    @classmethod
+    def synthetic(cls, gpus: int, processes: int, latency_seconds: float = 0.0,
+                  slow_gpu_latency_seconds: float | None = None) -> Scenario:
+        """A node of identical busy GPUs, `processes` each (benchmarks, fleet simulator).
+
+        With slow_gpu_latency_seconds, the last GPU answers every call that slowly instead.
+        """
+        devices = []
+        for i in range(gpus):
+            procs = tuple(SimProcess(pid=10_000 + i * 1000 + j, user=f"user{j % 8}",
+                                     command="python", cmdline=f"python job{j}.py",
+                                     memory_bytes=256 * MIB) for j in range(processes))
+            slow = slow_gpu_latency_seconds is not None and i == gpus - 1
+            devices.append(SimGpu(processes=procs,
+                                  latency_seconds=slow_gpu_latency_seconds if slow else None))
+        return cls(name=f"synthetic-{gpus}x{processes}", gpus=tuple(devices),
+                   latency_seconds=latency_seconds)
+
+
+def scenario_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in _SCENARIOS.iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    """A shipped scenario by name, or a scenario file by path."""
+    path = Path(name_or_path)
+    # os.path.exists, not Path.exists: a name that cannot be looked up (a working directory
+    # the user may not enter) is a shipped scenario's name, not an error.
+    if path.suffix in (".yaml", ".yml") or os.path.exists(path):
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ScenarioError(f"{path}: cannot read the scenario file: {e.strerror}") from e
+        return parse_scenario(text, str(path))
+    if name_or_path not in scenario_names():
+        raise ScenarioError(f"unknown scenario {name_or_path!r}: use one of "
+                            f"{', '.join(scenario_names())} or the path of a scenario file")
+    text = (_SCENARIOS / f"{name_or_path}.yaml").read_text()
+    return parse_scenario(text, name_or_path)
+
+
+def parse_scenario(text: str, source: str) -> Scenario:
+    data = parse_yaml(text, source, ScenarioError)
+    r = _Reader(source)
+    top = r.mapping(data, "")
+    defaults = r.mapping(top.get("gpu_defaults") or {}, "gpu_defaults")
+    gpus = [{**defaults, **r.mapping(g, f"gpus[{i}]")}
+            for i, g in enumerate(r.items(top, "gpus", required=True))]
+    name = Path(source).stem if source.endswith((".yaml", ".yml")) else source
+    r.get(top, "description", str, "")  # checked, for whoever reads the file; the code does not
+    scenario = Scenario(
+        name=name,
+        driver_version=r.get(top, "driver_version", str, Scenario.driver_version),
+        cuda_version=r.get(top, "cuda_version", int, Scenario.cuda_version),
+        driver=r.get(top, "driver", bool, True),
+        process_api=r.choice(top, "process_api", PROCESS_APIS, "v3"),
+        latency_seconds=r.get(top, "latency_seconds", float, 0.0),
+        hang=tuple(str(f) for f in r.get(top, "hang", list, [])),
+        gpus=tuple(_gpu(r, g, f"gpus[{i}]", i) for i, g in enumerate(gpus)),
+    )
+    r.no_other_keys(top, "", {"description", "driver_version", "cuda_version", "driver",
+                              "process_api", "latency_seconds", "hang", "gpu_defaults", "gpus"})
+    for f in scenario.hang:
+        if f not in LIBRARY_HANGS:
+            raise ScenarioError(f"{source}: hang: {f!r} is not one of {', '.join(LIBRARY_HANGS)} "
+                                f"(a GPU's own calls hang under gpus[N].hang)")
+    if scenario.latency_seconds < 0:
+        raise ScenarioError(f"{source}: latency_seconds: must not be negative, got "
+                            f"{scenario.latency_seconds}")
+    from gpuwatch.sim.nvml import SimulatedNvml  # here: nvml.py runs what this module reads
+
+    for gpu in scenario.gpus:
+        for f in (*gpu.errors, *gpu.hang):
+            if not hasattr(SimulatedNvml, f):
+                raise ScenarioError(f"{source}: {f!r} is not an NVML function the simulator "
+                                    f"has (see gpuwatch/sim/nvml.py)")
+    return scenario
+
+
+def _gpu(r: _Reader, data: Any, where: str, index: int) -> SimGpu:
+    g = r.mapping(data, where)
+    default = SimGpu()
+    errors = dict(r.get(g, "errors", dict, {}))
+    for function, error in errors.items():
+        if error not in ERRORS:
+            raise ScenarioError(f"{r.source}: {where}.errors.{function}: unknown error "
+                                f"{error!r}; use one of {', '.join(ERRORS)}")
+    for function in r.get(g, "unsupported", list, []):
+        errors[str(function)] = "NotSupported"
+    if r.get(g, "lost", bool, False):
+        errors["nvmlDeviceGetHandleByIndex"] = "GPUIsLost"
+    xid = tuple((r.get(r.mapping(e, f"{where}.xid[{i}]"), "code", int, 0, f"{where}.xid[{i}]",
+                       required=True),
+                 r.get(e, "after_seconds", float, 0.0, f"{where}.xid[{i}]"))
+                for i, e in enumerate(r.items(g, "xid")))
+    gpu = SimGpu(
+        name=r.get(g, "name", str, default.name),
+        memory_bytes=r.get(g, "memory_gib", float, default.memory_bytes / GIB) * GIB,
+        power_limit_watts=r.get(g, "power_limit_watts", float, default.power_limit_watts),
+        idle_power_watts=r.get(g, "idle_power_watts", float, default.idle_power_watts),
+        load=r.get(g, "load", float, default.load),
+        idle_temperature=r.get(g, "idle_temperature", float, default.idle_temperature),
+        load_temperature=r.get(g, "load_temperature", float, default.load_temperature),
+        slowdown_temperature=r.get(g, "slowdown_temperature", float,
+                                   default.slowdown_temperature),
+        shutdown_temperature=r.get(g, "shutdown_temperature", float,
+                                   default.shutdown_temperature),
+        max_clocks_mhz=r.get(g, "max_clocks_mhz", dict, dict(default.max_clocks_mhz)),
+        fan=r.get(g, "fan", bool, default.fan),
+        ecc=r.get(g, "ecc", bool, default.ecc),
+        ecc_errors=r.get(g, "ecc_errors", dict, {}),
+        errors=errors,
+        hang=tuple(str(f) for f in r.get(g, "hang", list, [])),
+        lost_after_seconds=r.get(g, "lost_after_seconds", float, None),
+        back_after_seconds=r.get(g, "back_after_seconds", float, None),
+        missing_after_seconds=r.get(g, "missing_after_seconds", float, None),
+        xid=xid,
+        processes=tuple(_process(r, p, f"{where}.processes[{i}]")
+                        for i, p in enumerate(r.items(g, "processes"))),
+        uuid=r.get(g, "uuid", str, ""),
+        pci_bus_id=r.get(g, "pci_bus_id", str, f"00000000:{0x17 + index * 0x10:02X}:00.0"),
+        latency_seconds=r.get(g, "latency_seconds", float, None),
+    )
+    if not 0 <= gpu.load <= 1:
+        raise ScenarioError(f"{r.source}: {where}.load: must be between 0 and 1, got {gpu.load}")
+    if gpu.latency_seconds is not None and gpu.latency_seconds < 0:
+        raise ScenarioError(f"{r.source}: {where}.latency_seconds: must not be negative, got "
+                            f"{gpu.latency_seconds}")
+    r.no_other_keys(g, where, _GPU_KEYS)
+    return gpu
+
+
+_GPU_KEYS = {"name", "memory_gib", "power_limit_watts", "idle_power_watts", "load",
+             "idle_temperature", "load_temperature", "slowdown_temperature",
+             "shutdown_temperature", "max_clocks_mhz", "fan", "ecc", "ecc_errors", "errors",
+             "unsupported", "lost", "hang", "lost_after_seconds", "back_after_seconds",
+             "missing_after_seconds", "xid", "processes", "uuid", "pci_bus_id",
+             "latency_seconds"}
+_PROCESS_KEYS = {"pid", "user", "command", "cmdline", "memory_gib", "age_seconds", "kind",
+                 "container_id", "slurm_job_id", "vanished", "period_seconds",
+                 "active_seconds", "offset_seconds"}
+
+
+def _process(r: _Reader, data: Any, where: str) -> SimProcess:
+    p = r.mapping(data, where)
+    r.no_other_keys(p, where, _PROCESS_KEYS)
+    command = r.get(p, "command", str, "python")
+    process = SimProcess(
+        pid=r.get(p, "pid", int, 0, required=True),
+        user=r.get(p, "user", str, "", required=True),
+        command=command,
+        cmdline=r.get(p, "cmdline", str, command),
+        memory_bytes=r.get(p, "memory_gib", float, 1.0) * GIB,
+        age_seconds=r.get(p, "age_seconds", float, 3600.0),
+        kind=r.choice(p, "kind", ("compute", "graphics", "both"), "compute"),
+        container_id=r.get(p, "container_id", str, ""),
+        slurm_job_id=str(r.get(p, "slurm_job_id", int, 0) or ""),
+        vanished=r.get(p, "vanished", bool, False),
+        period_seconds=r.get(p, "period_seconds", float, 0.0),
+        active_seconds=r.get(p, "active_seconds", float, 0.0),
+        offset_seconds=r.get(p, "offset_seconds", float, 0.0),
+    )
+    if process.pid <= 0:
+        raise ScenarioError(f"{r.source}: {where}.pid: must be a positive number")
+    return process
+
+
+@dataclass
+class _Reader:
+    """Reads scenario YAML with errors that name the file and the field."""
+
+    source: str
+
+    def mapping(self, data: Any, where: str) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise ScenarioError(f"{self.source}: {where or 'the file'}: expected a mapping, "
+                                f"got {type(data).__name__}")
+        return data
+
+    def items(self, data: dict[str, Any], key: str, required: bool = False) -> list[Any]:
+        value = data.get(key)
+        if value is None:
+            if required:
+                raise ScenarioError(f"{self.source}: missing key {key!r}")
+            return []
+        if not isinstance(value, list):
+            raise ScenarioError(f"{self.source}: {key}: expected a list")
+        return value
+
+    def get(self, data: Any, key: str, kind: type, default: Any, where: str = "",
+            required: bool = False) -> Any:
+        if key not in data or data[key] is None:
+            if required:
+                raise ScenarioError(f"{self.source}: {where}: missing key {key!r}")
+            return default
+        value = data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+            raise ScenarioError(f"{self.source}: {where + '.' if where else ''}{key}: expected "
+                                f"{kind.__name__}, got {value!r}")
+        return value
+
+    def choice(self, data: dict[str, Any], key: str, choices: tuple[str, ...], default: str
+               ) -> str:
+        value = data.get(key, default)
+        if value not in choices:
+            raise ScenarioError(f"{self.source}: {key}: {value!r} is not one of "
+                                f"{', '.join(choices)}")
+        return str(value)
+
+    def no_other_keys(self, data: dict[str, Any], where: str, known: set[str]) -> None:
+        reject_unknown_keys(self.source, f"{where}: " if where else "", data, known,
+                            ScenarioError)
