@@ -6,7 +6,6 @@ Rewrite the files after an intended change with GPUWATCH_UPDATE_GOLDEN=1 and rea
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -41,9 +40,7 @@ def test_a_scrape_is_reproducible() -> None:
 
 
 @pytest.mark.parametrize("name", scenario_names())
-def test_golden_file_passes_promtool_lint(name: str) -> None:
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool is missing: run `make test`, which installs it"
+def test_golden_file_passes_promtool_lint(promtool: str, name: str) -> None:
     path = GOLDEN / f"{name}.prom"
     result = subprocess.run([promtool, "check", "metrics"], input=path.read_bytes(),
                             capture_output=True, check=False)

@@ -4,7 +4,6 @@ the states, the thresholds, the docs and the runbook."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,8 @@ RUNBOOK = ROOT / "docs" / "runbook.md"
 SEVERITIES = {"critical", "warning", "info"}
 
 
-def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    binary = shutil.which("promtool")
-    assert binary, "promtool is not installed: run scripts/ensure-prometheus (Debian's package)"
-    return subprocess.run([binary, *args], capture_output=True, text=True, timeout=120,
+def run(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([promtool, *args], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
 
 
@@ -52,15 +49,15 @@ def rule(name: str) -> dict[str, Any]:
 
 # -- promtool ---------------------------------------------------------------------------------
 
-def test_promtool_check_config() -> None:
-    result = promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
+def test_promtool_check_config(promtool: str) -> None:
+    result = run(promtool, "check", "config", str(PROMETHEUS / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("path", RULE_FILES, ids=lambda p: p.name)
-def test_promtool_check_rules(path: Path) -> None:
-    result = promtool("check", "rules", str(path))
+def test_promtool_check_rules(promtool: str, path: Path) -> None:
+    result = run(promtool, "check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -69,8 +66,8 @@ def test_every_rule_file_is_loaded() -> None:
 
 
 @pytest.mark.parametrize("path", PROMTOOL_TESTS, ids=lambda p: p.name)
-def test_promtool_test_rules(path: Path) -> None:
-    result = promtool("test", "rules", str(path))
+def test_promtool_test_rules(promtool: str, path: Path) -> None:
+    result = run(promtool, "test", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -311,7 +308,8 @@ def _docs_consul_block() -> dict[str, Any]:
     return consul
 
 
-def _check_job(tmp_path: Path, job_changes: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+def _check_job(promtool: str, tmp_path: Path,
+               job_changes: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     """promtool check config on prometheus.yml with the gpuwatch job changed."""
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     job = config["scrape_configs"][0]
@@ -323,23 +321,23 @@ def _check_job(tmp_path: Path, job_changes: dict[str, Any]) -> subprocess.Comple
     config["rule_files"] = [str(p) for p in RULE_FILES]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
-    return promtool("check", "config", str(path))
+    return run(promtool, "check", "config", str(path))
 
 
-def test_docs_consul_relabelling_is_valid(tmp_path: Path) -> None:
+def test_docs_consul_relabelling_is_valid(promtool: str, tmp_path: Path) -> None:
     consul = _docs_consul_block()
     assert set(consul) == {"consul_sd_configs", "relabel_configs"}
     assert consul["relabel_configs"][0]["target_label"] == "host"
-    result = _check_job(tmp_path, {"relabel_configs": consul["relabel_configs"]})
+    result = _check_job(promtool, tmp_path, {"relabel_configs": consul["relabel_configs"]})
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_docs_consul_block_is_a_valid_scrape_config(tmp_path: Path) -> None:
-    probe = _check_job(tmp_path, {"file_sd_configs": None,
+def test_docs_consul_block_is_a_valid_scrape_config(promtool: str, tmp_path: Path) -> None:
+    probe = _check_job(promtool, tmp_path, {"file_sd_configs": None,
                                   "consul_sd_configs": [{"server": "localhost:8500"}]})
     if "field consul_sd_configs not found" in probe.stdout + probe.stderr:
         pytest.skip("this promtool is built without Consul discovery (Debian 12's package)")
-    result = _check_job(tmp_path, {"file_sd_configs": None, **_docs_consul_block()})
+    result = _check_job(promtool, tmp_path, {"file_sd_configs": None, **_docs_consul_block()})
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -389,14 +387,15 @@ def test_host_is_the_target_without_its_port_unless_set(host: str, address: str,
 
 # -- generated variants (the end-to-end tests and the demo run these) -----------------------------
 
-def test_generated_variant_differs_from_the_source_only_by_its_overrides(tmp_path: Path) -> None:
+def test_generated_variant_differs_from_the_source_only_by_its_overrides(
+        promtool: str, tmp_path: Path) -> None:
     idle = "gpuwatch:threshold_idle_duration_seconds:constant"
     overrides = localstack.Overrides(scrape_interval="1s", evaluation_interval="2s",
                                      refresh_interval="3s", thresholds={idle: 4},
                                      alert_for={"GpuLost": "5s"})
     config_path = localstack.render_config(tmp_path / "out", tmp_path / "targets", overrides,
                                            source=PROMETHEUS, reservations="127.0.0.1:19840")
-    result = promtool("check", "config", str(config_path))
+    result = run(promtool, "check", "config", str(config_path))
     assert result.returncode == 0, result.stdout + result.stderr
     config = yaml.safe_load(config_path.read_text())
     source = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())

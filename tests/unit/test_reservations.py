@@ -13,7 +13,6 @@ import io
 import json
 import multiprocessing
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -715,7 +714,7 @@ def test_a_broken_file_fails_the_collector_and_keeps_the_bookings_read_before(
         exporter.close()
 
 
-def test_the_exposition_passes_promtool(tmp_path: Path) -> None:
+def test_the_exposition_passes_promtool(promtool: str, tmp_path: Path) -> None:
     path = tmp_path / "reservations.yml"
     reservations.write(path, [reservation(gpus=(0, 1), comment='a "quoted", long\\ comment'),
                               reservation(host="ws-01", gpus=None, user="bob")])
@@ -725,8 +724,6 @@ def test_the_exposition_passes_promtool(tmp_path: Path) -> None:
         assert encoding.text(registry) == text  # what the exporter serves, byte for byte
     finally:
         exporter.close()
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool is missing: run `make test`, which installs it"
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
     assert b'gpu="all"' in text and b'comment="a \\"quoted\\", long\\\\ comment"' in text
