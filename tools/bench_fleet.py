@@ -37,8 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -51,6 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpuwatch import __version__
 from gpuwatch.contract import metrics, states
 from gpuwatch.contract.prometheus import SCRAPE_SERIES as PER_TARGET_SERIES
+from gpuwatch.fleet.prometheus import Prometheus, PrometheusError
 from tools import dashboards, fleetsim, localstack
 
 PROG = "gpuwatch-bench-fleet"
@@ -110,63 +109,29 @@ class BenchError(Exception):
 
 # -- asking Prometheus ---------------------------------------------------------------------------
 
-class Client:
-    def __init__(self, url: str) -> None:
-        self.url = url
+QUERY_TIMEOUT = 120.0
+"""Seconds any one question to Prometheus may take: the largest fleet's range panels are slow."""
 
-    def get(self, path: str, params: dict[str, str] | None = None,
-            timeout: float = 120.0) -> bytes:
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        try:
-            with urllib.request.urlopen(f"{self.url}{path}{query}", timeout=timeout) as r:
-                body: bytes = r.read()
-                return body
-        except urllib.error.HTTPError as e:
-            raise BenchError(f"{path} {params}: HTTP {e.code}: {e.read()[:300]!r}") from e
 
-    def api(self, path: str, **params: str) -> Any:
-        answer = json.loads(self.get(f"/api/v1/{path}", params))
-        if answer.get("status") != "success":
-            raise BenchError(f"{path} {params}: {answer.get('error')}")
-        return answer["data"]
+def own_metrics(prometheus: Prometheus) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Prometheus' own /metrics: name -> [(labels, value)]."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(prometheus.get("/metrics").decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return out
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self.api("query", query=expr)
-        if data["resultType"] == "scalar":
-            return [{"metric": {}, "value": data["result"]}]
-        return list(data["result"])
 
-    def value(self, expr: str) -> float | None:
-        result = self.query(expr)
-        return float(result[0]["value"][1]) if result else None
-
-    def label_values(self, label: str, selector: str) -> list[str]:
-        return sorted(self.api(f"label/{label}/values", **{"match[]": selector}))
-
-    def own_metrics(self) -> dict[str, list[tuple[dict[str, str], float]]]:
-        """Prometheus' own /metrics: name -> [(labels, value)]."""
-        out: dict[str, list[tuple[dict[str, str], float]]] = {}
-        for family in text_string_to_metric_families(self.get("/metrics").decode()):
-            for sample in family.samples:
-                out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
-        return out
-
-    def timed(self, expr: str, range_seconds: float | None, step: float) -> float:
-        """Seconds from asking to the whole answer read (what Grafana waits for)."""
-        if range_seconds is None:
-            params = {"query": expr}
-            path = "/api/v1/query"
-        else:
-            now = time.time()
-            params = {"query": expr, "start": f"{now - range_seconds:.3f}",
-                      "end": f"{now:.3f}", "step": f"{step:g}"}
-            path = "/api/v1/query_range"
-        began = time.perf_counter()
-        body = self.get(path, params)
-        took = time.perf_counter() - began
-        if json.loads(body).get("status") != "success":
-            raise BenchError(f"{expr}: {body[:300]!r}")
-        return took
+def timed(prometheus: Prometheus, expr: str, range_seconds: float | None,
+          step: float) -> float:
+    """Seconds from asking to the whole answer read and decoded (what Grafana waits for)."""
+    began = time.perf_counter()
+    if range_seconds is None:
+        prometheus.query(expr)
+    else:
+        now = time.time()
+        prometheus.query_range(expr, now - range_seconds, now, step)
+    return time.perf_counter() - began
 
 
 def _one(samples: dict[str, list[tuple[dict[str, str], float]]], name: str) -> float:
@@ -291,7 +256,7 @@ class FleetRun:
         self.settings = settings
         self.log = log
         self.stack = ExitStack()
-        self.prometheus = Client("")
+        self._prometheus: Prometheus | None = None
         self.simulator_stats_url = ""
 
     def __enter__(self) -> FleetRun:
@@ -333,7 +298,14 @@ class FleetRun:
                                            self.workdir / "prometheus.log")
         prometheus.start(timeout=60)
         self.stack.callback(prometheus.stop)
-        self.prometheus = Client(f"http://{localstack.LOCALHOST}:{prometheus_port}")
+        self._prometheus = Prometheus(f"http://{localstack.LOCALHOST}:{prometheus_port}",
+                                      QUERY_TIMEOUT)
+
+    @property
+    def prometheus(self) -> Prometheus:
+        if self._prometheus is None:
+            raise BenchError("Prometheus is not started yet")
+        return self._prometheus
 
     def simulator_stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.simulator_stats_url, timeout=30) as r:
@@ -347,7 +319,7 @@ class FleetRun:
         for expr, wanted, what in (
                 (f'count(up{{job="{states.JOB}"}} == 1)', spec.nodes, "every node scraped"),
                 (f"count({states.STATE_INFO})", spec.gpus, "every GPU with a state")):
-            while (got := p.value(expr)) != wanted:
+            while (got := p.query_value(expr)) != wanted:
                 if time.monotonic() > deadline:
                     raise BenchError(f"waited {self.settings.ready_seconds:g} s for {what}: "
                                      f"{got} of {wanted}")
@@ -358,13 +330,13 @@ class FleetRun:
         p, s = self.prometheus, self.settings
         processes = self.spec.gpus * self.spec.processes_per_gpu
         figures = Figures(self.spec.gpus, self.spec.nodes, processes)
-        before, sim_before, t0 = p.own_metrics(), self.simulator_stats(), time.monotonic()
+        before, sim_before, t0 = own_metrics(p), self.simulator_stats(), time.monotonic()
         # the rule groups over several evaluations, with no query running beside them;
         # each evaluation counted once (by when it ran)
         seen: set[tuple[str, str]] = set()
         for _ in range(2 * s.evaluations):
             time.sleep(s.interval / 2)
-            for g in p.api("rules")["groups"]:
+            for g in p.rules():
                 if (g["name"], g["lastEvaluation"]) in seen:
                     continue
                 seen.add((g["name"], g["lastEvaluation"]))
@@ -373,7 +345,7 @@ class FleetRun:
                 rules = figures.rule_evaluations.setdefault(g["name"], {})
                 for rule in g["rules"]:
                     rules.setdefault(rule["name"], []).append(float(rule["evaluationTime"]))
-        after, sim_after, wall = p.own_metrics(), self.simulator_stats(), \
+        after, sim_after, wall = own_metrics(p), self.simulator_stats(), \
             time.monotonic() - t0
         figures.prometheus_cores = (_one(after, "process_cpu_seconds_total")
                                     - _one(before, "process_cpu_seconds_total")) / wall
@@ -395,12 +367,12 @@ class FleetRun:
         for name, expr in (("median", f"quantile(0.5, scrape_duration_seconds{{{job}}})"),
                            ("p99", f"quantile(0.99, scrape_duration_seconds{{{job}}})"),
                            ("max", f"max(scrape_duration_seconds{{{job}}})")):
-            figures.scrape_seconds[name] = p.value(expr) or 0.0
-        figures.samples_per_scrape = p.value(f"avg(scrape_samples_scraped{{{job}}})") or 0.0
+            figures.scrape_seconds[name] = p.query_value(expr) or 0.0
+        figures.samples_per_scrape = \
+            p.query_value(f"avg(scrape_samples_scraped{{{job}}})") or 0.0
         for row in p.query('count by (__name__) ({__name__=~".+"})'):
-            kind = classify(row["metric"]["__name__"])
-            figures.series_by_kind[kind] = figures.series_by_kind.get(kind, 0) + \
-                int(float(row["value"][1]))
+            kind = classify(row.labels["__name__"])
+            figures.series_by_kind[kind] = figures.series_by_kind.get(kind, 0) + int(row.value)
 
         figures.queries = list(self.dashboard_queries())
         grid = [q for q in figures.queries
@@ -418,9 +390,9 @@ class FleetRun:
         """Series Prometheus creates per job started, over `window` seconds."""
         p = self.prometheus
         created = "prometheus_tsdb_head_series_created_total"
-        before, t0 = _one(p.own_metrics(), created), time.monotonic()
+        before, t0 = _one(own_metrics(p), created), time.monotonic()
         time.sleep(window)
-        after, t1 = _one(p.own_metrics(), created), time.monotonic()
+        after, t1 = _one(own_metrics(p), created), time.monotonic()
         jobs = self.spec.gpus * self.spec.processes_per_gpu * (t1 - t0) / self.spec.job_seconds
         return Churn(self.spec.gpus, self.spec.job_seconds, " ".join(self.exporter_flags),
                      jobs, after - before)
@@ -435,7 +407,7 @@ class FleetRun:
                 expr = dashboards.expand(target["expr"], values)
                 ranged = bool(target.get("range")) and not target.get("instant")
                 seconds = statistics.median(
-                    p.timed(expr, s.range_seconds if ranged else None, s.interval)
+                    timed(p, expr, s.range_seconds if ranged else None, s.interval)
                     for _ in range(s.repeats))
                 series = len(p.query(expr))
                 yield QueryTime(uid, panel.get("title", ""), target.get("refId", ""),
@@ -643,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run.wait_ready()
                     churn.append(run.measure_churn(4 * settings.interval))
                 out(f"  (churn run {name}: done)")
-    except (BenchError, localstack.LocalStackError, fleetsim.FleetSimError) as e:
+    except (BenchError, PrometheusError, localstack.LocalStackError,
+            fleetsim.FleetSimError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     finally:

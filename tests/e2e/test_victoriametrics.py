@@ -19,8 +19,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import pytest
 import yaml
 
 from gpuwatch.contract import states
+from gpuwatch.fleet.prometheus import Prometheus
 from tools import dashboards, localstack
 
 T = TypeVar("T")
@@ -97,8 +96,8 @@ def with_remote_write(config: Path, url: str) -> None:
 
 @dataclass
 class Stack:
-    prometheus: str
-    victoria_metrics: str
+    prometheus: Prometheus
+    victoria_metrics: Prometheus
     exporters: dict[str, localstack.Service]
     gpus: int
 
@@ -138,24 +137,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         prometheus.start()
         stop.callback(prometheus.stop)
         gpus = sum(scenario.count("\n  - ") for scenario in NODES.values())
-        yield Stack(f"http://{localstack.LOCALHOST}:{prometheus_port}", vm_url, exporters,
-                    gpus)
+        yield Stack(Prometheus(f"http://{localstack.LOCALHOST}:{prometheus_port}"),
+                    Prometheus(vm_url), exporters, gpus)
 
 
-def api(url: str, path: str, **params: str) -> Any:
-    query = urllib.parse.urlencode(params)
-    with urllib.request.urlopen(f"{url}/api/v1/{path}?{query}", timeout=10) as response:
-        answer = json.loads(response.read())
-    assert answer["status"] == "success", answer
-    return answer["data"]
-
-
-def query(url: str, expr: str) -> list[dict[str, Any]]:
-    return list(api(url, "query", query=expr)["result"])
-
-
-def status(url: str, *extra: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "gpuwatch.cli", "--prometheus", url,
+def status(server: Prometheus, *extra: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "gpuwatch.cli", "--prometheus", server.url,
                            "status", "--color=never", *extra],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
@@ -175,8 +162,8 @@ def wait_for(what: str, probe: Callable[[], T], done: Callable[[T], bool]) -> T:
 
 def grids(stack: Stack) -> tuple[tuple[str, Any], tuple[str, Any]]:
     """(text, JSON) of `gpuwatch status` against Prometheus, then against VictoriaMetrics."""
-    def both(url: str) -> tuple[str, Any]:
-        return status(url), json.loads(status(url, "--json"))
+    def both(server: Prometheus) -> tuple[str, Any]:
+        return status(server), json.loads(status(server, "--json"))
     return both(stack.prometheus), both(stack.victoria_metrics)
 
 
@@ -199,17 +186,16 @@ def states_of(rows: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
 
 def test_recorded_series_reach_victoriametrics_from_prometheus(stack: Stack) -> None:
     count = f"count({states.STATE_INFO})"
-    wait_for("every GPU's state in Prometheus", lambda: query(stack.prometheus, count),
-             lambda r: bool(r) and float(r[0]["value"][1]) == stack.gpus)
+    wait_for("every GPU's state in Prometheus", lambda: stack.prometheus.query_value(count),
+             lambda n: n == stack.gpus)
     wait_for("every GPU's state in VictoriaMetrics",
-             lambda: query(stack.victoria_metrics, count),
-             lambda r: bool(r) and float(r[0]["value"][1]) == stack.gpus)
+             lambda: stack.victoria_metrics.query_value(count), lambda n: n == stack.gpus)
     recorded = '{__name__=~"[a-z_]+:.+"}'
-    names = {r["metric"]["__name__"] for r in query(stack.prometheus, recorded)}
+    names = {s.labels["__name__"] for s in stack.prometheus.query(recorded)}
     assert states.STATE_INFO in names and states.STATE_CODE in names
     forwarded = wait_for(
         "every recorded series in VictoriaMetrics",
-        lambda: {r["metric"]["__name__"] for r in query(stack.victoria_metrics, recorded)},
+        lambda: {s.labels["__name__"] for s in stack.victoria_metrics.query(recorded)},
         lambda got: names <= got)
     assert forwarded == names, "VictoriaMetrics records nothing of its own"
 
@@ -231,10 +217,7 @@ def test_every_dashboard_query_answers_the_same_series_from_victoriametrics(
     wait_for("the same grid from both", lambda: grids(stack), same)
     differ = []
     for uid, dashboard in dashboards.load_all().items():
-        def label_values(label: str, selector: str) -> list[str]:
-            return sorted(api(stack.victoria_metrics, f"label/{label}/values",
-                              **{"match[]": selector}))
-        values = dashboards.resolve_variables(dashboard, label_values,
+        values = dashboards.resolve_variables(dashboard, stack.victoria_metrics.label_values,
                                               dashboards.grafana_values(1.0, 60.0),
                                               each_value=False)[0]
         for panel, target in dashboards.targets(dashboard):
@@ -244,8 +227,8 @@ def test_every_dashboard_query_answers_the_same_series_from_victoriametrics(
     assert differ == [], "\n".join(differ)
 
 
-def series(url: str, expr: str) -> list[list[tuple[str, str]]]:
-    return sorted(sorted(r["metric"].items()) for r in query(url, expr))
+def series(server: Prometheus, expr: str) -> list[list[tuple[str, str]]]:
+    return sorted(sorted(s.labels.items()) for s in server.query(expr))
 
 
 def test_a_node_that_stops_is_down_in_both(stack: Stack) -> None:
