@@ -1,14 +1,10 @@
-"""gpuwatch-exporter as a program: flags, bad input, a real process serving a simulated node."""
+"""gpuwatch-exporter as a program: flags and bad input (tests/e2e/test_exporter_process.py runs
+it as a process)."""
 
 from __future__ import annotations
 
-import ctypes.util
 import os
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +13,6 @@ import pytest
 from gpuwatch.exporter.main import main
 from gpuwatch.sim import load_scenario
 
-EXPORTER = [sys.executable, "-m", "gpuwatch.exporter"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     try:
@@ -32,18 +20,6 @@ def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     except SystemExit as e:
         code = int(e.code or 0)
     return code, capsys.readouterr().err
-
-
-def scrape(port: int, deadline: float = 20) -> str:
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                return str(r.read().decode())
-        except OSError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.1)
 
 
 @pytest.mark.parametrize("flags", [
@@ -127,43 +103,6 @@ def test_a_port_in_use_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> N
     assert code == 2 and "cannot listen on" in err
 
 
-def test_the_exporter_serves_a_simulated_node_and_stops_on_sigterm() -> None:
-    port = free_port()
-    process = subprocess.Popen([*EXPORTER, "--simulate", "server", "--web.listen-address",
-                                f"127.0.0.1:{port}"], stderr=subprocess.PIPE, text=True)
-    try:
-        text = scrape(port)
-        assert 'nvidia_gpu_users_info{gpu="3",users="erin"' in text
-        assert "process_resident_memory_bytes" in text  # the exporter's own process metrics
-    finally:
-        process.terminate()
-        assert process.wait(10) == 0
-    assert "listening on http://127.0.0.1" in (process.stderr.read() if process.stderr else "")
-
-
-@pytest.mark.skipif(ctypes.util.find_library("nvidia-ml") is not None,
-                    reason="this machine has an NVIDIA driver")
-def test_without_a_driver_the_exporter_runs_and_says_why() -> None:
-    """On a machine with no NVIDIA driver the real NVML path serves health, not a crash."""
-    port = free_port()
-    env = dict(os.environ, LD_LIBRARY_PATH="/nonexistent")
-    process = subprocess.Popen([*EXPORTER, "--web.listen-address", f"127.0.0.1:{port}"],
-                               stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        text = scrape(port)
-        assert "nvidia_gpu_nvml_up 0.0" in text
-        assert 'nvidia_gpu_scrape_collector_success{collector="gpu"} 0.0' in text
-        scrape(port)
-    finally:
-        process.terminate()
-        process.wait(10)
-    log = process.stderr.read() if process.stderr else ""
-    # one line, as the README says: the collectors that fail for that reason share it
-    assert log.count("collectors gpu, process, xid failed") == 1, log
-    assert sum("failed" in line for line in log.splitlines()) == 1, log
-    assert "libnvidia-ml.so not found" in log or "NVIDIA" in log
-
-
 BROKEN_HASH = "$2y$10$X0h1gDsPszWURQaxFh.zoubFi6DXncSjhoQNJgRrnGs7EsimhC7z"  # one short
 
 
@@ -197,16 +136,3 @@ def test_a_web_config_the_exporter_cannot_honour_is_one_line_naming_it(
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and str(config) in lines[0] and message in lines[0], err
-
-
-def test_a_malformed_bcrypt_hash_stops_the_exporter_process(tmp_path: Path) -> None:
-    config = tmp_path / "web.yml"
-    config.write_text(f"basic_auth_users:\n  prometheus: '{BROKEN_HASH}'\n")
-    done = subprocess.run([*EXPORTER, "--simulate", "workstation", "--web.config.file",
-                           str(config), "--web.listen-address", f"127.0.0.1:{free_port()}"],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        f"gpuwatch-exporter: error: {config}: basic_auth_users.prometheus: not a bcrypt hash "
-        "($2a$, $2b$ or $2y$, a cost of 04 to 31, then 53 characters of bcrypt base64); make "
-        "one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`"]
