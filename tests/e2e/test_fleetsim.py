@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpuwatch.exporter.main import build_exporter, build_registry, simulated_sources
@@ -138,10 +139,13 @@ def exporter_answer(node: int, headers: dict[str, str]) -> tuple[str, list[tuple
 
 
 def shape(text: str) -> tuple[list[str], set[tuple[str, tuple[tuple[str, str], ...]]]]:
-    """The HELP and TYPE lines, and every series (name and labels), of an exposition."""
+    """The HELP and TYPE lines, and every series (name and labels), of an exposition (text,
+    or OpenMetrics, which its own strict parser reads)."""
     comments = [line for line in text.splitlines() if line.startswith("#")]
+    parse = openmetrics_parser.text_string_to_metric_families if text.endswith("# EOF\n") \
+        else text_string_to_metric_families
     series = {(s.name, tuple(sorted(s.labels.items())))
-              for family in text_string_to_metric_families(text) for s in family.samples}
+              for family in parse(text) for s in family.samples}
     return comments, series
 
 
@@ -164,6 +168,7 @@ def test_every_node_serves_what_the_exporter_serves(simulator: dict[str, Any],
     assert f"{status} OK" == want_status
     for name, value in want_headers:
         assert headers.get(name) == value, name
+    assert headers["Content-Type"].startswith("application/openmetrics-text")  # as asked
     got_comments, got_series = shape(gzip.decompress(body).decode())
     want_comments, want_series = shape(gzip.decompress(want_body).decode())
     assert got_comments == want_comments

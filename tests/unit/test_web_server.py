@@ -31,6 +31,7 @@ from paths import REPO as ROOT
 from paths import TESTS
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from simnode import build
 
 from gpuwatch.exporter import web
@@ -403,11 +404,36 @@ def test_gzip_negotiation_and_vary_on_the_wire(start: Callable[..., Server]) -> 
     server = start()
     status, headers, body = request(server.port, headers={"Accept-Encoding": "gzip"})
     assert status == 200 and headers["Content-Encoding"] == "gzip"
-    assert headers["Vary"] == "Accept-Encoding"
+    assert headers["Vary"] == "Accept, Accept-Encoding"
     assert b"nvidia_gpu_up" in gzip.decompress(body)
     status, headers, body = request(server.port, headers={"Accept-Encoding": "gzip;q=0"})
     assert status == 200 and "Content-Encoding" not in headers
-    assert headers["Vary"] == "Accept-Encoding" and b"nvidia_gpu_up" in body
+    assert headers["Vary"] == "Accept, Accept-Encoding" and b"nvidia_gpu_up" in body
+
+
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                     "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+@pytest.mark.parametrize(("accept", "content_type"), [
+    (None, "text/plain; version=0.0.4; charset=utf-8"),
+    ("text/plain", "text/plain; version=0.0.4; charset=utf-8"),
+    ("*/*", "text/plain; version=0.0.4; charset=utf-8"),
+    ("application/openmetrics-text", "application/openmetrics-text; version=1.0.0; "
+                                     "charset=utf-8"),
+    (PROMETHEUS_ACCEPT, "application/openmetrics-text; version=1.0.0; charset=utf-8; "
+                        "escaping=underscores"),
+])
+def test_the_format_is_what_the_client_asks_for_byte_for_byte_the_librarys(
+        start: Callable[..., Server], accept: str | None, content_type: str) -> None:
+    """choose_encoder's pick: OpenMetrics (with # EOF) when asked for, else text 0.0.4;
+    the frozen clock of the simulated node makes two collections the same bytes."""
+    server = start()
+    status, headers, body = request(server.port, headers={"Accept": accept} if accept else {})
+    assert status == 200 and headers["Content-Type"] == content_type
+    encoder, _ = choose_encoder(accept or "")
+    assert body == encoder(server.app.registry)
+    assert body.endswith(b"# EOF\n") is content_type.startswith("application/openmetrics-text")
 
 
 @pytest.mark.parametrize("method", ["TRACE", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])

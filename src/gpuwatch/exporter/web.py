@@ -349,12 +349,14 @@ class App:
         return None
 
     def answer(self, request: Request, config: WebConfig, text: bytes | None = None) -> Reply:
-        """The answer to a request let in. On the telemetry path `text` is the exposition
-        (collected now when None: blocks); gzipping it costs CPU too."""
+        """The answer to a request let in. On the telemetry path `text` is the exposition in
+        the format the Accept header asks for (encoding.negotiate; collected now when None:
+        blocks); gzipping it costs CPU too."""
         headers = list(config.headers.items())
         if request.path == self.telemetry_path:
-            body = encoding.text(self.registry) if text is None else text
-            headers += [("Content-Type", encoding.CONTENT_TYPE), ("Vary", "Accept-Encoding")]
+            write, content_type = encoding.negotiate(request.headers.get("accept", ""))
+            body = write(self.registry) if text is None else text
+            headers += [("Content-Type", content_type), ("Vary", "Accept, Accept-Encoding")]
             if accepts_gzip(request.headers.get("accept-encoding", "")):
                 body = gzip.compress(body, compresslevel=GZIP_LEVEL)
                 headers.append(("Content-Encoding", "gzip"))
@@ -558,7 +560,8 @@ class Server:
         self._pool: ThreadPoolExecutor | None = None
         self._config_pool: ThreadPoolExecutor | None = None
         self._resume: asyncio.TimerHandle | None = None
-        self._collecting: asyncio.Future[bytes] | None = None
+        self._collecting: dict[str, asyncio.Future[bytes]] = {}
+        """Content type -> the exposition in flight in that format."""
         self._logged: dict[str, float] = {}
 
     def serve_forever(self) -> None:
@@ -745,24 +748,25 @@ class Server:
             return refusal
         if question.path != self.app.telemetry_path:
             return self.app.answer(question, config)  # a fixed page: nothing to wait for
-        text = await self._exposition()
+        write, content_type = encoding.negotiate(question.headers.get("accept", ""))
+        text = await self._exposition(write, content_type)
         return await loop.run_in_executor(self._pool, self.app.answer, question, config, text)
 
-    async def _exposition(self) -> bytes:
-        """The exposition of the collection in flight, or of one started now: scrapes that
-        arrive while a collection runs share it (as the Exporter shares its collection, but
-        without a thread each to wait in)."""
-        shared = self._collecting
+    async def _exposition(self, write: encoding.Writer, content_type: str) -> bytes:
+        """The exposition in this format of the collection in flight, or of one started now:
+        scrapes that arrive while a collection runs share it (as the Exporter shares its
+        collection, but without a thread each to wait in)."""
+        shared = self._collecting.get(content_type)
         if shared is None:
             loop = asyncio.get_running_loop()
             assert self._pool is not None
-            shared = self._collecting = loop.run_in_executor(
-                self._pool, encoding.text, self.app.registry)
-            shared.add_done_callback(self._collected)
+            shared = self._collecting[content_type] = loop.run_in_executor(
+                self._pool, write, self.app.registry)
+            shared.add_done_callback(functools.partial(self._collected, content_type))
         return await asyncio.shield(shared)
 
-    def _collected(self, done: asyncio.Future[bytes]) -> None:
-        self._collecting = None
+    def _collected(self, content_type: str, done: asyncio.Future[bytes]) -> None:
+        del self._collecting[content_type]
         if not done.cancelled():
             done.exception()  # retrieved here: every waiter may have gone
 
