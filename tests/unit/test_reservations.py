@@ -15,8 +15,6 @@ import multiprocessing
 import os
 import stat
 import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -35,7 +33,6 @@ from gpuwatch.exporter.collectors.reservation import ReservationCollector
 from gpuwatch.exporter.nvml import Nvml
 from gpuwatch.exporter.scrape import Exporter
 from gpuwatch.reservations import Reservation, ReservationError, legacy
-from tools import localstack
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
@@ -363,20 +360,6 @@ def test_many_people_booking_one_gpu_at_once_get_it_once(tmp_path: Path) -> None
     assert only.user == f"user{results.index('booked')}"
 
 
-def test_the_commands_booking_at_once_lose_no_booking(tmp_path: Path) -> None:
-    path = tmp_path / "reservations.yml"
-    env = {**os.environ, reservations.ENV_FILE: str(path)}
-    processes = [subprocess.Popen([sys.executable, "-m", "gpuwatch.cli", "reserve",
-                                   f"node-{i % 2}:{i}", "--until", "+30d", "--user", f"u{i}"],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for i in range(8)]
-    outputs = [p.communicate(timeout=120) for p in processes]
-    assert [p.returncode for p in processes] == [0] * 8, outputs
-    now = dt.datetime.now(UTC)
-    assert sorted((b.host, b.gpus, b.user) for b in reservations.load(path, now)) == \
-        sorted((f"node-{i % 2}", (i,), f"u{i}") for i in range(8))
-
-
 # -- the commands ------------------------------------------------------------------------------
 
 def run(*argv: str) -> tuple[int, str]:
@@ -584,20 +567,6 @@ def test_import_of_what_is_not_the_old_format(rfile: Path, tmp_path: Path,
     assert "n2: expected GPU index" in err
 
 
-def test_the_exporter_never_loads_the_old_format_importer() -> None:
-    """The exporter reads the reservations file; importing comments.json is the command's."""
-    done = subprocess.run(
-        [sys.executable, "-c", "import json, sys, gpuwatch.exporter.main, "
-         "gpuwatch.exporter.collectors.reservation; print(json.dumps(["
-         "sorted(n for n in sys.modules if n.startswith('gpuwatch.reservations')), "
-         "sorted(n for n, m in sys.modules.items() if hasattr(m, 'convert_comments'))]))"],
-        capture_output=True, text=True, timeout=60, check=True)
-    loaded, importers = json.loads(done.stdout)
-    assert "gpuwatch.reservations.model" in loaded, loaded
-    assert "gpuwatch.reservations.legacy" not in loaded, loaded
-    assert importers == [], f"the exporter loads the importer: {importers}"
-
-
 # -- the reservation collector and the exporter that runs it ----------------------------------
 
 class NoNvml:
@@ -761,21 +730,3 @@ def test_the_endpoint_refuses_to_start_without_a_usable_file(
     assert exporter_main.main(["--collector.disable-defaults", *flags]) == 2
     err = capsys.readouterr().err
     assert err == f"gpuwatch-exporter: error: {message}\n"
-
-
-def test_the_endpoint_as_a_process_serves_bookings_without_nvml(tmp_path: Path) -> None:
-    path = tmp_path / "reservations.yml"
-    port = localstack.free_port()
-    with localstack.reservations_endpoint(path, port, tmp_path / "endpoint.log") as service:
-        assert run_with_file(path, "reserve", "gpu-srv-01:2", "--until", "+2d",
-                             "--user", "erin") == 0
-        with urllib.request.urlopen(service.ready_url, timeout=10) as response:
-            text = response.read().decode()
-    assert 'reserved_host="gpu-srv-01"' in text and 'user="erin"' in text
-    assert 'nvidia_gpu_scrape_collector_success{collector="reservation"} 1.0' in text
-    assert "nvidia_gpu_nvml_up" not in text and 'collector="gpu"' not in text
-
-
-def run_with_file(path: Path, *argv: str) -> int:
-    return cli.main(["--prometheus", "http://127.0.0.1:9", *argv[:1], "--file", str(path),
-                     *argv[1:]], out=io.StringIO())
