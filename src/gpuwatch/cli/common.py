@@ -57,7 +57,7 @@ def common_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help=f"how long to wait for Prometheus (default {DEFAULT_TIMEOUT:g})")
 
 
-def fleet(args: argparse.Namespace) -> list[GpuStatus]:
+def ask_fleet(args: argparse.Namespace) -> list[GpuStatus]:
     """Every GPU the Prometheus of --prometheus knows; UserError when it knows none."""
     found = read_fleet(Prometheus(args.prometheus, args.timeout))
     if not found:

@@ -7,7 +7,7 @@ import getpass
 from typing import TextIO
 
 from gpuwatch.argtypes import positive_int
-from gpuwatch.cli.common import Command, fleet
+from gpuwatch.cli.common import Command, ask_fleet
 from gpuwatch.fleet import gpus_of_host, local_names, pick
 
 
@@ -21,7 +21,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
-    gpus = fleet(args)
+    gpus = ask_fleet(args)
     names = [args.host] if args.host else local_names(args.prometheus)
     chosen = pick(gpus_of_host(gpus, names), args.count, args.user or getpass.getuser())
     out.write(",".join(map(str, chosen)) + "\n")

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from gpuwatch.cli.common import Command, fleet
+from gpuwatch.cli.common import Command, ask_fleet
 from gpuwatch.contract import states
 from gpuwatch.fleet import GpuStatus
 
@@ -28,7 +28,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
-    gpus = fleet(args)
+    gpus = ask_fleet(args)
     shown = [g for g in gpus if g.state == states.FREE.name] if args.free else gpus
     if args.json:
         json.dump([g.to_json() for g in shown], out, indent=2)
