@@ -7,6 +7,8 @@ client context (no server, no sockets): what a client of the exporter would see.
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import yaml
 from certs import certificate_authority, self_signed, signed_by
 
 from gpuwatch.exporter.webconfig import ConfigError, WebConfig, load_web_config
+from gpuwatch.yamlfile import YamlFileError, load_mapping, parse_yaml, reject_unknown_keys
 
 
 def write(folder: Path, config: dict[str, Any]) -> Path:
@@ -394,3 +397,36 @@ def test_a_malformed_bcrypt_hash_is_refused_at_start(tmp_path: Path, hashed: str
 def test_a_user_name_with_a_colon_can_never_log_in(tmp_path: Path) -> None:
     message = refused(write(tmp_path, {"basic_auth_users": {"a:b": GOOD}}))
     assert "basic_auth_users.a:b: a user name cannot contain ':'" in message
+
+
+# -- the YAML helpers every reader shares (gpuwatch.yamlfile) ------------------------------
+
+def test_the_yaml_helpers_name_the_file_the_line_and_the_key(tmp_path: Path) -> None:
+    with pytest.raises(YamlFileError, match=r"^scenario\.yml: not valid YAML at line 3: "):
+        parse_yaml("a: 1\nb: [\n", "scenario.yml")
+    path = tmp_path / "list.yml"
+    path.write_text("- a\n")
+    with pytest.raises(YamlFileError, match="expected a mapping of settings, got list"):
+        load_mapping(path)
+    with pytest.raises(YamlFileError, match=r"cannot read: No such file"):
+        load_mapping(tmp_path / "absent.yml")
+    assert load_mapping(write(tmp_path, {})) == {}
+    with pytest.raises(KeyError, match="f: unknown key 'c'; known keys: a, b"):
+        reject_unknown_keys("f", "", {"a": 1, "c": 2}, {"a", "b"}, KeyError)  # type: ignore[arg-type]
+
+
+def test_the_exporters_config_error_is_a_yaml_file_error(tmp_path: Path) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text("tls_server_config: {cert: x}\n")
+    with pytest.raises(YamlFileError):  # ConfigError, as the exporter catches it
+        load_web_config(path)
+
+
+def test_the_reservations_and_the_simulator_read_yaml_without_the_exporters_web_config(
+        ) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, gpuwatch.reservations, gpuwatch.sim; "
+         "print(sorted(m for m in sys.modules if m.startswith('gpuwatch')))"],
+        capture_output=True, text=True, timeout=60, check=True)
+    assert "gpuwatch.yamlfile" in done.stdout, done.stdout  # the check sees what loads
+    assert "gpuwatch.exporter.webconfig" not in done.stdout, done.stdout

@@ -17,45 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
-import yaml
+
+from gpuwatch.yamlfile import YamlFileError, load_mapping, reject_unknown_keys
 
 
-class ConfigError(ValueError):
+class ConfigError(YamlFileError):
     """A configuration file the exporter cannot start with."""
 
 
-def parse_yaml(text: str, source: object, error: type[ValueError] = ConfigError) -> Any:
-    """The YAML document in text; `error` naming the source and the line when it is not
-    YAML. The files gpuwatch reads from its users go through here."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise error(f"{source}: not valid YAML{where}: "
-                    f"{getattr(e, 'problem', None) or e}") from None
-
-
 def _load_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
-    data = parse_yaml(text, path)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    return data
+    return load_mapping(path, ConfigError)
 
 
-def reject_unknown_keys(source: object, where: str, data: Mapping[str, Any], known: set[str],
-                        error: type[ValueError] = ConfigError) -> None:
-    """`error` naming the source, the place and the first key that is not one of `known`."""
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise error(f"{source}: {where}unknown key {unknown[0]!r}; known keys: "
-                    f"{', '.join(sorted(known))}")
+def _reject_unknown_keys(path: Path, where: str, data: Mapping[str, Any],
+                         known: set[str]) -> None:
+    reject_unknown_keys(path, where, data, known, ConfigError)
 
 
 # -- --config.file ---------------------------------------------------------------------------
@@ -66,7 +42,7 @@ def load_display_names(path: Path | None) -> dict[str, str]:
     if path is None:
         return {}
     data = _load_yaml(path)
-    reject_unknown_keys(path, "", data, {"display_names"})
+    _reject_unknown_keys(path, "", data, {"display_names"})
     names = data.get("display_names") or {}
     if not isinstance(names, dict) or not all(
             isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in names.items()):
@@ -135,7 +111,7 @@ def load_web_config(path: Path | None, now: datetime.datetime | None = None) -> 
     if path is None:
         return WebConfig()
     data = _load_yaml(path)
-    reject_unknown_keys(path, "", data,
+    _reject_unknown_keys(path, "", data,
                         {"tls_server_config", "basic_auth_users", "http_server_config"})
     hashes = _basic_auth_users(path, data.get("basic_auth_users"))
     headers = _http_server_config(path, data.get("http_server_config"))
@@ -176,7 +152,7 @@ def _http_server_config(path: Path, http: Any) -> dict[str, str]:
         return {}
     if not isinstance(http, dict):
         raise ConfigError(f"{path}: http_server_config: expected a mapping")
-    reject_unknown_keys(path, "http_server_config: ", http, {"headers", "http2"})
+    _reject_unknown_keys(path, "http_server_config: ", http, {"headers", "http2"})
     http2 = http.get("http2", False)
     if not isinstance(http2, bool):
         raise ConfigError(f"{path}: http_server_config.http2: expected true or false, got "
@@ -215,7 +191,7 @@ def _tls_context(path: Path, tls: Any, now: datetime.datetime | None
     """The server's SSLContext and client_allowed_sans of tls_server_config."""
     if not isinstance(tls, dict):
         raise ConfigError(f"{path}: tls_server_config: expected a mapping")
-    reject_unknown_keys(path, "tls_server_config: ", tls, _TLS_KEYS)
+    _reject_unknown_keys(path, "tls_server_config: ", tls, _TLS_KEYS)
     base = path.parent
     prefix = f"{path}: tls_server_config."
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from gpuwatch.exporter.webconfig import parse_yaml
 from gpuwatch.reservations.errors import ReservationError
 from gpuwatch.reservations.times import file_time, iso, short
+from gpuwatch.yamlfile import parse_yaml
 
 HEADER = (
     "# GPU reservations. Edit with `gpuwatch reserve`, `gpuwatch release` and\n"

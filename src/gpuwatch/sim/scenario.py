@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuwatch.exporter import nvml as N
-from gpuwatch.exporter.webconfig import parse_yaml, reject_unknown_keys
+from gpuwatch.yamlfile import parse_yaml, reject_unknown_keys
 
 GIB = 1 << 30
 MIB = 1 << 20
