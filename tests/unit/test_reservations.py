@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from gpuwatch import cli, reservations
 from gpuwatch.contract import metrics
+from gpuwatch.contract.states import ALL_GPUS
 from gpuwatch.exporter import encoding
 from gpuwatch.exporter import main as exporter_main
 from gpuwatch.exporter.collectors import reservation as reservation_collector
@@ -104,7 +105,7 @@ def test_gpus_written_as_people_write_them() -> None:
     for gpus in [(0,), (0, 2), (0, 1, 2, 3), (0, 4, 5, 6), (1, 3, 4)]:
         assert reservations.parse_gpus(reservations.gpus_text(gpus)) == gpus
     assert reservations.gpus_text((0, 4, 5, 6)) == "0,4-6"
-    assert reservations.gpus_text(None) == "all"
+    assert reservations.gpus_text(None) == ALL_GPUS
 
 
 def test_targets() -> None:
@@ -695,7 +696,8 @@ def test_the_exposition_passes_promtool(promtool: str, tmp_path: Path) -> None:
         exporter.close()
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
-    assert b'gpu="all"' in text and b'comment="a \\"quoted\\", long\\\\ comment"' in text
+    assert f'gpu="{ALL_GPUS}"'.encode() in text
+    assert b'comment="a \\"quoted\\", long\\\\ comment"' in text
 
 
 @pytest.mark.parametrize(("flags", "on"), [

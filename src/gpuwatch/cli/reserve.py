@@ -8,13 +8,14 @@ from typing import TextIO
 
 from gpuwatch import reservations
 from gpuwatch.cli.common import Command, UserError, file_arguments, now, reservations_file, when
+from gpuwatch.contract.states import ALL_GPUS
 from gpuwatch.reservations import Reservation, ReservationError
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="HOST:GPUS",
                    help="the host as `gpuwatch status` names it and its GPUs: 0,2 or 0-3 or "
-                   "all (an IPv6 address in brackets: [fe80::1]:0)")
+                   f"{ALL_GPUS} (an IPv6 address in brackets: [fe80::1]:0)")
     p.add_argument("--until", required=True, metavar="WHEN",
                    help=f"when the booking ends: {reservations.WHEN_FORMATS}")
     p.add_argument("--user", default=None, metavar="NAME",

@@ -1,12 +1,12 @@
-"""The availability states of a GPU, defined once: name, code, meaning, colour.
+"""The availability states of a GPU, defined once: name, code, colour.
 
 Prometheus computes the state of every GPU (prometheus/rules/state.yml) and publishes it in
 two recording rules: ``instance_gpu:gpuwatch_state:info`` (one series per GPU, value 1, with
 the labels ``state``, ``users``, ``model`` and, for a booked GPU, ``reservation``) and
 ``instance_gpu:gpuwatch_state:code`` (one series per GPU whose value is the state's code, for
-panels that colour by value). The CLI,
-the docs, the dashboards' checks and the tests read the names and codes from here; a test
-keeps the rules in step with this module.
+panels that colour by value). The CLI, the dashboards' checks and the tests read the names
+and codes from here; tests keep the rules and the table of docs/prometheus.md ("GPU states",
+which says what each state means) in step with this module.
 """
 
 from __future__ import annotations
@@ -20,26 +20,23 @@ class State:
     """The value of the ``state`` label and of ``gpuwatch status --json``."""
     code: int
     """The value of ``instance_gpu:gpuwatch_state:code``."""
-    meaning: str
     colour: str
     """A colour name that both Grafana and the terminal grid know."""
 
 
-FREE = State("free", 0, "answered this scrape: no process on it, less memory allocated than "
-             "the held threshold", "green")
-BUSY = State("busy", 1, "held: processes on it, or memory allocated at or above the held "
-             "threshold; a booked GPU that its holder uses, even without work", "yellow")
-IDLE = State("idle", 2, "held, but no work (utilisation below the idle threshold) for the "
-             "idle duration", "purple")
-RESERVED = State("reserved", 3, "booked (gpuwatch reserve) and not used by whoever booked it "
-                 "(a GPU its holder uses is busy)", "blue")
-DOWN = State("down", 4, "no fresh reading: the target is down, NVML is unavailable, the GPU is "
-             "lost, hung or missing, or the series that tell held from free are not there; a "
-             "booked GPU too", "red")
+FREE = State("free", 0, "green")
+BUSY = State("busy", 1, "yellow")
+IDLE = State("idle", 2, "purple")
+RESERVED = State("reserved", 3, "blue")
+DOWN = State("down", 4, "red")
 
 ALL: tuple[State, ...] = (FREE, BUSY, IDLE, RESERVED, DOWN)
 BY_NAME: dict[str, State] = {s.name: s for s in ALL}
-BY_CODE: dict[int, State] = {s.code: s for s in ALL}
+
+ALL_GPUS = "all"
+"""A reservation of every GPU of a host: how people write it (``gpuwatch reserve host:all``,
+``gpus: all`` in the reservations file) and the value of the ``gpu`` label of its series
+(``nvidia_gpu_reservation_end_timestamp_seconds``, which rules/state.yml matches)."""
 
 JOB = "gpuwatch"
 """The scrape job of the exporters in prometheus/prometheus.yml."""

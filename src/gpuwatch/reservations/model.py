@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from gpuwatch.contract.states import ALL_GPUS
 from gpuwatch.reservations.errors import ReservationError
 from gpuwatch.reservations.times import file_time, iso, short
 from gpuwatch.yamlfile import parse_yaml
@@ -38,7 +39,7 @@ Gpus = tuple[int, ...] | None
 def parse_gpus(text: str) -> Gpus:
     """``all``, ``0,2``, ``0-3`` or a mix (``0,4-6``) -> sorted indices, or None for all."""
     text = text.strip()
-    if text.lower() == "all":
+    if text.lower() == ALL_GPUS:
         return None
     indices: set[int] = set()
     for part in text.split(","):
@@ -62,7 +63,7 @@ def parse_gpus(text: str) -> Gpus:
 def gpus_text(gpus: Gpus) -> str:
     """The indices as people write them: all, 3, 0,2, 0-3, 0,4-6."""
     if gpus is None:
-        return "all"
+        return ALL_GPUS
     runs: list[str] = []
     start = previous = None
     for index in [*gpus, None]:
@@ -134,7 +135,7 @@ class Reservation:
 
     def to_yaml(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"host": self.host,
-                                 "gpus": "all" if self.gpus is None else _Indices(self.gpus),
+                                 "gpus": ALL_GPUS if self.gpus is None else _Indices(self.gpus),
                                  "user": self.user}
         if self.start is not None:
             entry["from"] = iso(self.start)
@@ -144,7 +145,7 @@ class Reservation:
         return entry
 
     def to_json(self, now: dt.datetime) -> dict[str, Any]:
-        return {"host": self.host, "gpus": "all" if self.gpus is None else list(self.gpus),
+        return {"host": self.host, "gpus": ALL_GPUS if self.gpus is None else list(self.gpus),
                 "user": self.user, "from": iso(self.start) if self.start else None,
                 "until": iso(self.until), "until_timestamp": self.until.timestamp(),
                 "comment": self.comment, "active": self.active(now),

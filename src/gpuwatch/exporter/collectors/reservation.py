@@ -23,6 +23,7 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from gpuwatch.contract import metrics
+from gpuwatch.contract.states import ALL_GPUS
 from gpuwatch.exporter.collectors import Collector, Device, family
 from gpuwatch.exporter.nvml import Nvml
 from gpuwatch.reservations.errors import ReservationError
@@ -30,9 +31,6 @@ from gpuwatch.reservations.model import Reservation, parse
 from gpuwatch.reservations.times import short
 
 log = logging.getLogger(__name__)
-
-ALL_GPUS = "all"
-"""The gpu label of a reservation of every GPU of a host."""
 
 
 class ReservationCollector(Collector):
