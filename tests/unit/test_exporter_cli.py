@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gpuwatch.exporter.main import main
+from gpuwatch.exporter.collectors.process import ProcessOptions
+from gpuwatch.exporter.main import (
+    FlagError,
+    build_parser,
+    main,
+    options_from_args,
+    parse_flags,
+)
+from gpuwatch.exporter.options import ExporterOptions
 from gpuwatch.sim import load_scenario
 
 
@@ -20,6 +29,39 @@ def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     except SystemExit as e:
         code = int(e.code or 0)
     return code, capsys.readouterr().err
+
+
+def test_no_flags_are_the_options_defaults() -> None:
+    """The flags' defaults and ExporterOptions' are one set of defaults."""
+    assert options_from_args(build_parser().parse_args([])) == ExporterOptions()
+
+
+def test_the_flags_become_options_in_one_place(tmp_path: Path) -> None:
+    options = options_from_args(build_parser().parse_args([
+        "--web.listen-address", "127.0.0.1:9100", "--web.telemetry-path", "/m",
+        "--web.max-connections", "7", "--web.read-timeout", "3", "--collection.timeout", "2",
+        "--no-collector.xid", "--reservations.file", str(tmp_path / "r.yml"),
+        "--process.command", "none", "--no-process.pid", "--process.max-per-gpu", "3",
+        "--log.level", "warn", "--simulate", "server"]))
+    assert options == replace(
+        ExporterOptions(), listen_address="127.0.0.1:9100", telemetry_path="/m",
+        max_connections=7, read_timeout=3.0, collection_timeout=2.0,
+        collectors=frozenset({"gpu", "process", "reservation"}),
+        reservations_file=tmp_path / "r.yml",
+        process=ProcessOptions(command="none", pid=False, max_per_gpu=3), log_level="warn",
+        simulate="server")
+
+
+def test_a_tool_passing_exporter_flags_gets_an_error_not_an_exit() -> None:
+    assert parse_flags(["--no-process.pid"]).process.pid is False
+    for flags in (["--no-such-flag"], ["--process.max-per-gpu", "-1"]):
+        with pytest.raises(FlagError):
+            parse_flags(flags)
+
+
+def test_options_name_only_collectors_that_exist() -> None:
+    with pytest.raises(ValueError, match="no such collector: gpus"):
+        ExporterOptions(collectors=frozenset({"gpus"}))
 
 
 @pytest.mark.parametrize("flags", [
