@@ -9,7 +9,7 @@ TESTING := $(VENV)/.installed-test
 GRAFANA_JS := tests/grafana_frontend/node_modules/.installed
 PYTHON3 ?= python3
 
-.PHONY: test lint demo bench bench-soak bench-fleet prometheus systemd-analyze victoria-metrics proxies gcc clean
+.PHONY: test unit lint demo bench bench-soak bench-fleet prometheus systemd-analyze victoria-metrics proxies gcc clean
 
 $(PY):
 	$(PYTHON3) -m venv $(VENV)
@@ -49,6 +49,11 @@ lint: $(TESTING)
 
 test: $(TESTING) $(GRAFANA_JS) prometheus systemd-analyze victoria-metrics proxies gcc lint
 	$(VENV)/bin/pytest -q
+
+# The fast loop: the unit and golden tests with the venv alone (no apt, no npm); the tests
+# that ask for an apt-installed program (tests/conftest.py marks them apt) are left out.
+unit: $(TESTING)
+	$(VENV)/bin/pytest -q -m "not apt" tests/unit tests/golden
 
 demo: $(RUNTIME) prometheus
 	$(PY) -m tools.demo
