@@ -29,7 +29,7 @@ import pytest
 from certs import self_signed
 from paths import REPO
 
-from tools.localstack import LOCALHOST, free_port
+from tools.localstack import LOCALHOST, end_process, free_port
 
 GUIDE = REPO / "docs" / "grafana.md"
 GRAFANA_PORT_IN_GUIDE = "127.0.0.1:3000"
@@ -145,16 +145,14 @@ def wait_listening(port: int, process: subprocess.Popen[str], log: Path) -> None
 
 
 @pytest.fixture
-def started(tmp_path: Path) -> Iterator[list[subprocess.Popen[str]]]:
+def started() -> Iterator[list[subprocess.Popen[str]]]:
+    """The proxies a test starts: each is ended (SIGTERM, then SIGKILL) when the test ends."""
     processes: list[subprocess.Popen[str]] = []
-    yield processes
-    for process in processes:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            end_process(process)
 
 
 def checked_through(port: int, grafana: Backend, host: str, prefix: str, tls: bool) -> None:
