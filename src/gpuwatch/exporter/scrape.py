@@ -324,16 +324,26 @@ class Exporter:
             opened = self._devices.get(index)
         device = opened[1] if opened is not None and opened[0] == generation else None
         try:
-            if device is None:
-                device = self._open(index)
-                with self._devices_lock:
-                    self._devices[index] = (generation, device)
-            else:
-                self._nvml.uuid(device.handle)  # still there?
+            device = self._open_or_check(index, generation, device)
         except GpuLost as e:
             return _GpuResult(index, device, LOST, str(e))
         except (NVMLError, NvmlUnavailable) as e:
             return _GpuResult(index, device, OPEN_FAILED, str(e))
+        return self._read_collectors(index, device)
+
+    def _open_or_check(self, index: int, generation: int, device: Device | None) -> Device:
+        """The GPU opened now, or the device opened before once its UUID still answers."""
+        if device is None:
+            device = self._open(index)
+            with self._devices_lock:
+                self._devices[index] = (generation, device)
+        else:
+            self._nvml.uuid(device.handle)  # still there?
+        return device
+
+    def _read_collectors(self, index: int, device: Device) -> _GpuResult:
+        """Every collector's reading of the GPU, each timed; one collector's failure costs
+        only that collector, a lost GPU or NVML gone ends the reading."""
         result = _GpuResult(index, device)
         for collector in self._collectors:
             if not _reads_gpus(collector):
