@@ -30,7 +30,12 @@ from certs import certificate_authority, self_signed, signed_by
 from paths import REPO as ROOT
 from paths import TESTS
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from simnode import build
 
@@ -312,6 +317,38 @@ def test_the_format_is_what_the_client_asks_for_byte_for_byte_the_librarys(
     encoder, _ = choose_encoder(accept or "")
     assert body == encoder(server.app.registry)
     assert body.endswith(b"# EOF\n") is content_type.startswith("application/openmetrics-text")
+
+
+class _Mixed:
+    """Families the fast writers know between ones they leave to prometheus_client."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("plain", "A gauge.", value=1)
+        histogram = HistogramMetricFamily("latency_seconds", "A histogram.", labels=["gpu"])
+        histogram.add_metric(["0"], [("0.1", 2), ("+Inf", 3)], 0.4)
+        yield histogram
+        info = InfoMetricFamily("driver", "An info.")
+        info.add_metric([], {"version": "550.54"})
+        yield info
+        stamped = GaugeMetricFamily("stamped", "A timestamped gauge.")
+        stamped.add_metric([], 2, timestamp=1_800_000_000)
+        yield stamped
+
+
+@pytest.mark.parametrize("accept", [None, "application/openmetrics-text"])
+def test_families_the_fast_writers_do_not_know_are_served_as_the_library_writes_them(
+        accept: str | None) -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Mixed())  # type: ignore[arg-type]
+    server = serve(App(registry), "127.0.0.1:0")
+    server.start()
+    try:
+        status, _, body = request(server.port, headers={"Accept": accept} if accept else {})
+    finally:
+        server.stop()
+    assert status == 200
+    assert body == choose_encoder(accept or "")[0](registry)
+    assert b"latency_seconds_bucket" in body and b"driver" in body
 
 
 @pytest.mark.parametrize("method", ["TRACE", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
