@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from gpuwatch import reservations
 from gpuwatch.contract import states
+from gpuwatch.contract.thresholds import HELD_MEMORY, IDLE_DURATION, IDLE_UTILIZATION
 from gpuwatch.exporter.nvml import NVMLError
 from gpuwatch.fleet.prometheus import Prometheus
 from gpuwatch.sim import Scenario, SimulatedNode, SimulatedNvml, load_scenario
@@ -45,9 +46,9 @@ DEADLINE = 30.0
 """Seconds a condition may take to come true before the fleet gives up (a bound, not a
 timing assertion)."""
 
-THRESHOLD_HELD_MEMORY = "gpuwatch:threshold_held_memory_bytes:constant"
-THRESHOLD_IDLE_UTILIZATION = "gpuwatch:threshold_idle_utilization_ratio:constant"
-THRESHOLD_IDLE_DURATION = "gpuwatch:threshold_idle_duration_seconds:constant"
+THRESHOLD_HELD_MEMORY = HELD_MEMORY
+THRESHOLD_IDLE_UTILIZATION = IDLE_UTILIZATION
+THRESHOLD_IDLE_DURATION = IDLE_DURATION
 
 
 class FleetError(AssertionError):

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import FrameType
 
 from gpuwatch import cli, reservations
+from gpuwatch.contract.thresholds import IDLE_DURATION
 from gpuwatch.fleet import GpuStatus, read_fleet
 from gpuwatch.fleet.prometheus import Prometheus, PrometheusError
 from tools import localstack
@@ -40,7 +41,7 @@ NODES = (("ws-01", "workstation"), ("gpu-srv-01", "server"), ("gpu-node-07", "lo
 # Rules every second: a booking shows in the grid within a scrape (5 s) of being made.
 OVERRIDES = localstack.Overrides(
     scrape_interval="5s", evaluation_interval="1s", refresh_interval="5s",
-    thresholds={"gpuwatch:threshold_idle_duration_seconds:constant": 60})
+    thresholds={IDLE_DURATION: 60})
 BOOKED = ("gpu-srv-01", (7,), "frank", "thesis experiments")
 """A booking the demo starts with (host, GPUs, user, comment), for three days."""
 TRY = ("gpu-srv-01:4", "+2h", "trying the demo")
@@ -162,7 +163,7 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
     _start_grafana(stack, workdir, url)
     print(f"demo settings: scrape every {OVERRIDES.scrape_interval}, rules every "
           f"{OVERRIDES.evaluation_interval}, idle after "
-          f"{OVERRIDES.thresholds['gpuwatch:threshold_idle_duration_seconds:constant']:g} s")
+          f"{OVERRIDES.thresholds[IDLE_DURATION]:g} s")
     gpuwatch = _command()
     target, until, comment = TRY
     file = shlex.quote(str(booking_file))

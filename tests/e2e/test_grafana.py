@@ -431,7 +431,7 @@ def test_run_grafana_refuses_provisioning_it_cannot_set(fake_grafana: FakeGrafan
                           text=True, timeout=60, check=False,
                           env={**os.environ, "PATH": fake_grafana.path,
                                "GPUWATCH_GRAFANA_STATE": str(tmp_path / "state")})
-    assert done.returncode == 2
+    assert done.returncode == 5
     (line,) = done.stderr.splitlines()
     assert str(broken) in line and "url:" in line and "git checkout" in line
     assert not fake_grafana.record.exists()
@@ -446,7 +446,7 @@ def test_run_grafana_check_finds_grafana(fake_grafana: FakeGrafana, tmp_path: Pa
 def test_run_grafana_needs_grafanas_home(fake_grafana: FakeGrafana, tmp_path: Path) -> None:
     (fake_grafana.home / "conf" / "defaults.ini").unlink()
     done = run_grafana(fake_grafana.path, tmp_path, GRAFANA_HOME=str(tmp_path / "nowhere"))
-    assert done.returncode == 2
+    assert done.returncode == 4
     assert "GRAFANA_HOME" in done.stderr
     assert not fake_grafana.record.exists()
 

@@ -15,6 +15,7 @@ from promql import metric_names
 
 from gpuwatch.contract import metrics, states
 from gpuwatch.contract.prometheus import SCRAPE_SERIES
+from gpuwatch.contract.thresholds import IDLE_DURATION
 from gpuwatch.exporter import main as exporter_main
 from tools import localstack
 
@@ -389,7 +390,7 @@ def test_host_is_the_target_without_its_port_unless_set(host: str, address: str,
 
 def test_generated_variant_differs_from_the_source_only_by_its_overrides(
         promtool: str, tmp_path: Path) -> None:
-    idle = "gpuwatch:threshold_idle_duration_seconds:constant"
+    idle = IDLE_DURATION
     overrides = localstack.Overrides(scrape_interval="1s", evaluation_interval="2s",
                                      refresh_interval="3s", thresholds={idle: 4},
                                      alert_for={"GpuLost": "5s"})
