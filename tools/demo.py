@@ -189,7 +189,7 @@ def _start_grafana(stack: ExitStack, workdir: Path, prometheus_url: str) -> None
         return
     port = _port(GRAFANA_PORT)
     service = localstack.grafana(prometheus_url, workdir / "grafana", port,
-                                 workdir / "grafana.log")
+                                 workdir / "grafana.log", OVERRIDES.scrape_interval)
     stack.callback(service.stop)
     try:
         service.start(timeout=GRAFANA_START_TIMEOUT)

@@ -307,11 +307,15 @@ def grafana_missing() -> str | None:
                           f"{done.stderr.strip()}")
 
 
-def grafana(prometheus_url: str, state_dir: Path, port: int, log: Path) -> Service:
+def grafana(prometheus_url: str, state_dir: Path, port: int, log: Path,
+            scrape_interval: str | None = None) -> Service:
     """Grafana with this checkout's provisioning and dashboards (grafana/run-grafana), its
-    datasource at `prometheus_url`, its database in `state_dir`."""
+    datasource at `prometheus_url` (which scrapes every `scrape_interval`; None: as the
+    shipped prometheus.yml), its database in `state_dir`."""
     env = {**os.environ, "GPUWATCH_PROMETHEUS_URL": prometheus_url,
            "GPUWATCH_GRAFANA_STATE": str(state_dir), "GPUWATCH_GRAFANA_ADDR": LOCALHOST,
            "GPUWATCH_GRAFANA_PORT": str(port)}
+    if scrape_interval:
+        env["GPUWATCH_SCRAPE_INTERVAL"] = scrape_interval
     return Service(f"grafana on port {port}", [str(RUN_GRAFANA)],
                    f"http://{LOCALHOST}:{port}/api/health", log, env=env)

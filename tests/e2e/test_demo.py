@@ -167,6 +167,7 @@ def test_demo_starts_grafana_beside_its_prometheus(tmp_path: Path, monkeypatch: 
         provisioning = Path(started["env"]["GF_PATHS_PROVISIONING"])
         source, _ = provisioned(provisioning)
         assert source["url"] == prometheus
+        assert source["jsonData"]["timeInterval"] == demo.OVERRIDES.scrape_interval
         assert provisioning.is_relative_to(tmp_path / "demo" / "grafana")
     assert not _listening(url), "stopped with the demo"
 

@@ -174,7 +174,7 @@ def test_run_grafana_documents_each_status_it_exits_with() -> None:
         "docs/grafana.md lists run-grafana's exit statuses as its header does"
 
 
-_TOOLS = ("sh", "dirname", "cat", "readlink", "mkdir", "sed", "grep")
+_TOOLS = ("sh", "dirname", "cat", "readlink", "mkdir", "sed", "grep", "mv")
 
 
 @pytest.fixture
@@ -228,6 +228,36 @@ def test_run_grafana_bad_arguments(bare_path: Path, tmp_path: Path) -> None:
     assert "bad arguments" in _meaning(2)
     done = run_grafana(bare_path, tmp_path, "--chek")
     assert done.returncode == 2 and "usage:" in done.stderr
+    started = fake_grafana(bare_path, bare_path.parent)
+    done = run_grafana(bare_path, tmp_path, GPUWATCH_SCRAPE_INTERVAL="5 seconds")
+    assert done.returncode == 2 and "GPUWATCH_SCRAPE_INTERVAL" in done.stderr
+    assert not started.exists()
+
+
+def _written_datasource(tmp_path: Path) -> dict[str, Any]:
+    path = tmp_path / "state/provisioning/datasources/gpuwatch.yml"
+    (source,) = yaml.safe_load(path.read_text())["datasources"]
+    return dict(source)
+
+
+def test_run_grafana_tells_grafana_the_scrape_interval(bare_path: Path,
+                                                       tmp_path: Path) -> None:
+    """A Prometheus that scrapes faster than the shipped one (the demo's) gets a datasource
+    with its own timeInterval; without one, the shipped (prometheus.yml's) stays."""
+    started = fake_grafana(bare_path, bare_path.parent)
+    (_, shipped), = _prometheus_datasources()
+    done = run_grafana(bare_path, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert _written_datasource(tmp_path) == shipped
+    done = run_grafana(bare_path, tmp_path, GPUWATCH_SCRAPE_INTERVAL="5s",
+                       GPUWATCH_PROMETHEUS_URL="http://127.0.0.1:19090")
+    assert done.returncode == 0, done.stderr
+    assert started.exists()
+    written = _written_datasource(tmp_path)
+    assert written["jsonData"] == {**shipped["jsonData"], "timeInterval": "5s"}
+    assert written == {**shipped, "url": "http://127.0.0.1:19090",
+                       "jsonData": written["jsonData"]}
+    assert not list((tmp_path / "state/provisioning/datasources").glob("*.new"))
 
 
 def test_run_grafana_check_finds_grafana_and_starts_nothing(bare_path: Path,
@@ -247,15 +277,22 @@ def test_run_grafana_without_grafanas_home(bare_path: Path, tmp_path: Path) -> N
     assert not started.exists()
 
 
-def test_run_grafana_with_provisioning_it_cannot_set(bare_path: Path, tmp_path: Path) -> None:
-    assert "provisioning" in _meaning(5)
+@pytest.mark.parametrize("key", ["url", "timeInterval"])
+def test_run_grafana_with_provisioning_it_cannot_set(bare_path: Path, tmp_path: Path,
+                                                     key: str) -> None:
+    """The shipped datasource without a line run-grafana sets: the error names that file
+    (not the copy it writes) and Grafana does not start."""
+    assert "provisioning" in _meaning(5) and f"{key}:" in _meaning(5)
     started = fake_grafana(bare_path, bare_path.parent)
     checkout = tmp_path / "checkout"
     shutil.copytree(GRAFANA, checkout / "grafana")
     broken = checkout / "grafana/provisioning/datasources/gpuwatch.yml"
-    broken.write_text(broken.read_text().replace("    url: ", "    address: "))
-    done = run_grafana(bare_path, tmp_path, script=checkout / "grafana/run-grafana")
-    assert done.returncode == 5 and str(broken) in done.stderr
+    broken.write_text(broken.read_text().replace(f" {key}: ", " renamed: "))
+    done = run_grafana(bare_path, tmp_path, script=checkout / "grafana/run-grafana",
+                       GPUWATCH_SCRAPE_INTERVAL="5s")
+    assert done.returncode == 5, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert str(broken) in line and f"`{key}:`" in line
     assert not started.exists()
 
 
