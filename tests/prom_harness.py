@@ -46,11 +46,6 @@ DEADLINE = 30.0
 """Seconds a condition may take to come true before the fleet gives up (a bound, not a
 timing assertion)."""
 
-THRESHOLD_HELD_MEMORY = HELD_MEMORY
-THRESHOLD_IDLE_UTILIZATION = IDLE_UTILIZATION
-THRESHOLD_IDLE_DURATION = IDLE_DURATION
-
-
 class FleetError(AssertionError):
     """A condition was not reached in time; the message has Prometheus' log."""
 
@@ -94,7 +89,8 @@ class RunningNode:
     service: localstack.Service
     started: float
     """Unix time just before the exporter started: its simulated clock starts a moment later."""
-    killed: bool = False
+    stopped: bool = False
+    """The exporter no longer runs (stopped or killed); its target stays."""
 
     @property
     def instance(self) -> str:
@@ -108,7 +104,12 @@ class RunningNode:
     def kill(self) -> None:
         """Ends the exporter at once, as a crash would; its target stays."""
         self.service.kill()
-        self.killed = True
+        self.stopped = True
+
+    def stop(self) -> None:
+        """Stops the exporter as its service manager would (SIGTERM); its target stays."""
+        self.service.stop()
+        self.stopped = True
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,17 @@ class Fleet:
     def __init__(self, workdir: Path, nodes: Sequence[Node] = (), interval: float = 1.0,
                  thresholds: Mapping[str, float] | None = None,
                  alert_for: Mapping[str, str] | None = None,
-                 bookings: Sequence[reservations.Reservation] = ()) -> None:
+                 bookings: Sequence[reservations.Reservation] = (),
+                 prometheus_config: Callable[[Path], None] | None = None) -> None:
+        """`prometheus_config` changes the rendered prometheus.yml before Prometheus starts
+        (a remote_write block, say)."""
         self.workdir = workdir
         self.initial_nodes = list(nodes)
         self.interval = interval
         self.overrides = dict(thresholds or {})
         self.alert_for = dict(alert_for or {})
         self.initial_bookings = list(bookings)
+        self.prometheus_config = prometheus_config
         self.targets = workdir / "targets"
         self.reservations_file = workdir / "reservations.yml"
         self.nodes: list[RunningNode] = []
@@ -193,6 +198,8 @@ class Fleet:
                                  refresh_interval=every, thresholds=self.overrides,
                                  alert_for=self.alert_for),
             reservations=f"{LOCALHOST}:{self.reservations_port}")
+        if self.prometheus_config is not None:
+            self.prometheus_config(config)
         self.prometheus = localstack.prometheus(config, self.workdir / "data", self.port,
                                                 self.workdir / "prometheus.log")
         self._stack.callback(self.prometheus.stop)
@@ -262,7 +269,7 @@ class Fleet:
         The idle clock and `rate()` need a few samples; the state of every GPU needs the
         rule of its own previous evaluation (the inventory keeps itself).
         """
-        live = sum(not n.killed for n in self.nodes)
+        live = sum(not n.stopped for n in self.nodes)
         self.wait_for("every exporter scraped",
                       lambda: self.api.query_value(f'count(up{{job="{states.JOB}"}} == 1)'),
                       lambda found: found == live)
@@ -288,7 +295,7 @@ class Fleet:
         """Every GPU's state, users and model at `at` (now), by (host, gpu), from its
         scenario, the thresholds and the bookings; what the rules should find.
 
-        down: the exporter is killed, or the GPU is lost, or one of its NVML calls hangs (the
+        down: the exporter is stopped, or the GPU is lost, or one of its NVML calls hangs (the
         collection timeout gives up on it); free: it answers, no process on it, memory below
         the held threshold; busy: held; idle: held with utilisation below the idle threshold
         for the idle duration (counted from when Prometheus or the exporter started, whichever
@@ -321,7 +328,7 @@ class Fleet:
                     continue
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)
                 model = nvml.nvmlDeviceGetName(handle)
-                if running.killed:  # the inventory keeps what it knew
+                if running.stopped:  # the inventory keeps what it knew
                     expected[host, index] = ExpectedGpu(host, index, states.DOWN.name, (),
                                                         model, float(memory.total), {}, words)
                     continue
@@ -330,10 +337,10 @@ class Fleet:
                 for p in visible:
                     user_memory[p.user] = user_memory.get(p.user, 0.0) + int(p.memory_bytes)
                 users = tuple(sorted(user_memory))
-                held = bool(visible) or memory.used >= t[THRESHOLD_HELD_MEMORY]
+                held = bool(visible) or memory.used >= t[HELD_MEMORY]
                 utilization = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
-                idle = utilization < t[THRESHOLD_IDLE_UTILIZATION] and \
-                    seen_for >= t[THRESHOLD_IDLE_DURATION]
+                idle = utilization < t[IDLE_UTILIZATION] and \
+                    seen_for >= t[IDLE_DURATION]
                 if booking is not None and booking.user in users:
                     state = states.BUSY
                 elif booking is not None:
@@ -354,7 +361,7 @@ class Fleet:
         now = time.time() if at is None else at
         expected: list[ExpectedProcess] = []
         for running in self.nodes:
-            if running.killed:
+            if running.stopped:
                 continue
             node = SimulatedNode(running.scenario, clock=lambda: now, start=running.started)
             nvml = SimulatedNvml(node)

@@ -26,10 +26,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from prom_harness import THRESHOLD_IDLE_DURATION, Fleet, Node
+from prom_harness import Fleet, Node
 
 from gpuwatch import reservations
 from gpuwatch.contract import states
+from gpuwatch.contract.thresholds import IDLE_DURATION
 from tools import localstack
 
 THIS_HOST = socket.gethostname()
@@ -46,7 +47,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     # a short idle duration and short `for`s; GpuHeldIdle keeps its hour: the idle GPU's
     # alert is seen pending
     with Fleet(tmp_path_factory.mktemp("e2e"), NODES,
-               thresholds={THRESHOLD_IDLE_DURATION: 3},
+               thresholds={IDLE_DURATION: 3},
                alert_for={"GpuLost": "2s", "GpuXidCritical": "2s", "GpuXidError": "2s",
                           "GpuExporterDown": "2s", "GpuReservationViolated": "2s"}) as f:
         yield f

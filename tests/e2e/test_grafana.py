@@ -27,17 +27,12 @@ import pytest
 import yaml
 from grafana_provisioning import provisioned
 from paths import REPO
-from prom_harness import (
-    THRESHOLD_IDLE_DURATION,
-    Fleet,
-    Node,
-    recorded_names,
-    rules,
-)
+from prom_harness import Fleet, Node, recorded_names, rules
 from promql import grafana_metric_names
 
 from gpuwatch.contract import metrics, states
 from gpuwatch.contract.prometheus import SCRAPE_SERIES
+from gpuwatch.contract.thresholds import IDLE_DURATION
 from gpuwatch.fleet.prometheus import Sample
 from gpuwatch.reservations import Reservation
 from tools.dashboards import (
@@ -486,7 +481,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     # The idle duration is 0 so erin's held-but-unused GPU is idle at once; every other
     # threshold is the rules' own.
     with Fleet(tmp_path_factory.mktemp("fleet"), FLEET_NODES,
-               thresholds={THRESHOLD_IDLE_DURATION: 0},
+               thresholds={IDLE_DURATION: 0},
                bookings=fleet_bookings()) as running:
         running.wait_for_rules()
         yield running

@@ -1,7 +1,7 @@
 """Past one Prometheus: Prometheus remote_writes to VictoriaMetrics, and the grid reads from it.
 
 Simulated exporters and Debian's Prometheus run this repository's configuration and rules
-(tools.localstack, 1 s intervals) with a remote_write block to a VictoriaMetrics (Debian's
+(tests/prom_harness.py, 1 s intervals) with a remote_write block to a VictoriaMetrics (Debian's
 victoria-metrics, scripts/ensure-victoria-metrics) on 127.0.0.1, with its data in a
 temporary directory. The recording rules stay in Prometheus (docs/scale.md says why):
 VictoriaMetrics evaluates nothing, so every recorded series it answers with was forwarded.
@@ -18,30 +18,24 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
+from prom_harness import Fleet, Node
 
 from gpuwatch.contract import states
 from gpuwatch.fleet.prometheus import Prometheus
 from tools import dashboards, localstack
 
-T = TypeVar("T")
-
-OVERRIDES = localstack.Overrides(scrape_interval="1s", evaluation_interval="1s",
-                                 refresh_interval="1s")
 LATENCY_OFFSET = "1s"
 """VictoriaMetrics' -search.latencyOffset: how old a sample must be before queries see it
 (30 s by default; docs/scale.md)."""
 REMOTE_WRITE_QUEUE = {"batch_send_deadline": "1s", "min_backoff": "100ms"}
-WAIT = 30.0
-"""Seconds any one condition may take to come true (a bound, not a timing assertion)."""
 
 # Static nodes: load 0 keeps utilisation, temperature and power still; the held GPUs stay
 # busy (the idle duration, 30 minutes, is far away); one GPU is lost.
@@ -96,10 +90,16 @@ def with_remote_write(config: Path, url: str) -> None:
 
 @dataclass
 class Stack:
-    prometheus: Prometheus
+    fleet: Fleet
     victoria_metrics: Prometheus
-    exporters: dict[str, localstack.Service]
-    gpus: int
+
+    @property
+    def prometheus(self) -> Prometheus:
+        return self.fleet.api
+
+    @property
+    def gpus(self) -> int:
+        return sum(len(node.scenario.gpus) for node in self.fleet.nodes)
 
 
 @pytest.fixture(scope="module")
@@ -110,35 +110,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         vm = victoria_metrics(workdir / "vm-data", vm_port, workdir / "victoria-metrics.log")
         vm.start()
         stop.callback(vm.stop)
-        exporters, groups = {}, []
+        vm_url = f"http://{localstack.LOCALHOST}:{vm_port}"
+        nodes = []
         for host, scenario in NODES.items():
             path = workdir / f"{host}.yaml"
             path.write_text(scenario)
-            port = localstack.free_port()
-            exporter = localstack.exporter(str(path), port, workdir / f"{host}.log",
-                                           ["--log.level", "warn"])
-            exporter.start()
-            stop.callback(exporter.stop)
-            exporters[host] = exporter
-            groups.append({"targets": [f"{localstack.LOCALHOST}:{port}"],
-                           "labels": {"host": host, "cluster": CLUSTERS[host]}})
-        targets = workdir / "targets"
-        targets.mkdir()
-        localstack.write_targets(targets / "fleet.yml", groups)
-        config = localstack.render_config(workdir / "prometheus", targets, OVERRIDES)
-        vm_url = f"http://{localstack.LOCALHOST}:{vm_port}"
-        with_remote_write(config, f"{vm_url}/api/v1/write")
-        check = subprocess.run(["promtool", "check", "config", str(config)],
-                               capture_output=True, text=True, check=False)
-        assert check.returncode == 0, check.stdout + check.stderr
-        prometheus_port = localstack.free_port()
-        prometheus = localstack.prometheus(config, workdir / "data", prometheus_port,
-                                           workdir / "prometheus.log")
-        prometheus.start()
-        stop.callback(prometheus.stop)
-        gpus = sum(scenario.count("\n  - ") for scenario in NODES.values())
-        yield Stack(Prometheus(f"http://{localstack.LOCALHOST}:{prometheus_port}"),
-                    Prometheus(vm_url), exporters, gpus)
+            nodes.append(Node(host, str(path), {"cluster": CLUSTERS[host]}))
+
+        def remote_write(config: Path) -> None:
+            with_remote_write(config, f"{vm_url}/api/v1/write")
+            check = subprocess.run(["promtool", "check", "config", str(config)],
+                                   capture_output=True, text=True, check=False)
+            assert check.returncode == 0, check.stdout + check.stderr
+
+        fleet = stop.enter_context(Fleet(workdir / "fleet", nodes,
+                                         prometheus_config=remote_write))
+        yield Stack(fleet, Prometheus(vm_url))
 
 
 def status(server: Prometheus, *extra: str) -> str:
@@ -147,17 +134,6 @@ def status(server: Prometheus, *extra: str) -> str:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     return done.stdout
-
-
-def wait_for(what: str, probe: Callable[[], T], done: Callable[[T], bool]) -> T:
-    deadline = time.monotonic() + WAIT
-    while True:
-        value = probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {WAIT:.0f} s for {what}; last: {value!r}")
-        time.sleep(0.5)
 
 
 def grids(stack: Stack) -> tuple[tuple[str, Any], tuple[str, Any]]:
@@ -186,6 +162,7 @@ def states_of(rows: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
 
 def test_recorded_series_reach_victoriametrics_from_prometheus(stack: Stack) -> None:
     count = f"count({states.STATE_INFO})"
+    wait_for = stack.fleet.wait_for
     wait_for("every GPU's state in Prometheus", lambda: stack.prometheus.query_value(count),
              lambda n: n == stack.gpus)
     wait_for("every GPU's state in VictoriaMetrics",
@@ -201,10 +178,11 @@ def test_recorded_series_reach_victoriametrics_from_prometheus(stack: Stack) -> 
 
 
 def test_status_shows_the_same_grid_from_victoriametrics(stack: Stack) -> None:
-    pair = wait_for("the same grid from both", lambda: grids(stack), same)
+    pair = stack.fleet.wait_for("the same grid from both", lambda: grids(stack), same)
     (text, rows), _ = pair
     assert len(rows) == stack.gpus
     assert set(states_of(rows).values()) == {"free", "busy", "down"}
+    assert states_of(rows) == {key: gpu.state for key, gpu in stack.fleet.expected().items()}
     assert "alice" in text and "bob,carol" in text
     print(text)
 
@@ -214,7 +192,7 @@ def test_every_dashboard_query_answers_the_same_series_from_victoriametrics(
     """Grafana pointed at VictoriaMetrics: every panel query (variables as Grafana fills them
     when a dashboard opens) finds the series it finds in Prometheus. Values are not compared:
     MetricsQL's increase() does not extrapolate as PromQL's does."""
-    wait_for("the same grid from both", lambda: grids(stack), same)
+    stack.fleet.wait_for("the same grid from both", lambda: grids(stack), same)
     differ = []
     for uid, dashboard in dashboards.load_all().items():
         values = dashboards.resolve_variables(dashboard, stack.victoria_metrics.label_values,
@@ -232,7 +210,7 @@ def series(server: Prometheus, expr: str) -> list[list[tuple[str, str]]]:
 
 
 def test_a_node_that_stops_is_down_in_both(stack: Stack) -> None:
-    stack.exporters[STOPPED].stop()
+    stack.fleet.node(STOPPED).stop()
     stopped = sum(1 for line in NODES[STOPPED].splitlines() if line.startswith("  - "))
 
     def down_everywhere(pair: tuple[tuple[str, Any], tuple[str, Any]]) -> bool:
@@ -240,7 +218,8 @@ def test_a_node_that_stops_is_down_in_both(stack: Stack) -> None:
         gone = [s for (host, _), s in states_of(rows).items() if host == STOPPED]
         return gone == ["down"] * stopped and same(pair)
 
-    (text, rows), _ = wait_for(f"{STOPPED}'s GPUs down in both", lambda: grids(stack),
-                               down_everywhere)
+    (text, rows), _ = stack.fleet.wait_for(f"{STOPPED}'s GPUs down in both",
+                                           lambda: grids(stack), down_everywhere)
     assert len(rows) == stack.gpus, "the stopped node's GPUs stay in the grid"
+    assert states_of(rows) == {key: gpu.state for key, gpu in stack.fleet.expected().items()}
     print(text)
