@@ -148,22 +148,168 @@ def test_ansible_lint_passes_production_profile_offline(tmp_path: Path) -> None:
     assert "Profile 'production' was required, and it passed" in output, output
 
 
+def _roles() -> list[Path]:
+    return sorted(p for p in ROLES.iterdir() if p.is_dir())
+
+
+def _entry_points(role: Path) -> dict[str, Any]:
+    """The argument spec of every entry point of a role: main, or tasks_from names."""
+    spec = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())
+    entry_points: dict[str, Any] = spec["argument_specs"]
+    return entry_points
+
+
+# Roles that playbooks do not name: other roles import their entry points (tasks_from).
+INTERNAL_ROLES = {"gpuwatch_common"}
+
+
 def test_every_role_documents_every_default() -> None:
     """defaults/main.yml and meta/argument_specs.yml list the same variables, all role-prefixed."""
-    for role in sorted(p for p in ROLES.iterdir() if p.is_dir()):
+    for role in _roles():
+        entry_points = _entry_points(role)
+        for name, entry in entry_points.items():
+            options = entry.get("options", {})
+            assert all(o.startswith(role.name + "_") for o in options), (role.name, name)
+            assert all("description" in o and "type" in o for o in options.values()), \
+                (role.name, name)
+        if role.name in INTERNAL_ROLES:
+            assert "main" not in entry_points, f"{role.name} is internal: no main entry point"
+            assert not (role / "defaults").exists(), \
+                f"{role.name} is internal: its callers pass every parameter"
+            assert "(internal)" in (role / "README.md").read_text().splitlines()[0], role.name
+            continue
         defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text()) or {}
-        spec = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())
-        options = spec["argument_specs"]["main"]["options"]
-        assert all(name.startswith(role.name + "_") for name in options), role.name
+        options = entry_points["main"]["options"]
         # Only variables without a default on purpose (the Grafana admin password) are spec-only.
         assert set(defaults) <= set(options), (role.name, set(defaults) - set(options))
-        assert all("description" in o and "type" in o for o in options.values()), role.name
         for name, value in defaults.items():
             if "{{" not in str(value):
                 assert options[name].get("default") == value, (role.name, name)
         readme = (role / "README.md").read_text()
         undocumented = [name for name in options if f"`{name}`" not in readme]
         assert not undocumented, f"{role.name}/README.md does not mention {undocumented}"
+
+
+# What a role may read of another role's variables, and why: the Prometheus role scrapes every
+# GPU node where that node's inventory says its exporter listens (hostvars of the node).
+INVENTORY_READS = {
+    "gpuwatch_prometheus": {"gpuwatch_exporter_web_listen_address",
+                            "gpuwatch_exporter_web_telemetry_path",
+                            "gpuwatch_exporter_tls_server_config"},
+}
+_IMPORT_ROLE = {"import_role", "include_role", "ansible.builtin.import_role",
+                "ansible.builtin.include_role"}
+
+
+def _code_strings(node: object, role_params: dict[str, set[str]], file: str) -> Iterator[str]:
+    """Every key and value of a tasks/handlers/vars file, except the parameters passed to an
+    imported role (checked here against that role's argument spec instead)."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _code_strings(item, role_params, file)
+    elif isinstance(node, dict):
+        imported = next((node[k] for k in _IMPORT_ROLE if k in node), None)
+        passed: set[str] = set()
+        if isinstance(imported, dict) and imported.get("name") in role_params:
+            entry = str(imported.get("tasks_from", "main")).removesuffix(".yml")
+            documented = role_params[imported["name"]].get(entry)
+            passed = set(node.get("vars", {}))
+            assert documented is not None, f"{file}: {imported['name']} has no entry point {entry}"
+            assert passed <= documented, \
+                f"{file}: parameters {sorted(passed - documented)} are not in " \
+                f"{imported['name']}'s argument spec ({entry})"
+        for key, value in node.items():
+            if key == "vars" and passed:
+                yield from _code_strings(list(value.values()), role_params, file)
+                continue
+            yield str(key)
+            yield from _code_strings(value, role_params, file)
+    elif node is not None:
+        yield str(node)
+
+
+def test_no_role_reads_another_roles_variables() -> None:
+    """A role's tasks, handlers, vars, defaults and templates name no variable of another role
+    (public or private), except the parameters of an entry point it imports, as documented in
+    that role's argument spec, and the inventory reads listed in INVENTORY_READS."""
+    roles = [role.name for role in _roles()]
+    role_params = {name: {entry: set(spec.get("options", {}))
+                          for entry, spec in _entry_points(ROLES / name).items()}
+                   for name in roles}
+    found: dict[str, set[str]] = {}
+    for role in roles:
+        alternatives = "|".join(r for r in roles if r != role)
+        others = re.compile(rf"(?<![\w])_?(?:{alternatives})_\w+")
+        for path in sorted((ROLES / role).rglob("*")):
+            kind = path.relative_to(ROLES / role).parts[0]
+            if not path.is_file() or kind not in {"tasks", "handlers", "vars", "defaults",
+                                                  "templates"}:
+                continue
+            if kind == "templates":
+                strings = [re.sub(r"\{#.*?#\}", "", path.read_text(), flags=re.S)]
+            else:
+                strings = list(_code_strings(yaml.safe_load(path.read_text()), role_params,
+                                             str(path.relative_to(ROLES))))
+            for text in strings:
+                for name in others.findall(text):
+                    found.setdefault(role, set()).add(name)
+                    assert name in INVENTORY_READS.get(role, set()), \
+                        f"{path.relative_to(ROLES)} reads {name}, another role's variable"
+    assert found == INVENTORY_READS, "INVENTORY_READS lists reads that no longer happen"
+    exporter_options = role_params["gpuwatch_exporter"]["main"]
+    for role, names in INVENTORY_READS.items():
+        assert names <= exporter_options, names - exporter_options  # public, documented
+        readme = (ROLES / role / "README.md").read_text()
+        assert all(f"`{name}`" in readme for name in names), role
+
+
+def _common_filters() -> Any:
+    """The gpuwatch_common role's filter plugin, as the roles' templates call it."""
+    import importlib.util
+
+    path = ROLES / "gpuwatch_common/filter_plugins/gpuwatch_common.py"
+    spec = importlib.util.spec_from_file_location("gpuwatch_common_filters", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("word", "quoted"), [
+    ("--log.level=info", "--log.level=info"),
+    ("--reservations.file=/srv/lab book/r.yml", '"--reservations.file=/srv/lab book/r.yml"'),
+    ("100%", "100%%"),
+    ("$HOME", "$$HOME"),
+    ('say "hi"', '"say \\"hi\\""'),
+    ("a\\b", '"a\\\\b"'),
+    ("a;b", '"a;b"'),
+    ("", '""'),
+])
+def test_systemd_quoting_is_what_systemd_reads_back(word: str, quoted: str) -> None:
+    assert _common_filters().systemd_quote(word) == quoted
+
+
+def test_systemd_command_puts_one_quoted_word_per_line() -> None:
+    assert _common_filters().systemd_command(["/opt/v/bin/x", "--a=b c", "--d"]) == \
+        '/opt/v/bin/x \\\n    "--a=b c" \\\n    --d'
+
+
+@pytest.mark.parametrize(("address", "parts"), [
+    (":9839", {"valid": True, "host": "", "port": 9839, "probe_host": "127.0.0.1"}),
+    ("0.0.0.0:9839", {"valid": True, "host": "0.0.0.0", "port": 9839, "probe_host": "127.0.0.1"}),
+    ("10.0.0.5:9839", {"valid": True, "host": "10.0.0.5", "port": 9839, "probe_host": "10.0.0.5"}),
+    ("[::]:9840", {"valid": True, "host": "::", "port": 9840, "probe_host": "127.0.0.1"}),
+    ("[fe80::1]:1", {"valid": True, "host": "fe80::1", "port": 1, "probe_host": "fe80::1"}),
+    ("node07:65535", {"valid": True, "host": "node07", "port": 65535, "probe_host": "node07"}),
+])
+def test_listen_addresses_are_taken_apart(address: str, parts: dict[str, object]) -> None:
+    assert _common_filters().listen_address(address) == parts
+
+
+@pytest.mark.parametrize("address", ["9839", "host:", ":0", ":65536", "fe80::1:9839",
+                                     "a b:9839", ":98390"])
+def test_bad_listen_addresses_are_not_valid(address: str) -> None:
+    assert _common_filters().listen_address(address)["valid"] is False
 
 
 def test_role_defaults_match_the_exporter() -> None:
@@ -202,6 +348,10 @@ class Deployment:
     @property
     def venv(self) -> Path:
         return self.root / "opt/gpuwatch-exporter/venv"
+
+    @property
+    def reservations_venv(self) -> Path:
+        return self.root / "opt/gpuwatch-reservations/venv"
 
     @property
     def exporter_config_dir(self) -> Path:
@@ -288,7 +438,7 @@ def _snapshot(destination: Path) -> Path:
     grafana/. The runs compared for idempotence then see the same files even while someone
     edits the working tree."""
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
-    for name in ("exporter", "prometheus", "grafana"):
+    for name in ("src", "prometheus", "grafana"):
         shutil.copytree(REPO / name, destination / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         if (REPO / name).exists():
@@ -380,7 +530,14 @@ def deployment() -> Iterator[Deployment]:
                 "gpuwatch-reservations": {
                     "static_configs": [{"targets": [f"127.0.0.1:{reservations_port}"]}]}},
             "gpuwatch_prometheus_external_labels": {"site": "ci"},
-            # reservations; the booking group is the exporter's, so no other group is created
+            # reservations: installed as the exporter is, in a venv of its own; the booking group
+            # is the exporter's, so no other group is created
+            "gpuwatch_reservations_checkout_dir": str(source),
+            "gpuwatch_reservations_install_dir": str(root / "opt/gpuwatch-reservations"),
+            "gpuwatch_reservations_python": python,
+            "gpuwatch_reservations_system_packages": [],
+            "gpuwatch_reservations_build_pip_args": ["--no-index", "--find-links", str(wheelhouse)],
+            "gpuwatch_reservations_wheelhouse_dir": str(wheelhouse),
             "gpuwatch_reservations_file":
                 str(root / "var/lib/gpuwatch/reservations/reservations.yml"),
             "gpuwatch_reservations_booking_group": EXPORTER_GROUP,
@@ -755,7 +912,8 @@ def test_the_reservations_file_waits_in_a_directory_the_booking_group_may_write(
     profile = (deployment.root / "etc/profile.d/gpuwatch.sh").read_text()
     assert f"export GPUWATCH_RESERVATIONS={deployment.reservations_file}" in profile
     link = deployment.root / "usr/local/bin/gpuwatch"
-    assert link.is_symlink() and link.resolve() == (deployment.venv / "bin/gpuwatch").resolve()
+    assert link.is_symlink() and \
+        link.resolve() == (deployment.reservations_venv / "bin/gpuwatch").resolve()
 
 
 def test_reservations_unit_passes_systemd_analyze_verify_and_exposes_little(
@@ -801,7 +959,7 @@ def test_a_booking_by_a_member_of_the_booking_group_reaches_prometheus(
     assert booked.returncode == 0, booked.stderr
     assert deployment.reservations_file.stat().st_uid == pwd.getpwnam("nobody").pw_uid
     refused = subprocess.run(
-        _as_nobody([str(deployment.venv / "bin/gpuwatch"), "release", "localhost",
+        _as_nobody([str(deployment.reservations_venv / "bin/gpuwatch"), "release", "localhost",
                     "--file", str(deployment.reservations_file)]),
         capture_output=True, text=True, env=env, timeout=60)
     assert refused.returncode == 1 and "Permission denied" in refused.stderr  # not a booker
