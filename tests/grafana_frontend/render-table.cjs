@@ -1,7 +1,7 @@
 // Runs a table panel's data through Grafana's own frontend code (@grafana/data, the package
 // Grafana's web app is built from): the panel's transformations, then its field config
 // (defaults and overrides), then each field's display processor, which applies value mappings,
-// thresholds and colours. tests/test_grafana.py feeds it the data frame Grafana's Prometheus
+// thresholds and colours. tests/e2e/test_grafana.py feeds it the data frame Grafana's Prometheus
 // datasource makes of a table query and checks what each cell would show.
 //
 // stdin:  {"panel": <panel JSON>, "frames": [{"refId", "fields": [{"name", "type", "values"}]}],
