@@ -12,7 +12,7 @@ Prometheus is asked through gpuwatch.fleet.prometheus, the client the CLI uses (
 
 What a test expects comes from `Fleet.expected()`, the one oracle: every GPU's state, users
 and model derived from the scenarios the exporters simulate (the simulator's own view of each
-GPU at a given time), the thresholds the rules read and the bookings in the reservations
+GPU at a given time), the thresholds the rules read and the reservations in the reservations
 file, never copied.
 
     with Fleet(tmp_path, [Node("ws-01", "workstation", {"cluster": "lab"})]) as fleet:
@@ -36,6 +36,7 @@ from gpuwatch.contract import states
 from gpuwatch.contract.thresholds import HELD_MEMORY, IDLE_DURATION, IDLE_UTILIZATION
 from gpuwatch.exporter.nvml import NVMLError
 from gpuwatch.fleet.prometheus import Prometheus
+from gpuwatch.reservations import Reservation
 from gpuwatch.sim import Scenario, SimulatedNode, SimulatedNvml, load_scenario
 from tools import localstack
 
@@ -124,7 +125,7 @@ class ExpectedGpu:
     user_memory: Mapping[str, float]
     """Bytes of device memory each user's processes hold (whole bytes: sums are exact)."""
     reservation: str | None = None
-    """The booking in words, as the grid shows it: alice until ... (why)."""
+    """The reservation in words, as the grid shows it: alice until ... (why)."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class Fleet:
     def __init__(self, workdir: Path, nodes: Sequence[Node] = (), interval: float = 1.0,
                  thresholds: Mapping[str, float] | None = None,
                  alert_for: Mapping[str, str] | None = None,
-                 bookings: Sequence[reservations.Reservation] = (),
+                 reservations: Sequence[Reservation] = (),
                  prometheus_config: Callable[[Path], None] | None = None) -> None:
         """`prometheus_config` changes the rendered prometheus.yml before Prometheus starts
         (a remote_write block, say)."""
@@ -152,13 +153,13 @@ class Fleet:
         self.interval = interval
         self.overrides = dict(thresholds or {})
         self.alert_for = dict(alert_for or {})
-        self.initial_bookings = list(bookings)
+        self.initial_reservations = list(reservations)
         self.prometheus_config = prometheus_config
         self.targets = workdir / "targets"
         self.reservations_file = workdir / "reservations.yml"
         self.nodes: list[RunningNode] = []
         self.reservations_port = localstack.free_port()
-        self.reservations = localstack.reservations_endpoint(
+        self.reservations_endpoint = localstack.reservations_endpoint(
             self.reservations_file, self.reservations_port, workdir / "reservations.log")
         self.port = localstack.free_port()
         self.url = f"http://{LOCALHOST}:{self.port}"
@@ -187,10 +188,10 @@ class Fleet:
         for node in self.initial_nodes:
             self._start_exporter(node)
         self.write_targets()
-        if self.initial_bookings:
-            reservations.write(self.reservations_file, self.initial_bookings)
-        self._stack.callback(self.reservations.stop)
-        self.reservations.start()
+        if self.initial_reservations:
+            reservations.write(self.reservations_file, self.initial_reservations)
+        self._stack.callback(self.reservations_endpoint.stop)
+        self.reservations_endpoint.start()
         every = f"{self.interval:g}s"
         config = localstack.render_config(
             self.workdir / "prometheus", self.targets,
@@ -286,25 +287,25 @@ class Fleet:
 
     # -- what the scenarios say ----------------------------------------------------------------
 
-    def bookings(self, at: float | None = None) -> list[reservations.Reservation]:
-        """The bookings of the reservations file that are active at `at` (now)."""
+    def active_reservations(self, at: float | None = None) -> list[Reservation]:
+        """The reservations of the reservations file that are active at `at` (now)."""
         now = dt.datetime.fromtimestamp(time.time() if at is None else at, dt.timezone.utc)
-        return [b for b in reservations.load(self.reservations_file, now) if b.active(now)]
+        return [r for r in reservations.load(self.reservations_file, now) if r.active(now)]
 
     def expected(self, at: float | None = None) -> dict[tuple[str, int], ExpectedGpu]:
         """Every GPU's state, users and model at `at` (now), by (host, gpu), from its
-        scenario, the thresholds and the bookings; what the rules should find.
+        scenario, the thresholds and the reservations; what the rules should find.
 
         down: the exporter is stopped, or the GPU is lost, or one of its NVML calls hangs (the
         collection timeout gives up on it); free: it answers, no process on it, memory below
         the held threshold; busy: held; idle: held with utilisation below the idle threshold
         for the idle duration (counted from when Prometheus or the exporter started, whichever
-        is later: nothing earlier was seen). A GPU with an active booking is reserved, unless
+        is later: nothing earlier was seen). A GPU with an active reservation is reserved, unless
         it is down, or used by the user who booked it (then busy).
         """
         now = time.time() if at is None else at
         t = self.thresholds()
-        booked = self.bookings(now)
+        active = self.active_reservations(now)
         expected = {}
         for running in self.nodes:
             if running.scenario.hang:
@@ -315,8 +316,8 @@ class Fleet:
             seen_for = now - max(self.prometheus_started, running.started)
             for index, gpu in enumerate(running.scenario.gpus):
                 host = running.host
-                booking = next((b for b in booked if b.shares_gpus(host, (index,))), None)
-                words = None if booking is None else describe(booking)
+                reservation = next((r for r in active if r.shares_gpus(host, (index,))), None)
+                words = None if reservation is None else describe(reservation)
                 unknown = ExpectedGpu(host, index, states.DOWN.name, (), "", None, {}, words)
                 if gpu.hang:  # the exporter gives up on it; Prometheus never saw its name
                     expected[host, index] = unknown
@@ -341,9 +342,9 @@ class Fleet:
                 utilization = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
                 idle = utilization < t[IDLE_UTILIZATION] and \
                     seen_for >= t[IDLE_DURATION]
-                if booking is not None and booking.user in users:
+                if reservation is not None and reservation.user in users:
                     state = states.BUSY
-                elif booking is not None:
+                elif reservation is not None:
                     state = states.RESERVED
                 elif held and idle:
                     state = states.IDLE
@@ -379,7 +380,7 @@ class Fleet:
         return expected
 
 
-def describe(booking: reservations.Reservation) -> str:
-    """A booking in words, as the rules write it in the reservation label."""
-    note = f" ({booking.comment})" if booking.comment else ""
-    return f"{booking.user} until {reservations.short(booking.until)}{note}"
+def describe(reservation: Reservation) -> str:
+    """A reservation in words, as the rules write it in the reservation label."""
+    note = f" ({reservation.comment})" if reservation.comment else ""
+    return f"{reservation.user} until {reservations.short(reservation.until)}{note}"

@@ -41,7 +41,7 @@ FLEET_NODES = [
 ]
 
 
-def fleet_bookings() -> list[Reservation]:
+def fleet_reservations() -> list[Reservation]:
     """A free GPU of srv-01 booked for frank, and a GPU carol works on booked for her."""
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     return [Reservation("srv-01", (4,), "frank", now + dt.timedelta(days=2),
@@ -55,7 +55,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     # threshold is the rules' own.
     with Fleet(tmp_path_factory.mktemp("fleet"), FLEET_NODES,
                thresholds={IDLE_DURATION: 0},
-               bookings=fleet_bookings()) as running:
+               reservations=fleet_reservations()) as running:
         running.wait_for_rules()
         yield running
 
