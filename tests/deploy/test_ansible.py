@@ -330,6 +330,27 @@ def test_role_defaults_match_the_exporter() -> None:
         "gpuwatch_reservations_web_listen_address"] == exporter_main.RESERVATIONS_LISTEN_ADDRESS
 
 
+def test_the_roles_install_the_gpuwatch_distribution() -> None:
+    """`gpuwatch` on PyPI is an unrelated project: index mode installs gpuwatch.DISTRIBUTION, and
+    no hint or document in ansible/ tells pip to fetch `gpuwatch`."""
+    import gpuwatch
+
+    for role in ("gpuwatch_exporter", "gpuwatch_reservations"):
+        defaults = yaml.safe_load((ROLES / role / "defaults/main.yml").read_text())
+        assert defaults[f"{role}_package_name"] == gpuwatch.DISTRIBUTION, role
+        (install,) = yaml.safe_load((ROLES / role / "tasks/install.yml").read_text())[:1]
+        assert install["vars"]["gpuwatch_common_package_name"] == \
+            f"{{{{ {role}_package_name }}}}", role
+    common = yaml.safe_load((ROLES / "gpuwatch_common/vars/main.yml").read_text())
+    assert "else gpuwatch_common_package_name" in common["_gpuwatch_common_requirement"]
+    hint = (ROLES / "gpuwatch_common/tasks/install.yml").read_text()
+    assert "pip download -d DIR {{ gpuwatch_common_package_name }}" in hint
+    stranger = re.compile(r"pip3? +(?:download|install)\b[^\n`]*?(?<![\w./-])gpuwatch(?![\w-])")
+    for path in sorted(ANSIBLE_DIR.rglob("*")):
+        if path.is_file() and path.suffix in {".md", ".yml", ".j2", ".py"}:
+            assert not stranger.search(path.read_text()), f"{path} tells pip to fetch `gpuwatch`"
+
+
 # --- a real deployment to this machine ---------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -628,6 +649,17 @@ def test_configuration_files_are_rendered_from_the_variables(deployment: Deploym
         assert stat.S_IMODE(st.st_mode) == 0o640, name
         assert (st.st_uid, grp.getgrgid(st.st_gid).gr_name) == (0, EXPORTER_GROUP), name
     assert (deployment.venv / "bin/gpuwatch-exporter").is_file()
+
+
+def test_both_venvs_hold_the_gpuwatch_distribution(deployment: Deployment) -> None:
+    import gpuwatch
+
+    for venv in (deployment.venv, deployment.reservations_venv):
+        shown = subprocess.run([str(venv / "bin/python"), "-m", "pip", "show", "--no-input",
+                                "--disable-pip-version-check", gpuwatch.DISTRIBUTION],
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert f"Name: {gpuwatch.DISTRIBUTION}" in shown.stdout
 
 
 def _unit(path: Path) -> dict[str, dict[str, list[str]]]:
