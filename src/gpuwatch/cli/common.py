@@ -13,14 +13,14 @@ from typing import TextIO
 
 from gpuwatch import reservations
 from gpuwatch.argtypes import positive_float
-from gpuwatch.contract import states
+from gpuwatch.contract import ports, states
 from gpuwatch.fleet import GpuStatus, read_fleet
 from gpuwatch.fleet.prometheus import DEFAULT_TIMEOUT, Prometheus
 from gpuwatch.reservations import ReservationError
 
 PROG = "gpuwatch"
 ENV_PROMETHEUS = "GPUWATCH_PROMETHEUS"
-DEFAULT_PROMETHEUS = "http://localhost:9090"
+DEFAULT_PROMETHEUS = ports.PROMETHEUS_URL
 
 
 class UserError(Exception):

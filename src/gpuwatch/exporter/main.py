@@ -17,6 +17,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from gpuwatch import __version__
 from gpuwatch.argtypes import non_negative_int, positive_float, positive_int
+from gpuwatch.contract import ports
 from gpuwatch.exporter.collectors import Collector
 from gpuwatch.exporter.collectors.gpu import GpuCollector
 from gpuwatch.exporter.collectors.process import GpuProcessCollector, ProcessOptions
@@ -46,7 +47,7 @@ from gpuwatch.sim import Scenario, SimulatedNode, SimulatedNvml, SimulatedPsutil
 __all__ = ["COLLECTORS", "DEFAULT_LISTEN_ADDRESS", "DEFAULT_PORT", "ExporterOptions"]
 
 PROG = "gpuwatch-exporter"
-RESERVATIONS_LISTEN_ADDRESS = f"127.0.0.1:{DEFAULT_PORT + 1}"
+RESERVATIONS_LISTEN_ADDRESS = f"127.0.0.1:{ports.RESERVATIONS_PORT}"
 """Where the reservations endpoint (this exporter with --reservations.file and the GPU
 collectors off) listens on the monitoring host: beside Prometheus, which alone scrapes it."""
 

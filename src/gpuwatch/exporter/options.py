@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpuwatch.contract import ports
 from gpuwatch.exporter.collectors.gpu import GpuCollector
 from gpuwatch.exporter.collectors.process import GpuProcessCollector, ProcessOptions
 from gpuwatch.exporter.collectors.reservation import ReservationCollector
@@ -18,8 +19,7 @@ from gpuwatch.exporter.collectors.xid import XidCollector
 from gpuwatch.exporter.scrape import DEFAULT_TIMEOUT
 from gpuwatch.exporter.web import DEFAULT_READ_TIMEOUT
 
-DEFAULT_PORT = 9839
-"""Not taken by the well-known GPU exporters (dcgm-exporter 9400, nvidia_gpu_exporter 9835)."""
+DEFAULT_PORT = ports.EXPORTER_PORT
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 
 
