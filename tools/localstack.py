@@ -9,6 +9,8 @@ Everything listens on 127.0.0.1 and every process started here is stopped by its
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib.util
 import os
 import re
 import shutil
@@ -22,7 +24,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any
 
 import yaml
@@ -119,38 +121,55 @@ def render_rules(source: Path, dest: Path, overrides: Overrides) -> set[str]:
     return done
 
 
+PROMETHEUS_CONFIG_PLUGIN = (SOURCE_DIR.parent / "ansible" / "roles" / "gpuwatch_prometheus"
+                            / "filter_plugins" / "gpuwatch_prometheus.py")
+"""The one rendering of prometheus.yml: the Ansible role deploys with it (as a filter), and
+render_config here calls the same function."""
+
+
+@functools.cache
+def prometheus_config_plugin() -> ModuleType:
+    """PROMETHEUS_CONFIG_PLUGIN as a module (its prometheus_config is the rendering)."""
+    spec = importlib.util.spec_from_file_location("gpuwatch_prometheus_config",
+                                                  PROMETHEUS_CONFIG_PLUGIN)
+    if not PROMETHEUS_CONFIG_PLUGIN.is_file() or spec is None or spec.loader is None:
+        raise LocalStackError(f"{PROMETHEUS_CONFIG_PLUGIN}: missing; restore it with "
+                              f"git checkout -- {PROMETHEUS_CONFIG_PLUGIN}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def render_config(dest: Path, targets_dir: Path, overrides: Overrides | None = None,
                   source: Path = SOURCE_DIR, reservations: str | None = None) -> Path:
     """Writes prometheus.yml and its rule files under `dest`, reading targets from
     `targets_dir` and the bookings from the reservations endpoint at `reservations`
-    (HOST:PORT; None leaves that job out); returns the path of the configuration."""
+    (HOST:PORT; None leaves that job out); returns the path of the configuration.
+
+    prometheus.yml is the Ansible role's rendering (PROMETHEUS_CONFIG_PLUGIN) with this
+    run's settings."""
     overrides = overrides or Overrides()
-    config = yaml.safe_load((source / "prometheus.yml").read_text())
-    glob = config.setdefault("global", {})
+    source_config = yaml.safe_load((source / "prometheus.yml").read_text())
+    settings: dict[str, str] = {}
     if overrides.scrape_interval:
-        glob["scrape_interval"] = glob["scrape_timeout"] = overrides.scrape_interval
+        settings["scrape_interval"] = settings["scrape_timeout"] = overrides.scrape_interval
     if overrides.evaluation_interval:
-        glob["evaluation_interval"] = overrides.evaluation_interval
-    jobs = config.get("scrape_configs", [])
-    if reservations is None:
-        jobs[:] = [job for job in jobs if job["job_name"] != states.RESERVATIONS_JOB]
-    for job in jobs:
-        if job["job_name"] == states.RESERVATIONS_JOB:
-            job["static_configs"] = [{"targets": [reservations]}]
-        if overrides.scrape_interval:
-            for key in ("scrape_interval", "scrape_timeout"):
-                job.pop(key, None)
-        for sd in job.get("file_sd_configs", []):
-            sd["files"] = [str(targets_dir / Path(f).name) for f in sd["files"]]
-            if overrides.refresh_interval:
-                sd["refresh_interval"] = overrides.refresh_interval
+        settings["evaluation_interval"] = overrides.evaluation_interval
+    try:
+        config = prometheus_config_plugin().prometheus_config(
+            source_config, rules_dir=str(dest / "rules"), file_sd_dir=str(targets_dir),
+            global_settings=settings,
+            file_sd_settings=({"refresh_interval": overrides.refresh_interval}
+                              if overrides.refresh_interval else None),
+            scrape_config_overrides=(
+                {states.RESERVATIONS_JOB: {"static_configs": [{"targets": [reservations]}]}}
+                if reservations is not None else None),
+            without_jobs=(states.RESERVATIONS_JOB,) if reservations is None else ())
+    except ValueError as e:
+        raise LocalStackError(f"{source / 'prometheus.yml'}: {e}") from e
     done: set[str] = set()
-    rendered = []
-    for name in config.get("rule_files", []):
-        out = dest / "rules" / Path(name).name
-        done |= render_rules(source / name, out, overrides)
-        rendered.append(str(out))
-    config["rule_files"] = rendered
+    for name in source_config.get("rule_files", []):
+        done |= render_rules(source / name, dest / "rules" / Path(name).name, overrides)
     unknown = (set(overrides.thresholds) | set(overrides.alert_for)) - done
     if unknown:
         raise LocalStackError(f"overrides for rules that do not exist: {sorted(unknown)}")

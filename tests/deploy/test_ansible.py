@@ -351,6 +351,71 @@ def test_the_roles_install_the_gpuwatch_distribution() -> None:
             assert not stranger.search(path.read_text()), f"{path} tells pip to fetch `gpuwatch`"
 
 
+def _prometheus_config_plugin() -> Any:
+    from tools import localstack
+
+    return localstack.prometheus_config_plugin()
+
+
+def test_prometheus_yml_has_one_rendering_for_the_role_and_the_local_stack(
+        tmp_path: Path) -> None:
+    """The role's template and tools/localstack.py both call the role's filter plugin on the
+    repository's prometheus/prometheus.yml; neither rewrites the configuration itself."""
+    from gpuwatch.contract import states
+    from tools import localstack
+
+    plugin = ROLES / "gpuwatch_prometheus/filter_plugins/gpuwatch_prometheus.py"
+    assert plugin == localstack.PROMETHEUS_CONFIG_PLUGIN
+    template = (ROLES / "gpuwatch_prometheus/templates/prometheus.yml.j2").read_text()
+    assert "| gpuwatch_prometheus_config(" in template
+    assert "combine" not in template and "regex_replace" not in template and "{%" not in template
+    overrides = localstack.Overrides(scrape_interval="1s", evaluation_interval="2s",
+                                     refresh_interval="3s")
+    rendered = localstack.render_config(tmp_path / "out", tmp_path / "targets", overrides,
+                                        reservations="127.0.0.1:19840")
+    source = yaml.safe_load((REPO / "prometheus/prometheus.yml").read_text())
+    expected = _prometheus_config_plugin().prometheus_config(
+        source, rules_dir=str(tmp_path / "out/rules"), file_sd_dir=str(tmp_path / "targets"),
+        global_settings={"scrape_interval": "1s", "scrape_timeout": "1s",
+                         "evaluation_interval": "2s"},
+        file_sd_settings={"refresh_interval": "3s"},
+        scrape_config_overrides={states.RESERVATIONS_JOB: {
+            "static_configs": [{"targets": ["127.0.0.1:19840"]}]}})
+    assert yaml.safe_load(rendered.read_text()) == expected
+
+
+def test_prometheus_rendering_changes_only_what_it_is_told() -> None:
+    render = _prometheus_config_plugin().prometheus_config
+    source = {"global": {"scrape_interval": "15s", "external_labels": {"a": "1"}},
+              "rule_files": ["rules/x.yml", "/abs/y.yml"],
+              "scrape_configs": [
+                  {"job_name": "j", "scrape_interval": "5s",
+                   "file_sd_configs": [{"files": ["targets/*.yml"], "refresh_interval": "1m"}]},
+                  {"job_name": "k", "static_configs": [{"targets": ["h:1"]}]}]}
+    kept = yaml.safe_dump(source)
+    config = render(source, rules_dir="/r", file_sd_dir="/t/",
+                    scrape_config_overrides={"k": {"static_configs": [{"targets": ["h:2"]}],
+                                                   "basic_auth": {"username": "u"}}},
+                    global_settings={"external_labels": {"b": "2"}},
+                    remote_write=[{"url": "http://vm/api/v1/write"}])
+    assert yaml.safe_dump(source) == kept  # the source is not changed
+    assert config == {
+        "global": {"scrape_interval": "15s", "external_labels": {"a": "1", "b": "2"}},
+        "rule_files": ["/r/x.yml", "/abs/y.yml"],
+        "scrape_configs": [
+            {"job_name": "j", "scrape_interval": "5s",
+             "file_sd_configs": [{"files": ["/t/*.yml"], "refresh_interval": "1m"}]},
+            {"job_name": "k", "static_configs": [{"targets": ["h:2"]}],
+             "basic_auth": {"username": "u"}}],
+        "remote_write": [{"url": "http://vm/api/v1/write"}]}
+    faster = render(source, rules_dir="/r", file_sd_dir="/t", without_jobs=["k"],
+                    global_settings={"scrape_interval": "1s"})
+    assert [job["job_name"] for job in faster["scrape_configs"]] == ["j"]
+    assert "scrape_interval" not in faster["scrape_configs"][0]
+    with pytest.raises(ValueError, match="no scrape job nope"):
+        render(source, rules_dir="/r", file_sd_dir="/t", scrape_config_overrides={"nope": {}})
+
+
 # --- a real deployment to this machine ---------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -782,6 +847,12 @@ def test_rendered_prometheus_config_passes_promtool(deployment: Deployment) -> N
     assert all(Path(f).is_file() for f in rendered["rule_files"])
     assert rendered["global"]["external_labels"] == {"site": "ci"}
     assert "remote_write" not in rendered  # off unless asked for
+    variables = yaml.safe_load((deployment.root / "vars.yml").read_text())
+    assert rendered == _prometheus_config_plugin().prometheus_config(
+        source, rules_dir=str(deployment.prometheus_dir / "rules"),
+        file_sd_dir=str(deployment.prometheus_dir / "targets"),
+        scrape_config_overrides=variables["gpuwatch_prometheus_scrape_config_overrides"],
+        global_settings={"external_labels": {"site": "ci"}})
 
 
 def test_targets_come_from_the_inventory(deployment: Deployment) -> None:
