@@ -71,17 +71,21 @@ def ask_fleet(args: argparse.Namespace) -> list[GpuStatus]:
 
 def file_arguments(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--file", type=Path, metavar="PATH",
-                   default=os.environ.get(reservations.ENV_FILE) or None if defaults
-                   else argparse.SUPPRESS,
-                   help=f"the reservations file (default: ${reservations.ENV_FILE})")
+                   default=None if defaults else argparse.SUPPRESS,
+                   help="the reservations file itself, for the admin on the monitoring host "
+                   f"(default: ${reservations.ENV_FILE} when no --server is given)")
 
 
 def reservations_file(args: argparse.Namespace) -> Path:
+    """--file, else the file of the environment; UserError naming both ways (and the
+    service's) when there is neither."""
     path: Path | None = args.file
+    if path is None and os.environ.get(reservations.ENV_FILE):
+        path = Path(os.environ[reservations.ENV_FILE])
     if path is None:
-        raise UserError(f"which reservations file? Pass --file PATH or set "
-                        f"{reservations.ENV_FILE} (the file that the reservations endpoint "
-                        "on the monitoring host reads)")
+        raise UserError("which reservations? Pass --server URL or set GPUWATCH_SERVER "
+                        "(gpuwatch serve); on the monitoring host, --file PATH or "
+                        f"{reservations.ENV_FILE} (the file gpuwatch serve reads)")
     return path
 
 

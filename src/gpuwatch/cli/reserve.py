@@ -1,4 +1,5 @@
-"""`gpuwatch reserve HOST:GPUS --until WHEN`: book GPUs in the reservations file."""
+"""`gpuwatch reserve HOST:GPUS --until WHEN`: book GPUs, through gpuwatch serve (--server) or
+in the reservations file (--file, the admin on the monitoring host)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import getpass
 from typing import TextIO
 
 from gpuwatch import reservations
-from gpuwatch.cli.common import Command, UserError, file_arguments, now, reservations_file, when
+from gpuwatch.cli import client
+from gpuwatch.cli.common import Command, UserError, file_arguments, now, when
 from gpuwatch.contract.states import ALL_GPUS
 from gpuwatch.reservations import Reservation, ReservationError
 
@@ -25,12 +27,15 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="when the booking starts (default: now); a date means its start")
     p.add_argument("--replace", action="store_true",
                    help="your own bookings of these GPUs give way to this one (to extend or "
-                   "shorten a booking)")
+                   "shorten a booking; with --file only)")
+    p.add_argument("--force", action="store_true",
+                   help="book a host the fleet does not know yet (admins; through --server)")
+    client.server_arguments(p)
     file_arguments(p)
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
-    path = reservations_file(args)
+    where = client.service_or_file(args)
     moment = now()
     try:
         host, gpus = reservations.parse_target(args.target)
@@ -43,10 +48,27 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                               until=when(args.until, moment, True, "--until"),
                               start=when(args.start, moment, False, "--from"),
                               comment=" ".join(args.comment.split()))
-    reservations.add(path, reservation, moment, replace_own=args.replace)
+    booked_as = ""
+    if isinstance(where, client.Service):
+        if args.replace:
+            raise UserError("--replace works with --file only; through gpuwatch serve, "
+                            "`gpuwatch release ID` your booking, then book again")
+        body = client.booking_to_api(reservation, user=args.user is not None)
+        if args.start == "now":
+            del body["start"]  # the service's now
+        if args.force:
+            body["force"] = True
+        booked_id, reservation = client.booking_from_api(
+            where.post("/api/v1/reservations", body), where.url)
+        booked_as = f" [{booked_id}]"
+    else:
+        if args.force:
+            raise UserError("--force is for --server (the file is not checked against the "
+                            "fleet)")
+        reservations.add(where, reservation, moment, replace_own=args.replace)
     starts = "" if reservation.start is None or reservation.start <= moment else \
         f", from {reservations.short(reservation.start)}"
-    out.write(f"booked {reservation.describe()}{starts}\n")
+    out.write(f"booked {reservation.describe()}{starts}{booked_as}\n")
     return 0
 
 

@@ -1,0 +1,271 @@
+"""The command line's client of `gpuwatch serve` (its /api/v1), standard library only.
+
+Like gpuwatch.fleet.prometheus: every failure is a ServiceError whose message is one line
+naming the server's URL, never the password; a refusal carries the API's own `{"error": ...}`
+and its HTTP status (`status`), which `gpuwatch run --wait` retries on.
+
+    service = Service.from_environment("http://mon:9840", timeout=10)
+    service.get("/api/v1/reservations")              # {"reservations": [...]}
+    service.post("/api/v1/claims", {"count": 1, "host": "node-a"})
+    service.delete("/api/v1/claims/c-1")
+
+Credentials: GPUWATCH_USER and GPUWATCH_PASSWORD, else the netrc file curl reads ($NETRC, else
+~/.netrc; machine = the server's host name), else ``http://user:password@host`` in the URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import netrc
+import os
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gpuwatch import reservations
+from gpuwatch.cli.common import UserError, reservations_file
+from gpuwatch.contract.states import ALL_GPUS
+from gpuwatch.reservations import Reservation
+
+ENV_SERVER = "GPUWATCH_SERVER"
+ENV_USER = "GPUWATCH_USER"
+ENV_PASSWORD = "GPUWATCH_PASSWORD"
+ENV_NETRC = "NETRC"
+DEFAULT_TIMEOUT = 10.0
+
+
+class ServiceError(UserError):
+    """`gpuwatch serve` could not be asked, or refused; one line naming its URL. `status` is
+    the HTTP status of a refusal (None when there was no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+Credentials = tuple[str, str]
+
+
+def netrc_path(environ: Mapping[str, str]) -> Path:
+    """The netrc file curl reads: $NETRC, else ~/.netrc."""
+    given = environ.get(ENV_NETRC)
+    if given:
+        return Path(given)
+    return Path(environ.get("HOME") or Path.home()) / ".netrc"
+
+
+def from_netrc(host: str, environ: Mapping[str, str]) -> Credentials | None:
+    """(login, password) of the netrc entry for `host` (or its `default`); None when there is
+    no file or no entry. A file that cannot be read is a ServiceError naming it (not its
+    contents: the parser's message may quote a password)."""
+    path = netrc_path(environ)
+    if not path.is_file():
+        return None
+    try:
+        # an explicit file: no "access too permissive" check, as curl makes none
+        found = netrc.netrc(str(path)).authenticators(host)
+    except netrc.NetrcParseError as e:
+        raise ServiceError(f"{path}: line {e.lineno}: not a netrc file curl can read (lines "
+                           "like: machine HOST login NAME password SECRET); fix it, or set "
+                           f"{ENV_USER} and {ENV_PASSWORD}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not text"
+        raise ServiceError(f"{path}: cannot read: {reason}") from None
+    if found is None:
+        return None
+    login, _, password = found
+    return login, password or ""
+
+
+def credentials(url: str, environ: Mapping[str, str]) -> Credentials | None:
+    """Who to ask as: GPUWATCH_USER/GPUWATCH_PASSWORD, else netrc, else the URL's user."""
+    parsed = urllib.parse.urlsplit(url)
+    user, password = environ.get(ENV_USER), environ.get(ENV_PASSWORD)
+    if user and password is not None:
+        return user, password
+    host = parsed.hostname or ""
+    entry = from_netrc(host, environ) if host else None
+    if entry is not None and (not user or entry[0] == user):
+        return entry
+    if user:
+        raise ServiceError(f"{ENV_USER} is set but no password: set {ENV_PASSWORD}, or a "
+                           f"netrc entry (machine {host} login {user} password ...) in "
+                           f"{netrc_path(environ)}")
+    if parsed.username is not None:
+        return (urllib.parse.unquote(parsed.username),
+                urllib.parse.unquote(parsed.password or ""))
+    return None
+
+
+class Service:
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT, *,
+                 auth: Credentials | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        netloc = parsed.netloc.rpartition("@")[2]
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            shown = urllib.parse.urlunsplit(parsed._replace(netloc=netloc)) or "''"
+            raise ServiceError(f"{shown!r} is not the URL of gpuwatch serve (for example "
+                               "http://monitor:9840)")
+        self.url = urllib.parse.urlunsplit(parsed._replace(netloc=netloc)).rstrip("/")
+        """The URL without credentials: what messages name."""
+        self.timeout = timeout
+        self.login = auth[0] if auth else None
+        """The name we ask as (None: anonymous)."""
+        self._headers = {"Accept": "application/json"}
+        if auth is not None:
+            token = base64.b64encode(":".join(auth).encode()).decode()
+            self._headers["Authorization"] = f"Basic {token}"
+        self._ssl_context = ssl_context
+
+    @classmethod
+    def from_environment(cls, url: str, timeout: float = DEFAULT_TIMEOUT,
+                         environ: Mapping[str, str] | None = None) -> Service:
+        return cls(url, timeout, auth=credentials(url, os.environ if environ is None
+                                                  else environ))
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Mapping[str, Any]) -> Any:
+        return self.request("POST", path, body)
+
+    def delete(self, path: str) -> None:
+        self.request("DELETE", path)
+
+    def request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        """The JSON of the answer (None for an empty one, as 204 is)."""
+        headers = dict(self._headers)
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(f"{self.url}{path}", data=data, headers=headers,
+                                         method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout,
+                                        context=self._ssl_context) as response:
+                answer: bytes = response.read()
+        except urllib.error.HTTPError as e:
+            raise self._refused(e) from None
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, TimeoutError):
+                raise self._timed_out() from None
+            text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
+            raise ServiceError(f"cannot reach gpuwatch serve at {self.url}: {text}") from None
+        except TimeoutError:
+            raise self._timed_out() from None
+        except OSError as e:  # a connection reset while reading
+            raise ServiceError(f"cannot reach gpuwatch serve at {self.url}: "
+                               f"{e.strerror or e}") from None
+        if not answer.strip():
+            return None
+        try:
+            return json.loads(answer)
+        except ValueError:
+            raise self._not_the_service(path) from None
+
+    def _refused(self, e: urllib.error.HTTPError) -> ServiceError:
+        try:
+            error = json.loads(e.read()).get("error")
+        except (ValueError, AttributeError, OSError):
+            error = None
+        if not isinstance(error, str) or not error.strip():
+            error = f"HTTP {e.code} {e.reason}"
+            if e.code == 404:
+                error += f" for {e.url}; is {self.url} gpuwatch serve?"
+        error = " ".join(error.split())
+        if e.code == 401:
+            who = f"as {self.login}" if self.login else \
+                f"without a user: set {ENV_USER} and {ENV_PASSWORD}, or a netrc entry for " \
+                f"machine {urllib.parse.urlsplit(self.url).hostname}"
+            return ServiceError(f"gpuwatch serve at {self.url} did not accept you {who} "
+                                f"({error})", status=401)
+        return ServiceError(f"gpuwatch serve at {self.url}: {error}", status=e.code)
+
+    def _timed_out(self) -> ServiceError:
+        return ServiceError(f"gpuwatch serve at {self.url} did not answer within "
+                            f"{self.timeout:g} s")
+
+    def _not_the_service(self, path: str) -> ServiceError:
+        return ServiceError(f"{self.url}{path} did not answer JSON; is {self.url} the URL of "
+                            "gpuwatch serve?")
+
+
+# -- the commands' choice: the service, or the file ---------------------------------------------
+
+def server_arguments(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    p.add_argument("--server", metavar="URL", default=None if defaults else argparse.SUPPRESS,
+                   help=f"the gpuwatch serve to ask (default: ${ENV_SERVER})")
+
+
+def server_url(args: argparse.Namespace) -> str | None:
+    return getattr(args, "server", None) or os.environ.get(ENV_SERVER) or None
+
+
+def service(args: argparse.Namespace) -> Service:
+    """The service of --server or GPUWATCH_SERVER; UserError when neither is given."""
+    url = server_url(args)
+    if url is None:
+        raise UserError(f"which gpuwatch serve? Pass --server URL or set {ENV_SERVER}")
+    return Service.from_environment(url, getattr(args, "timeout", DEFAULT_TIMEOUT))
+
+
+def service_or_file(args: argparse.Namespace) -> Service | Path:
+    """--file PATH when given (the admin on the monitoring host), else the service of
+    --server/GPUWATCH_SERVER, else the file of GPUWATCH_RESERVATIONS."""
+    if getattr(args, "file", None) is not None:
+        if getattr(args, "server", None):
+            raise UserError("--file and --server: give one (the file is for the admin on "
+                            "the monitoring host)")
+        return Path(args.file)
+    if server_url(args):
+        return service(args)
+    return reservations_file(args)
+
+
+# -- the API's bookings --------------------------------------------------------------------------
+
+def booking_from_api(raw: Any, url: str) -> tuple[str, Reservation]:
+    """(id, the booking) of the API's R object; ServiceError when it is not one."""
+    try:
+        gpus = raw["gpus"]
+        start = raw.get("start")
+        return str(raw["id"]), Reservation(
+            host=str(raw["host"]),
+            gpus=None if gpus == ALL_GPUS else tuple(int(i) for i in gpus),
+            user=str(raw["user"]),
+            until=dt.datetime.fromisoformat(raw["until"]),
+            start=dt.datetime.fromisoformat(start) if start else None,
+            comment=str(raw.get("comment") or ""))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ServiceError(f"gpuwatch serve at {url} answered a booking the client cannot "
+                           f"read: {json.dumps(raw)[:200]}") from None
+
+
+def bookings_from_api(answer: Any, url: str) -> list[tuple[str, Reservation]]:
+    listed = answer.get("reservations") if isinstance(answer, dict) else None
+    if not isinstance(listed, list):
+        raise ServiceError(f"{url}/api/v1/reservations did not answer a list of "
+                           "reservations; is it gpuwatch serve?")
+    return [booking_from_api(r, url) for r in listed]
+
+
+def booking_to_api(b: Reservation, user: bool) -> dict[str, Any]:
+    """The POST body of booking `b`; with `user`, for b.user (which only admins may)."""
+    body: dict[str, Any] = {"host": b.host,
+                            "gpus": ALL_GPUS if b.gpus is None else list(b.gpus),
+                            "until": reservations.iso(b.until), "comment": b.comment}
+    if b.start is not None:
+        body["start"] = reservations.iso(b.start)
+    if user:
+        body["user"] = b.user
+    return body
