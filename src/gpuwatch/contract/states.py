@@ -2,7 +2,8 @@
 
 Prometheus computes the state of every GPU (prometheus/rules/state.yml) and publishes it in
 two recording rules: ``instance_gpu:gpuwatch_state:info`` (one series per GPU, value 1, with
-the labels ``state``, ``users``, ``model`` and, for a booked GPU, ``reservation``) and
+the labels ``state``, ``users``, ``model`` and, for a booked GPU, ``reservation``, for a
+claimed one ``claim``) and
 ``instance_gpu:gpuwatch_state:code`` (one series per GPU whose value is the state's code, for
 panels that colour by value). The CLI, the dashboards' checks and the tests read the names
 and codes from here; tests keep the rules and the table of docs/prometheus.md ("GPU states",
@@ -29,8 +30,12 @@ BUSY = State("busy", 1, "yellow")
 IDLE = State("idle", 2, "purple")
 RESERVED = State("reserved", 3, "blue")
 DOWN = State("down", 4, "red")
+CLAIMED = State("claimed", 5, "orange")
+"""Held for ``gpuwatch run`` (a claim of ``gpuwatch serve``) and not yet used."""
 
-ALL: tuple[State, ...] = (FREE, BUSY, IDLE, RESERVED, DOWN)
+ALL: tuple[State, ...] = (FREE, BUSY, IDLE, CLAIMED, RESERVED, DOWN)
+"""Every state, in the order docs/prometheus.md lists them (its table says which state wins
+where two apply: a claimed GPU that is held is busy or idle, a booked one claimed, down any)."""
 BY_NAME: dict[str, State] = {s.name: s for s in ALL}
 
 ALL_GPUS = "all"
@@ -48,3 +53,4 @@ STATE_INFO = "instance_gpu:gpuwatch_state:info"
 STATE_CODE = "instance_gpu:gpuwatch_state:code"
 INACTIVE_SINCE = "instance_gpu:gpuwatch_inactive_since:timestamp_seconds"
 RESERVED_UNTIL = "instance_gpu:gpuwatch_reserved_until:timestamp_seconds"
+CLAIMED_UNTIL = "instance_gpu:gpuwatch_claimed_until:timestamp_seconds"
