@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from gpuwatch import __version__
-from gpuwatch.cli import pick, release, reservations, reserve, run, status
+from gpuwatch.cli import pick, release, reservations, reserve, run, serve, status
 from gpuwatch.cli.common import PROG, Command, UserError, common_arguments
 from gpuwatch.fleet import FleetError
 from gpuwatch.fleet.prometheus import PrometheusError
 from gpuwatch.reservations import ReservationError
 
 COMMANDS: tuple[Command, ...] = (status.COMMAND, pick.COMMAND, reserve.COMMAND,
-                                 release.COMMAND, reservations.COMMAND, run.COMMAND)
+                                 release.COMMAND, reservations.COMMAND, run.COMMAND, serve.COMMAND)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,6 +135,14 @@ class BasicAuth:
             (self._verified if allowed else self._refused).add(key)
         return allowed
 
+    def user(self, header: str | None, client: str = "") -> str | None:
+        """The user whose password the Authorization header holds, as `allows` checks it;
+        None when it holds none."""
+        credentials = _credentials(header)
+        if credentials is None or not self.allows(header, client):
+            return None
+        return credentials[0]
+
     def _charge(self, client: str) -> bool:
         """Takes one check from the client's budget and the overall one, or none when either
         is spent. Called with the lock held."""

@@ -42,12 +42,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from aiohttp import web
@@ -390,6 +390,18 @@ def _landing(telemetry_path: str) -> str:
 """
 
 
+class Application(Protocol):
+    """What a Server serves besides the exporter's App (gpuwatch serve's API): the web config
+    in force, and an answer per request, made on the event loop, its blocking parts in `pool`.
+    `request` is aiohttp's, for the body. The Server answers 500 only when `reply` raises."""
+
+    @property
+    def source(self) -> WebConfigSource: ...
+
+    async def reply(self, request: web.BaseRequest, question: Request,
+                    pool: Executor) -> Reply: ...
+
+
 # -- how to serve it ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -544,7 +556,7 @@ class Server:
     """A bound HTTP(S) server: `serve_forever()` in this thread (it returns on SIGTERM or
     SIGINT in the main thread, or on `stop()`), or `start()` in a thread of its own."""
 
-    def __init__(self, app: App, sock: socket.socket, limits: Limits) -> None:
+    def __init__(self, app: App | Application, sock: socket.socket, limits: Limits) -> None:
         self.app, self.limits = app, limits
         self._sock = sock
         self.port = int(sock.getsockname()[1])
@@ -718,7 +730,7 @@ class Server:
             question = Request(request.method, request.path, headers, request.remote or "",
                                peercert)
             try:
-                reply = await self._reply(question)
+                reply = await self._reply(question, request)
             except Exception:
                 log.exception("answering %s %s failed", request.method, request.path)
                 reply = _text(500, "Internal Server Error\n", [])
@@ -732,13 +744,16 @@ class Server:
                     transport.abort()
             return response
 
-    async def _reply(self, question: Request) -> Reply:
+    async def _reply(self, question: Request, request: web.BaseRequest) -> Reply:
         """The app's answer, its blocking parts in the pool; waiting is done here, on the
         loop, so 100 scrapes at once hold no thread while they wait for a collection."""
         loop = asyncio.get_running_loop()
         source = self.app.source
         if source.due():
             await loop.run_in_executor(self._config_pool, source.current)
+        if not isinstance(self.app, App):
+            assert self._pool is not None
+            return await self.app.reply(request, question, self._pool)
         config = source.latest
         if config.basic_auth_users:  # bcrypt
             refusal = await loop.run_in_executor(self._pool, self.app.refusal, question, config)
@@ -756,6 +771,7 @@ class Server:
         """The exposition in this format of the collection in flight, or of one started now:
         scrapes that arrive while a collection runs share it (as the Exporter shares its
         collection, but without a thread each to wait in)."""
+        assert isinstance(self.app, App)
         shared = self._collecting.get(content_type)
         if shared is None:
             loop = asyncio.get_running_loop()
@@ -793,7 +809,7 @@ class Server:
         self._warn(message, f"{message}: {exc}" if exc is not None else message)
 
 
-def serve(app: App, listen_address: str, max_connections: int | None = None,
+def serve(app: App | Application, listen_address: str, max_connections: int | None = None,
           read_timeout: float = DEFAULT_READ_TIMEOUT) -> Server:
     """Bind the listen address (OSError when it cannot be); TLS when the web config has it.
     Not yet serving: call serve_forever() or start()."""

@@ -1,0 +1,402 @@
+"""`gpuwatch serve` over HTTP: the routes, JSON in and out, identity and browser safety, on
+the exporter's server (gpuwatch.exporter.web.Server: TLS, basic auth's web config, the
+connection cap and read timeout).
+
+Every answer of the API is JSON; a refusal is {"error": "one line"} with 400, 401, 403, 404,
+405, 409, 413 or 503, never a traceback. A write (POST, DELETE) from a browser is safe
+against cross-site requests: a POST must say Content-Type: application/json (which a form
+cannot send without a CORS preflight this server never grants), and an Origin header, when
+present, must be the server's own origin.
+
+    serving = build(ServeOptions(reservations_file=path, listen_address="127.0.0.1:0"),
+                    fleet=lambda: gpus)
+    serving.start()   # in a thread; serving.url, serving.service; serving.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import gzip
+import html
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from gpuwatch import __version__
+from gpuwatch.exporter import encoding
+from gpuwatch.exporter.scrape import Exporter
+from gpuwatch.exporter.web import (
+    GZIP_LEVEL,
+    Reply,
+    Request,
+    Server,
+    WebConfigSource,
+    accepts_gzip,
+    serve,
+)
+from gpuwatch.fleet import GpuStatus, read_fleet
+from gpuwatch.fleet.prometheus import Prometheus
+from gpuwatch.reservations import ReservationError
+from gpuwatch.serve.identity import Identifier, Identity, Refused, load_users_map
+from gpuwatch.serve.metrics import build_registry
+from gpuwatch.serve.options import ServeOptions
+from gpuwatch.serve.service import ApiError, FleetSource, Service
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+MAX_BODY = 64 * 1024
+"""Bytes of a request body at most: a booking or a claim is a few hundred."""
+HEALTHY = "/-/healthy"
+METRICS = "/metrics"
+JSON_TYPE = "application/json"
+_WRITES = ("POST", "DELETE")
+
+
+def _json(status: int, data: object, headers: Sequence[tuple[str, str]] = ()) -> Reply:
+    body = b"" if status == 204 else (json.dumps(data, ensure_ascii=False) + "\n").encode()
+    return Reply(status, [*headers, ("Content-Type", JSON_TYPE)], body)
+
+
+def _error(status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> Reply:
+    return _json(status, {"error": " ".join(message.split())}, headers)
+
+
+@dataclass(frozen=True)
+class _Route:
+    methods: tuple[str, ...]
+    handler: str
+    """The ServeApp method answering it."""
+
+
+_ROUTES: tuple[tuple[re.Pattern[str], _Route], ...] = tuple(
+    (re.compile(pattern), _Route(methods, handler)) for pattern, methods, handler in (
+        (r"/", ("GET", "HEAD"), "landing"),
+        (re.escape(METRICS), ("GET", "HEAD"), "metrics"),
+        (rf"{API}/reservations", ("GET", "HEAD", "POST"), "reservations"),
+        (rf"{API}/reservations/(?P<id>[^/]+)", ("DELETE",), "reservation"),
+        (rf"{API}/history", ("GET", "HEAD"), "history"),
+        (rf"{API}/fleet", ("GET", "HEAD"), "fleet"),
+        (rf"{API}/claims", ("GET", "HEAD", "POST"), "claims"),
+        (rf"{API}/claims/(?P<id>[^/]+)", ("DELETE",), "claim"),
+    ))
+
+
+@dataclass
+class _Asked:
+    """One request on its way through: what was asked, by whom, with what body."""
+
+    request: web.BaseRequest
+    question: Request
+    who: Identity
+    pool: Executor
+    params: dict[str, str] = field(default_factory=dict)
+
+    async def run(self, call: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, call, *args)
+
+
+class ServeApp:
+    """The answers of `gpuwatch serve` (a gpuwatch.exporter.web.Application)."""
+
+    def __init__(self, service: Service, identifier: Identifier, registry: Any,
+                 web_config: WebConfigSource, read_timeout: float = 30.0) -> None:
+        self.service, self.identifier, self.registry = service, identifier, registry
+        self._source = web_config
+        self.read_timeout = read_timeout
+
+    @property
+    def source(self) -> WebConfigSource:
+        return self._source
+
+    async def reply(self, request: web.BaseRequest, question: Request,
+                    pool: Executor) -> Reply:
+        config = self._source.latest
+        headers = list(config.headers.items())
+        method, path = question.method, question.path
+        api = path.startswith(API + "/") or path == API
+        if path == HEALTHY:
+            if method not in ("GET", "HEAD"):
+                return _error(405, "GET only", [*headers, ("Allow", "GET, HEAD")])
+            return Reply(200, [*headers, ("Content-Type", "text/plain; charset=utf-8")],
+                         b"OK\n")
+        if config.basic_auth_users or config.client_allowed_sans:  # bcrypt: not on the loop
+            found = await asyncio.get_running_loop().run_in_executor(
+                pool, self.identifier.identify, question, config)
+        else:
+            found = self.identifier.identify(question, config)
+        if isinstance(found, Refused):
+            challenge = [("WWW-Authenticate", 'Basic realm="gpuwatch"')] \
+                if found.status == 401 and config.basic_auth_users else []
+            if api:
+                return _error(found.status, found.message, [*headers, *challenge])
+            return Reply(found.status, [*headers, *challenge,
+                                        ("Content-Type", "text/plain; charset=utf-8")],
+                         f"{found.message}\n".encode())
+        for pattern, route in _ROUTES:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            if method not in route.methods:
+                return _error(405, f"{path} answers {', '.join(route.methods)}",
+                              [*headers, ("Allow", ", ".join(route.methods))])
+            asked = _Asked(request, question, found, pool, match.groupdict())
+            try:
+                if method in _WRITES:
+                    self._check_browser(question)
+                reply: Reply = await getattr(self, route.handler)(asked)
+            except ApiError as e:
+                reply = _error(e.status, e.message)
+            return Reply(reply.status, [*headers, *reply.headers], reply.body)
+        if api:
+            return _error(404, f"no such endpoint {path[:100]}; see docs/api.md", headers)
+        return Reply(404, [*headers, ("Content-Type", "text/plain; charset=utf-8")],
+                     b"Not Found\n")
+
+    # -- browser safety, bodies -----------------------------------------------------------
+
+    def own_origin(self, question: Request) -> str:
+        """scheme://host[:port] as the asker reached this server (through a trusted proxy:
+        as the proxy says it was reached)."""
+        scheme = "https" if self._source.latest.tls is not None else "http"
+        host = question.headers.get("host", "")
+        if self.identifier.trusted(question.client):
+            scheme = question.headers.get("x-forwarded-proto", scheme).split(",")[0].strip()
+            host = question.headers.get("x-forwarded-host", host).split(",")[0].strip()
+        return f"{scheme}://{host}".lower()
+
+    def _check_browser(self, question: Request) -> None:
+        origin = question.headers.get("origin")
+        if origin is not None and origin.strip().lower().rstrip("/") != \
+                self.own_origin(question):
+            raise ApiError(403, f"a write from another origin ({origin[:100]}) is refused")
+        if question.method == "POST":
+            content_type = question.headers.get("content-type", "")
+            if content_type.split(";")[0].strip().lower() != JSON_TYPE:
+                raise ApiError(403, f"a POST must have Content-Type: {JSON_TYPE}")
+
+    async def _body(self, asked: _Asked) -> dict[str, Any]:
+        request = asked.request
+        length = request.content_length
+        if length is not None and length > MAX_BODY:
+            raise ApiError(413, f"the body is {length} bytes; at most {MAX_BODY}")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.read_timeout) if hasattr(asyncio, "timeout") \
+                    else _no_timeout():
+                while True:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > MAX_BODY:
+                        raise ApiError(413, f"the body is over {MAX_BODY} bytes")
+                    chunks.append(chunk)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ApiError(400, "the body did not come in time") from None
+        except (ConnectionError, web.HTTPException, ValueError) as e:
+            raise ApiError(400, f"the body could not be read: {e}") from None
+        try:
+            data = json.loads(b"".join(chunks).decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise ApiError(400, f"the body is not JSON: {str(e)[:100]}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return data
+
+    # -- the routes -----------------------------------------------------------------------
+
+    async def landing(self, asked: _Asked) -> Reply:
+        return Reply(200, [("Content-Type", "text/html; charset=utf-8")], _landing().encode())
+
+    async def metrics(self, asked: _Asked) -> Reply:
+        headers = asked.question.headers
+        write, content_type = encoding.negotiate(headers.get("accept", ""))
+        body: bytes = await asked.run(write, self.registry)
+        out = [("Content-Type", content_type), ("Vary", "Accept, Accept-Encoding")]
+        if accepts_gzip(headers.get("accept-encoding", "")):
+            body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+            out.append(("Content-Encoding", "gzip"))
+        return Reply(200, out, body)
+
+    async def reservations(self, asked: _Asked) -> Reply:
+        if asked.question.method == "POST":
+            body = await self._body(asked)
+            return _json(201, await asked.run(self.service.create_reservation, asked.who, body))
+        return _json(200, {"reservations": await asked.run(self.service.list_reservations)})
+
+    async def reservation(self, asked: _Asked) -> Reply:
+        await asked.run(self.service.delete_reservation, asked.who, asked.params["id"])
+        return _json(204, None)
+
+    async def history(self, asked: _Asked) -> Reply:
+        return _json(200, {"entries": await asked.run(self.service.history, asked.who)})
+
+    async def fleet(self, asked: _Asked) -> Reply:
+        gpus: list[GpuStatus] = await asked.run(self.service.fleet)
+        return _json(200, {"gpus": [g.to_json() for g in gpus]})
+
+    async def claims(self, asked: _Asked) -> Reply:
+        if asked.question.method == "POST":
+            body = await self._body(asked)
+            return _json(201, await asked.run(self.service.create_claim, asked.who, body))
+        return _json(200, {"claims": await asked.run(self.service.list_claims)})
+
+    async def claim(self, asked: _Asked) -> Reply:
+        await asked.run(self.service.delete_claim, asked.who, asked.params["id"])
+        return _json(204, None)
+
+
+class _no_timeout:
+    """asyncio.timeout for Python 3.10, which has none: the server's read timeout bounds
+    the connection anyway."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _landing() -> str:
+    return f"""<!DOCTYPE html>
+<html><head><title>gpuwatch</title></head>
+<body><h1>gpuwatch</h1>
+<p>Bookings and claims of the lab's GPUs. Version {html.escape(__version__)}.</p>
+<ul>
+<li><a href="{API}/fleet">{API}/fleet</a>: every GPU, as <code>gpuwatch status --json</code></li>
+<li><a href="{API}/reservations">{API}/reservations</a>: the bookings</li>
+<li><a href="{API}/claims">{API}/claims</a>: the claims</li>
+<li><a href="{METRICS}">Metrics</a> &middot; <a href="{HEALTHY}">Health</a></li>
+</ul>
+</body></html>
+"""
+
+
+# -- the service as a whole ------------------------------------------------------------------
+
+class ClaimWatcher:
+    """A thread that ends claims once their owner runs on every claimed GPU (Prometheus
+    asked every `every` seconds while there are claims)."""
+
+    def __init__(self, service: Service, every: float) -> None:
+        self.service, self.every = service, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpuwatch-claims", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.service.end_claims_in_use()
+            except Exception:  # the watcher must outlive a bad answer
+                log.exception("checking claims for use failed")
+
+
+@dataclass
+class Serving:
+    """A built service: bound, not yet serving until start() or serve_forever()."""
+
+    app: ServeApp
+    service: Service
+    server: Server
+    watcher: ClaimWatcher
+    exporter: Exporter
+    scheme: str
+    host: str
+    _started: bool = False
+
+    @property
+    def url(self) -> str:
+        host = self.host or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return f"{self.scheme}://{host}:{self.server.port}"
+
+    def start(self) -> None:
+        """Serves in a thread of its own (tests, tools); once."""
+        if self._started:
+            return
+        self._started = True
+        self.watcher.start()
+        self.server.start()
+
+    def serve_forever(self) -> None:
+        """Serves in this thread until SIGTERM or SIGINT."""
+        self._started = True
+        self.watcher.start()
+        try:
+            self.server.serve_forever()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.watcher.stop()
+        self.exporter.close()
+
+    def __enter__(self) -> Serving:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def prometheus_fleet(url: str, timeout: float) -> FleetSource:
+    prometheus = Prometheus(url, timeout)
+    return lambda: read_fleet(prometheus)
+
+
+def build(options: ServeOptions, *, fleet: FleetSource | None = None,
+          clock: Callable[[], float] = time.time, tz: dt.tzinfo | None = None) -> Serving:
+    """The service of the options, its socket bound. `fleet` stands in for Prometheus
+    (--prometheus), `clock` for the time, `tz` for the local zone (tests). ConfigError (web
+    config), UsersMapError (--users.map), ReservationError/ValueError (the file's directory,
+    the listen address) or OSError (cannot listen) when it cannot start."""
+    path = options.reservations_file
+    if not path.parent.is_dir():
+        raise ReservationError(f"--reservations.file {path}: the directory {path.parent} does "
+                               "not exist")
+    web_config = WebConfigSource.watch(options.web_config_file)
+    identifier = Identifier(options.admins, options.auth_header, options.trusted_proxies,
+                            load_users_map(options.users_map))
+    service = Service(path, fleet or prometheus_fleet(options.prometheus,
+                                                      options.prometheus_timeout),
+                      clock=clock, tz=tz)
+    registry, exporter = build_registry(path, service.claims, clock,
+                                        options.own_process_metrics)
+    app = ServeApp(service, identifier, registry, web_config, options.read_timeout)
+    try:
+        server = serve(app, options.listen_address, options.max_connections,
+                       options.read_timeout)
+    except BaseException:
+        exporter.close()
+        raise
+    host = options.listen_address.rpartition(":")[0].strip("[]")
+    return Serving(app, service, server, ClaimWatcher(service, options.claim_poll_seconds),
+                   exporter, "https" if web_config.latest.tls is not None else "http", host)
+
+
+def start(options: ServeOptions, *, fleet: FleetSource | None = None,
+          clock: Callable[[], float] = time.time, tz: dt.tzinfo | None = None) -> Serving:
+    """build() and start(): a service answering in a thread (use it as a context manager)."""
+    serving = build(options, fleet=fleet, clock=clock, tz=tz)
+    serving.start()
+    return serving

@@ -1,0 +1,417 @@
+"""The service's operations, checked and blocking, without HTTP: bookings (the reservations
+file, through gpuwatch.reservations' store), claims (in memory), the fleet.
+
+Every operation takes the asker's Identity and a request body already parsed as JSON (a
+mapping of anything: every field is checked here), and answers plain data or raises
+ApiError(status, one line). Writes are checked against the fleet Prometheus sees (an unknown
+host or GPU is a 400 naming the known ones) and against each other: one lock covers a claim's
+choice of GPUs and a booking's check of the claims, so no two claims share a GPU and no booking
+takes a claimed one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpuwatch import reservations as store
+from gpuwatch.contract import states
+from gpuwatch.contract.states import ALL_GPUS
+from gpuwatch.fleet import FleetError, GpuStatus
+from gpuwatch.fleet.prometheus import PrometheusError
+from gpuwatch.reservations import Gpus, Reservation, ReservationError, gpus_text
+from gpuwatch.reservations.times import iso
+from gpuwatch.serve.claims import Claim, ClaimBook, in_use_by_owner, new_id
+from gpuwatch.serve.identity import USER_NAME, Identity
+from gpuwatch.serve.options import DEFAULT_CLAIM_MINUTES, MAX_CLAIM_MINUTES
+
+log = logging.getLogger(__name__)
+
+FleetSource = Callable[[], Sequence[GpuStatus]]
+"""The fleet as Prometheus sees it now (gpuwatch.fleet.read_fleet); raises PrometheusError."""
+
+MAX_GPU_INDEX = 1023
+"""The highest GPU index a request may name before it is checked against the fleet (a range
+like 0-100000000 is refused before it is expanded)."""
+MAX_FORCED_GPUS = 64
+"""A forced booking of a host the fleet does not know may name GPUs 0 to this less one."""
+MAX_CLAIM_GPUS = 64
+MAX_COMMENT = 200
+"""Characters of a booking's comment."""
+_RESERVATION_KEYS = ("host", "gpus", "until", "start", "comment", "user", "force")
+_CLAIM_KEYS = ("count", "host", "model", "minutes")
+_CLAIMABLE_STATES = (states.FREE.name, states.RESERVED.name, "claimed")
+"""States Prometheus may show for a GPU nobody uses; whether it is booked or claimed the
+service knows better than the last scrape (the file and its claims)."""
+
+
+class ApiError(Exception):
+    """A refusal: the HTTP status and one line for the asker."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = " ".join(message.split())
+
+
+def reservation_id(r: Reservation) -> str:
+    """The booking's id: the file's (gpuwatch.reservations gives every booking one), or for a
+    booking without one, a digest of what it is (stable while it is unchanged)."""
+    own = getattr(r, "id", None)
+    if isinstance(own, str) and own:
+        return own
+    text = "|".join([r.host, gpus_text(r.gpus), r.user, iso(r.start) if r.start else "",
+                     iso(r.until), r.comment])
+    return "r" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def reservation_json(r: Reservation) -> dict[str, Any]:
+    return {"id": reservation_id(r), "host": r.host,
+            "gpus": ALL_GPUS if r.gpus is None else list(r.gpus), "user": r.user,
+            "start": iso(r.start) if r.start is not None else None, "until": iso(r.until),
+            "comment": r.comment}
+
+
+@dataclass(frozen=True)
+class _Body:
+    """A request body's fields, each read with its type checked."""
+
+    data: Mapping[str, Any]
+    known: tuple[str, ...]
+
+    def check_keys(self) -> None:
+        unknown = sorted(set(map(str, self.data)) - set(self.known))
+        if unknown:
+            raise ApiError(400, f"unknown field {unknown[0]!r}; known fields: "
+                           f"{', '.join(self.known)}")
+
+    def text(self, key: str, required: bool = False, default: str = "") -> str:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                raise ApiError(400, f"{key} is missing")
+            return default
+        if not isinstance(value, str):
+            raise ApiError(400, f"{key} must be a string, got {_kind(value)}")
+        return value
+
+    def whole(self, key: str, low: int, high: int, default: int | None = None) -> int:
+        value = self.data.get(key)
+        if value is None:
+            if default is None:
+                raise ApiError(400, f"{key} is missing: a whole number from {low} to {high}")
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ApiError(400, f"{key} must be a whole number from {low} to {high}, got "
+                           f"{_kind(value)}")
+        if not low <= value <= high:
+            raise ApiError(400, f"{key} must be from {low} to {high}, got {value}")
+        return value
+
+    def flag(self, key: str) -> bool:
+        value = self.data.get(key, False)
+        if not isinstance(value, bool):
+            raise ApiError(400, f"{key} must be true or false, got {_kind(value)}")
+        return value
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false",
+            int: "a number", float: "a number"}.get(type(value), "null") \
+        if value is not None else "null"
+
+
+def _host(text: str) -> str:
+    host = text.strip()
+    if not host or any(c.isspace() for c in host) or len(host) > 253:
+        raise ApiError(400, f"host must be a host name as `gpuwatch status` shows it, got "
+                       f"{text[:80]!r}")
+    return host
+
+
+def parse_gpus_field(value: object) -> Gpus:
+    """gpus as a list of indices, "all", or a string as the CLI takes it ("0,2", "0-3")."""
+    if isinstance(value, list):
+        if not value or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise ApiError(400, "gpus must be a non-empty list of GPU indices, \"all\", or a "
+                           "string such as \"0-3\"")
+        if any(i < 0 or i > MAX_GPU_INDEX for i in value):
+            raise ApiError(400, f"gpus: indices run from 0 to at most {MAX_GPU_INDEX}")
+        return tuple(sorted(set(value)))
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ApiError(400, "gpus must be a list of GPU indices, \"all\", or a string such "
+                       f"as \"0-3\", got {_kind(value)}")
+    if any(int(n) > MAX_GPU_INDEX for n in re.findall(r"\d{1,12}", value)) or \
+            re.search(r"\d{13}", value):
+        raise ApiError(400, f"gpus {value[:40]!r}: indices run from 0 to at most "
+                       f"{MAX_GPU_INDEX}")
+    try:
+        return store.parse_gpus(value)
+    except ReservationError as e:
+        raise ApiError(400, f"gpus: {e}") from None
+
+
+class Service:
+    """Bookings, claims and the fleet, for identities. Thread-safe."""
+
+    def __init__(self, reservations_file: Path, fleet: FleetSource, *,
+                 clock: Callable[[], float] = time.time, tz: dt.tzinfo | None = None,
+                 default_claim_minutes: int = DEFAULT_CLAIM_MINUTES,
+                 max_claim_minutes: int = MAX_CLAIM_MINUTES) -> None:
+        self.path = reservations_file
+        self.fleet_source = fleet
+        self.clock = clock
+        self.tz = tz
+        self.default_claim_minutes = default_claim_minutes
+        self.max_claim_minutes = max_claim_minutes
+        self.claims = ClaimBook()
+        self._lock = threading.Lock()
+
+    # -- time, file, fleet ---------------------------------------------------------------
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(int(self.clock()), dt.timezone.utc)
+
+    def _load(self, now: dt.datetime) -> list[Reservation]:
+        try:
+            return store.load(self.path, now, self.tz)
+        except ReservationError as e:
+            raise ApiError(503, f"the reservations file cannot be read: {e}; an admin must "
+                           "fix it") from None
+
+    def fleet(self) -> list[GpuStatus]:
+        try:
+            return list(self.fleet_source())
+        except (PrometheusError, FleetError, OSError) as e:
+            raise ApiError(503, f"the fleet is not known now: {e}") from None
+
+    def _gpus_of(self, fleet: Sequence[GpuStatus], host: str, admin: bool) -> list[GpuStatus]:
+        gpus = [g for g in fleet if g.host == host]
+        if not gpus:
+            hosts = sorted({g.host for g in fleet})
+            hint = "; an admin may pass \"force\": true for a host that is not up yet" \
+                if admin else ""
+            raise ApiError(400, f"{host} is not among the hosts Prometheus knows "
+                           f"({', '.join(hosts) or 'none'}){hint}")
+        return gpus
+
+    def _check_gpus(self, host: str, gpus: Gpus, known: Sequence[int]) -> None:
+        if gpus is None:
+            return
+        unknown = [i for i in gpus if i not in known]
+        if unknown:
+            raise ApiError(400, f"{host} has GPU{'s' if len(known) != 1 else ''} "
+                           f"{gpus_text(tuple(sorted(known)))}; it has no GPU "
+                           f"{gpus_text(tuple(unknown))}")
+
+    # -- bookings ------------------------------------------------------------------------
+
+    def list_reservations(self) -> list[dict[str, Any]]:
+        now = self.now()
+        return [reservation_json(r) for r in self._load(now) if not r.expired(now)]
+
+    def create_reservation(self, who: Identity, data: Mapping[str, Any]) -> dict[str, Any]:
+        if who.user is None:
+            raise ApiError(401, "who are you? Bookings need a user (basic auth or the proxy)")
+        body = _Body(data, _RESERVATION_KEYS)
+        body.check_keys()
+        host = _host(body.text("host", required=True))
+        if "gpus" not in data:
+            raise ApiError(400, "gpus is missing: a list of indices, \"all\", or \"0-3\"")
+        gpus = parse_gpus_field(data["gpus"])
+        user = body.text("user", default=who.user).strip()
+        force = body.flag("force")
+        if user != who.user and not who.admin:
+            raise ApiError(403, f"only an admin books for someone else ({user})")
+        if not USER_NAME.fullmatch(user):
+            raise ApiError(400, f"user must be a user name, got {user[:40]!r}")
+        if force and not who.admin:
+            raise ApiError(403, "only an admin may force a booking of a host that is not up")
+        comment = " ".join(body.text("comment").split())
+        if len(comment) > MAX_COMMENT:
+            raise ApiError(400, f"comment: at most {MAX_COMMENT} characters")
+        now = self.now()
+        until = self._when(body.text("until", required=True), now, True, "until")
+        start = self._when(body.text("start", default="now"), now, False, "start")
+        if until <= now:
+            raise ApiError(400, f"until {iso(until)} is not in the future (now: {iso(now)})")
+        if start >= until:
+            raise ApiError(400, f"start {iso(start)} is not before until {iso(until)}")
+        try:
+            fleet = self.fleet()
+        except ApiError:
+            if not force:
+                raise
+            fleet = []
+        if force and not any(g.host == host for g in fleet):
+            if gpus is not None and max(gpus) >= MAX_FORCED_GPUS:
+                raise ApiError(400, f"a forced booking names GPUs 0 to {MAX_FORCED_GPUS - 1}")
+        else:
+            self._check_gpus(host, gpus, [g.gpu for g in self._gpus_of(fleet, host, who.admin)])
+        booking = Reservation(host=host, gpus=gpus, user=user, until=until, start=start,
+                              comment=comment)
+
+        def change(current: list[Reservation]) -> list[Reservation]:
+            for other in current:
+                if not other.expired(now) and other.overlaps(booking):
+                    raise ApiError(409, f"already booked: {other.describe()} (id "
+                                   f"{reservation_id(other)})")
+            return [*current, booking]
+
+        with self._lock:
+            self._check_claims(booking, now)
+            self._update(change, now)
+        log.info("%s booked %s", self._who(who), booking.describe())
+        return reservation_json(booking)
+
+    def _check_claims(self, booking: Reservation, now: dt.datetime) -> None:
+        for claim in self.claims.active(self.clock()):
+            if claim.host != booking.host or claim.user == booking.user:
+                continue
+            shared = [g for g in claim.gpus if booking.gpus is None or g in booking.gpus]
+            starts = booking.start or now
+            if shared and starts.timestamp() < claim.until:
+                raise ApiError(409, f"GPU {gpus_text(tuple(shared))} of {claim.host} is "
+                               f"claimed by {claim.user} until "
+                               f"{iso(dt.datetime.fromtimestamp(claim.until, dt.timezone.utc))}")
+
+    def _when(self, text: str, now: dt.datetime, end: bool, key: str) -> dt.datetime:
+        try:
+            return store.parse_when(text, now, end, self.tz)
+        except ReservationError as e:
+            raise ApiError(400, f"{key}: {e}") from None
+
+    def _update(self, change: Callable[[list[Reservation]], list[Reservation]],
+                now: dt.datetime) -> list[Reservation]:
+        try:
+            return store.update(self.path, change, now, self.tz)
+        except ReservationError as e:
+            raise ApiError(409 if "same GPU" in str(e) else 503, str(e)) from None
+
+    def delete_reservation(self, who: Identity, reservation: str) -> None:
+        if who.user is None:
+            raise ApiError(401, "who are you? Releasing needs a user (basic auth or the proxy)")
+        removed: list[Reservation] = []
+
+        def change(current: list[Reservation]) -> list[Reservation]:
+            found = [r for r in current if reservation_id(r) == reservation]
+            if not found:
+                raise ApiError(404, f"no booking has the id {reservation[:40]!r}; GET "
+                               "/api/v1/reservations lists them")
+            if not who.may_act_for(found[0].user):
+                raise ApiError(403, f"{found[0].describe()} is {found[0].user}'s: only they or "
+                               "an admin release it")
+            removed.append(found[0])
+            return [r for r in current if r is not found[0]]
+
+        now = self.now()
+        with self._lock:
+            self._update(change, now)
+        log.info("%s released %s", self._who(who), removed[0].describe())
+
+    def history(self, who: Identity) -> list[dict[str, Any]]:
+        if who.user is None:
+            raise ApiError(401, "who are you? The history needs a user (basic auth or the "
+                           "proxy)")
+        return []
+
+    # -- claims --------------------------------------------------------------------------
+
+    def list_claims(self) -> list[dict[str, Any]]:
+        return [c.to_json() for c in self.claims.active(self.clock())]
+
+    def create_claim(self, who: Identity, data: Mapping[str, Any]) -> dict[str, Any]:
+        if who.user is None:
+            raise ApiError(401, "who are you? Claims need a user (basic auth or the proxy)")
+        body = _Body(data, _CLAIM_KEYS)
+        body.check_keys()
+        count = body.whole("count", 1, MAX_CLAIM_GPUS)
+        host = _host(body.text("host", required=True))
+        model = body.text("model").strip().lower()
+        minutes = body.whole("minutes", 1, self.max_claim_minutes, self.default_claim_minutes)
+        gpus = self._gpus_of(self.fleet(), host, False)
+        if model:
+            gpus = [g for g in gpus if model in g.model.lower() or
+                    model == g.display_name.lower()]
+            if not gpus:
+                raise ApiError(409, f"{host} has no GPU of the model {model!r}")
+        with self._lock:
+            moment = self.clock()
+            now = dt.datetime.fromtimestamp(int(moment), dt.timezone.utc)
+            until = float(int(moment) + minutes * 60)
+            window = Reservation(host=host, gpus=None, user=who.user, start=now,
+                                 until=dt.datetime.fromtimestamp(until, dt.timezone.utc))
+            booked: dict[int, set[str]] = {}
+            for r in self._load(now):
+                if r.overlaps(window) and not r.expired(now):
+                    for i in r.gpus if r.gpus is not None else [g.gpu for g in gpus]:
+                        booked.setdefault(i, set()).add(r.user)
+            held = self.claims.held(moment)
+            mine, free = [], []
+            for g in gpus:
+                if (host, g.gpu) in held or g.state not in _CLAIMABLE_STATES or g.users:
+                    continue
+                bookers = booked.get(g.gpu)
+                if not bookers:
+                    free.append(g)
+                elif bookers == {who.user}:
+                    mine.append(g)
+            chosen = (mine + free)[:count]
+            if len(chosen) < count:
+                raise ApiError(409, f"{host} has {len(mine) + len(free)} GPU"
+                               f"{'' if len(mine) + len(free) == 1 else 's'} free to claim "
+                               f"(of {len(gpus)}{' ' + model if model else ''}), {count} wanted")
+            chosen.sort(key=lambda g: g.gpu)
+            claim = Claim(id=new_id(), host=host, gpus=tuple(g.gpu for g in chosen),
+                          uuids=tuple(g.uuid for g in chosen), user=who.user, until=until,
+                          created=moment)
+            self.claims.add(claim)
+        log.info("%s claimed GPU %s of %s for %d min (claim %s)", self._who(who),
+                 gpus_text(claim.gpus), host, minutes, claim.id)
+        return claim.to_json()
+
+    def delete_claim(self, who: Identity, claim_id: str) -> None:
+        if who.user is None:
+            raise ApiError(401, "who are you? Ending a claim needs a user (basic auth or the "
+                           "proxy)")
+        claim = self.claims.get(claim_id)
+        if claim is None or claim.until <= self.clock():
+            raise ApiError(404, f"no claim has the id {claim_id[:40]!r}; it may have ended")
+        if not who.may_act_for(claim.user):
+            raise ApiError(403, f"claim {claim.id} is {claim.user}'s: only they or an admin "
+                           "end it")
+        self.claims.remove(claim.id)
+        log.info("%s ended claim %s", self._who(who), claim.id)
+
+    def end_claims_in_use(self) -> list[Claim]:
+        """Ends the claims whose owner now runs on every claimed GPU (as Prometheus shows
+        it); asks Prometheus only while there are claims. The claims ended."""
+        active = self.claims.active(self.clock())
+        if not active:
+            return []
+        try:
+            fleet = list(self.fleet_source())
+        except (PrometheusError, FleetError, OSError) as e:
+            log.debug("claims not checked for use: %s", e)
+            return []
+        users = {(g.host, g.gpu): g.users for g in fleet}
+        ended = [c for c in active if in_use_by_owner(c, users)]
+        self.claims.remove_all(ended)
+        for claim in ended:
+            log.info("claim %s of %s ended: %s runs on GPU %s", claim.id, claim.host,
+                     claim.user, gpus_text(claim.gpus))
+        return ended
+
+    @staticmethod
+    def _who(who: Identity) -> str:
+        return f"{who.user} ({who.via} from {who.client or 'unknown'})"
