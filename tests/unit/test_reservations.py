@@ -7,14 +7,19 @@ with the real clock and book far enough ahead that the test's own duration never
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import getpass
 import io
 import json
 import multiprocessing
 import os
+import random
+import re
+import socket
 import stat
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -149,6 +154,7 @@ def test_the_file_round_trips_and_reads_as_people_wrote_it(tmp_path: Path) -> No
     text = path.read_text()
     assert text.startswith("# GPU reservations.")
     entries = yaml.safe_load(text)["reservations"]
+    assert all(re.fullmatch(r"[0-9a-f]{8}", e.pop("id")) for e in entries)  # given on write
     assert entries[0] == {"host": "gpu-srv-01", "gpus": [0, 1], "user": "alice",
                           "until": "2027-01-18T12:00:00+00:00", "comment": "NeurIPS deadline"}
     assert entries[1]["gpus"] == "all" and entries[1]["from"] == "2027-01-14T12:00:00+00:00"
@@ -291,8 +297,9 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path,
     assert str(e.value) == f"{path}: not written (No space left on device); the file is " \
         "unchanged"
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["reservations.yml",
-                                                          "reservations.yml.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "reservations.yml", "reservations.yml.audit.jsonl", "reservations.yml.lock"]
+    assert [e["action"] for e in reservations.history(path)] == ["add"]  # not the failed one
     monkeypatch.undo()
     reservations.add(path, reservation(gpus=(1,), user="bob"), NOW)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640  # the mode it had
@@ -317,13 +324,341 @@ def test_the_lock_makes_an_edit_wait_and_then_give_up(tmp_path: Path) -> None:
         pass
 
 
-def test_an_edit_through_a_link_replaces_the_file_it_points_to(tmp_path: Path) -> None:
+# -- never through a link, never over what is not a regular file, no temporary files left ------
+
+def _refused(path: Path, *expected: str) -> str:
+    with pytest.raises(ReservationError) as e:
+        reservations.add(path, reservation(), NOW)
+    text = str(e.value)
+    assert "\n" not in text and all(part in text for part in expected), text
+    return text
+
+
+def test_an_edit_through_a_link_is_refused_and_the_file_it_points_to_untouched(
+        tmp_path: Path) -> None:
     real = tmp_path / "data" / "reservations.yml"
     real.parent.mkdir()
+    reservations.write(real, [reservation(user="bob", gpus=(5,))])
+    before = real.read_bytes()
     link = tmp_path / "reservations.yml"
     link.symlink_to(real)
-    reservations.add(link, reservation(), NOW)
-    assert link.is_symlink() and reservations.load(real, NOW) == [reservation()]
+    text = _refused(link, str(link), "is a symbolic link", str(real))
+    assert text.startswith(f"{link}: ")
+    assert real.read_bytes() == before and link.is_symlink()
+    assert not (tmp_path / "reservations.yml.audit.jsonl").exists()
+    dangling = tmp_path / "dangling.yml"
+    dangling.symlink_to(tmp_path / "nowhere.yml")
+    _refused(dangling, "is a symbolic link")
+    assert not (tmp_path / "nowhere.yml").exists()
+    with pytest.raises(ReservationError, match="is a symbolic link"):
+        reservations.write(link, [reservation()])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "directory"])
+def test_a_fifo_a_socket_or_a_directory_at_the_path_is_refused_never_waited_on(
+        tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "reservations.yml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+    name = {"fifo": "a FIFO", "socket": "a socket", "directory": "a directory"}[kind]
+    _refused(path, str(path), f"is {name}, not a regular file")
+    with pytest.raises(ReservationError, match=f"is {name}, not a regular file"):
+        reservations.load(path, NOW)  # a FIFO with no writer would block a plain open()
+    with pytest.raises(ReservationError, match=f"is {name}, not a regular file"):
+        reservations.write(path, [reservation()])
+    assert sorted(p.name for p in tmp_path.iterdir()) in (
+        ["reservations.yml"], ["reservations.yml", "reservations.yml.lock"])
+    if kind == "socket":
+        server.close()
+
+
+def test_a_device_like_lock_or_audit_log_or_a_linked_lock_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "reservations.yml"
+    lock = tmp_path / "reservations.yml.lock"
+    os.mkfifo(lock)
+    _refused(path, str(lock), "the lock is a FIFO, not a regular file")
+    lock.unlink()
+    lock.symlink_to(tmp_path / "elsewhere")
+    _refused(path, "the lock is a symbolic link")
+    assert not (tmp_path / "elsewhere").exists()
+    lock.unlink()
+    audit = tmp_path / "reservations.yml.audit.jsonl"
+    os.mkfifo(audit)
+    _refused(path, "the audit log is a FIFO", "the reservations file is unchanged")
+    assert not path.exists()
+    audit.unlink()
+    audit.symlink_to(tmp_path / "log")
+    _refused(path, "the audit log is a symbolic link")
+    assert not path.exists() and not (tmp_path / "log").exists()
+
+
+def test_a_killed_writers_temporary_files_go_with_the_next_write(tmp_path: Path) -> None:
+    path = tmp_path / "reservations.yml"
+    reservations.add(path, reservation(), NOW)
+    old = tmp_path / ".reservations.yml.k1ll3d_x.tmp"
+    fresh = tmp_path / ".reservations.yml.wr1t1ng_.tmp"
+    other = tmp_path / ".other.yml.k1ll3d_x.tmp"
+    linked = tmp_path / ".reservations.yml.l1nk3d__.tmp"
+    for p in (old, fresh, other):
+        p.write_text("half a file")
+    linked.symlink_to(other)
+    an_hour_ago = time.time() - 3600
+    for p in (old, other):
+        os.utime(p, (an_hour_ago, an_hour_ago))
+    os.utime(linked, (an_hour_ago, an_hour_ago), follow_symlinks=False)
+    reservations.add(path, reservation(gpus=(1,)), NOW)
+    assert not old.exists()
+    assert fresh.exists() and other.exists() and linked.is_symlink()  # too new, not ours, a link
+
+
+def test_a_write_that_fails_at_any_step_leaves_no_temporary_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "reservations.yml"
+    reservations.add(path, reservation(), NOW)
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reservations.add(path, reservation(gpus=(1,)), NOW)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(reservations.load(path, NOW)) == 1
+
+
+# -- ids -------------------------------------------------------------------------------------
+
+def test_an_added_booking_gets_a_short_unique_id_that_stays(tmp_path: Path) -> None:
+    path = tmp_path / "reservations.yml"
+    first = reservations.add(path, reservation(gpus=(0, 1, 2)), NOW)
+    second = reservations.add(path, reservation(gpus=(3,), user="bob"), NOW)
+    assert re.fullmatch(r"[0-9a-f]{8}", first.id) and first.id != second.id
+    assert [r.id for r in reservations.load(path, NOW)] == [first.id, second.id]
+    assert f"- id: {first.id}\n  host: gpu-srv-01\n" in path.read_text()
+    reservations.release(path, NOW, host="gpu-srv-01", gpus=(1,))  # a part given back
+    kept = reservations.find(path, first.id, NOW)
+    assert kept.gpus == (0, 2) and kept.id == first.id
+    assert reservations.find(path, second.id, NOW).user == "bob"
+    code, out = run("reservations", "--json", "--file", str(path))
+    assert code == 0 and [b["id"] for b in json.loads(out)] == [first.id, second.id]
+
+
+def test_a_file_without_ids_loads_with_ids_the_next_write_keeps(tmp_path: Path) -> None:
+    path = tmp_path / "reservations.yml"
+    path.write_text("reservations:\n"
+                    "  - {host: n1, gpus: [0], user: a, until: '2027-02-01T00:00:00Z'}\n"
+                    "  - {host: n1, gpus: [1], user: b, until: '2027-02-01T00:00:00Z'}\n")
+    ids = [r.id for r in reservations.load(path, NOW)]
+    assert len(set(ids)) == 2 and all(re.fullmatch(r"[0-9a-f]{8}", i) for i in ids)
+    assert [r.id for r in reservations.load(path, NOW)] == ids  # the same on every read
+    added = reservations.add(path, reservation(host="n2"), NOW)
+    assert [r.id for r in reservations.load(path, NOW)] == [*ids, added.id]
+    assert [e["id"] for e in yaml.safe_load(path.read_text())["reservations"]] == \
+        [*ids, added.id]
+    assert [e["action"] for e in reservations.history(path)] == ["add"]  # ids are no change
+
+
+def test_two_entries_with_one_id_are_refused_naming_both(tmp_path: Path) -> None:
+    path = tmp_path / "reservations.yml"
+    path.write_text("reservations:\n"
+                    "  - {id: abc, host: n1, gpus: [0], user: a, until: '2027-02-01T00:00Z'}\n"
+                    "  - {id: abc, host: n1, gpus: [1], user: b, until: '2027-02-01T00:00Z'}\n")
+    with pytest.raises(ReservationError) as e:
+        reservations.load(path, NOW)
+    assert str(e.value) == (
+        f"{path}: reservations[1] (b on n1): id abc is also the id of reservations[0] (a on "
+        "n1); remove one of the two id lines (the next change gives it a new one)")
+    path.write_text("reservations:\n  - {id: 'a b', host: n1, gpus: [0], user: a, "
+                    "until: '2027-02-01T00:00Z'}\n")
+    with pytest.raises(ReservationError, match=r"reservations\[0\] .*: id must be"):
+        reservations.load(path, NOW)
+
+
+def test_release_by_id_with_the_callers_check_under_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "reservations.yml"
+    alice = reservations.add(path, reservation(), NOW)
+    bob = reservations.add(path, reservation(gpus=(1,), user="bob"), NOW)
+    before = path.read_bytes()
+
+    class Forbidden(Exception):
+        pass
+
+    def only_alice(r: Reservation) -> None:
+        if r.user != "alice":
+            raise Forbidden(r.user)
+
+    with pytest.raises(Forbidden):
+        reservations.release_by_id(path, bob.id, NOW, allowed=only_alice)
+    assert path.read_bytes() == before
+    with pytest.raises(reservations.NotFound) as e:
+        reservations.release_by_id(path, "nosuchid", NOW)
+    assert str(e.value) == f"{path}: no booking has the id 'nosuchid'; `gpuwatch " \
+        "reservations --json` lists them with their ids"
+    with pytest.raises(reservations.NotFound):
+        reservations.find(path, "nosuchid", NOW)
+    gone = reservations.release_by_id(path, alice.id, NOW, allowed=only_alice, who="alice",
+                                      source="192.0.2.7")
+    assert gone == alice and gone.id == alice.id
+    assert reservations.load(path, NOW) == [bob]
+    assert reservations.history(path)[-1]["from"] == "192.0.2.7"
+
+
+# -- what is written is what may be read -------------------------------------------------------
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"host": "gpu node"}, "host must be a host name, without spaces"),
+    ({"host": ""}, "host must be a host name"),
+    ({"host": "n1\x00"}, "host must be a host name"),
+    ({"host": "h" * 254}, "of at most 253 characters"),
+    ({"user": "a b"}, "user must be a user name"),
+    ({"user": "al\tice"}, "user must be a user name"),
+    ({"comment": "two\nlines"}, "comment must be one line of text"),
+    ({"comment": "x" * 501}, "of at most 500 characters"),
+    ({"gpus": ()}, "gpus: expected sorted GPU indices or all"),
+    ({"gpus": (1, 0)}, "gpus: expected sorted GPU indices or all"),
+    ({"gpus": (0, 1024)}, "GPU indices run from 0 to 1023"),
+    ({"id": "not an id"}, "id must be"),
+])
+def test_what_the_file_would_refuse_to_read_is_never_written(
+        tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+    path = tmp_path / "reservations.yml"
+    reservations.add(path, reservation(host="n9"), NOW)
+    before = path.read_bytes()
+    bad = dataclasses.replace(reservation(), **changes)
+    with pytest.raises(ReservationError) as e:
+        reservations.add(path, bad, NOW)
+    assert str(e.value).startswith(f"{path}: not booked: ") and message in str(e.value)
+    assert "\n" not in str(e.value)
+    assert path.read_bytes() == before
+    with pytest.raises(ReservationError, match=f"{path}: not written: .*the file is unchanged"):
+        reservations.update(path, lambda rs: [*rs, bad], NOW)
+    with pytest.raises(ReservationError, match="not written"):
+        reservations.write(path, [bad])
+    assert path.read_bytes() == before
+    assert len(reservations.history(path)) == 1
+
+
+def test_reserve_of_a_host_with_a_space_is_refused_and_the_file_stays_readable(
+        rfile: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("reserve", "n1:0", "--until", "+1d")[0] == 0
+    before = rfile.read_bytes()
+    err = one_error(capsys, "reserve", "gpu node:0", "--until", "+1d")
+    assert "host must be a host name, without spaces" in err and "'gpu node'" in err
+    assert rfile.read_bytes() == before
+    code, out = run("reservations")
+    assert code == 0 and "n1" in out
+
+
+def test_gpu_ranges_are_bounded_before_they_are_expanded(tmp_path: Path) -> None:
+    assert reservations.parse_gpus("1023") == (1023,)
+    assert len(reservations.parse_gpus("0-1023") or ()) == 1024
+    for text in ("0-100000", "1024", "0,5-99999999999999999999"):
+        with pytest.raises(ReservationError, match="past the highest index gpuwatch accepts "
+                           "\\(1023\\); for every GPU write all"):
+            reservations.parse_gpus(text)
+    path = tmp_path / "reservations.yml"
+    path.write_text("reservations:\n"
+                    "  - {host: big, gpus: 0-100000, user: a, until: '2027-02-01T00:00Z'}\n")
+    with pytest.raises(ReservationError, match=f"{path}: reservations\\[0\\] .*past the highest"):
+        reservations.load(path, NOW)
+    path.write_text("reservations:\n"
+                    "  - {host: big, gpus: [5000], user: a, until: '2027-02-01T00:00Z'}\n")
+    with pytest.raises(ReservationError, match="past the highest"):
+        reservations.load(path, NOW)
+
+
+def test_the_indexed_overlap_check_finds_what_comparing_every_pair_finds() -> None:
+    rng = random.Random(13)
+    for _ in range(300):
+        booked = [reservation(host=rng.choice(["a", "b"]),
+                              gpus=None if rng.random() < 0.1 else
+                              tuple(sorted(rng.sample(range(6), rng.randint(1, 3)))),
+                              user=f"u{i}", days=rng.uniform(-1, 6),
+                              start_days=None if rng.random() < 0.3 else rng.uniform(-2, 5))
+                  for i in range(rng.randint(0, 7))]
+        booked = [b for b in booked if b.start is None or b.start < b.until]
+        current = [b for b in booked if not b.expired(NOW)]
+        pairwise = any(a.overlaps(b) for i, a in enumerate(current) for b in current[i + 1:])
+        try:
+            reservations.check_overlaps(booked, "f", NOW)
+        except ReservationError as e:
+            assert pairwise, e
+            named = {b.user: b for b in booked}
+            a, b = (named[u] for u in re.findall(r"for (u\d+) until", str(e)))
+            assert a.overlaps(b) and not a.expired(NOW) and not b.expired(NOW), e
+        else:
+            assert not pairwise, booked
+
+
+# -- the audit log -------------------------------------------------------------------------------
+
+def test_every_change_is_in_the_audit_log_who_when_what_from_where(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "reservations.yml"
+    monkeypatch.setattr(getpass, "getuser", lambda: "root")
+    first = reservations.add(path, reservation(gpus=(0, 1), comment="deadline"), NOW)
+    later = NOW + dt.timedelta(hours=1)
+    bob = reservations.add(path, reservation(gpus=(2,), user="bob"), later, who="bob",
+                           source="192.0.2.10")
+    reservations.release(path, later, host="gpu-srv-01", gpus=(1,), who="alice",
+                         source="192.0.2.11")
+    reservations.release_by_id(path, bob.id, later, who="admin", source="192.0.2.12")
+    log = tmp_path / "reservations.yml.audit.jsonl"
+    assert stat.S_IMODE(log.stat().st_mode) == 0o644
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line) for line in lines)
+    entries = reservations.history(path)
+    assert [(e["time"], e["who"], e["action"], e["from"]) for e in entries] == [
+        ("2027-01-15T12:00:00+00:00", "root", "add", "file"),
+        ("2027-01-15T13:00:00+00:00", "bob", "add", "192.0.2.10"),
+        ("2027-01-15T13:00:00+00:00", "alice", "release", "192.0.2.11"),
+        ("2027-01-15T13:00:00+00:00", "admin", "release", "192.0.2.12")]
+    assert entries[0]["reservations"] == [first.to_api()]
+    assert entries[0]["reservations"][0]["gpus"] == [0, 1]
+    assert entries[2]["reservations"] == [first.to_api()]  # as it was
+    assert entries[2]["kept"][0]["gpus"] == [0] and entries[2]["kept"][0]["id"] == first.id
+    assert entries[3]["reservations"] == [bob.to_api()]
+    assert reservations.history(path, user="bob") == [entries[1], entries[3]]
+    assert reservations.history(path, reservation_id=first.id) == [entries[0], entries[2]]
+    assert reservations.history(path, limit=1) == [entries[3]]
+    assert reservations.history(path, since=later) == entries[1:]
+    assert reservations.history(tmp_path / "other.yml") == []
+
+
+def test_the_audit_log_survives_a_writer_killed_mid_line(tmp_path: Path) -> None:
+    path = tmp_path / "reservations.yml"
+    reservations.add(path, reservation(), NOW)
+    log = reservations.audit_path(path)
+    with log.open("a") as f:
+        f.write('{"time": "2027-01-15T12:00:00+00:00", "who": "x", "act')
+    assert [e["action"] for e in reservations.history(path)] == ["add"]
+    reservations.add(path, reservation(gpus=(1,)), NOW)
+    assert [e["action"] for e in reservations.history(path)] == ["add", "add"]
+    assert log.read_text().count("\n") == 3  # the cut line was ended, the new one whole
+
+
+def test_an_import_is_in_the_audit_log(rfile: Path) -> None:
+    assert run("reservations", "import", str(FIXTURE), "--day-first", "--skip-invalid")[0] == 0
+    (entry,) = reservations.history(rfile)
+    assert entry["action"] == "import" and entry["who"] == getpass.getuser()
+    assert {r["id"] for r in entry["reservations"]} == \
+        {r.id for r in reservations.load(rfile, dt.datetime.now(UTC))}
+
+
+def test_an_audit_log_that_cannot_be_appended_to_refuses_the_change(tmp_path: Path) -> None:
+    path = tmp_path / "reservations.yml"
+    reservations.add(path, reservation(gpus=(5,)), NOW)
+    before = path.read_bytes()
+    log = reservations.audit_path(path)
+    log.unlink()
+    log.mkdir()
+    _refused(path, "the audit log is a directory")
+    assert path.read_bytes() == before
 
 
 def _book_at_once(args: tuple[str, int, str, Any]) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuwatch.reservations.errors import ReservationError
-from gpuwatch.reservations.model import Reservation, parse_gpus
+from gpuwatch.reservations.model import Reservation, check, parse_gpus
 from gpuwatch.reservations.store import update
 from gpuwatch.reservations.times import day_bound, fromisoformat, local_time, short
 
@@ -125,9 +125,17 @@ def convert_comments(data: Any, now: dt.datetime, day_first: bool | None = None,
                 expired.append(f"{where} ({name}, until {short(until)})")
                 continue
             grouped.setdefault((str(machine), name, until, comment), []).append(index[0])
-    reservations = [Reservation(host=host, gpus=tuple(sorted(set(indices))), user=user,
-                                until=until, comment=comment)
-                    for (host, user, until, comment), indices in grouped.items()]
+    reservations = []
+    for (host, user, until, comment), indices in grouped.items():
+        reservation = Reservation(host=host, gpus=tuple(sorted(set(indices))), user=user,
+                                  until=until, comment=comment)
+        try:
+            check(reservation)  # the file's rules: what cannot be written is a problem here
+        except ReservationError as e:
+            problems.append(f"{host} GPU {','.join(map(str, reservation.gpus or ()))} "
+                            f"({user}): {e}")
+            continue
+        reservations.append(reservation)
     return Imported(reservations, expired, problems)
 
 
@@ -146,5 +154,5 @@ def merge_imported(path: Path, imported: Sequence[Reservation], now: dt.datetime
             (present if same else added).append(reservation)
         return [*reservations, *added]
 
-    update(path, change, now, tz)
+    update(path, change, now, tz, action="import")
     return added, present

@@ -2,16 +2,20 @@
 
 `Reservation` and the GPU set it holds (`Gpus`: sorted indices, or None for every GPU), how
 people write GPUs and targets (parse_gpus, gpus_text, parse_target), and the reservations
-file's text both ways (parse, render), checked for two reservations of one GPU at once. No
-file is read or written here: gpuwatch.reservations.store does that.
+file's text both ways (parse, render), checked for two reservations of one GPU at once. One
+set of rules (`check`) decides what a reservation may hold, for what is read and for what is
+about to be written alike. No file is read or written here: gpuwatch.reservations.store does
+that.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import secrets
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,25 @@ HEADER = (
     "# `gpuwatch reservations` (docs/reservations.md), which lock the file and check it.\n"
     "# Times are ISO 8601 with their zone; bookings that have ended stop counting.\n"
 )
-_KEYS = ("host", "gpus", "user", "from", "until", "comment")
+_KEYS = ("id", "host", "gpus", "user", "from", "until", "comment")
+
+MAX_GPU_INDEX = 1023
+"""The highest GPU index a reservation may name (so a set holds at most 1,024 GPUs and a
+typo such as 0-100000 is refused before it becomes 100,001 series); `gpuwatch serve` bounds
+a booking further by the GPUs the host really has."""
+MAX_NAME = 253
+"""The longest host or user name (a DNS name's limit)."""
+MAX_COMMENT = 500
+"""The longest comment, in characters."""
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+"""What an id may be: 8 hex digits when gpuwatch makes it; by hand, up to 32 letters, digits,
+``_ . -``."""
+
+try:  # the C loader and emitter where PyYAML has them: 10,000 bookings in well under a second
+    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
+    _BaseDumper: type[yaml.SafeDumper] = yaml.CSafeDumper  # type: ignore[assignment]
+except AttributeError:  # pragma: no cover - PyYAML built without libyaml
+    _Loader, _BaseDumper = yaml.SafeLoader, yaml.SafeDumper
 
 
 # -- GPUs and targets -------------------------------------------------------------------------
@@ -56,6 +78,9 @@ def parse_gpus(text: str) -> Gpus:
         if high < low:
             raise ReservationError(f"{text!r}: the range {part} runs backwards; write "
                                    f"{high}-{low}")
+        if high > MAX_GPU_INDEX:
+            raise ReservationError(f"{text!r}: GPU {high} is past the highest index gpuwatch "
+                                   f"accepts ({MAX_GPU_INDEX}); for every GPU write all")
         indices.update(range(low, high + 1))
     return tuple(sorted(indices))
 
@@ -108,6 +133,10 @@ class Reservation:
     """When the reservation starts counting (`from` in the file); None: it counts until its end
     (`gpuwatch reserve` writes when it was made)."""
     comment: str = ""
+    id: str = field(default="", compare=False)
+    """Stable and unique in its file: 8 hex digits given when it is added (for an entry of a
+    file written before ids, derived from the entry until the next write stores it); "" for
+    one not stored yet. Not part of equality: the same booking is equal whatever its id."""
 
     def active(self, now: dt.datetime) -> bool:
         return (self.start is None or self.start <= now) and now < self.until
@@ -134,9 +163,10 @@ class Reservation:
         return f"{which} of {self.host} for {self.user} until {short(self.until)}{note}"
 
     def to_yaml(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {"host": self.host,
-                                 "gpus": ALL_GPUS if self.gpus is None else _Indices(self.gpus),
-                                 "user": self.user}
+        entry: dict[str, Any] = {"id": self.id} if self.id else {}
+        entry.update({"host": self.host,
+                      "gpus": ALL_GPUS if self.gpus is None else _Indices(self.gpus),
+                      "user": self.user})
         if self.start is not None:
             entry["from"] = iso(self.start)
         entry["until"] = iso(self.until)
@@ -145,11 +175,91 @@ class Reservation:
         return entry
 
     def to_json(self, now: dt.datetime) -> dict[str, Any]:
-        return {"host": self.host, "gpus": ALL_GPUS if self.gpus is None else list(self.gpus),
+        """`gpuwatch reservations --json`."""
+        return {"id": self.id, "host": self.host,
+                "gpus": ALL_GPUS if self.gpus is None else list(self.gpus),
                 "user": self.user, "from": iso(self.start) if self.start else None,
                 "until": iso(self.until), "until_timestamp": self.until.timestamp(),
                 "comment": self.comment, "active": self.active(now),
                 "expired": self.expired(now)}
+
+    def to_api(self) -> dict[str, Any]:
+        """The service's JSON (R of /api/v1/reservations): id, host, gpus (indices or "all"),
+        user, start (ISO 8601, or null for a booking without one), until, comment."""
+        return {"id": self.id, "host": self.host,
+                "gpus": ALL_GPUS if self.gpus is None else list(self.gpus), "user": self.user,
+                "start": iso(self.start) if self.start else None, "until": iso(self.until),
+                "comment": self.comment}
+
+
+def _name(kind: str, value: object) -> str | None:
+    """Why `value` is not a host or user name, or None when it is one."""
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME or \
+            any(c.isspace() or not c.isprintable() for c in value):
+        return f"{kind} must be a {kind} name, without spaces, of at most {MAX_NAME} " \
+            f"characters, got {value!r}"
+    return None
+
+
+def check(reservation: Reservation) -> None:
+    """The rules every reservation meets, read from the file or about to be written to it:
+    ReservationError (one line, without the file's name) for the first it breaks."""
+    r = reservation
+    problem = _name("host", r.host) or _name("user", r.user)
+    if problem:
+        raise ReservationError(problem)
+    if r.gpus is not None:
+        if not isinstance(r.gpus, tuple) or not r.gpus or \
+                any(not isinstance(i, int) or isinstance(i, bool) for i in r.gpus) or \
+                list(r.gpus) != sorted(set(r.gpus)):
+            raise ReservationError(f"gpus: expected sorted GPU indices or all, got {r.gpus!r}")
+        if r.gpus[0] < 0 or r.gpus[-1] > MAX_GPU_INDEX:
+            raise ReservationError(f"gpus: GPU indices run from 0 to {MAX_GPU_INDEX}, got "
+                                   f"{gpus_text(r.gpus)}")
+    for key, moment in (("until", r.until), ("from", r.start)):
+        if moment is not None and (not isinstance(moment, dt.datetime)
+                                   or moment.utcoffset() is None):
+            raise ReservationError(f"{key}: expected a time with its zone, got {moment!r}")
+    if r.start is not None and r.start >= r.until:
+        raise ReservationError(f"from ({iso(r.start)}) is not before until ({iso(r.until)})")
+    if not isinstance(r.comment, str) or r.comment != " ".join(r.comment.split()) or \
+            not r.comment.isprintable() or len(r.comment) > MAX_COMMENT:
+        raise ReservationError(f"comment must be one line of text of at most {MAX_COMMENT} "
+                               f"characters, got {str(r.comment)[:80]!r}")
+    if r.id and (not isinstance(r.id, str) or not ID_PATTERN.fullmatch(r.id)):
+        raise ReservationError(f"id must be up to 32 letters, digits, _ . -, got {r.id!r}")
+
+
+def new_id(taken: Collection[str]) -> str:
+    """A fresh id: 8 hex digits that are not in `taken`."""
+    while True:
+        candidate = secrets.token_hex(4)
+        if candidate not in taken:
+            return candidate
+
+
+def _derived_id(r: Reservation, taken: Collection[str]) -> str:
+    """The id of an entry written before ids: the same for the same entry on every read, so it
+    is stable until the next write stores it."""
+    seed = "|".join([r.host, gpus_text(r.gpus), r.user, iso(r.start) if r.start else "",
+                     iso(r.until), r.comment])
+    for n in range(1_000_000):
+        candidate = hashlib.sha256(f"{seed}|{n}".encode()).hexdigest()[:8]
+        if candidate not in taken:
+            return candidate
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def with_ids(reservations: Sequence[Reservation]) -> list[Reservation]:
+    """The reservations, each with an id: those without one get a fresh one."""
+    taken = {r.id for r in reservations if r.id}
+    result = []
+    for r in reservations:
+        if not r.id:
+            r = replace(r, id=new_id(taken))
+            taken.add(r.id)
+        result.append(r)
+    return result
 
 
 def _entry(raw: Any, where: str, tz: dt.tzinfo | None) -> Reservation:
@@ -163,10 +273,9 @@ def _entry(raw: Any, where: str, tz: dt.tzinfo | None) -> Reservation:
         if raw.get(key) in (None, ""):
             raise ReservationError(f"{where}: {key} is missing")
     host, user = raw["host"], raw["user"]
-    if not isinstance(host, str) or not host.strip() or any(c.isspace() for c in host):
+    if not isinstance(host, str):
         raise ReservationError(f"{where}: host must be a host name, got {host!r}")
-    if not isinstance(user, (str, int)) or not str(user).strip() or \
-            any(c.isspace() for c in str(user).strip()):
+    if not isinstance(user, (str, int)) or isinstance(user, bool):
         raise ReservationError(f"{where}: user must be a user name, without spaces, got "
                                f"{user!r}")
     gpus_raw = raw.get("gpus")
@@ -189,14 +298,20 @@ def _entry(raw: Any, where: str, tz: dt.tzinfo | None) -> Reservation:
     until = file_time(raw["until"], True, f"{where}: until", tz)
     start = file_time(raw["from"], False, f"{where}: from", tz) \
         if raw.get("from") not in (None, "") else None
-    if start is not None and start >= until:
-        raise ReservationError(f"{where}: from ({iso(start)}) is not before until "
-                               f"({iso(until)})")
     comment = raw.get("comment")
     if comment is not None and not isinstance(comment, (str, int, float)):
         raise ReservationError(f"{where}: comment must be text, got {comment!r}")
-    return Reservation(host=host.strip(), gpus=gpus, user=str(user).strip(), until=until,
-                       start=start, comment=" ".join(str(comment or "").split()))
+    ident = raw.get("id")
+    if ident is not None and not isinstance(ident, str):
+        ident = str(ident)  # an id of digits only, unquoted
+    reservation = Reservation(host=host.strip(), gpus=gpus, user=str(user).strip(),
+                              until=until, start=start,
+                              comment=" ".join(str(comment or "").split()), id=ident or "")
+    try:
+        check(reservation)
+    except ReservationError as e:
+        raise ReservationError(f"{where}: {e}") from None
+    return reservation
 
 
 def _label(index: int, raw: Any) -> str:
@@ -205,11 +320,21 @@ def _label(index: int, raw: Any) -> str:
     return f"reservations[{index}]"
 
 
+def load_yaml(text: str, path: Path | str) -> Any:
+    """The YAML document of a reservations file: the C loader where PyYAML has it; a problem
+    is the one line parse_yaml makes of it (naming the file and the line)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # a safe loader (C where present)
+    except yaml.YAMLError:
+        return parse_yaml(text, path, ReservationError)
+
+
 def parse(text: str, path: Path | str, now: dt.datetime,
           tz: dt.tzinfo | None = None) -> list[Reservation]:
     """The reservations of a file's text; ReservationError naming `path` for the first problem,
-    including two reservations of the same GPU at the same time (expired ones aside)."""
-    doc = parse_yaml(text, path, ReservationError)
+    including two reservations of the same GPU at the same time (expired ones aside) and two
+    of one id. Entries without an id get one derived from the entry (see Reservation.id)."""
+    doc = load_yaml(text, path)
     if doc is None:
         return []
     if not isinstance(doc, dict) or set(doc) - {"reservations"}:
@@ -219,30 +344,76 @@ def parse(text: str, path: Path | str, now: dt.datetime,
     if not isinstance(entries, list):
         raise ReservationError(f"{path}: reservations: expected a list of bookings")
     reservations = []
+    ids: dict[str, int] = {}
     for index, raw in enumerate(entries):
         try:
-            reservations.append(_entry(raw, _label(index, raw), tz))
+            reservation = _entry(raw, _label(index, raw), tz)
         except ReservationError as e:
             raise ReservationError(f"{path}: {e}") from None
+        if reservation.id:
+            if reservation.id in ids:
+                raise ReservationError(
+                    f"{path}: {_label(index, raw)}: id {reservation.id} is also the id of "
+                    f"{_label(ids[reservation.id], entries[ids[reservation.id]])}; remove one "
+                    "of the two id lines (the next change gives it a new one)")
+            ids[reservation.id] = index
+        reservations.append(reservation)
+    if len(ids) < len(reservations):
+        taken = set(ids)
+        for index, reservation in enumerate(reservations):
+            if not reservation.id:
+                reservations[index] = replace(reservation, id=_derived_id(reservation, taken))
+                taken.add(reservations[index].id)
     check_overlaps(reservations, path, now)
     return reservations
 
 
 def check_overlaps(reservations: Sequence[Reservation], path: Path | str,
                    now: dt.datetime) -> None:
-    current = [b for b in reservations if not b.expired(now)]
-    for i, a in enumerate(current):
-        for b in current[i + 1:]:
-            if a.overlaps(b):
+    """ReservationError naming `path` for two current reservations of one GPU at the same
+    time. An index per host and GPU: each GPU's reservations, sorted by start, are compared
+    with the one reaching furthest before them, not every pair."""
+    order = {id(b): i for i, b in enumerate(reservations)}
+    hosts: dict[str, tuple[list[Reservation], dict[int, list[Reservation]]]] = {}
+    for b in reservations:
+        if b.expired(now):
+            continue
+        whole, per_gpu = hosts.setdefault(b.host, ([], {}))
+        if b.gpus is None:
+            whole.append(b)
+        else:
+            for index in b.gpus:
+                per_gpu.setdefault(index, []).append(b)
+    for whole, per_gpu in hosts.values():
+        buckets = [whole, *([*whole, *one] for one in per_gpu.values())] if whole else \
+            per_gpu.values()
+        for bucket in buckets:
+            clash = _first_overlap(bucket)
+            if clash:
+                a, b = sorted(clash, key=lambda r: order[id(r)])
                 raise ReservationError(f"{path}: two bookings of the same GPU at the same time: "
                                        f"{a.describe()} and {b.describe()}")
+
+
+def _first_overlap(bucket: Sequence[Reservation]) -> tuple[Reservation, Reservation] | None:
+    """Two reservations of `bucket` (all of one GPU) that overlap in time, or None."""
+    if len(bucket) < 2:
+        return None
+    earliest = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+    furthest: Reservation | None = None
+    for b in sorted(bucket, key=lambda r: r.start or earliest):
+        if furthest is not None and (b.start is None or b.start < furthest.until):
+            return furthest, b
+        if furthest is None or b.until > furthest.until:
+            furthest = b
+    return None
 
 
 class _Indices(list[int]):
     """GPU indices, written on one line: [0, 1]."""
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(_BaseDumper):  # type: ignore[valid-type,misc]
     pass
 
 
