@@ -249,6 +249,10 @@ def test_states_look_the_same_everywhere() -> None:
                 assert {code: {"text": m["text"], "color": m["color"]}
                         for code, m in options.items()} == by_code, p["title"]
                 timelines += 1
+            coloured = [o["matcher"]["options"] for o in p.get("fieldConfig", {})
+                        .get("overrides", []) if o["matcher"]["options"] in states.BY_NAME]
+            if coloured:  # a panel with a series per state colours every state
+                assert coloured == [s.name for s in states.ALL], p["title"]
             for override in p.get("fieldConfig", {}).get("overrides", []):
                 name = override["matcher"]["options"]
                 for prop in override["properties"]:
@@ -263,6 +267,23 @@ def test_states_look_the_same_everywhere() -> None:
         for cell in (f"{state.name}: ", f"{state.name}: alice,bob"):
             shown = apply_mappings(grid, cell)
             assert shown is not None and shown["color"] == state.colour, cell
+
+
+_GRID_BRANCH = re.compile(r'label_join\(\S+\{state(=~|!~|!=|=)"([^"]*)"[^}]*\}, "cell", ": ", '
+                          r'"state", "(\w+)"\)')
+
+
+def test_the_grid_writes_every_state_with_who_holds_booked_or_claimed_it() -> None:
+    """Each state's cell comes from one branch of the grid's query: a reserved GPU's text is its
+    booking, a claimed one's its claim, any other's its users."""
+    (target,) = grid_panel()["targets"]
+    branches = _GRID_BRANCH.findall(target["expr"])
+    assert branches and len(branches) == target["expr"].count("label_join("), target["expr"]
+    text = {states.RESERVED.name: "reservation", states.CLAIMED.name: "claim"}
+    for state in states.ALL:
+        taken = [label for op, value, label in branches
+                 if op.startswith("=") == (re.fullmatch(value, state.name) is not None)]
+        assert taken == [text.get(state.name, "users")], state.name
 
 
 # -- provisioning and run-grafana --------------------------------------------------------------
