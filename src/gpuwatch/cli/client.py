@@ -234,12 +234,13 @@ def service_or_file(args: argparse.Namespace) -> Service | Path:
 
 # -- the API's bookings --------------------------------------------------------------------------
 
-def booking_from_api(raw: Any, url: str) -> tuple[str, Reservation]:
-    """(id, the booking) of the API's R object; ServiceError when it is not one."""
+def booking_from_api(raw: Any, url: str) -> Reservation:
+    """The booking of the API's R object, with its id; ServiceError when it is not one."""
     try:
         gpus = raw["gpus"]
         start = raw.get("start")
-        return str(raw["id"]), Reservation(
+        return Reservation(
+            id=str(raw["id"]),
             host=str(raw["host"]),
             gpus=None if gpus == ALL_GPUS else tuple(int(i) for i in gpus),
             user=str(raw["user"]),
@@ -251,7 +252,7 @@ def booking_from_api(raw: Any, url: str) -> tuple[str, Reservation]:
                            f"read: {json.dumps(raw)[:200]}") from None
 
 
-def bookings_from_api(answer: Any, url: str) -> list[tuple[str, Reservation]]:
+def bookings_from_api(answer: Any, url: str) -> list[Reservation]:
     listed = answer.get("reservations") if isinstance(answer, dict) else None
     if not isinstance(listed, list):
         raise ServiceError(f"{url}/api/v1/reservations did not answer a list of "

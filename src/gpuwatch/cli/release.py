@@ -34,7 +34,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     where = client.service_or_file(args)
     if isinstance(where, client.Service):
         listed = client.bookings_from_api(where.get("/api/v1/reservations"), where.url)
-        by_id = dict(listed)
+        by_id = {b.id: b for b in listed}
         if args.target in by_id:
             where.delete(f"/api/v1/reservations/{args.target}")
             out.write(f"released {by_id[args.target].describe()}\n")
@@ -75,7 +75,7 @@ def _left(b: Reservation, gpus: Gpus) -> tuple[int, ...]:
     return tuple(i for i in b.gpus or () if gpus is not None and i not in gpus)
 
 
-def _release_through(service: client.Service, listed: Sequence[tuple[str, Reservation]],
+def _release_through(service: client.Service, listed: Sequence[Reservation],
                      host: str | None, gpus: Gpus, args: argparse.Namespace
                      ) -> list[Reservation]:
     """What the file's release does, as the API's deletes: a booking that keeps some GPUs is
@@ -84,7 +84,7 @@ def _release_through(service: client.Service, listed: Sequence[tuple[str, Reserv
     mine = {n for n in (service.login, getpass.getuser()) if n}
     users = {args.user} if args.user is not None else \
         mine if host is not None and not args.expired else None
-    concerned = [(i, b) for i, b in listed
+    concerned = [b for b in listed
                  if b.expired(moment) == args.expired
                  and (users is None or b.user in users)
                  and (host is None or b.shares_gpus(host, gpus))]
@@ -95,17 +95,17 @@ def _release_through(service: client.Service, listed: Sequence[tuple[str, Reserv
             f"by {' or '.join(sorted(users))}" if users else ""]))
         raise UserError(f"gpuwatch serve at {service.url}: there is no {what}; `gpuwatch "
                         f"reservations{' --all' if args.expired else ''}` lists them")
-    for _, b in concerned:
+    for b in concerned:
         if host is not None and gpus is not None and b.gpus is None:
             raise UserError(f"{b.describe()} books every GPU of {b.host}; release "
                             f"{b.host}:all, then book the GPUs to keep")
-    for booking_id, b in concerned:
-        service.delete(f"/api/v1/reservations/{booking_id}")
+    for b in concerned:
+        service.delete(f"/api/v1/reservations/{b.id}")
         left = _left(b, gpus) if host is not None else ()
         if left:
             service.post("/api/v1/reservations", client.booking_to_api(
                 replace(b, gpus=left), user=b.user not in mine))
-    return [b for _, b in concerned]
+    return concerned
 
 
 COMMAND = Command("release", "give booked GPUs back (by id, of a host, of a user, or those that "

@@ -51,42 +51,37 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     if args.history:
         return _history(where, args, out)
     moment = now()
-    if isinstance(where, client.Service):
-        found = client.bookings_from_api(where.get("/api/v1/reservations"), where.url)
-        ids: dict[int, str] | None = {id(b): i for i, b in found}
-        every = [b for _, b in found]
-    else:
-        ids, every = None, reservations.load(where, moment)
+    service = isinstance(where, client.Service)
+    every = client.bookings_from_api(where.get("/api/v1/reservations"), where.url) \
+        if isinstance(where, client.Service) else reservations.load(where, moment)
     listed = [b for b in every
               if (args.all or not b.expired(moment))
               and (args.host is None or b.host == args.host)
               and (args.user is None or b.user == args.user)]
     listed.sort(key=lambda b: (b.host, -1 if b.gpus is None else b.gpus[0], b.until))
     if args.json:
-        json.dump([({"id": ids[id(b)]} if ids else {}) | b.to_json(moment) for b in listed],
-                  out, indent=2)
+        json.dump([{"id": b.id} | b.to_json(moment) for b in listed], out, indent=2)
         out.write("\n")
         return 0
     if not listed:
         source = where.url if isinstance(where, client.Service) else where
         out.write(f"no {'' if args.all else 'current '}bookings in {source}\n")
         return 0
-    out.write(render_reservations(listed, moment, status=args.all,
-                                  ids=None if ids is None else [ids[id(b)] for b in listed]))
+    out.write(render_reservations(listed, moment, status=args.all, ids=service))
     return 0
 
 
 def render_reservations(listed: Sequence[Reservation], now: dt.datetime, status: bool,
-                        ids: Sequence[str] | None = None) -> str:
+                        ids: bool = False) -> str:
     """The table; with `ids`, the booking's id first (what `gpuwatch release ID` takes)."""
-    header = (("ID",) if ids is not None else ()) + ("HOST", "GPUS", "USER", "FROM", "UNTIL") \
+    header = (("ID",) if ids else ()) + ("HOST", "GPUS", "USER", "FROM", "UNTIL") \
         + (("STATUS",) if status else ()) + ("COMMENT",)
-    rows = [((ids[n],) if ids is not None else ())
+    rows = [((b.id,) if ids else ())
             + (b.host, reservations.gpus_text(b.gpus), b.user,
                reservations.short(b.start) if b.start else "-", reservations.short(b.until))
             + ((("ended" if b.expired(now) else "active" if b.active(now) else "upcoming"),)
                if status else ())
-            + (b.comment or "-",) for n, b in enumerate(listed)]
+            + (b.comment or "-",) for b in listed]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n"
                    for r in [header, *rows])

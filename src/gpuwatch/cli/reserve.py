@@ -58,9 +58,9 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             del body["start"]  # the service's now
         if args.force:
             body["force"] = True
-        booked_id, reservation = client.booking_from_api(
-            where.post("/api/v1/reservations", body), where.url)
-        booked_as = f" [{booked_id}]"
+        reservation = client.booking_from_api(where.post("/api/v1/reservations", body),
+                                              where.url)
+        booked_as = f" [{reservation.id}]"
     else:
         if args.force:
             raise UserError("--force is for --server (the file is not checked against the "

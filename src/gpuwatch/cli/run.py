@@ -112,9 +112,10 @@ def this_host(service: client.Service) -> str:
 
 
 def claim(service: client.Service, body: Mapping[str, Any], wait: float | None,
-          clock: Callable[[], float] = time.monotonic,
-          sleep: Callable[[float], None] = time.sleep) -> Claim:
+          clock: Callable[[], float] | None = None,
+          sleep: Callable[[float], None] | None = None) -> Claim:
     """The claim of `body`; a refusal (409) is asked again until `wait` seconds have passed."""
+    clock, sleep = clock or time.monotonic, sleep or time.sleep
     deadline = clock() + (wait or 0)
     while True:
         try:
