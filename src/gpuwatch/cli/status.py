@@ -13,14 +13,15 @@ from gpuwatch.cli.common import Command, ask_fleet
 from gpuwatch.contract import states
 from gpuwatch.fleet import GpuStatus
 
-_ANSI = {"green": "32", "yellow": "33", "purple": "35", "blue": "34", "red": "31"}
+_ANSI = {"green": "32", "yellow": "33", "purple": "35", "blue": "34", "red": "31",
+         "orange": "38;5;208"}
 GIB = float(1 << 30)
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="one JSON object per GPU (host, gpu, state, users, model, memory, "
-                   "utilisation, reservation), for scripts")
+                   "utilisation, reservation, claim), for scripts")
     p.add_argument("--free", action="store_true", help="only the free GPUs")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour the states: auto (when the output is a terminal and NO_COLOR "
@@ -43,11 +44,12 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
 
 def render_grid(gpus: Sequence[GpuStatus], colour: bool, now: float) -> str:
     """The grid: one line per GPU, grouped by host (named once), states coloured; a column
-    with the reservation (who, until when, why) when a GPU shown is booked."""
+    with the reservation (who, until when, why) and the claim (who, until when) when a GPU
+    shown is booked or claimed."""
     instances_of: dict[str, set[str]] = {}
     for g in gpus:
         instances_of.setdefault(g.host, set()).add(g.instance)
-    reserved = any(g.reservation is not None for g in gpus)
+    reserved = any(g.reservation is not None or g.claim is not None for g in gpus)
     header = ("HOST", "GPU", "STATE", "USERS", "MODEL", "MEMORY", "UTIL") + \
         (("RESERVATION",) if reserved else ())
     rows: list[tuple[str, ...]] = []
@@ -56,7 +58,7 @@ def render_grid(gpus: Sequence[GpuStatus], colour: bool, now: float) -> str:
         node = g.host if len(instances_of[g.host]) == 1 else g.instance
         rows.append((node if node != previous else "", str(g.gpu), _state_text(g, now),
                      _users_text(g), g.display_name or "-", _memory_text(g), _util_text(g))
-                    + ((g.reservation.text if g.reservation else "-",) if reserved else ()))
+                    + ((_reservation_text(g),) if reserved else ()))
         previous = node
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     right = {1, 5, 6}  # numbers
@@ -85,6 +87,11 @@ def _state_text(g: GpuStatus, now: float) -> str:
     if g.state == states.IDLE.name and g.inactive_since is not None:
         return f"{g.state} {duration(now - g.inactive_since)}"
     return g.state
+
+
+def _reservation_text(g: GpuStatus) -> str:
+    texts = ([g.reservation.text] if g.reservation else []) + ([g.claim.text] if g.claim else [])
+    return "; ".join(texts) or "-"
 
 
 def _users_text(g: GpuStatus) -> str:

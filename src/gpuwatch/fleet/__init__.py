@@ -2,7 +2,9 @@
 
 The state and the users come from the recording rule ``instance_gpu:gpuwatch_state:info``;
 model, memory and utilisation from the exporter's series, the reservation of a booked GPU from
-``instance_gpu:gpuwatch_reserved_until:timestamp_seconds``, joined by (instance, gpu).
+``instance_gpu:gpuwatch_reserved_until:timestamp_seconds`` and the claim of a claimed one
+(``gpuwatch run``) from ``instance_gpu:gpuwatch_claimed_until:timestamp_seconds``, joined by
+(instance, gpu).
 A GPU whose latest ``nvidia_gpu_up`` is not 1 is down whatever the rule says: the rule was
 evaluated before the scrape that found the GPU hung, or by rules older than the exporter, and
 a GPU is never free (never picked) without a fresh reading.
@@ -22,7 +24,8 @@ from gpuwatch.fleet.prometheus import Prometheus, Sample
 
 # One query for what the grid shows besides the state: names known to be plain series
 _DETAILS = (metrics.MEMORY_USED.name, metrics.MEMORY_TOTAL.name, metrics.UTILIZATION.name,
-            metrics.INFO.name, metrics.UP.name, states.INACTIVE_SINCE, states.RESERVED_UNTIL)
+            metrics.INFO.name, metrics.UP.name, states.INACTIVE_SINCE, states.RESERVED_UNTIL,
+            states.CLAIMED_UNTIL)
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "127.0.0.1", "::1")
 
 
@@ -58,6 +61,31 @@ def _active_reservation(sample: Sample) -> ActiveReservation:
 
 
 @dataclass(frozen=True)
+class ActiveClaim:
+    """The active claim of a GPU (``gpuwatch run``, through ``gpuwatch serve``), as Prometheus
+    has it; ``gpuwatch status --json`` prints exactly these fields."""
+
+    id: str
+    """The claim's id in gpuwatch serve (``DELETE /api/v1/claims/{id}``)."""
+    user: str
+    until: str
+    """ISO 8601, in UTC: when the claim ends unless its owner's job starts before."""
+
+    @property
+    def text(self) -> str:
+        """claimed by alice until 2024-05-31 21:59+00:00"""
+        until = dt.datetime.fromisoformat(self.until).isoformat(sep=" ", timespec="minutes")
+        return f"claimed by {self.user} until {until}"
+
+
+def _active_claim(sample: Sample) -> ActiveClaim:
+    """The claim of a sample of the claimed-until rule: its end is the value."""
+    until = dt.datetime.fromtimestamp(sample.value, dt.timezone.utc)
+    return ActiveClaim(id=sample.labels.get("id", ""), user=sample.labels.get("user", ""),
+                       until=until.isoformat(timespec="seconds"))
+
+
+@dataclass(frozen=True)
 class GpuStatus:
     host: str
     instance: str
@@ -74,6 +102,8 @@ class GpuStatus:
     """Unix time since which the GPU has been held without work; None while it works."""
     reservation: ActiveReservation | None = None
     """Its active reservation (gpuwatch reserve), whatever its state; None when not booked."""
+    claim: ActiveClaim | None = None
+    """Its active claim (gpuwatch run), whatever its state; None when not claimed."""
 
     def to_json(self) -> dict[str, object]:
         out = asdict(self)
@@ -112,6 +142,7 @@ def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
             continue  # not a GPU series of ours
         info = details[metrics.INFO.name].get(key)
         reserved = details[states.RESERVED_UNTIL].get(key)
+        claimed = details[states.CLAIMED_UNTIL].get(key)
         model = labels.get("model", "")
         state = labels.get("state", "")
         if state != states.DOWN.name and value(metrics.UP.name, key) != 1:
@@ -130,6 +161,7 @@ def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
             utilization_ratio=value(metrics.UTILIZATION.name, key),
             inactive_since=value(states.INACTIVE_SINCE, key),
             reservation=_active_reservation(reserved) if reserved is not None else None,
+            claim=_active_claim(claimed) if claimed is not None else None,
         ))
     return sorted(fleet, key=lambda g: (g.host, g.instance, g.gpu))
 
