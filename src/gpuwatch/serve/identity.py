@@ -106,6 +106,7 @@ class Identifier:
             if login is None:
                 return Refused(401, "a user name and password of the web config are needed")
             via = "basic auth"
+        client = request.client
         if self.auth_header and self.trusted(request.client):
             named = request.headers.get(self.auth_header, "").strip()
             if named:
@@ -113,10 +114,13 @@ class Identifier:
                     return Refused(401, f"the {self.auth_header} header does not hold a user "
                                    "name")
                 login, via = named, "proxy header"
+                forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
+                if forwarded:
+                    client = f"{forwarded[:64]} via {request.client}"
         if login is None:
-            return Identity(None, client=request.client)
+            return Identity(None, client=client)
         user = self.users_map.get(login, login)
-        return Identity(user, admin=user in self.admins, via=via, client=request.client)
+        return Identity(user, admin=user in self.admins, via=via, client=client)
 
     def trusted(self, client: str) -> bool:
         """Whether the address is one of --web.trusted-proxies (an IPv4 address mapped into

@@ -12,7 +12,6 @@ takes a claimed one.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import re
 import threading
@@ -24,10 +23,18 @@ from typing import Any
 
 from gpuwatch import reservations as store
 from gpuwatch.contract import states
-from gpuwatch.contract.states import ALL_GPUS
 from gpuwatch.fleet import FleetError, GpuStatus
 from gpuwatch.fleet.prometheus import PrometheusError
-from gpuwatch.reservations import Gpus, Reservation, ReservationError, gpus_text
+from gpuwatch.reservations import (
+    MAX_GPU_INDEX,
+    Conflict,
+    FileProblem,
+    Gpus,
+    NotFound,
+    Reservation,
+    ReservationError,
+    gpus_text,
+)
 from gpuwatch.reservations.times import iso
 from gpuwatch.serve.claims import Claim, ClaimBook, in_use_by_owner, new_id
 from gpuwatch.serve.identity import USER_NAME, Identity
@@ -38,17 +45,12 @@ log = logging.getLogger(__name__)
 FleetSource = Callable[[], Sequence[GpuStatus]]
 """The fleet as Prometheus sees it now (gpuwatch.fleet.read_fleet); raises PrometheusError."""
 
-MAX_GPU_INDEX = 1023
-"""The highest GPU index a request may name before it is checked against the fleet (a range
-like 0-100000000 is refused before it is expanded)."""
 MAX_FORCED_GPUS = 64
 """A forced booking of a host the fleet does not know may name GPUs 0 to this less one."""
 MAX_CLAIM_GPUS = 64
-MAX_COMMENT = 200
-"""Characters of a booking's comment."""
 _RESERVATION_KEYS = ("host", "gpus", "until", "start", "comment", "user", "force")
 _CLAIM_KEYS = ("count", "host", "model", "minutes")
-_CLAIMABLE_STATES = (states.FREE.name, states.RESERVED.name, "claimed")
+_CLAIMABLE_STATES = (states.FREE.name, states.RESERVED.name, states.CLAIMED.name)
 """States Prometheus may show for a GPU nobody uses; whether it is booked or claimed the
 service knows better than the last scrape (the file and its claims)."""
 
@@ -62,22 +64,12 @@ class ApiError(Exception):
         self.message = " ".join(message.split())
 
 
-def reservation_id(r: Reservation) -> str:
-    """The booking's id: the file's (gpuwatch.reservations gives every booking one), or for a
-    booking without one, a digest of what it is (stable while it is unchanged)."""
-    own = getattr(r, "id", None)
-    if isinstance(own, str) and own:
-        return own
-    text = "|".join([r.host, gpus_text(r.gpus), r.user, iso(r.start) if r.start else "",
-                     iso(r.until), r.comment])
-    return "r" + hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def reservation_json(r: Reservation) -> dict[str, Any]:
-    return {"id": reservation_id(r), "host": r.host,
-            "gpus": ALL_GPUS if r.gpus is None else list(r.gpus), "user": r.user,
-            "start": iso(r.start) if r.start is not None else None, "until": iso(r.until),
-            "comment": r.comment}
+def store_error(e: ReservationError, path: Path) -> ApiError:
+    """The refusal of a store's error: 404 unknown id, 409 taken, 503 the file's trouble,
+    else 400; the line without the file's name (the asker does not need the server's path)."""
+    status = 404 if isinstance(e, NotFound) else 409 if isinstance(e, Conflict) else \
+        503 if isinstance(e, FileProblem) else 400
+    return ApiError(status, str(e).removeprefix(f"{path}: "))
 
 
 @dataclass(frozen=True)
@@ -186,7 +178,7 @@ class Service:
         try:
             return store.load(self.path, now, self.tz)
         except ReservationError as e:
-            raise ApiError(503, f"the reservations file cannot be read: {e}; an admin must "
+            raise ApiError(503, f"the reservations file cannot be used: {e}; an admin must "
                            "fix it") from None
 
     def fleet(self) -> list[GpuStatus]:
@@ -218,7 +210,7 @@ class Service:
 
     def list_reservations(self) -> list[dict[str, Any]]:
         now = self.now()
-        return [reservation_json(r) for r in self._load(now) if not r.expired(now)]
+        return [r.to_api() for r in self._load(now) if not r.expired(now)]
 
     def create_reservation(self, who: Identity, data: Mapping[str, Any]) -> dict[str, Any]:
         if who.user is None:
@@ -238,8 +230,6 @@ class Service:
         if force and not who.admin:
             raise ApiError(403, "only an admin may force a booking of a host that is not up")
         comment = " ".join(body.text("comment").split())
-        if len(comment) > MAX_COMMENT:
-            raise ApiError(400, f"comment: at most {MAX_COMMENT} characters")
         now = self.now()
         until = self._when(body.text("until", required=True), now, True, "until")
         start = self._when(body.text("start", default="now"), now, False, "start")
@@ -260,19 +250,15 @@ class Service:
             self._check_gpus(host, gpus, [g.gpu for g in self._gpus_of(fleet, host, who.admin)])
         booking = Reservation(host=host, gpus=gpus, user=user, until=until, start=start,
                               comment=comment)
-
-        def change(current: list[Reservation]) -> list[Reservation]:
-            for other in current:
-                if not other.expired(now) and other.overlaps(booking):
-                    raise ApiError(409, f"already booked: {other.describe()} (id "
-                                   f"{reservation_id(other)})")
-            return [*current, booking]
-
         with self._lock:
             self._check_claims(booking, now)
-            self._update(change, now)
-        log.info("%s booked %s", self._who(who), booking.describe())
-        return reservation_json(booking)
+            try:
+                stored = store.add(self.path, booking, now, tz=self.tz, who=who.user,
+                                   source=who.client)
+            except ReservationError as e:
+                raise store_error(e, self.path) from None
+        log.info("%s booked %s (id %s)", self._who(who), stored.describe(), stored.id)
+        return stored.to_api()
 
     def _check_claims(self, booking: Reservation, now: dt.datetime) -> None:
         for claim in self.claims.active(self.clock()):
@@ -291,39 +277,32 @@ class Service:
         except ReservationError as e:
             raise ApiError(400, f"{key}: {e}") from None
 
-    def _update(self, change: Callable[[list[Reservation]], list[Reservation]],
-                now: dt.datetime) -> list[Reservation]:
-        try:
-            return store.update(self.path, change, now, self.tz)
-        except ReservationError as e:
-            raise ApiError(409 if "same GPU" in str(e) else 503, str(e)) from None
-
     def delete_reservation(self, who: Identity, reservation: str) -> None:
         if who.user is None:
             raise ApiError(401, "who are you? Releasing needs a user (basic auth or the proxy)")
-        removed: list[Reservation] = []
 
-        def change(current: list[Reservation]) -> list[Reservation]:
-            found = [r for r in current if reservation_id(r) == reservation]
-            if not found:
-                raise ApiError(404, f"no booking has the id {reservation[:40]!r}; GET "
-                               "/api/v1/reservations lists them")
-            if not who.may_act_for(found[0].user):
-                raise ApiError(403, f"{found[0].describe()} is {found[0].user}'s: only they or "
-                               "an admin release it")
-            removed.append(found[0])
-            return [r for r in current if r is not found[0]]
+        def allowed(found: Reservation) -> None:
+            if not who.may_act_for(found.user):
+                raise ApiError(403, f"{found.describe()} is {found.user}'s: only they or an "
+                               "admin release it")
 
-        now = self.now()
         with self._lock:
-            self._update(change, now)
-        log.info("%s released %s", self._who(who), removed[0].describe())
+            try:
+                removed = store.release_by_id(self.path, reservation, self.now(), tz=self.tz,
+                                              who=who.user, source=who.client, allowed=allowed)
+            except ReservationError as e:
+                raise store_error(e, self.path) from None
+        log.info("%s released %s (id %s)", self._who(who), removed.describe(), removed.id)
 
     def history(self, who: Identity) -> list[dict[str, Any]]:
+        """The audit log: all of it for an admin, else the entries by or for the asker."""
         if who.user is None:
             raise ApiError(401, "who are you? The history needs a user (basic auth or the "
                            "proxy)")
-        return []
+        try:
+            return store.history(self.path, user=None if who.admin else who.user)
+        except ReservationError as e:
+            raise store_error(e, self.path) from None
 
     # -- claims --------------------------------------------------------------------------
 
