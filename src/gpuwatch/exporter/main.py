@@ -227,11 +227,25 @@ def sources_for(options: ExporterOptions) -> Sources:
         else Sources()
 
 
+def deprecation(options: ExporterOptions) -> str | None:
+    """The warning for a way of running that goes in the next release, or None."""
+    if options.reservations_file is not None and options.collectors <= {
+            ReservationCollector.name}:
+        return (f"{PROG} --collector.disable-defaults --reservations.file (the reservations "
+                "endpoint) is deprecated and goes in the next release: run `gpuwatch serve "
+                f"--reservations.file {options.reservations_file}` instead (the same metrics on "
+                "the same port, plus the bookings API and claims; docs/api.md)")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = options_from_args(build_parser().parse_args(argv))
     logging.basicConfig(
         level=options.log_level.upper().replace("WARN", "WARNING"), stream=sys.stderr,
         format="ts=%(asctime)s level=%(levelname)s source=%(name)s msg=%(message)r")
+    warning = deprecation(options)
+    if warning is not None:
+        log.warning("%s", warning)
     try:
         parse_listen_address(options.listen_address)
         if not options.telemetry_path.startswith("/"):
