@@ -38,7 +38,7 @@ from gpuwatch.exporter.collectors import reservation as reservation_collector
 from gpuwatch.exporter.collectors.reservation import ReservationCollector
 from gpuwatch.exporter.nvml import Nvml
 from gpuwatch.exporter.scrape import Exporter
-from gpuwatch.reservations import Reservation, ReservationError, legacy
+from gpuwatch.reservations import Reservation, ReservationError, legacy, model
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
@@ -570,6 +570,70 @@ def test_gpu_ranges_are_bounded_before_they_are_expanded(tmp_path: Path) -> None
                     "  - {host: big, gpus: [5000], user: a, until: '2027-02-01T00:00Z'}\n")
     with pytest.raises(ReservationError, match="past the highest"):
         reservations.load(path, NOW)
+
+
+TRICKY = ["plain", "NeurIPS deadline", "yes", "No", "on", "null", "~", "", "1e5", "0x1F",
+          "12345678", "3f2a9c1b", "10.0.0.1", "1:20", "2027-01-01", "a: b", "a #b", "#x", "- x",
+          "'quoted'", '"double"', "it's", "ümlaut ß", "日本", "a  b", "[0]", "{x}", "*ref",
+          "&a", "!tag", "|", ">", "%", "@home", "`x`", "=", "<<", "a,b", "trailing.", "_x",
+          ".inf", "-1", "+1", "x\\y", "C++ (g++)", "a/b@c"]
+
+
+def test_the_file_as_written_reads_the_same_with_yaml_and_with_the_fast_reader(
+        tmp_path: Path) -> None:
+    rng = random.Random(7)
+    for _ in range(40):
+        written = []
+        for i in range(rng.randint(0, 6)):
+            words = [w for w in rng.sample(TRICKY, 3) if w]
+            comment = " ".join(" ".join(words).split())[:500]
+            host = rng.choice(["gpu-srv-01", "10.0.0.1", "yes", "12345", "on", "a:b", "fe80::1"])
+            user = rng.choice(["alice", "null", "1234", "o'neil", "ü"])
+            written.append(Reservation(
+                host=host, gpus=None if rng.random() < 0.2 else
+                tuple(sorted(rng.sample(range(1024), rng.randint(1, 4)))),
+                user=user, until=NOW + dt.timedelta(days=i + 1, seconds=rng.randint(0, 999)),
+                start=None if rng.random() < 0.3 else NOW, comment=comment,
+                id=rng.choice(["", "12345678", "0e12", "abc", f"x{i}"])))
+        # ids unique, GPUs apart: the rules hold
+        written = [dataclasses.replace(r, host=f"{r.host}{i}", id=f"{r.id}{i}" if r.id else "")
+                   for i, r in enumerate(written)]
+        text = reservations.render(written)
+        by_yaml = yaml.safe_load(text)
+        assert model._read_rendered(text) == by_yaml, text
+        assert by_yaml["reservations"] == [r.to_yaml() for r in written], text
+        model._parsed.clear()
+        parsed = reservations.parse(text, "f", NOW)
+        assert parsed == written
+        assert [p.id for p, w in zip(parsed, written, strict=True) if w.id] == \
+            [w.id for w in written if w.id]
+    for other in ["reservations:\n- {host: n1, gpus: [0], user: a, until: '2027-02-01T00:00Z'}\n",
+                  "reservations:\n  - host: n1\n    gpus: [0]\n    user: a\n"
+                  "    until: '2027-02-01T00:00Z'\n",
+                  "reservations:\n- host: n1\n  gpus: 0-1\n  user: a\n  until: 2027-02-01\n",
+                  "reservations:\n- host: n1 # a comment\n  gpus: [0]\n  user: a\n"
+                  "  until: '2027-02-01T00:00Z'\n",
+                  "reservations:\n- host: n1\n  host: n2\n  gpus: [0]\n  user: a\n"
+                  "  until: '2027-02-01T00:00Z'\n",
+                  "reservations: []\n- host: n1\n", "---\nreservations: []\n",
+                  "reservations:\n- host: n1\n  gpus: [00, 1]\n  user: a\n"
+                  "  until: '2027-02-01T00:00Z'\n"]:
+        assert model._read_rendered(other) is None, other  # YAML reads what is not render()'s
+
+
+def test_what_an_edit_returns_is_what_a_fresh_read_of_the_file_gives(tmp_path: Path) -> None:
+    path = tmp_path / "reservations.yml"
+    berlin_now = dt.datetime(2027, 1, 15, 13, 0, 0, 123456, tzinfo=BERLIN)
+    added = reservations.add(path, Reservation("n1", (0,), "a", berlin_now + dt.timedelta(days=1),
+                                               start=berlin_now), berlin_now)
+    assert added.until.microsecond == 0 and added.start is not None and \
+        added.start.microsecond == 0
+    warm = reservations.load(path, berlin_now)
+    model._parsed.clear()
+    cold = reservations.load(path, berlin_now)
+    assert warm == cold == [added]
+    assert [r.to_api() for r in warm] == [r.to_api() for r in cold] == [added.to_api()]
+    assert [r.id for r in warm] == [r.id for r in cold] == [added.id]
 
 
 def test_the_indexed_overlap_check_finds_what_comparing_every_pair_finds() -> None:

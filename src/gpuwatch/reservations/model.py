@@ -14,7 +14,7 @@ import datetime as dt
 import hashlib
 import re
 import secrets
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,11 +45,10 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 """What an id may be: 8 hex digits when gpuwatch makes it; by hand, up to 32 letters, digits,
 ``_ . -``."""
 
-try:  # the C loader and emitter where PyYAML has them: 10,000 bookings in well under a second
+try:  # the C loader where PyYAML has it (files not in render()'s layout)
     _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
-    _BaseDumper: type[yaml.SafeDumper] = yaml.CSafeDumper  # type: ignore[assignment]
 except AttributeError:  # pragma: no cover - PyYAML built without libyaml
-    _Loader, _BaseDumper = yaml.SafeLoader, yaml.SafeDumper
+    _Loader = yaml.SafeLoader
 
 
 # -- GPUs and targets -------------------------------------------------------------------------
@@ -83,6 +82,14 @@ def parse_gpus(text: str) -> Gpus:
                                    f"accepts ({MAX_GPU_INDEX}); for every GPU write all")
         indices.update(range(low, high + 1))
     return tuple(sorted(indices))
+
+
+def _listed_gpus(indices: list[int]) -> Gpus:
+    """The GPU set of a list of indices in the file, with parse_gpus' bounds and messages."""
+    low, high = min(indices), max(indices)
+    if low < 0 or high > MAX_GPU_INDEX:
+        return parse_gpus(",".join(map(str, indices)))  # its message
+    return tuple(sorted(set(indices)))
 
 
 def gpus_text(gpus: Gpus) -> str:
@@ -165,7 +172,7 @@ class Reservation:
     def to_yaml(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"id": self.id} if self.id else {}
         entry.update({"host": self.host,
-                      "gpus": ALL_GPUS if self.gpus is None else _Indices(self.gpus),
+                      "gpus": ALL_GPUS if self.gpus is None else list(self.gpus),
                       "user": self.user})
         if self.start is not None:
             entry["from"] = iso(self.start)
@@ -289,8 +296,8 @@ def _entry(raw: Any, where: str, tz: dt.tzinfo | None) -> Reservation:
         elif isinstance(gpus_raw, str):
             gpus = parse_gpus(gpus_raw)
         elif isinstance(gpus_raw, list) and gpus_raw and all(
-                isinstance(i, int) and not isinstance(i, bool) for i in gpus_raw):
-            gpus = parse_gpus(",".join(map(str, gpus_raw)))
+                type(i) is int for i in gpus_raw):
+            gpus = _listed_gpus(gpus_raw)
         else:
             raise ReservationError(f"gpus: expected a list of indices or all, got {gpus_raw!r}")
     except ReservationError as e:
@@ -321,12 +328,22 @@ def _label(index: int, raw: Any) -> str:
 
 
 def load_yaml(text: str, path: Path | str) -> Any:
-    """The YAML document of a reservations file: the C loader where PyYAML has it; a problem
-    is the one line parse_yaml makes of it (naming the file and the line)."""
+    """The YAML document of a reservations file. The file as render() writes it is read by
+    a reader of that layout alone (what YAML reads it as, an order of magnitude sooner);
+    anything else, by the C loader where PyYAML has it. A problem is the one line parse_yaml
+    makes of it (naming the file and the line)."""
+    fast = _read_rendered(text)
+    if fast is not None:
+        return fast
     try:
         return yaml.load(text, Loader=_Loader)  # a safe loader (C where present)
     except yaml.YAMLError:
         return parse_yaml(text, path, ReservationError)
+
+
+_CACHE_SIZE = 2
+_parsed: dict[tuple[str, dt.tzinfo | None], tuple[Reservation, ...]] = {}
+"""The entries of the texts parsed last (a service reads the same file on every request)."""
 
 
 def parse(text: str, path: Path | str, now: dt.datetime,
@@ -334,6 +351,27 @@ def parse(text: str, path: Path | str, now: dt.datetime,
     """The reservations of a file's text; ReservationError naming `path` for the first problem,
     including two reservations of the same GPU at the same time (expired ones aside) and two
     of one id. Entries without an id get one derived from the entry (see Reservation.id)."""
+    key = (text, tz)
+    cached = _parsed.get(key)
+    if cached is None:
+        cached = tuple(_parse_entries(text, path, tz))
+        while len(_parsed) >= _CACHE_SIZE:
+            del _parsed[next(iter(_parsed))]
+        _parsed[key] = cached
+    reservations = list(cached)
+    check_overlaps(reservations, path, now)
+    return reservations
+
+
+def remember(text: str, tz: dt.tzinfo | None, reservations: Sequence[Reservation]) -> None:
+    """Tells parse what `text` (just written by render from `reservations`, each as_stored)
+    holds, so that the next read of it is not a parse."""
+    while len(_parsed) >= _CACHE_SIZE:
+        del _parsed[next(iter(_parsed))]
+    _parsed[(text, tz)] = tuple(reservations)
+
+
+def _parse_entries(text: str, path: Path | str, tz: dt.tzinfo | None) -> list[Reservation]:
     doc = load_yaml(text, path)
     if doc is None:
         return []
@@ -364,7 +402,6 @@ def parse(text: str, path: Path | str, now: dt.datetime,
             if not reservation.id:
                 reservations[index] = replace(reservation, id=_derived_id(reservation, taken))
                 taken.add(reservations[index].id)
-    check_overlaps(reservations, path, now)
     return reservations
 
 
@@ -409,19 +446,110 @@ def _first_overlap(bucket: Sequence[Reservation]) -> tuple[Reservation, Reservat
     return None
 
 
-class _Indices(list[int]):
-    """GPU indices, written on one line: [0, 1]."""
+def as_stored(reservation: Reservation) -> Reservation:
+    """The reservation as the file gives it back: its times to the second (the file's)."""
+    r = reservation
+    if r.until.microsecond or (r.start is not None and r.start.microsecond):
+        r = replace(r, until=r.until.replace(microsecond=0),
+                    start=r.start.replace(microsecond=0) if r.start is not None else None)
+    return r
 
 
-class _Dumper(_BaseDumper):  # type: ignore[valid-type,misc]
-    pass
+# -- the file's text as render() writes it, both ways ---------------------------------------
+# Block YAML, one key a line, as PyYAML writes it: a string plain where YAML reads it back as
+# that string, else in single quotes; GPUs as [0, 1] or all. _read_rendered reads exactly
+# that layout (and full-line comments) and answers None for anything else, which YAML then
+# reads; tests check that both readers agree.
+
+_PLAIN = re.compile(r"[\w][\w.@/+()=-]*(?: [\w.@/+()=-]+)*")
+_NUMBER_LIKE = re.compile(r"[-+]?(?:\.\d+|\d+(?:\.\d*)?)(?:[eE][-+]?\d+)?|0[xXoObB][\w]*|"
+                          r"\d[\d_:.]*")
+_RESOLVER = yaml.resolver.Resolver()
+_STR = "tag:yaml.org,2002:str"
+_plain_ok: dict[str, bool] = {}
 
 
-_Dumper.add_representer(_Indices, lambda dumper, data: dumper.represent_sequence(
-    "tag:yaml.org,2002:seq", data, flow_style=True))
+def _is_plain(text: str) -> bool:
+    """Whether `text` reads back as itself written without quotes (in YAML 1.1 and 1.2)."""
+    ok = _plain_ok.get(text)
+    if ok is None:
+        ok = bool(_PLAIN.fullmatch(text)) and not _NUMBER_LIKE.fullmatch(text) and \
+            _RESOLVER.resolve(  # type: ignore[no-untyped-call]
+                yaml.ScalarNode, text, (True, False)) == _STR
+        if len(_plain_ok) > 100_000:
+            _plain_ok.clear()
+        _plain_ok[text] = ok
+    return ok
+
+
+def _scalar(text: str) -> str:
+    return text if _is_plain(text) else "'" + text.replace("'", "''") + "'"
+
+
+def _lines(r: Reservation) -> Iterator[str]:
+    if r.id:
+        yield f"id: {_scalar(r.id)}"
+    yield f"host: {_scalar(r.host)}"
+    yield "gpus: " + (ALL_GPUS if r.gpus is None else "[" + ", ".join(map(str, r.gpus)) + "]")
+    yield f"user: {_scalar(r.user)}"
+    if r.start is not None:
+        yield f"from: '{iso(r.start)}'"
+    yield f"until: '{iso(r.until)}'"
+    if r.comment:
+        yield f"comment: {_scalar(r.comment)}"
 
 
 def render(reservations: Iterable[Reservation]) -> str:
-    body = yaml.dump({"reservations": [b.to_yaml() for b in reservations]}, Dumper=_Dumper,
-                     sort_keys=False, allow_unicode=True, width=1000)
-    return HEADER + body
+    """The file's text: HEADER, then the reservations in block YAML (see above)."""
+    out = [HEADER]
+    for r in reservations:
+        lines = list(_lines(r))
+        out.append("- " + lines[0] + "\n")
+        out.extend("  " + line + "\n" for line in lines[1:])
+    if len(out) == 1:
+        return HEADER + "reservations: []\n"
+    out.insert(1, "reservations:\n")
+    return "".join(out)
+
+
+_LINE = re.compile(r"(- |  )(id|host|gpus|user|from|until|comment): (.*)")
+_QUOTED = re.compile(r"'((?:[^']|'')*)'")
+_INDICES = re.compile(r"\[((?:0|[1-9]\d{0,3})(?:, (?:0|[1-9]\d{0,3}))*)\]")
+
+
+def _read_rendered(text: str) -> dict[str, Any] | None:
+    """The document of a text in render()'s layout, as YAML reads it; None for any other."""
+    entries: list[dict[str, Any]] = []
+    started = empty = False
+    for line in text.split("\n"):
+        if not line or line.lstrip().startswith("#"):
+            continue
+        if not started or empty:
+            if started or line not in ("reservations:", "reservations: []"):
+                return None  # nothing may follow "reservations: []"
+            started, empty = True, line.endswith("[]")
+            continue
+        match = _LINE.fullmatch(line)
+        if match is None:
+            return None
+        lead, key, value = match.groups()
+        if lead == "- ":
+            entries.append({})
+        elif not entries or key in entries[-1]:
+            return None
+        quoted = _QUOTED.fullmatch(value)
+        if quoted is not None:
+            parsed: Any = quoted.group(1).replace("''", "'")
+        elif key == "gpus" and value.startswith("["):
+            indices = _INDICES.fullmatch(value)
+            if indices is None:
+                return None
+            parsed = [int(i) for i in indices.group(1).split(", ")]
+        elif _is_plain(value):
+            parsed = value
+        else:
+            return None
+        entries[-1][key] = parsed
+    if not started:
+        return None
+    return {"reservations": entries}

@@ -32,11 +32,13 @@ from gpuwatch.reservations.errors import Conflict, FileProblem, NotFound, Reserv
 from gpuwatch.reservations.model import (
     Gpus,
     Reservation,
+    as_stored,
     check,
     check_overlaps,
     gpus_text,
     new_id,
     parse,
+    remember,
     render,
     with_ids,
 )
@@ -219,10 +221,10 @@ def write(path: Path, reservations: Iterable[Reservation]) -> list[Reservation]:
     get one; returns what was written. On any failure the old file stays as it was and the
     temporary goes; a symbolic link or a non-regular file at `path` is refused. Hold
     locked(path) when others may edit the file (update does)."""
-    written = with_ids(list(reservations))
+    written = [as_stored(r) for r in with_ids(list(reservations))]
     for r in written:
         _check(path, r)
-    _replace(path, written)
+    _replace(path, render(written))
     return written
 
 
@@ -233,8 +235,7 @@ def _check(path: Path, reservation: Reservation) -> None:
         raise ReservationError(f"{path}: not written: {e}; the file is unchanged") from None
 
 
-def _replace(path: Path, reservations: Sequence[Reservation]) -> None:
-    text = render(reservations)
+def _replace(path: Path, text: str) -> None:
     _refuse_link_or_special(path)
     mode, group = _file_mode(path)
     _remove_stale_temps(path, time.time())
@@ -418,8 +419,9 @@ def update(path: Path, change: Callable[[list[Reservation]], list[Reservation]],
     _refuse_link_or_special(path)
     with locked(path):
         before = load(path, now, tz)
-        reservations = with_ids(change(list(before)))
         known = {id(r) for r in before}
+        reservations = [r if id(r) in known else as_stored(r)
+                        for r in with_ids(change(list(before)))]
         for r in reservations:
             if id(r) not in known:  # what was read has been checked already
                 _check(path, r)
@@ -429,8 +431,10 @@ def update(path: Path, change: Callable[[list[Reservation]], list[Reservation]],
         check_overlaps(reservations, path, now)
         record = _record(action, who, source, now, before, reservations)
         audit = _open_audit(path) if record else None
+        text = render(reservations)
         try:
-            _replace(path, reservations)
+            _replace(path, text)
+            remember(text, tz, reservations)
             if audit is not None and record is not None:
                 with contextlib.suppress(OSError):  # the change is made; the log is best kept
                     _append(audit, record)
@@ -471,8 +475,8 @@ def add(path: Path, reservation: Reservation, now: dt.datetime, replace_own: boo
                 raise Conflict(f"{path}: {which} of {reservation.host} {verb} already "
                                f"booked: {other.describe()}{hint}")
         taken = {r.id for r in reservations}
-        new = reservation if reservation.id and reservation.id not in taken else \
-            replace(reservation, id=new_id(taken))
+        new = as_stored(reservation if reservation.id and reservation.id not in taken else
+                        replace(reservation, id=new_id(taken)))
         stored[:] = [new]
         return [*reservations, new]
 
