@@ -146,10 +146,18 @@ def _handler(fake: FakeService) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class QuietServer(ThreadingHTTPServer):
+    """A client that gave up is no error to print (into another test's stderr)."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture
 def service(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeService]:
     fake = FakeService()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    server = QuietServer(("127.0.0.1", 0), _handler(fake))
     fake.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -386,18 +394,29 @@ def test_release_expired_through_the_service(service: FakeService,
 
 
 def test_history_through_the_service(service: FakeService) -> None:
-    service.history = [{"when": "2024-05-01T10:00:00+00:00", "who": "alice", "what": "book",
-                        "describe": "GPU 0 of node-a for alice until 2024-05-02 00:00+00:00",
-                        "from": "10.0.0.5", "host": "node-a"},
-                       {"when": "2024-05-01T11:00:00+00:00", "who": "root", "what": "release",
-                        "host": "node-b"}]
+    booking = {"id": "a1b2c3d4", "host": "node-a", "gpus": [0, 1], "user": "alice",
+               "start": "2024-05-01T10:00:00+00:00", "until": "2024-05-02T00:00:00+00:00",
+               "comment": ""}
+    service.history = [
+        {"time": "2024-05-01T10:00:00+00:00", "who": "alice", "action": "add",
+         "from": "10.0.0.5", "reservations": [booking]},
+        {"time": "2024-05-01T11:00:00+00:00", "who": "root", "action": "release",
+         "from": "10.0.0.9", "reservations": [booking], "kept": [booking | {"gpus": [0]}]},
+        {"time": "2024-05-01T12:00:00+00:00", "who": "bob", "action": "add",
+         "reservations": [booking | {"host": "node-b", "user": "bob"}]}]
     _code, out = run("reservations", "--history")
     assert out.splitlines() == [
-        "2024-05-01T10:00:00+00:00 alice book GPU 0 of node-a for alice until 2024-05-02 "
-        "00:00+00:00 from 10.0.0.5",
-        "2024-05-01T11:00:00+00:00 root release"]
+        "2024-05-01 10:00+00:00 alice add GPUs 0-1 of node-a for alice until 2024-05-02 "
+        "00:00+00:00 [a1b2c3d4] from 10.0.0.5",
+        "2024-05-01 11:00+00:00 root release GPUs 0-1 of node-a for alice until 2024-05-02 "
+        "00:00+00:00 [a1b2c3d4] (kept: GPU 0 of node-a for alice until 2024-05-02 "
+        "00:00+00:00 [a1b2c3d4]) from 10.0.0.9",
+        "2024-05-01 12:00+00:00 bob add GPUs 0-1 of node-b for bob until 2024-05-02 "
+        "00:00+00:00 [a1b2c3d4]"]
     assert json.loads(run("reservations", "--history", "--host", "node-b", "--json")[1]) == \
-        service.history[1:]
+        service.history[2:]
+    assert len(json.loads(run("reservations", "--history", "--user", "alice", "--json")[1])) \
+        == 2
     assert service.requests[-1][:2] == ("GET", "/api/v1/history")
 
 
@@ -521,3 +540,45 @@ def test_run_forwards_signals_to_the_command_and_ends_the_claim(
     assert not service.claims and service.requests[-1][:2] == ("DELETE", "/api/v1/claims/c1")
     assert process.stderr is not None
     no_password_in(process.stderr.read())
+
+
+# -- the same with --file (the admin on the monitoring host) ----------------------------------
+
+@pytest.fixture
+def rfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in (client.ENV_SERVER, client.ENV_USER, client.ENV_PASSWORD):
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "reservations.yml"
+    monkeypatch.setenv("GPUWATCH_RESERVATIONS", str(path))
+    monkeypatch.setattr("getpass.getuser", lambda: "alice")
+    return path
+
+
+def test_release_of_a_host_in_the_file_gives_back_only_your_own(
+        rfile: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("reserve", "n1:0", "--until", "+1d")[0] == 0
+    assert run("reserve", "n1:1", "--until", "+1d", "--user", "bob")[0] == 0
+    assert run("release", "n1")[1].startswith("released GPU 0 of n1 for alice")
+    assert [b["user"] for b in json.loads(run("reservations", "--json")[1])] == ["bob"]
+    assert "there is no booking of n1:all by alice" in one_error(capsys, "release", "n1")
+    assert run("release", "n1", "--user", "bob")[1].startswith("released GPU 1 of n1 for bob")
+
+
+def test_release_by_id_in_the_file(rfile: Path) -> None:
+    assert run("reserve", "n1:0", "--until", "+1d", "--user", "bob")[0] == 0
+    (listed,) = json.loads(run("reservations", "--json")[1])
+    assert run("release", listed["id"])[1].startswith("released GPU 0 of n1 for bob")
+    assert json.loads(run("reservations", "--json")[1]) == []
+
+
+def test_history_of_the_file(rfile: Path) -> None:
+    assert run("reserve", "n1:0-1", "--until", "2099-01-01T00:00+00:00")[0] == 0
+    assert run("release", "n1:1")[0] == 0
+    lines = run("reservations", "--history")[1].splitlines()
+    assert len(lines) == 2
+    assert " alice add GPUs 0-1 of n1 for alice until 2099-01-01 00:00+00:00 [" in lines[0]
+    assert " alice release GPUs 0-1 of n1 for alice until 2099-01-01 00:00+00:00 [" in lines[1]
+    assert "(kept: GPU 0 of n1 for alice" in lines[1] and lines[1].endswith("from file")
+    entries = json.loads(run("reservations", "--history", "--json", "--user", "alice")[1])
+    assert [e["action"] for e in entries] == ["add", "release"]
+    assert run("reservations", "--history", "--host", "n2")[1].startswith("no history in ")

@@ -39,6 +39,15 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             where.delete(f"/api/v1/reservations/{args.target}")
             out.write(f"released {by_id[args.target].describe()}\n")
             return 0
+    elif args.target and not args.user and not args.expired:
+        try:
+            booking = reservations.find(where, args.target, now())
+        except reservations.NotFound:
+            pass
+        else:
+            reservations.release_by_id(where, booking.id, now())
+            out.write(f"released {booking.describe()}\n")
+            return 0
     host, gpus = _target(args)
     if host is None and args.user is None and not args.expired:
         raise UserError("say what to release: ID, HOST:GPUS, --user NAME or --expired")

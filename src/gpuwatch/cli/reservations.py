@@ -5,6 +5,7 @@ or of the file (--file), as a table or as JSON, or the audit log; and the `impor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from typing import Any, TextIO
 
 from gpuwatch import reservations
 from gpuwatch.cli import client, import_
-from gpuwatch.cli.common import Command, UserError, default_or_suppress, file_arguments, now
+from gpuwatch.cli.common import Command, default_or_suppress, file_arguments, now
 from gpuwatch.reservations import Reservation
 
 
@@ -88,45 +89,72 @@ def render_reservations(listed: Sequence[Reservation], now: dt.datetime, status:
 
 
 def _history(where: client.Service | Path, args: argparse.Namespace, out: TextIO) -> int:
-    """The audit log, oldest first: GET /api/v1/history, or the log beside --file."""
+    """The audit log, oldest first: GET /api/v1/history (yours, or everyone's for an admin),
+    or the log beside --file."""
     if isinstance(where, client.Service):
         answer = where.get("/api/v1/history")
         entries = answer.get("entries") if isinstance(answer, dict) else None
         if not isinstance(entries, list):
             raise client.ServiceError(f"{where.url}/api/v1/history did not answer a list of "
                                       "entries; is it gpuwatch serve?")
+        source: str = where.url
     else:
-        read = getattr(reservations, "history", None)  # the store's audit log reader
-        if read is None:
-            raise UserError("this gpuwatch cannot read the audit log of a file; ask gpuwatch "
-                            "serve (--server)")
-        entries = [dict(e) for e in read(where)]
-    entries = [e for e in entries if isinstance(e, dict)
-               and (args.host is None or e.get("host") == args.host)
-               and (args.user is None or args.user in (e.get("user"), e.get("by")))]
+        entries = reservations.history(where)
+        source = str(reservations.audit_path(where))
+    url = source
+    shown = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        booked = _bookings(entry, "reservations", url)
+        if (args.host is None or any(b.host == args.host for b in booked)) and \
+                (args.user is None or entry.get("who") == args.user
+                 or any(b.user == args.user for b in booked)):
+            shown.append(entry)
     if args.json:
-        json.dump(entries, out, indent=2)
+        json.dump(shown, out, indent=2)
         out.write("\n")
         return 0
-    if not entries:
-        out.write(f"no history in {where.url if isinstance(where, client.Service) else where}\n")
+    if not shown:
+        out.write(f"no history in {source}\n")
         return 0
-    for e in entries:
-        out.write(history_line(e) + "\n")
+    for entry in shown:
+        out.write(history_line(entry, url) + "\n")
     return 0
 
 
-def history_line(entry: dict[str, Any]) -> str:
-    """One entry of the audit log as a line: when, who, what, from where."""
+def _bookings(entry: dict[str, Any], key: str, url: str) -> list[Reservation]:
+    """The bookings an entry names under `key`; those it cannot read are left out (an old
+    or hand-made line still shows who did what, when)."""
+    found = []
+    for raw in entry.get(key) or () if isinstance(entry.get(key), list) else ():
+        with contextlib.suppress(client.ServiceError):
+            found.append(client.booking_from_api(raw, url))
+    return found
+
+
+def history_line(entry: dict[str, Any], url: str) -> str:
+    """One entry of the audit log: when, who, what, which bookings (with what stayed or went),
+    from where: `2024-05-20 09:12+02:00 alice release GPU 1 of n1 for alice until ... [id]
+    (GPU 0 stays) from 10.0.0.5`."""
     def text(key: str) -> str:
         value = entry.get(key)
         return "" if value is None else " ".join(str(value).split())
-    what = text("what") or text("action")
-    booking = entry.get("reservation") or entry.get("booking")
-    detail = text("describe") or (json.dumps(booking, sort_keys=True) if booking else "")
-    where = f" from {text('from')}" if text("from") else ""
-    return " ".join(filter(None, [text("when") or text("time"), text("who") or text("by"),
-                                  what, detail])) + where
+    when = text("time")
+    with contextlib.suppress(ValueError):
+        when = reservations.short(dt.datetime.fromisoformat(when))
+
+    def listed(key: str) -> str:
+        return "; ".join(f"{b.describe()} [{b.id}]" for b in _bookings(entry, key, url))
+    kept, removed = listed("kept"), listed("removed")
+    parts = [when, text("who") or "?", text("action") or "?", listed("reservations")]
+    if kept:
+        parts.append(f"(kept: {kept})")
+    if removed:
+        parts.append(f"(removed: {removed})")
+    if text("from"):
+        parts.append(f"from {text('from')}")
+    return " ".join(p for p in parts if p)
 
 
 COMMAND = Command("reservations", "the bookings (list), or import the old comments.json",
