@@ -200,6 +200,14 @@ def test_unknown_hosts_and_gpus_are_refused_naming_the_known_ones(client: Client
     assert status == 400 and "node-a" in one_line_error(answer)
 
 
+def test_a_host_named_by_its_instance_or_in_another_case_is_the_host(client: Client) -> None:
+    status, made = book(client, "alice", (0,), host="NODE-A")
+    assert status == 201 and made["host"] == "node-a"
+    status, claim = client.json("POST", "/api/v1/claims", {"host": "node-b:9839", "count": 1},
+                                user="alice")
+    assert status == 201 and claim["host"] == "node-b"
+
+
 def test_without_prometheus_a_write_is_refused_and_an_admin_may_force(
         client: Client, fleet: Fleet) -> None:
     fleet.down = True
@@ -222,6 +230,13 @@ def test_without_an_identity_source_the_service_is_read_only(
         status, answer = c.json("POST", "/api/v1/claims", {"host": "node-a", "count": 1},
                                 user="alice")
         assert status == 401
+
+
+def test_a_write_without_identity_is_a_401_whatever_its_body(client: Client) -> None:
+    for raw in (b"garbage", b'{"host": "node-a", "gpus": [0], "until": "+1h"}'):
+        status, answer = client.json("POST", "/api/v1/reservations", raw=raw)
+        assert status == 401 and one_line_error(answer)
+    assert client.json("DELETE", "/api/v1/claims/c123")[0] == 401
 
 
 def test_the_proxy_header_counts_from_a_trusted_proxy_only(client: Client) -> None:

@@ -152,6 +152,9 @@ class ServeApp:
             asked = _Asked(request, question, found, pool, match.groupdict())
             try:
                 if method in _WRITES:
+                    if not found.known:
+                        raise ApiError(401, "who are you? Changes need a user: basic auth, or "
+                                       "the trusted proxy's header (read-only otherwise)")
                     self._check_browser(question)
                 reply: Reply = await getattr(self, route.handler)(asked)
             except ApiError as e:
@@ -189,25 +192,14 @@ class ServeApp:
         length = request.content_length
         if length is not None and length > MAX_BODY:
             raise ApiError(413, f"the body is {length} bytes; at most {MAX_BODY}")
-        chunks: list[bytes] = []
-        size = 0
         try:
-            async with asyncio.timeout(self.read_timeout) if hasattr(asyncio, "timeout") \
-                    else _no_timeout():
-                while True:
-                    chunk = await request.content.readany()
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if size > MAX_BODY:
-                        raise ApiError(413, f"the body is over {MAX_BODY} bytes")
-                    chunks.append(chunk)
-        except (asyncio.TimeoutError, TimeoutError):
+            raw = await asyncio.wait_for(_read(request), self.read_timeout)
+        except asyncio.TimeoutError:
             raise ApiError(400, "the body did not come in time") from None
         except (ConnectionError, web.HTTPException, ValueError) as e:
             raise ApiError(400, f"the body could not be read: {e}") from None
         try:
-            data = json.loads(b"".join(chunks).decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise ApiError(400, f"the body is not JSON: {str(e)[:100]}") from None
         if not isinstance(data, dict):
@@ -257,15 +249,18 @@ class ServeApp:
         return _json(204, None)
 
 
-class _no_timeout:
-    """asyncio.timeout for Python 3.10, which has none: the server's read timeout bounds
-    the connection anyway."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
+async def _read(request: web.BaseRequest) -> bytes:
+    """The body, ApiError 413 as soon as it is past MAX_BODY (chunked: no length to trust)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ApiError(413, f"the body is over {MAX_BODY} bytes")
+        chunks.append(chunk)
 
 
 def _landing() -> str:

@@ -188,7 +188,15 @@ class Service:
             raise ApiError(503, f"the fleet is not known now: {e}") from None
 
     def _gpus_of(self, fleet: Sequence[GpuStatus], host: str, admin: bool) -> list[GpuStatus]:
+        """The GPUs of the host as `gpuwatch status` names it (or, when none is named so
+        exactly, its name in another case or its exporter's instance)."""
         gpus = [g for g in fleet if g.host == host]
+        if not gpus:
+            wanted = host.lower()
+            gpus = [g for g in fleet if wanted in (g.host.lower(), g.instance.lower())]
+        if len({g.host for g in gpus}) > 1:
+            raise ApiError(400, f"{host} names several hosts "
+                           f"({', '.join(sorted({g.host for g in gpus}))}); name one")
         if not gpus:
             hosts = sorted({g.host for g in fleet})
             hint = "; an admin may pass \"force\": true for a host that is not up yet" \
@@ -247,7 +255,9 @@ class Service:
             if gpus is not None and max(gpus) >= MAX_FORCED_GPUS:
                 raise ApiError(400, f"a forced booking names GPUs 0 to {MAX_FORCED_GPUS - 1}")
         else:
-            self._check_gpus(host, gpus, [g.gpu for g in self._gpus_of(fleet, host, who.admin)])
+            known = self._gpus_of(fleet, host, who.admin)
+            host = known[0].host
+            self._check_gpus(host, gpus, [g.gpu for g in known])
         booking = Reservation(host=host, gpus=gpus, user=user, until=until, start=start,
                               comment=comment)
         with self._lock:
@@ -319,6 +329,7 @@ class Service:
         model = body.text("model").strip().lower()
         minutes = body.whole("minutes", 1, self.max_claim_minutes, self.default_claim_minutes)
         gpus = self._gpus_of(self.fleet(), host, False)
+        host = gpus[0].host
         if model:
             gpus = [g for g in gpus if model in g.model.lower() or
                     model == g.display_name.lower()]
