@@ -582,3 +582,66 @@ def test_history_of_the_file(rfile: Path) -> None:
     entries = json.loads(run("reservations", "--history", "--json", "--user", "alice")[1])
     assert [e["action"] for e in entries] == ["add", "release"]
     assert run("reservations", "--history", "--host", "n2")[1].startswith("no history in ")
+
+
+# -- round trips with the real gpuwatch serve (in this process) --------------------------------
+
+@pytest.fixture
+def real_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    import bcrypt
+
+    from gpuwatch.fleet import GpuStatus
+    from gpuwatch.serve.app import start
+    from gpuwatch.serve.options import ServeOptions
+
+    config = tmp_path / "web.yml"
+    config.write_text("basic_auth_users:\n" + "".join(
+        f"  {name}: {bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}\n"
+        for name, pw in PASSWORDS.items()))
+    gpus = [GpuStatus(host=host, instance=f"{host}:9839", gpu=i, uuid=f"GPU-{host}-{i}",
+                      state="free", users=(), model="NVIDIA A100-SXM4-80GB",
+                      display_name="A100", memory_used_bytes=0.0, memory_total_bytes=80e9,
+                      utilization_ratio=0.0, inactive_since=None)
+            for host, count in (("node-a", 4), ("node-b", 2)) for i in range(count)]
+    options = ServeOptions(reservations_file=tmp_path / "reservations.yml",
+                           listen_address="127.0.0.1:0", web_config_file=config,
+                           admins=frozenset({"root"}), own_process_metrics=False,
+                           claim_poll_seconds=3600)
+    for name in (client.ENV_SERVER, client.ENV_USER, client.ENV_PASSWORD,
+                 "GPUWATCH_RESERVATIONS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(client.ENV_NETRC, str(tmp_path / "no-netrc"))
+    with start(options, fleet=lambda: gpus) as serving:
+        monkeypatch.setenv(client.ENV_SERVER, serving.url)
+        yield serving.url
+
+
+def test_two_users_and_an_admin_through_the_real_service(
+        real_service: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    as_user(monkeypatch, "alice")
+    code, out = run("reserve", "node-a:0-1", "--until", "+2d", "--comment", "deadline")
+    assert code == 0 and out.startswith("booked GPUs 0-1 of node-a for alice until "), out
+    as_user(monkeypatch, "bob")
+    assert run("reserve", "node-a:2", "--until", "+1d")[0] == 0
+    assert "already booked" in one_error(capsys, "reserve", "node-a:1", "--until", "+1d")
+    assert "node-a, node-b" in one_error(capsys, "reserve", "node-z:0", "--until", "+1d")
+    listed = json.loads(run("reservations", "--json")[1])
+    alices = next(b["id"] for b in listed if b["user"] == "alice")
+    assert one_error(capsys, "release", alices).startswith(
+        f"gpuwatch: error: gpuwatch serve at {real_service}: ")  # not bob's
+    assert run("release", "node-a")[1].startswith("released GPU 2 of node-a for bob")
+    assert [b["user"] for b in json.loads(run("reservations", "--json")[1])] == ["alice"]
+    as_user(monkeypatch, "root")
+    code, out = run("release", "node-a:1", "--user", "alice")
+    assert (code, out.endswith("(deadline); GPU 0 stays booked\n")) == (0, True), out
+    (kept,) = json.loads(run("reservations", "--json")[1])
+    assert (kept["user"], kept["gpus"], kept["comment"]) == ("alice", [0], "deadline")
+    history = run("reservations", "--history")[1].splitlines()
+    assert [line.split()[2:4] for line in history] == [
+        ["alice", "add"], ["bob", "add"], ["bob", "release"], ["root", "release"],
+        ["root", "add"]]
+    code, _ = run("run", "-n", "2", "--host", "node-b", "--", "sh", "-c",
+                  'test "$CUDA_VISIBLE_DEVICES" = GPU-node-b-0,GPU-node-b-1')
+    assert code == 0 and "claimed GPUs 0,1 of node-b for root" in capsys.readouterr().err
+    assert "node-b" in one_error(capsys, "run", "-n", "3", "--host", "node-b", "--", "true")
