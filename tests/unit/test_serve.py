@@ -152,6 +152,14 @@ def test_a_booking_is_made_listed_and_answered_as_the_contract_says(client: Clie
     assert status == 200 and listed == {"reservations": [made]}
 
 
+def test_an_ended_booking_is_listed_until_it_is_released(client: Client, clock: Clock) -> None:
+    _, made = book(client, "alice", (0,), until="+1h")
+    clock.now += 3600
+    assert client.json("GET", "/api/v1/reservations")[1] == {"reservations": [made]}
+    assert book(client, "bob", (0,))[0] == 201  # it counts for nothing
+    assert client.json("DELETE", f"/api/v1/reservations/{made['id']}", user="alice")[0] == 204
+
+
 def test_only_the_owner_or_an_admin_releases_a_booking(client: Client) -> None:
     _, alices = book(client, "alice", (0,))
     _, others = book(client, "alice", (1,))

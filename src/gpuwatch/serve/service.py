@@ -217,8 +217,9 @@ class Service:
     # -- bookings ------------------------------------------------------------------------
 
     def list_reservations(self) -> list[dict[str, Any]]:
-        now = self.now()
-        return [r.to_api() for r in self._load(now) if not r.expired(now)]
+        """Every booking of the file, in its order: those that have ended too (until in the
+        past), until someone releases them (`gpuwatch release --expired`)."""
+        return [r.to_api() for r in self._load(self.now())]
 
     def create_reservation(self, who: Identity, data: Mapping[str, Any]) -> dict[str, Any]:
         if who.user is None:
