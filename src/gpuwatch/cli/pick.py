@@ -29,5 +29,6 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 COMMAND = Command("pick", "the indices of N free GPUs on this host (yours first, when you have "
-                  "booked some), comma-separated, for CUDA_VISIBLE_DEVICES=$(gpuwatch pick N)",
+                  "booked some), comma-separated; it holds nothing (gpuwatch run claims them); "
+                  "exits 1 when there are fewer than N",
                   _arguments, _run)
