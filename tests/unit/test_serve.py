@@ -476,6 +476,14 @@ def test_a_gpu_in_use_is_not_claimable(client: Client, fleet: Fleet) -> None:
                        user="bob")[0] == 409
 
 
+def test_a_gpu_without_its_uuid_is_not_claimable(client: Client, fleet: Fleet) -> None:
+    fleet.gpus = [replace(g, uuid="") if (g.host, g.gpu) == ("node-b", 0) else g
+                  for g in fleet.gpus]
+    status, answer = client.json("POST", "/api/v1/claims", {"host": "node-b", "count": 2},
+                                 user="alice")
+    assert status == 409 and "1 GPU free" in one_line_error(answer)
+
+
 def test_a_claim_by_model(client: Client, fleet: Fleet) -> None:
     fleet.gpus.append(gpu("node-c", 0, model="NVIDIA H100 80GB HBM3"))
     fleet.gpus.append(gpu("node-c", 1))

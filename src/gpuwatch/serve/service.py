@@ -350,7 +350,8 @@ class Service:
             held = self.claims.held(moment)
             mine, free = [], []
             for g in gpus:
-                if (host, g.gpu) in held or g.state not in _CLAIMABLE_STATES or g.users:
+                if (host, g.gpu) in held or g.state not in _CLAIMABLE_STATES or g.users or \
+                        not g.uuid:  # without its UUID, CUDA_VISIBLE_DEVICES cannot name it
                     continue
                 bookers = booked.get(g.gpu)
                 if not bookers:
