@@ -307,6 +307,36 @@ def test_basic_auth_users_are_people_and_every_path_but_health_asks(
         assert c.json("DELETE", path, headers=_basic("root", "r-pw")) == (204, None)
 
 
+def test_over_tls_with_basic_auth_the_own_origin_is_https(
+        tmp_path: Path, fleet: Fleet, clock: Clock) -> None:
+    import ssl
+
+    from certs import self_signed
+    cert, key = self_signed(tmp_path)
+    config = _web_config(tmp_path, {"alice": "a-pw"})
+    config.write_text(config.read_text() + f"tls_server_config:\n  cert_file: {cert}\n"
+                      f"  key_file: {key}\n")
+    with serving(tmp_path, fleet, clock, web_config_file=config, auth_header=None,
+                 trusted_proxies=()) as s:
+        assert s.url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(cert))
+        body = json.dumps({"host": "node-a", "gpus": [0], "until": "+1h"})
+
+        def post(origin: str) -> int:
+            conn = http.client.HTTPSConnection("127.0.0.1", s.server.port, timeout=10,
+                                               context=context)
+            try:
+                conn.request("POST", "/api/v1/reservations", body=body, headers={
+                    **_basic("alice", "a-pw"), "Content-Type": "application/json",
+                    "Origin": origin})
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        assert post(f"http://127.0.0.1:{s.server.port}") == 403
+        assert post(f"https://127.0.0.1:{s.server.port}") == 201
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 BAD_BOOKINGS: list[tuple[str, bytes]] = [
