@@ -645,3 +645,14 @@ def test_two_users_and_an_admin_through_the_real_service(
                   'test "$CUDA_VISIBLE_DEVICES" = GPU-node-b-0,GPU-node-b-1')
     assert code == 0 and "claimed GPUs 0,1 of node-b for root" in capsys.readouterr().err
     assert "node-b" in one_error(capsys, "run", "-n", "3", "--host", "node-b", "--", "true")
+
+
+def test_ctrl_c_while_waiting_for_gpus_exits_130_without_a_traceback(
+        service: FakeService, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_command.time, "sleep", interrupted)
+    service.refuse_claims = 100
+    assert run("run", "-n", "1", "--host", "node-a", "--wait", "1h", "--", "true")[0] == 130
+    assert "Traceback" not in capsys.readouterr().err and not service.claims

@@ -54,7 +54,8 @@ def common_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
                    f"{DEFAULT_PROMETHEUS})")
     p.add_argument("--timeout", type=positive_float, metavar="SECONDS",
                    default=default(DEFAULT_TIMEOUT),
-                   help=f"how long to wait for Prometheus (default {DEFAULT_TIMEOUT:g})")
+                   help="how long to wait for Prometheus, or gpuwatch serve (default "
+                   f"{DEFAULT_TIMEOUT:g})")
 
 
 def ask_fleet(args: argparse.Namespace) -> list[GpuStatus]:

@@ -170,11 +170,16 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         body["model"] = args.model
     if args.minutes:
         body["minutes"] = args.minutes
-    held = claim(service, body, args.wait)
-    print(f"{PROG}: claimed {held.describe()} ({held.id})", file=sys.stderr)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(held.uuids))
     try:
+        held = claim(service, body, args.wait)
+    except KeyboardInterrupt:  # Ctrl-C while waiting for GPUs: no traceback, as shells exit
+        return 128 + signal.SIGINT
+    try:
+        print(f"{PROG}: claimed {held.describe()} ({held.id})", file=sys.stderr)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(held.uuids))
         return run_child(args.command, env)
+    except KeyboardInterrupt:  # before the command started
+        return 128 + signal.SIGINT
     finally:
         end_claim(service, held)
 
