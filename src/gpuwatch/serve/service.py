@@ -287,6 +287,9 @@ class Service:
             return store.parse_when(text, now, end, self.tz)
         except ReservationError as e:
             raise ApiError(400, f"{key}: {e}") from None
+        except (ValueError, OverflowError):  # a number past int()'s digit limit, say
+            raise ApiError(400, f"{key}: {text[:40]!r}... is not a time: use "
+                           f"{store.WHEN_FORMATS}") from None
 
     def delete_reservation(self, who: Identity, reservation: str) -> None:
         if who.user is None:
