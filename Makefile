@@ -9,7 +9,7 @@ TESTING := $(VENV)/.installed-test
 GRAFANA_JS := tests/grafana_frontend/node_modules/.installed
 PYTHON3 ?= python3
 
-.PHONY: test unit lint demo bench bench-soak bench-fleet prometheus systemd-analyze victoria-metrics proxies gcc clean
+.PHONY: test unit lint demo bench bench-soak bench-fleet bench-reservations prometheus systemd-analyze victoria-metrics proxies gcc clean
 
 $(PY):
 	$(PYTHON3) -m venv $(VENV)
@@ -67,6 +67,10 @@ bench-soak: $(RUNTIME) gcc
 
 bench-fleet: $(RUNTIME) prometheus
 	$(PY) -m tools.bench_fleet
+
+# load, list, add and release at 1,000 and 10,000 bookings of the reservations file
+bench-reservations: $(RUNTIME)
+	$(PY) -m tools.bench_reservations
 
 clean:
 	rm -rf $(VENV) .demo .bench build dist src/*.egg-info tests/grafana_frontend/node_modules

@@ -202,7 +202,7 @@ class Reservation:
 def _name(kind: str, value: object) -> str | None:
     """Why `value` is not a host or user name, or None when it is one."""
     if not isinstance(value, str) or not value or len(value) > MAX_NAME or \
-            any(c.isspace() or not c.isprintable() for c in value):
+            not value.isprintable() or " " in value:  # isprintable: no other whitespace
         return f"{kind} must be a {kind} name, without spaces, of at most {MAX_NAME} " \
             f"characters, got {value!r}"
     return None
@@ -269,7 +269,47 @@ def with_ids(reservations: Sequence[Reservation]) -> list[Reservation]:
     return result
 
 
+_QUICK_KEYS = frozenset(_KEYS)
+
+
+def _quick_entry(raw: Any) -> Reservation | None:
+    """The reservation of an entry as gpuwatch writes it (strings, indices, full times), or
+    None for any other, which _entry then reads with the whole of its messages."""
+    if type(raw) is not dict or not raw.keys() <= _QUICK_KEYS:
+        return None
+    host, user, gpus_raw = raw.get("host"), raw.get("user"), raw.get("gpus")
+    until_raw, start_raw = raw.get("until"), raw.get("from")
+    comment, ident = raw.get("comment", ""), raw.get("id", "")
+    if type(host) is not str or type(user) is not str or type(until_raw) is not str or \
+            type(comment) is not str or type(ident) is not str or \
+            (start_raw is not None and type(start_raw) is not str):
+        return None
+    if gpus_raw == ALL_GPUS:
+        gpus: Gpus = None
+    elif type(gpus_raw) is list and gpus_raw and all(type(i) is int for i in gpus_raw):
+        gpus = tuple(sorted(set(gpus_raw)))
+    else:
+        return None
+    try:
+        until = dt.datetime.fromisoformat(until_raw)
+        start = dt.datetime.fromisoformat(start_raw) if start_raw else None
+    except ValueError:
+        return None
+    if len(until_raw) <= 10 or (start_raw is not None and len(start_raw) <= 10):
+        return None  # a date alone: _entry's rules
+    reservation = Reservation(host=host, gpus=gpus, user=user, until=until, start=start,
+                              comment=comment, id=ident)
+    try:
+        check(reservation)
+    except ReservationError:
+        return None
+    return reservation
+
+
 def _entry(raw: Any, where: str, tz: dt.tzinfo | None) -> Reservation:
+    quick = _quick_entry(raw)
+    if quick is not None:
+        return quick
     if not isinstance(raw, dict):
         raise ReservationError(f"{where}: expected a mapping with {', '.join(_KEYS)}")
     unknown = sorted(set(map(str, raw)) - set(_KEYS))
@@ -499,57 +539,75 @@ def _lines(r: Reservation) -> Iterator[str]:
         yield f"comment: {_scalar(r.comment)}"
 
 
+_blocks: dict[tuple[Reservation, str], str] = {}
+"""Each reservation's lines, as render wrote them last (an edit rewrites every entry)."""
+
+
+def _block(r: Reservation) -> str:
+    key = (r, r.id)
+    block = _blocks.get(key)
+    if block is None:
+        lines = list(_lines(r))
+        block = "- " + "\n  ".join(lines) + "\n"
+        if len(_blocks) > 50_000:
+            _blocks.clear()
+        _blocks[key] = block
+    return block
+
+
 def render(reservations: Iterable[Reservation]) -> str:
     """The file's text: HEADER, then the reservations in block YAML (see above)."""
-    out = [HEADER]
-    for r in reservations:
-        lines = list(_lines(r))
-        out.append("- " + lines[0] + "\n")
-        out.extend("  " + line + "\n" for line in lines[1:])
-    if len(out) == 1:
+    blocks = [_block(r) for r in reservations]
+    if not blocks:
         return HEADER + "reservations: []\n"
-    out.insert(1, "reservations:\n")
-    return "".join(out)
+    return HEADER + "reservations:\n" + "".join(blocks)
 
 
-_LINE = re.compile(r"(- |  )(id|host|gpus|user|from|until|comment): (.*)")
-_QUOTED = re.compile(r"'((?:[^']|'')*)'")
-_INDICES = re.compile(r"\[((?:0|[1-9]\d{0,3})(?:, (?:0|[1-9]\d{0,3}))*)\]")
+_VALUE = r"'(?:[^'\n]|'')*'|[^'\n][^\n]*"
+_ENTRY = re.compile(
+    rf"- (?:id: (?P<id>{_VALUE})\n  )?host: (?P<host>{_VALUE})\n"
+    r"  gpus: (?P<gpus>all|\[(?:0|[1-9]\d{0,3})(?:, (?:0|[1-9]\d{0,3}))*\])\n"
+    rf"  user: (?P<user>{_VALUE})\n"
+    r"(?:  from: '(?P<from>[0-9T:+.-]+)'\n)?  until: '(?P<until>[0-9T:+.-]+)'\n"
+    rf"(?:  comment: (?P<comment>{_VALUE})\n)?")
+_START = re.compile(r"(?:#[^\n]*\n)*reservations:(?P<empty> \[\])?\n")
+_ORDER = ("id", "host", "gpus", "user", "from", "until", "comment")
 
 
 def _read_rendered(text: str) -> dict[str, Any] | None:
-    """The document of a text in render()'s layout, as YAML reads it; None for any other."""
-    entries: list[dict[str, Any]] = []
-    started = empty = False
-    for line in text.split("\n"):
-        if not line or line.lstrip().startswith("#"):
-            continue
-        if not started or empty:
-            if started or line not in ("reservations:", "reservations: []"):
-                return None  # nothing may follow "reservations: []"
-            started, empty = True, line.endswith("[]")
-            continue
-        match = _LINE.fullmatch(line)
-        if match is None:
-            return None
-        lead, key, value = match.groups()
-        if lead == "- ":
-            entries.append({})
-        elif not entries or key in entries[-1]:
-            return None
-        quoted = _QUOTED.fullmatch(value)
-        if quoted is not None:
-            parsed: Any = quoted.group(1).replace("''", "'")
-        elif key == "gpus" and value.startswith("["):
-            indices = _INDICES.fullmatch(value)
-            if indices is None:
-                return None
-            parsed = [int(i) for i in indices.group(1).split(", ")]
-        elif _is_plain(value):
-            parsed = value
-        else:
-            return None
-        entries[-1][key] = parsed
-    if not started:
+    """The document of a text in render()'s layout (header comments, then one key a line in
+    its order), as YAML reads it; None for any other."""
+    start = _START.match(text)
+    if start is None:
         return None
-    return {"reservations": entries}
+    position = start.end()
+    if start.group("empty"):
+        return {"reservations": []} if position == len(text) else None
+    entries: list[dict[str, Any]] = []
+    match = _ENTRY.match
+    for _ in range(len(text)):
+        if position == len(text):
+            return {"reservations": entries}
+        found = match(text, position)
+        if found is None:
+            return None
+        position = found.end()
+        groups = found.groupdict()
+        entry: dict[str, Any] = {}
+        for key in _ORDER:
+            value = groups[key]
+            if value is None:
+                continue
+            if key == "gpus":
+                entry[key] = value if value == ALL_GPUS else \
+                    [int(i) for i in value[1:-1].split(", ")]
+            elif key in ("from", "until"):
+                entry[key] = value
+            elif value[0] == "'":
+                entry[key] = value[1:-1].replace("''", "'")
+            elif _is_plain(value):
+                entry[key] = value
+            else:
+                return None
+        entries.append(entry)
+    return None
