@@ -42,6 +42,8 @@ class FakeService:
     history: list[dict[str, Any]] = field(default_factory=list)
     requests: list[tuple[str, str, str | None, Any]] = field(default_factory=list)
     gpus: dict[str, int] = field(default_factory=lambda: {"node-a": 16, "node-b": 2})
+    redirect_to: str | None = None
+    """Answer every request with a 307 to this URL (a moved or hostile server)."""
     refuse_claims: int = 0
     """How many claims to refuse (409) before granting."""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -129,6 +131,12 @@ def _handler(fake: FakeService) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length)) if length else None
             user = self._user()
+            if fake.redirect_to:
+                self.send_response(307)
+                self.send_header("Location", fake.redirect_to + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             with fake.lock:
                 if user == "?":
                     status, answer = 401, {"error": "wrong user or password"}
@@ -656,3 +664,31 @@ def test_ctrl_c_while_waiting_for_gpus_exits_130_without_a_traceback(
     service.refuse_claims = 100
     assert run("run", "-n", "1", "--host", "node-a", "--wait", "1h", "--", "true")[0] == 130
     assert "Traceback" not in capsys.readouterr().err and not service.claims
+
+
+def test_a_redirect_is_refused_and_the_password_not_sent_on(
+        service: FakeService, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    elsewhere = service.url
+    moved = FakeService(redirect_to=elsewhere)
+    server = QuietServer(("127.0.0.1", 0), _handler(moved))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        err = one_error(capsys, "reservations", "--server", url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert f"gpuwatch serve at {url}: HTTP 307" in err
+    assert not service.requests
+
+
+def test_a_user_of_the_environment_takes_the_password_of_their_netrc_entry(
+        service: FakeService, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(client.ENV_USER, "bob")
+    monkeypatch.delenv(client.ENV_PASSWORD)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login bob password bob-s3cret\n")
+    monkeypatch.setenv(client.ENV_NETRC, str(netrc))
+    assert run("reserve", "node-a:0", "--until", "+1d")[0] == 0
+    assert service.requests[-1][2] == "bob"

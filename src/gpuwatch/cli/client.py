@@ -104,6 +104,14 @@ def credentials(url: str, environ: Mapping[str, str]) -> Credentials | None:
     return None
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is: urllib would send the password on to
+    wherever it points."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class Service:
     def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT, *,
                  auth: Credentials | None = None,
@@ -123,7 +131,8 @@ class Service:
         if auth is not None:
             token = base64.b64encode(":".join(auth).encode()).decode()
             self._headers["Authorization"] = f"Basic {token}"
-        self._ssl_context = ssl_context
+        self._opener = urllib.request.build_opener(
+            _NoRedirects, urllib.request.HTTPSHandler(context=ssl_context))
 
     @classmethod
     def from_environment(cls, url: str, timeout: float = DEFAULT_TIMEOUT,
@@ -150,8 +159,7 @@ class Service:
         request = urllib.request.Request(f"{self.url}{path}", data=data, headers=headers,
                                          method=method)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout,
-                                        context=self._ssl_context) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 answer: bytes = response.read()
         except urllib.error.HTTPError as e:
             raise self._refused(e) from None
