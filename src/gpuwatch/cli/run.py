@@ -46,6 +46,8 @@ def duration(text: str) -> float:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = ("%(prog)s [-h] -n N [--host NAME] [--model MODEL] [--minutes M] "
+               "[--wait DURATION] [--server URL] -- CMD [ARGS...]")
     p.add_argument("-n", "--count", type=positive_int, required=True, metavar="N",
                    help="how many GPUs")
     p.add_argument("--host", metavar="NAME",
@@ -59,7 +61,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="while no GPUs are free, ask again until DURATION has passed (90s, "
                    "10m, 1h); default: give up at once")
     client.server_arguments(p)
-    p.add_argument("command", nargs="+", metavar="-- CMD ARGS",
+    p.add_argument("command", nargs="+", metavar="CMD",
                    help="the command to run on the GPUs, after --")
 
 
