@@ -80,6 +80,22 @@ class Refused:
     message: str
 
 
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def plain_address(text: str) -> str:
+    """An address as people write it: "::ffff:10.1.2.3" (a dual-stack socket's) is 10.1.2.3."""
+    address = _address(text)
+    return str(address) if address is not None else text
+
+
 class Identifier:
     """Tells who asks; blocks for a bcrypt check when the web config has users. Thread-safe."""
 
@@ -106,7 +122,7 @@ class Identifier:
             if login is None:
                 return Refused(401, "a user name and password of the web config are needed")
             via = "basic auth"
-        client = request.client
+        client = plain_address(request.client)
         if self.auth_header and self.trusted(request.client):
             named = request.headers.get(self.auth_header, "").strip()
             if named:
@@ -116,7 +132,7 @@ class Identifier:
                 login, via = named, "proxy header"
                 forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
                 if forwarded:
-                    client = f"{forwarded[:64]} via {request.client}"
+                    client = f"{plain_address(forwarded[:64])} via {client}"
         if login is None:
             return Identity(None, client=client)
         user = self.users_map.get(login, login)
@@ -125,13 +141,9 @@ class Identifier:
     def trusted(self, client: str) -> bool:
         """Whether the address is one of --web.trusted-proxies (an IPv4 address mapped into
         IPv6, as a dual-stack socket reports it, counts as the IPv4 one)."""
-        try:
-            address = ipaddress.ip_address(client.split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address.version == n.version and address in n for n in self.trusted_proxies)
+        address = _address(client)
+        return address is not None and any(
+            address.version == n.version and address in n for n in self.trusted_proxies)
 
     def _authenticator(self, config: WebConfig) -> BasicAuth:
         with self._lock:
