@@ -679,3 +679,9 @@ def test_metrics_serve_the_bookings_as_the_exporter_does_and_the_claims(
         b'user="carol"} 1.8000003e+09' % claim["id"].encode()]
     assert b'nvidia_gpu_scrape_collector_success{collector="reservation"} 1.0' in page
     assert b'nvidia_gpu_scrape_collector_success{collector="claim"} 1.0' in page
+    status, headers, zipped = client.call("GET", "/metrics", headers={
+        "Accept": "application/openmetrics-text;version=1.0.0", "Accept-Encoding": "gzip"})
+    assert status == 200 and headers["content-encoding"] == "gzip"
+    assert headers["content-type"].startswith("application/openmetrics-text")
+    import gzip
+    assert gzip.decompress(zipped).endswith(b"# EOF\n")
