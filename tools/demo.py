@@ -2,13 +2,17 @@
 the grid, on 127.0.0.1 until Ctrl-C.
 
 Three nodes run gpuwatch-exporter over simulated GPUs (the workstation, server and lost-gpu
-scenarios); a fourth gpuwatch-exporter serves the bookings of a reservations file, as on a
-monitoring host; Prometheus runs prometheus/prometheus.yml and its rules with shorter
-intervals and a one-minute idle duration, so the grid changes while you watch; Grafana runs
-grafana/provisioning and the dashboards when it is installed (the demo says how to get it
-when it is not). The grid is printed again whenever a GPU changes state, hands or booking;
-the demo prints the `gpuwatch reserve` command that books a GPU in it. A node added to its
-targets file shows in the grid like any other. Everything is stopped on Ctrl-C.
+scenarios); `gpuwatch serve` serves the bookings of a reservations file and the claims of
+`gpuwatch run`, as on a monitoring host, with two basic-auth users of its web config: you
+(your Unix user name, an admin) and prometheus, which Prometheus scrapes it as; Prometheus
+runs prometheus/prometheus.yml and its rules with shorter intervals and a one-minute idle
+duration, so the grid changes while you watch; Grafana runs grafana/provisioning and the
+dashboards when it is installed (the demo says how to get it when it is not). The grid is
+printed again whenever a GPU changes state, hands, booking or claim; the demo prints the
+settings that reach the service (GPUWATCH_SERVER, GPUWATCH_USER, GPUWATCH_PASSWORD), the
+`gpuwatch reserve` command that books a GPU through it and the `gpuwatch run` command that
+claims one. A node added to its targets file shows in the grid like any other. Everything is
+stopped on Ctrl-C.
 
 Each start begins afresh: the working directory is emptied, so the bookings made in a demo
 (its reservations file is in there) are gone when it starts again.
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import getpass
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -30,7 +36,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
+import bcrypt
+import yaml
+
 from gpuwatch import cli, reservations
+from gpuwatch.contract import states
 from gpuwatch.contract.thresholds import IDLE_DURATION
 from gpuwatch.fleet import GpuStatus, read_fleet
 from gpuwatch.fleet.prometheus import Prometheus, PrometheusError
@@ -46,6 +56,13 @@ BOOKED = ("gpu-srv-01", (7,), "frank", "thesis experiments")
 """A booking the demo starts with (host, GPUs, user, comment), for three days."""
 TRY = ("gpu-srv-01:4", "+2h", "trying the demo")
 """What the printed `gpuwatch reserve` command books: a free GPU of the server scenario."""
+RUN_HOST = "gpu-srv-01"
+"""The host the printed `gpuwatch run` claims a GPU of: the demo's nodes are simulated, so
+the command names one (`--host`) rather than this machine."""
+RUN_COMMAND = "sh -c 'echo $CUDA_VISIBLE_DEVICES'"
+"""What the printed `gpuwatch run` runs on the claimed GPU: it prints the GPU's UUID."""
+SCRAPER = "prometheus"
+"""The basic-auth user Prometheus scrapes `gpuwatch serve` as."""
 READY_TIMEOUT = 60.0
 GRAFANA_PORT = 3000
 """Grafana's usual port, or another free one when it is taken."""
@@ -143,20 +160,27 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
     reservations.add(booking_file, reservations.Reservation(
         host=host, gpus=gpus, user=user, start=now, until=now + dt.timedelta(days=3),
         comment=comment), now)
-    endpoint_port = localstack.free_port()
-    endpoint = localstack.reservations_endpoint(booking_file, endpoint_port,
-                                                workdir / "reservations.log")
-    stack.callback(endpoint.stop)
-    endpoint.start()
-    print(f"bookings  {booking_file}: {endpoint.ready_url} (a new file each start: "
-          "bookings reset when the demo restarts)")
+    url = f"http://{localstack.LOCALHOST}:{port}"
+    me = getpass.getuser()
+    password_file, scraper_password_file = _web_users(workdir, me)
+    service_port = localstack.free_port()
+    service = localstack.reservations_service(
+        booking_file, service_port, workdir / "serve.log", url,
+        web_config=workdir / "web-config.yml", admins=(me,))
+    stack.callback(service.stop)
+    service.start()
+    server = f"http://{localstack.LOCALHOST}:{service_port}"
+    print(f"gpuwatch serve: {server} (bookings in {booking_file}, a new file each start: "
+          f"bookings reset when the demo restarts; users {me} (admin) and {SCRAPER} in "
+          f"{workdir / 'web-config.yml'}; log: {workdir / 'serve.log'})")
     config = localstack.render_config(workdir / "prometheus", workdir / "targets", OVERRIDES,
-                                      reservations=f"{localstack.LOCALHOST}:{endpoint_port}")
+                                      reservations=f"{localstack.LOCALHOST}:{service_port}")
+    localstack.scrape_with_basic_auth(config, states.RESERVATIONS_JOB, SCRAPER,
+                                      scraper_password_file)
     prometheus = localstack.prometheus(config, workdir / "data", port,
                                        workdir / "prometheus.log")
     stack.callback(prometheus.stop)
     prometheus.start()
-    url = f"http://{localstack.LOCALHOST}:{port}"
     print(f"prometheus: {url} (targets: {workdir / 'targets' / 'nodes.yml'}, add a node "
           f"there; rules and configuration generated from prometheus/ in "
           f"{workdir / 'prometheus'})")
@@ -166,13 +190,33 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
           f"{OVERRIDES.thresholds[IDLE_DURATION]:g} s")
     gpuwatch = _command()
     target, until, comment = TRY
-    file = shlex.quote(str(booking_file))
-    print(f"in another terminal: GPUWATCH_PROMETHEUS={url} {gpuwatch} status")
+    password = shlex.quote(str(password_file))
+    print(f"in another terminal: export GPUWATCH_PROMETHEUS={url} GPUWATCH_SERVER={server} "
+          f"GPUWATCH_USER={shlex.quote(me)} GPUWATCH_PASSWORD=\"$(cat {password})\"")
+    print(f"see the grid: {gpuwatch} status")
     print(f"book a GPU: {gpuwatch} reserve {target} --until {until} "
-          f"--comment {shlex.quote(comment)} --file {file}")
-    print(f"give it back: {gpuwatch} release {target} --file {file}")
+          f"--comment {shlex.quote(comment)}")
+    print(f"give it back: {gpuwatch} release {target}")
+    print(f"run on a free GPU: {gpuwatch} run -n 1 --host {RUN_HOST} -- {RUN_COMMAND}")
     print("Ctrl-C stops everything.\n", flush=True)
     return url
+
+
+def _web_users(workdir: Path, me: str) -> tuple[Path, Path]:
+    """The web config of the demo's `gpuwatch serve`: `me` and the scraper as basic-auth
+    users with passwords of their own (bcrypt in the config, the passwords in files only
+    the demo's user reads); returns the two password files (`me`'s, the scraper's)."""
+    users: dict[str, str] = {}
+    files: list[Path] = []
+    for user, name in ((me, "password"), (SCRAPER, "prometheus-password")):
+        password = secrets.token_urlsafe(16)
+        users[user] = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode()
+        path = workdir / name
+        path.touch(mode=0o600)
+        path.write_text(password)
+        files.append(path)
+    (workdir / "web-config.yml").write_text(yaml.safe_dump({"basic_auth_users": users}))
+    return files[0], files[1]
 
 
 def _start_grafana(stack: ExitStack, workdir: Path, prometheus_url: str) -> None:
@@ -223,7 +267,7 @@ class Watch:
                         f"{READY_TIMEOUT:g} s; see the logs")
                 return False
             self.started = True
-        view: list[Hashable] = [(g.host, g.gpu, g.state, g.users, g.reservation)
+        view: list[Hashable] = [(g.host, g.gpu, g.state, g.users, g.reservation, g.claim)
                                 for g in fleet]
         if view == self.shown:
             return False

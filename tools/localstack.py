@@ -185,6 +185,19 @@ def write_targets(path: Path, groups: Sequence[Mapping[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def scrape_with_basic_auth(config: Path, job: str, username: str, password_file: Path) -> None:
+    """Gives the scrape config `job` of the rendered prometheus.yml `config` a basic_auth
+    (`username`, the password in `password_file`), as the Ansible role's scrape overrides do
+    for a service whose web config has basic_auth_users."""
+    doc = yaml.safe_load(config.read_text())
+    for scrape in doc.get("scrape_configs") or []:
+        if scrape.get("job_name") == job:
+            scrape["basic_auth"] = {"username": username, "password_file": str(password_file)}
+            break
+    else:
+        raise LocalStackError(f"{config}: no scrape config {job!r} to give basic_auth")
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+
 # -- processes ----------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -284,13 +297,31 @@ def exporter(scenario: str, port: int, log: Path, extra: Sequence[str] = ()) -> 
 
 def reservations_endpoint(path: Path, port: int, log: Path) -> Service:
     """gpuwatch-exporter serving the bookings of the reservations file `path`, as on the
-    monitoring host: the GPU collectors off, so it never touches NVML."""
+    monitoring host before `gpuwatch serve` (the deprecated mode, kept one release): the GPU
+    collectors off, so it never touches NVML."""
     return Service(f"reservations endpoint on port {port}",
                    [sys.executable, "-m", "gpuwatch.exporter",
                     "--collector.disable-defaults",
                     "--reservations.file", str(path),
                     "--web.listen-address", f"{LOCALHOST}:{port}"],
                    f"http://{LOCALHOST}:{port}/metrics", log)
+
+
+def reservations_service(path: Path, port: int, log: Path, prometheus: str,
+                         web_config: Path | None = None,
+                         admins: Sequence[str] = ()) -> Service:
+    """`gpuwatch serve` on 127.0.0.1:`port`, as on the monitoring host: the bookings of the
+    reservations file `path` and the claims, checked against the fleet in `prometheus`
+    (a URL); who asks is a basic-auth user of `web_config` (none: read-only); `admins` are
+    Unix user names. Ready once /-/healthy answers (open without credentials)."""
+    argv = [sys.executable, "-m", "gpuwatch.cli", "serve", "--reservations.file", str(path),
+            "--web.listen-address", f"{LOCALHOST}:{port}", "--prometheus", prometheus]
+    if web_config is not None:
+        argv += ["--web.config.file", str(web_config)]
+    if admins:
+        argv += ["--admins", ",".join(admins)]
+    return Service(f"gpuwatch serve on port {port}", argv,
+                   f"http://{LOCALHOST}:{port}/-/healthy", log)
 
 
 def prometheus_binary() -> str:
