@@ -1,6 +1,7 @@
-"""make demo: the fleet comes up, the grid shows every node, the booking command it prints
-shows in the grid, a node added to its targets file joins the grid, Ctrl-C stops every
-process; a quick restart finds its ports again."""
+"""make demo: the fleet comes up, the grid shows every node, the `gpuwatch run` command it
+prints gets a free GPU that the grid shows claimed, the booking command it prints (through
+`gpuwatch serve`, as the demo's user) shows in the grid, a node added to its targets file
+joins the grid, Ctrl-C stops every process; a quick restart finds its ports again."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ import pytest
 import yaml
 from grafana_provisioning import provisioned
 
-from gpuwatch.fleet import GpuStatus
-from gpuwatch.fleet.prometheus import PrometheusError
+from gpuwatch.fleet import GpuStatus, read_fleet
+from gpuwatch.fleet.prometheus import Prometheus, PrometheusError
 from gpuwatch.sim import load_scenario
 from tools import demo, localstack
 from tools.localstack import free_port
@@ -60,9 +61,10 @@ def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
     summary = f"{gpus} GPUs on {len(demo.NODES)} hosts: "
     seen: list[str] = []
 
-    def wait_for_line(pattern: re.Pattern[str]) -> None:
+    def wait_for_line(pattern: re.Pattern[str], since: int = 0) -> None:
+        """Until a line the demo printed (its `since`th line or a later one) matches."""
         deadline = time.monotonic() + WAIT
-        while not any(pattern.match(line) for line in seen):
+        while not any(pattern.match(line) for line in seen[since:]):
             assert time.monotonic() < deadline, "".join(seen)
             try:
                 seen.append(lines.get(timeout=1))
@@ -72,23 +74,73 @@ def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
     try:
         wait_for_line(re.compile(re.escape(summary)))
         urls = sorted({m.group(0) for m in re.finditer(r"http://[\d.:]+", "".join(seen))})
-        assert len(urls) == len(demo.NODES) + 2  # the exporters, the bookings, Prometheus
+        assert len(urls) == len(demo.NODES) + 2  # the exporters, gpuwatch serve, Prometheus
         assert all(_listening(url) for url in urls)
         grid = "".join(seen)
         for host, _ in demo.NODES:
             assert re.search(rf"^{re.escape(host)} ", grid, re.MULTILINE), host
 
-        # the booking it starts with (the endpoint may be scraped after the first grid)
+        # the booking it starts with (the service may be scraped after the first grid)
         wait_for_line(re.compile(r"^\s+\d+\s+reserved\s.* frank until "))
-        # the booking command it prints, run as printed
-        (command,) = [line.split(": ", 1)[1] for line in seen if line.startswith("book a GPU: ")]
+
+        # the settings it prints reach gpuwatch serve as the demo's user, whose password
+        # is in a file, never in the output
+        def printed(label: str) -> str:
+            (line,) = [line for line in seen if line.startswith(f"{label}: ")]
+            return line.rstrip("\n").split(": ", 1)[1]
+
+        settings = printed("in another terminal")
+        assert settings.startswith("export ")
+        env = dict(word.split("=", 1) for word in shlex.split(settings)[1:])
+        assert {"GPUWATCH_SERVER", "GPUWATCH_USER", "GPUWATCH_PASSWORD"} <= set(env)
+        user = env["GPUWATCH_USER"]
+        (password_file,) = re.findall(r"\$\(cat (/\S+)\)", settings)
+        assert Path(password_file).read_text() not in "".join(seen)
+
+        def as_printed(command: str, **kwargs: Any) -> subprocess.Popen[str]:
+            return subprocess.Popen(["sh", "-c", f"{settings} && exec {command}"], text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+        # the gpuwatch run command it prints, run as printed: the UUID of a GPU that was free
+        run = printed("run on a free GPU")
+        assert f" run -n 1 --host {demo.RUN_HOST} -- " in run and run.endswith(demo.RUN_COMMAND)
+        prometheus = Prometheus(printed("prometheus").split(" ", 1)[0])
+        free = {g.uuid: g.gpu for g in read_fleet(prometheus)
+                if g.host == demo.RUN_HOST and g.state == "free"}
+        assert free, "the demo's run host has free GPUs"
+        out, err = as_printed(run).communicate(timeout=60)
+        assert out.strip() in free, (out, err)
+        # held while the command runs (cat, until the test closes its stdin): the grid shows it
+        # claimed by the demo's user, and free again once the command has ended
+        held = as_printed(run.replace(demo.RUN_COMMAND,
+                                      "sh -c 'echo $CUDA_VISIBLE_DEVICES; cat >/dev/null'"),
+                          stdin=subprocess.PIPE)
+        try:
+            assert held.stdout is not None and held.stdin is not None
+            uuid = held.stdout.readline().strip()
+            assert uuid in free, uuid
+            claimed = free[uuid]
+            wait_for_line(re.compile(rf"^(\S+)?\s+{claimed}\s+claimed\s.* claimed by "
+                                     rf"{re.escape(user)} until "))
+            ended = len(seen)
+            held.stdin.close()
+            assert held.wait(timeout=60) == 0, held.stderr.read() if held.stderr else ""
+        finally:
+            if held.poll() is None:
+                held.kill()
+                held.wait()
+        wait_for_line(re.compile(rf"^(\S+)?\s+{claimed}\s+free\s"), since=ended)
+
+        # the booking command it prints, run as printed, through the service
+        command = printed("book a GPU")
         target, until, comment = demo.TRY
-        assert f"reserve {target} --until {until}" in command and " --file /" in command
-        booked = subprocess.run(shlex.split(command), capture_output=True, text=True,
-                                timeout=60)
-        assert booked.returncode == 0, booked.stderr
+        assert f"reserve {target} --until {until}" in command and "--file" not in command
+        booked = as_printed(command)
+        out, err = booked.communicate(timeout=60)
+        assert booked.returncode == 0, err
+        assert f" for {user} until " in out + err
         index = target.split(":")[1]
-        wait_for_line(re.compile(rf"^\s+{index}\s+reserved\s.*until .* "
+        wait_for_line(re.compile(rf"^\s+{index}\s+reserved\s.*{re.escape(user)} until .* "
                                  rf"\({re.escape(comment)}\)$"))
 
         # a node of one's own, added to the targets file the demo names, as
