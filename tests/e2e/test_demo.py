@@ -26,6 +26,7 @@ import pytest
 import yaml
 from grafana_provisioning import provisioned
 
+from gpuwatch.contract import states
 from gpuwatch.fleet import GpuStatus, read_fleet
 from gpuwatch.fleet.prometheus import Prometheus, PrometheusError
 from gpuwatch.sim import load_scenario
@@ -305,3 +306,30 @@ def test_a_port_someone_listens_on_is_not_the_demos() -> None:
         listener.listen()
         port = int(listener.getsockname()[1])
         assert demo._port(port) != port
+
+
+# -- Prometheus scrapes the demo's gpuwatch serve with a user of its own ---------------------
+
+def test_the_reservations_job_scrapes_with_basic_auth(tmp_path: Path) -> None:
+    (tmp_path / "targets").mkdir()
+    config = localstack.render_config(tmp_path / "prometheus", tmp_path / "targets",
+                                      demo.OVERRIDES, reservations="127.0.0.1:9840")
+    password_file = tmp_path / "prometheus-password"
+    localstack.scrape_with_basic_auth(config, states.RESERVATIONS_JOB, demo.SCRAPER,
+                                      password_file)
+    jobs = {job["job_name"]: job for job in yaml.safe_load(config.read_text())["scrape_configs"]}
+    assert jobs[states.RESERVATIONS_JOB]["basic_auth"] == {
+        "username": demo.SCRAPER, "password_file": str(password_file)}
+    assert jobs[states.RESERVATIONS_JOB]["static_configs"] == [{"targets": ["127.0.0.1:9840"]}]
+    assert all("basic_auth" not in job for name, job in jobs.items()
+               if name != states.RESERVATIONS_JOB), "the nodes' jobs are as they were"
+
+
+def test_basic_auth_for_a_job_the_configuration_lacks_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "targets").mkdir()
+    config = localstack.render_config(tmp_path / "prometheus", tmp_path / "targets")
+    with pytest.raises(localstack.LocalStackError,
+                       match=rf"^{re.escape(str(config))}: no scrape config "
+                             rf"'{states.RESERVATIONS_JOB}' to give basic_auth$"):
+        localstack.scrape_with_basic_auth(config, states.RESERVATIONS_JOB, "prometheus",
+                                          tmp_path / "password")
