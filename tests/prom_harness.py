@@ -1,19 +1,22 @@
-"""A small GPU fleet for end-to-end tests: simulated exporters, a reservations endpoint and a
-real Prometheus, and what they should show.
+"""A small GPU fleet for end-to-end tests: simulated exporters, `gpuwatch serve` (the
+reservations endpoint) and a real Prometheus, and what they should show.
 
 Built on tools.localstack (the processes and the generated Prometheus configuration): every
 process listens on 127.0.0.1 only and is stopped when the `with` block ends (`Fleet.close()`).
 Prometheus runs the project's own prometheus.yml (its scrape jobs and host relabelling) and
 rule files, changed only where a test must be quick: shorter scrape, evaluation and target
 refresh intervals, this fleet's targets file, and the thresholds and alert `for`s a test
-overrides. A reservations endpoint serves the fleet's reservations file, as on the monitoring
-host; tests edit the file with `gpuwatch reserve` and `gpuwatch release`, as people do.
-Prometheus is asked through gpuwatch.fleet.prometheus, the client the CLI uses (`fleet.api`).
+overrides. `gpuwatch serve` serves the fleet's reservations file and its claims on the
+reservations job's port, as on the monitoring host; tests edit the file with `gpuwatch reserve
+--file` and `gpuwatch release --file`, as an admin does, or ask the service's API as a user
+(`Fleet.ask_service`, who they are in the trusted proxy header `SERVICE_USER_HEADER`; claims
+with `Fleet.claim`). Prometheus is asked through gpuwatch.fleet.prometheus, the client the CLI
+uses (`fleet.api`).
 
 What a test expects comes from `Fleet.expected()`, the one oracle: every GPU's state, users
 and model derived from the scenarios the exporters simulate (the simulator's own view of each
-GPU at a given time), the thresholds the rules read and the reservations in the reservations
-file, never copied.
+GPU at a given time), the thresholds the rules read, the reservations in the reservations
+file and the claims the service holds (its own GET /api/v1/claims), never copied.
 
     with Fleet(tmp_path, [Node("ws-01", "workstation", {"cluster": "lab"})]) as fleet:
         fleet.wait_for_rules()
@@ -24,7 +27,11 @@ file, never copied.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -46,6 +53,11 @@ LOCALHOST = localstack.LOCALHOST
 DEADLINE = 30.0
 """Seconds a condition may take to come true before the fleet gives up (a bound, not a
 timing assertion)."""
+
+SERVICE_USER_HEADER = "X-Forwarded-User"
+"""Who asks `gpuwatch serve` (--web.auth-header), believed from 127.0.0.1 (the trusted proxy):
+the tests are the proxy."""
+
 
 class FleetError(AssertionError):
     """A condition was not reached in time; the message has Prometheus' log."""
@@ -126,6 +138,8 @@ class ExpectedGpu:
     """Bytes of device memory each user's processes hold (whole bytes: sums are exact)."""
     reservation: str | None = None
     """The reservation in words, as the grid shows it: alice until ... (why)."""
+    claim: str | None = None
+    """Who claimed it (gpuwatch run), as the claim label says; None when not claimed."""
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,8 @@ class ExpectedProcess:
 
 
 class Fleet:
-    """Simulated exporters, a reservations endpoint and a Prometheus with the project's
-    config and rules."""
+    """Simulated exporters, `gpuwatch serve` and a Prometheus with the project's config and
+    rules."""
 
     def __init__(self, workdir: Path, nodes: Sequence[Node] = (), interval: float = 1.0,
                  thresholds: Mapping[str, float] | None = None,
@@ -158,11 +172,12 @@ class Fleet:
         self.targets = workdir / "targets"
         self.reservations_file = workdir / "reservations.yml"
         self.nodes: list[RunningNode] = []
-        self.reservations_port = localstack.free_port()
-        self.reservations_endpoint = localstack.reservations_endpoint(
-            self.reservations_file, self.reservations_port, workdir / "reservations.log")
         self.port = localstack.free_port()
         self.url = f"http://{LOCALHOST}:{self.port}"
+        self.reservations_port = localstack.free_port()
+        self.service_url = f"http://{LOCALHOST}:{self.reservations_port}"
+        self.reservations_endpoint = serve(self.reservations_file, self.reservations_port,
+                                           self.url, workdir / "serve.log")
         self.api = Prometheus(self.url, timeout=30)
         self.prometheus: localstack.Service | None = None
         self.prometheus_started = 0.0
@@ -285,6 +300,51 @@ class Fleet:
             f"count({states.STATE_INFO} offset {evaluations * self.interval:g}s)"),
             lambda found: found == gpus)
 
+    # -- the service -----------------------------------------------------------------------------
+
+    def ask_service(self, method: str, path: str, user: str | None = None,
+                    body: Mapping[str, Any] | None = None) -> tuple[int, Any]:
+        """(HTTP status, JSON answer or None) of `gpuwatch serve` for `user` (none: no
+        identity)."""
+        request = urllib.request.Request(
+            self.service_url + path, method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={**({SERVICE_USER_HEADER: user} if user else {}),
+                     **({"Content-Type": "application/json"} if body is not None else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                status, text = answer.status, answer.read()
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read()
+        return status, json.loads(text) if text else None
+
+    def claim(self, user: str, host: str, count: int = 1, minutes: int | None = None,
+              ) -> dict[str, Any]:
+        """Claims `count` free GPUs of `host` for `user` as `gpuwatch run` does; the claim
+        (id, host, gpus, uuids, user, until). FleetError when the service refuses."""
+        status, answer = self.ask_service("POST", "/api/v1/claims", user, {
+            "count": count, "host": host, **({"minutes": minutes} if minutes else {})})
+        if status != 201:
+            raise FleetError(f"claim of {count} GPU(s) of {host} for {user}: HTTP {status} "
+                             f"{answer}; serve log: {self.reservations_endpoint.log_tail()}")
+        claim: dict[str, Any] = answer
+        return claim
+
+    def end_claim(self, claim: Mapping[str, Any]) -> None:
+        """Ends a claim as its owner (as `gpuwatch run` does when its command ends)."""
+        status, answer = self.ask_service("DELETE", f"/api/v1/claims/{claim['id']}",
+                                          claim["user"])
+        if status != 204:
+            raise FleetError(f"ending claim {claim['id']}: HTTP {status} {answer}")
+
+    def active_claims(self, at: float | None = None) -> list[dict[str, Any]]:
+        """The claims the service holds (GET /api/v1/claims) that are still on at `at`."""
+        status, answer = self.ask_service("GET", "/api/v1/claims")
+        assert status == 200, (status, answer)
+        now = time.time() if at is None else at
+        return [c for c in answer["claims"]
+                if dt.datetime.fromisoformat(c["until"]).timestamp() > now]
+
     # -- what the scenarios say ----------------------------------------------------------------
 
     def active_reservations(self, at: float | None = None) -> list[Reservation]:
@@ -301,11 +361,15 @@ class Fleet:
         the held threshold; busy: held; idle: held with utilisation below the idle threshold
         for the idle duration (counted from when Prometheus or the exporter started, whichever
         is later: nothing earlier was seen). A GPU with an active reservation is reserved, unless
-        it is down, or used by the user who booked it (then busy).
+        it is down, or used by the user who booked it (then busy). A GPU of an active claim is
+        claimed while nothing holds it (then busy or idle as any other), unless it is down; a
+        claim wins over a reservation.
         """
         now = time.time() if at is None else at
         t = self.thresholds()
         active = self.active_reservations(now)
+        claimed = {(c["host"], gpu): c["user"] for c in self.active_claims(now)
+                   for gpu in c["gpus"]}
         expected = {}
         for running in self.nodes:
             if running.scenario.hang:
@@ -318,7 +382,9 @@ class Fleet:
                 host = running.host
                 reservation = next((r for r in active if r.shares_gpus(host, (index,))), None)
                 words = None if reservation is None else describe(reservation)
-                unknown = ExpectedGpu(host, index, states.DOWN.name, (), "", None, {}, words)
+                claim = claimed.get((host, index))
+                unknown = ExpectedGpu(host, index, states.DOWN.name, (), "", None, {}, words,
+                                      claim)
                 if gpu.hang:  # the exporter gives up on it; Prometheus never saw its name
                     expected[host, index] = unknown
                     continue
@@ -331,7 +397,8 @@ class Fleet:
                 model = nvml.nvmlDeviceGetName(handle)
                 if running.stopped:  # the inventory keeps what it knew
                     expected[host, index] = ExpectedGpu(host, index, states.DOWN.name, (),
-                                                        model, float(memory.total), {}, words)
+                                                        model, float(memory.total), {}, words,
+                                                        claim)
                     continue
                 visible = [p.process for p in node.processes(index) if not p.process.vanished]
                 user_memory: dict[str, float] = {}
@@ -342,7 +409,9 @@ class Fleet:
                 utilization = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
                 idle = utilization < t[IDLE_UTILIZATION] and \
                     seen_for >= t[IDLE_DURATION]
-                if reservation is not None and reservation.user in users:
+                if claim is not None and not held:
+                    state = states.CLAIMED
+                elif reservation is not None and reservation.user in users:
                     state = states.BUSY
                 elif reservation is not None:
                     state = states.RESERVED
@@ -353,7 +422,8 @@ class Fleet:
                 else:
                     state = states.FREE
                 expected[host, index] = ExpectedGpu(host, index, state.name, users, model,
-                                                    float(memory.total), user_memory, words)
+                                                    float(memory.total), user_memory, words,
+                                                    claim)
         return expected
 
     def expected_processes(self, at: float | None = None) -> list[ExpectedProcess]:
@@ -378,6 +448,18 @@ class Fleet:
                                     p.process.command)
                     for p in node.processes(index) if not p.process.vanished)
         return expected
+
+
+def serve(path: Path, port: int, prometheus: str, log: Path) -> localstack.Service:
+    """`gpuwatch serve` on 127.0.0.1:`port`, as on the monitoring host: the reservations file
+    `path`, the fleet from `prometheus`; who asks comes from SERVICE_USER_HEADER (from
+    127.0.0.1 only), and /metrics is open, as Prometheus scrapes it here."""
+    return localstack.Service(
+        f"gpuwatch serve on port {port}",
+        [sys.executable, "-m", "gpuwatch.cli", "serve", "--reservations.file", str(path),
+         "--web.listen-address", f"{LOCALHOST}:{port}", "--prometheus", prometheus,
+         "--web.auth-header", SERVICE_USER_HEADER, "--web.trusted-proxies", LOCALHOST],
+        f"http://{LOCALHOST}:{port}/-/healthy", log)
 
 
 def describe(reservation: Reservation) -> str:

@@ -6,9 +6,10 @@ short intervals, a short idle duration and short `for` (tools.localstack; the fi
 prometheus/ are the only source), reading a targets file the harness writes. What every GPU
 should look like comes from the harness's oracle (`Fleet.expected()`: the scenarios, the
 thresholds in prometheus/rules/thresholds.yml and the bookings), checked through the
-Prometheus HTTP API and `gpuwatch status --json` / `gpuwatch pick`. A reservations endpoint
-(gpuwatch-exporter with only its reservation collector) serves a reservations file that the
-tests edit with `gpuwatch reserve` and `gpuwatch release`, as people do.
+Prometheus HTTP API and `gpuwatch status --json` / `gpuwatch pick`. `gpuwatch serve` is the
+reservations endpoint: it serves a reservations file that the tests edit with `gpuwatch
+reserve --file` and `gpuwatch release --file`, as an admin does, and takes bookings and
+claims through its API, as people's `gpuwatch reserve` and `gpuwatch run` do.
 """
 
 from __future__ import annotations
@@ -92,11 +93,11 @@ def gpus_of(fleet: Fleet, host: str, state: str) -> list[int]:
 
 # -- the fleet as the rules see it ----------------------------------------------------------------
 
-def test_the_scenarios_cover_every_state_but_reserved(fleet: Fleet) -> None:
-    """Reserved comes from bookings, which the reservation tests below make."""
+def test_the_scenarios_cover_every_state_but_reserved_and_claimed(fleet: Fleet) -> None:
+    """Reserved and claimed come from bookings and claims, which the tests below make."""
     settled(fleet)  # idle needs the idle duration to have passed
     seen = {gpu.state for gpu in fleet.expected().values()}
-    assert seen == {s.name for s in states.ALL} - {states.RESERVED.name}
+    assert seen == {s.name for s in states.ALL} - {states.RESERVED.name, states.CLAIMED.name}
 
 
 def test_every_gpu_has_its_state_users_and_model(fleet: Fleet) -> None:
@@ -229,7 +230,7 @@ def test_gpuwatch_status_json(fleet: Fleet) -> None:
         else:
             assert 0 <= gpu["utilization_ratio"] <= 1 and gpu["memory_used_bytes"] >= 0
         assert (gpu["inactive_since"] is not None) == (want.state == states.IDLE.name), key
-        assert gpu["reservation"] is None, key
+        assert gpu["reservation"] is None and gpu["claim"] is None, key
     result = gpuwatch(fleet, "status", "--free", "--json")
     assert {(g["host"], g["gpu"]) for g in json.loads(result.stdout)} == {
         key for key, gpu in expected.items() if gpu.state == states.FREE.name}
@@ -307,7 +308,7 @@ def test_a_booking_made_with_gpuwatch_reserve_shows_in_status_and_goes_when_rele
         assert gpuwatch(fleet, "pick", "1", "--host", "gpu-server", "--user",
                         "frank").stdout == f"{gpu}\n"
     finally:
-        book(fleet, "release", f"gpu-server:{gpu}")
+        book(fleet, "release", f"gpu-server:{gpu}", "--user", "frank")
     fleet.wait_for("the released GPU free again", lambda: status(fleet)[key],
                    lambda g: g["state"] == states.FREE.name and g["reservation"] is None)
     settled(fleet)
@@ -364,6 +365,76 @@ def test_a_booking_that_ends_drops_out_by_itself(fleet: Fleet) -> None:
               f'state="reserved"}}[{window}])', "gpu")[(str(gpu),)] > 0
     assert reservations.load(fleet.reservations_file, booked.until)[0].user == "frank"
     assert "released" in book(fleet, "release", "--expired")
+
+
+# -- bookings and claims through gpuwatch serve ---------------------------------------------------
+
+def samples(fleet: Fleet, selector: str, since: float) -> list[float]:
+    """The times of the samples `selector` has had since `since` (raw, as scraped)."""
+    window = f"{int(time.time() - since) + 2}s"
+    found = fleet.api.api("query", {"query": f"{selector}[{window}]"})["result"]
+    return sorted(t for series in found for t, _ in series["values"] if t >= since)
+
+
+def test_a_claim_and_a_booking_show_in_the_grid_from_the_next_scrape(fleet: Fleet) -> None:
+    """A booking and a claim made through gpuwatch serve's API are in the first scrape of the
+    reservations job after the service answered, then in the grid and `gpuwatch status`
+    (claimed, reserved); ended, the GPUs are free again."""
+    settled(fleet)
+    free = gpus_of(fleet, "gpu-server", states.FREE.name)
+    assert len(free) >= 2, "the server scenario has two free GPUs"
+    until = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(days=1)
+    asked = time.time()
+    status_code, booking = fleet.ask_service("POST", "/api/v1/reservations", "frank", {
+        "host": "gpu-server", "gpus": [free[-1]], "until": until.isoformat(),
+        "comment": "camera-ready"})
+    assert status_code == 201, booking
+    claim = None
+    try:
+        claim = fleet.claim("zoe", "gpu-server", count=1, minutes=10)
+        answered = time.time()
+        assert claim["gpus"] == [free[0]], "the lowest free GPU not booked"
+        claimed_key, booked_key = ("gpu-server", free[0]), ("gpu-server", free[-1])
+        expected = fleet.expected()
+        assert (expected[claimed_key].state, expected[claimed_key].claim) == \
+            (states.CLAIMED.name, "zoe")
+        assert expected[booked_key].state == states.RESERVED.name
+        settled(fleet)  # the grid: claimed by zoe, reserved for frank, the rest as it was
+        assert by(fleet, states.STATE_INFO + '{state="claimed"}', "host", "gpu", "claim") == \
+            {("gpu-server", str(free[0]), "zoe"): 1.0}
+
+        # both were in the first scrape of the service that began after it answered
+        scrapes = samples(fleet, f'up{{job="{states.RESERVATIONS_JOB}"}}', asked)
+        first = next(t for t in scrapes if t >= answered)
+        claim_seen = samples(fleet, f'nvidia_gpu_claim_end_timestamp_seconds{{id="{claim["id"]}"}}',
+                             asked)
+        booking_seen = samples(fleet, 'nvidia_gpu_reservation_end_timestamp_seconds'
+                               '{user="frank", comment="camera-ready"}', asked)
+        assert claim_seen and claim_seen[0] <= first, (claim_seen, scrapes, answered)
+        assert booking_seen and booking_seen[0] <= first, (booking_seen, scrapes, answered)
+
+        gpus = status(fleet)
+        assert gpus[claimed_key]["claim"] == {"id": claim["id"], "user": "zoe",
+                                              "until": claim["until"]}
+        assert gpus[claimed_key]["state"] == states.CLAIMED.name
+        assert gpus[booked_key]["reservation"]["user"] == "frank"
+        assert gpus[booked_key]["claim"] is None
+        grid_text = gpuwatch(fleet, "status").stdout
+        line = next(row for row in grid_text.splitlines() if "claimed by zoe" in row)
+        assert "claimed" in line.split()
+        # a claimed GPU is not free: pick passes it over
+        remaining = gpus_of(fleet, "gpu-server", states.FREE.name)
+        assert free[0] not in remaining
+        result = gpuwatch(fleet, "pick", str(len(remaining) + 1), "--host", "gpu-server")
+        assert result.returncode == 1 and f"{len(remaining)} free GPU" in result.stderr
+    finally:
+        if claim is not None:
+            fleet.end_claim(claim)
+        assert fleet.ask_service("DELETE", f"/api/v1/reservations/{booking['id']}",
+                                 "frank")[0] == 204
+    assert fleet.active_claims() == []
+    settled(fleet)  # both free again
+    assert fleet.expected()["gpu-server", free[0]].state == states.FREE.name
 
 
 # -- nodes that die and nodes that go -------------------------------------------------------------

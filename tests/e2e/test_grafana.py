@@ -52,11 +52,17 @@ def fleet_reservations() -> list[Reservation]:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     # The idle duration is 0 so erin's held-but-unused GPU is idle at once; every other
-    # threshold is the rules' own.
+    # threshold is the rules' own. gina claims a100-01's free GPU (gpuwatch run) for the
+    # longest a claim may last, and starts nothing on it.
     with Fleet(tmp_path_factory.mktemp("fleet"), FLEET_NODES,
                thresholds={IDLE_DURATION: 0},
                reservations=fleet_reservations()) as running:
         running.wait_for_rules()
+        claim = running.claim("gina", "a100-01", minutes=60)
+        running.wait_for("gina's claim in the grid", lambda: {
+            (s.labels["host"], s.labels["gpu"], s.labels.get("claim"))
+            for s in running.api.query(f'{states.STATE_INFO}{{state="claimed"}}')},
+            lambda found: found == {("a100-01", str(g), "gina") for g in claim["gpus"]})
         yield running
 
 
@@ -110,8 +116,12 @@ def test_grid_shows_every_gpu_in_its_state_with_its_users(fleet: Fleet) -> None:
         assert shown is not None, f"{where}: no colour for {labels['cell']!r}"
         assert shown["color"] == states.BY_NAME[e.state].colour, where
         assert labels.get("reservation") == e.reservation, where
+        assert labels.get("claim") == e.claim, where
         if e.state == states.RESERVED.name:  # who booked it, until when, why
             assert shown["text"] == f"reserved: {e.reservation}", where
+            continue
+        if e.state == states.CLAIMED.name:  # who claimed it
+            assert shown["text"] == f"claimed: {e.claim}", where
             continue
         for user in e.users:
             assert user in shown["text"], f"{where}: the cell names {user}"
@@ -167,7 +177,7 @@ def draw_table(panel: dict[str, Any], frames: list[dict[str, Any]]) -> dict[str,
 def test_grid_as_grafanas_own_code_draws_it(fleet: Fleet) -> None:
     """The grid query's answer through the grid panel in Grafana's frontend code: a row per
     host in name order, a column per GPU index, every GPU's cell in its state's colour naming
-    who holds or booked it, and no colour where a host has no GPU of that index."""
+    who holds, claimed or booked it, and no colour where a host has no GPU of that index."""
     panel = grid_panel()
     (target,) = panel["targets"]
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
@@ -195,6 +205,8 @@ def test_grid_as_grafanas_own_code_draws_it(fleet: Fleet) -> None:
             assert cell["color"] == drawn["colors"][states.BY_NAME[e.state].colour], where
             if e.state == states.RESERVED.name:
                 assert cell["text"] == f"reserved: {e.reservation}", where
+            elif e.state == states.CLAIMED.name:
+                assert cell["text"] == f"claimed: {e.claim}", where
             elif e.users:
                 assert all(user in cell["text"] for user in e.users), where
             if e.state != states.BUSY.name or not e.users:
