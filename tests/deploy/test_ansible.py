@@ -416,6 +416,16 @@ def test_prometheus_rendering_changes_only_what_it_is_told() -> None:
         render(source, rules_dir="/r", file_sd_dir="/t", scrape_config_overrides={"nope": {}})
 
 
+def test_role_plugins_pass_ruff_and_mypy() -> None:
+    """The roles' filter plugins are Python outside src/ and tools/: held to the same rules."""
+    plugins = [str(p) for p in sorted(ROLES.glob("*/filter_plugins/*.py"))]
+    assert len(plugins) == 2, plugins
+    for command in ([_tool("ruff"), "check", *plugins],
+                    [sys.executable, "-m", "mypy", "--strict", "--no-incremental", *plugins]):
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --- a real deployment to this machine ---------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -540,11 +550,14 @@ def _dpkg_installed(package: str) -> bool:
     return result.returncode == 0 and result.stdout.strip() == "installed"
 
 
+def _playbook_argv(root: Path, extra: list[str]) -> list[str]:
+    return [*_without_network(), _tool("ansible-playbook"), "-i", str(root / "inventory.yml"),
+            "-e", f"@{root / 'vars.yml'}", "site.yml", *extra]
+
+
 def _playbook(root: Path, extra: list[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*_without_network(), _tool("ansible-playbook"), "-i", str(root / "inventory.yml"),
-         "-e", f"@{root / 'vars.yml'}", "site.yml", *extra],
-        cwd=ANSIBLE_DIR, env=_ansible_env(root), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(_playbook_argv(root, extra), cwd=ANSIBLE_DIR, env=_ansible_env(root),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 # Grafana cannot be installed or started here: its configuration is deployed all the same.
