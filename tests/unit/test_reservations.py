@@ -621,6 +621,38 @@ def test_the_file_as_written_reads_the_same_with_yaml_and_with_the_fast_reader(
         assert model._read_rendered(other) is None, other  # YAML reads what is not render()'s
 
 
+@pytest.mark.parametrize("raw", [
+    {"id": "abc", "host": "n1", "gpus": [1, 0, 1], "user": "a",
+     "until": "2027-02-01T00:00:00+00:00"},
+    {"host": "n1", "gpus": "all", "user": "a", "from": "2027-01-01T00:00:00+01:00",
+     "until": "2027-02-01T00:00:00+00:00", "comment": "x y"},
+    {"host": "n1", "gpus": [0], "user": "a", "until": "2027-02-01"},
+    {"host": "n1", "gpus": [0], "user": "a", "until": "2027-02-01T00:00:00"},
+    {"host": "n1", "gpus": [0], "user": "a", "until": "2027-02-01T00:00:00Z"},
+    {"host": " n1 ", "gpus": [0], "user": "a", "until": "2027-02-01T00:00:00+00:00"},
+    {"host": "n1", "gpus": [0], "user": "a", "until": "2027-02-01T00:00:00+00:00",
+     "comment": "  two   spaces "},
+    {"host": "n1", "gpus": [0], "user": 7, "until": "2027-02-01T00:00:00+00:00"},
+    {"host": "n1", "gpus": [2000], "user": "a", "until": "2027-02-01T00:00:00+00:00"},
+    {"host": "n1", "gpus": [0], "user": "a", "until": "2027-02-01T00:00:00+00:00",
+     "from": "2027-03-01T00:00:00+00:00"},
+])
+def test_the_quick_reading_of_an_entry_is_the_full_ones(raw: dict[str, Any]) -> None:
+    """Entries as gpuwatch writes them are read by a short path; any other, by the full one
+    with its messages: where the short one answers, both give the same."""
+    try:
+        full: Reservation | str = model._full_entry(raw, "e", BERLIN)
+    except ReservationError as e:
+        full = str(e)
+    quick = model._quick_entry(raw)
+    if quick is not None:
+        assert quick == full and quick.id == full.id  # type: ignore[union-attr]
+    try:
+        assert model._entry(raw, "e", BERLIN) == full
+    except ReservationError as e:
+        assert str(e) == full
+
+
 def test_what_an_edit_returns_is_what_a_fresh_read_of_the_file_gives(tmp_path: Path) -> None:
     path = tmp_path / "reservations.yml"
     berlin_now = dt.datetime(2027, 1, 15, 13, 0, 0, 123456, tzinfo=BERLIN)

@@ -308,8 +308,10 @@ def _quick_entry(raw: Any) -> Reservation | None:
 
 def _entry(raw: Any, where: str, tz: dt.tzinfo | None) -> Reservation:
     quick = _quick_entry(raw)
-    if quick is not None:
-        return quick
+    return quick if quick is not None else _full_entry(raw, where, tz)
+
+
+def _full_entry(raw: Any, where: str, tz: dt.tzinfo | None) -> Reservation:
     if not isinstance(raw, dict):
         raise ReservationError(f"{where}: expected a mapping with {', '.join(_KEYS)}")
     unknown = sorted(set(map(str, raw)) - set(_KEYS))
