@@ -117,7 +117,10 @@ def measure(count: int, repeat: int, workdir: Path) -> dict[str, float]:
 
     figures["load"] = _median(load_cold, repeat)
     store.load(path, now)
-    figures["load (warm)"] = _median(lambda: store.load(path, now) and None, repeat)
+    def load_warm() -> None:
+        store.load(path, now)
+
+    figures["load (warm)"] = _median(load_warm, repeat)
     figures["list"] = _median(list_cold, repeat)
     for name, run in (("add", add(True)), ("add (warm)", add(False)), ("release", release)):
         spent: list[float] = []
