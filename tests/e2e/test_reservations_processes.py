@@ -63,3 +63,24 @@ def test_the_endpoint_as_a_process_serves_bookings_without_nvml(tmp_path: Path) 
 def run_with_file(path: Path, *argv: str) -> int:
     return cli.main(["--prometheus", "http://127.0.0.1:9", *argv[:1], "--file", str(path),
                      *argv[1:]], out=io.StringIO())
+
+
+def test_a_booking_the_file_would_refuse_is_refused_by_the_command_and_nothing_written(
+        tmp_path: Path) -> None:
+    path = tmp_path / "reservations.yml"
+    env = {**os.environ, reservations.ENV_FILE: str(path)}
+    ok = subprocess.run([sys.executable, "-m", "gpuwatch.cli", "reserve", "n1:0", "--until",
+                         "+1d", "--user", "ann"], env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    before = path.read_bytes()
+    for target in ("gpu node:0", "big:0-100000"):
+        done = subprocess.run([sys.executable, "-m", "gpuwatch.cli", "reserve", target,
+                               "--until", "+1d"], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 1 and done.stdout == "", done
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert path.read_bytes() == before
+    now = dt.datetime.now(UTC)
+    assert [(b.user, b.host) for b in reservations.load(path, now)] == [("ann", "n1")]
+    assert [e["action"] for e in reservations.history(path)] == ["add"]
