@@ -1074,11 +1074,12 @@ def test_a_booking_by_a_member_of_the_booking_group_reaches_prometheus(
         capture_output=True, text=True, env=env, timeout=60)
     assert booked.returncode == 0, booked.stderr
     assert deployment.reservations_file.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    # Outside the booking group the same person may not write: the file's directory refuses.
     refused = subprocess.run(
-        _as_nobody([str(deployment.reservations_venv / "bin/gpuwatch"), "release", "localhost",
-                    "--file", str(deployment.reservations_file)]),
+        _as_nobody([str(deployment.reservations_venv / "bin/gpuwatch"), "reserve", "localhost:0",
+                    "--until", "+1d", "--file", str(deployment.reservations_file)]),
         capture_output=True, text=True, env=env, timeout=60)
-    assert refused.returncode == 1 and "Permission denied" in refused.stderr  # not a booker
+    assert refused.returncode == 1 and "Permission denied" in refused.stderr, refused.stderr
 
     (command,) = _unit(deployment.reservations_unit)["Service"]["ExecStart"]
     log = tmp_path / "endpoint.log"
