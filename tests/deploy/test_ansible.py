@@ -426,6 +426,51 @@ def test_role_plugins_pass_ruff_and_mypy() -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_reservations_unit_passes_the_optional_flags_of_gpuwatch_serve(tmp_path: Path) -> None:
+    """The role's configure step alone, with admins, a web config and a proxy header set: the
+    unit's ExecStart= gives `gpuwatch serve` each of them, quoted as systemd reads them back."""
+    if os.geteuid() != 0:
+        pytest.skip("the configure step sets root:GROUP on the file's directory")
+    booking = tmp_path / "lab book/reservations.yml"
+    variables = {
+        "gpuwatch_reservations_file": str(booking),
+        "gpuwatch_reservations_booking_group": "root",
+        "gpuwatch_reservations_install_dir": "/opt/gv",
+        "gpuwatch_reservations_profile_script": "",
+        "gpuwatch_reservations_command_link": "",
+        "gpuwatch_reservations_systemd_unit_dir": str(tmp_path),
+        "gpuwatch_reservations_prometheus_url": "http://prom.lab:9090",
+        "gpuwatch_reservations_admins": ["root", "ops"],
+        "gpuwatch_reservations_web_config_file": "/etc/gpuwatch/web config.yml",
+        "gpuwatch_reservations_auth_header": "X-Forwarded-User",
+        "gpuwatch_reservations_trusted_proxies": ["127.0.0.1", "10.0.0.0/8"],
+        "_gpuwatch_reservations_systemd_running": False,
+    }
+    (tmp_path / "vars.yml").write_text(yaml.safe_dump(variables))
+    (tmp_path / "play.yml").write_text(yaml.safe_dump([{
+        "hosts": "localhost", "connection": "local", "gather_facts": False,
+        "tasks": [{"ansible.builtin.import_role": {"name": "gpuwatch_reservations",
+                                                   "tasks_from": "configure"}}]}]))
+    shutil.copytree(ROLES, tmp_path / "roles")
+    result = subprocess.run(
+        [_tool("ansible-playbook"), "-i", "localhost,", "-e", f"@{tmp_path / 'vars.yml'}",
+         "-e", f"ansible_python_interpreter={sys.executable}", str(tmp_path / "play.yml")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**_ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(tmp_path / "roles"),
+             # what importing gpuwatch_common's install step loads in site.yml
+             "ANSIBLE_FILTER_PLUGINS": str(tmp_path / "roles/gpuwatch_common/filter_plugins")})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    text = (tmp_path / "gpuwatch-reservations.service").read_text()
+    assert f'ReadWritePaths="{booking.parent}"' in text
+    (command,) = _unit(tmp_path / "gpuwatch-reservations.service")["Service"]["ExecStart"]
+    assert " ".join(command.split()) == " ".join([  # the words, one space apart
+        "/opt/gv/venv/bin/gpuwatch", "serve", "--web.listen-address=127.0.0.1:9840",
+        f'"--reservations.file={booking}"', "--prometheus=http://prom.lab:9090",
+        "--log.level=info", "--admins=root,ops",
+        '"--web.config.file=/etc/gpuwatch/web config.yml"',
+        "--web.auth-header=X-Forwarded-User", "--web.trusted-proxies=127.0.0.1,10.0.0.0/8"])
+
+
 # --- a real deployment to this machine ---------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -1046,10 +1091,20 @@ def test_reservations_unit_passes_systemd_analyze_verify_and_exposes_little(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     service = _unit(unit)["Service"]
     assert service["DynamicUser"] == ["yes"] and service["PrivateDevices"] == ["yes"]
+    # It writes in the file's directory (the file, its audit log), as a member of the booking group.
+    directory = deployment.reservations_file.parent
+    assert service["SupplementaryGroups"] == [EXPORTER_GROUP]
+    assert service["ReadWritePaths"] == [str(directory)]
     (command,) = service["ExecStart"]
-    assert command.split()[1:] == [
-        "--collector.disable-defaults", f"--reservations.file={deployment.reservations_file}",
-        f"--web.listen-address=127.0.0.1:{deployment.reservations_port}", "--log.level=info"]
+    assert command.split() == [
+        str(deployment.reservations_venv / "bin/gpuwatch"), "serve",
+        f"--web.listen-address=127.0.0.1:{deployment.reservations_port}",
+        f"--reservations.file={deployment.reservations_file}",
+        "--prometheus=http://127.0.0.1:9090", "--log.level=info"]
+    for name, mode in ((".lock", 0o644), (".audit.jsonl", 0o664)):
+        st = deployment.reservations_file.with_name(deployment.reservations_file.name + name).stat()
+        assert stat.S_IMODE(st.st_mode) == mode, name
+        assert grp.getgrgid(st.st_gid).gr_name == EXPORTER_GROUP, name
 
 
 def _as_nobody(command: list[str], groups: str = "") -> list[str]:
