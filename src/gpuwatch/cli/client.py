@@ -32,6 +32,7 @@ from typing import Any
 from gpuwatch import reservations
 from gpuwatch.cli.common import UserError, reservations_file
 from gpuwatch.contract.states import ALL_GPUS
+from gpuwatch.fleet.prometheus import unanswered
 from gpuwatch.reservations import Reservation
 
 ENV_SERVER = "GPUWATCH_SERVER"
@@ -163,17 +164,11 @@ class Service:
                 answer: bytes = response.read()
         except urllib.error.HTTPError as e:
             raise self._refused(e) from None
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, TimeoutError):
+        except OSError as e:  # URLError, a timeout, a connection reset while reading
+            reason = unanswered(e)
+            if reason is None:
                 raise self._timed_out() from None
-            text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
-            raise ServiceError(f"cannot reach gpuwatch serve at {self.url}: {text}") from None
-        except TimeoutError:
-            raise self._timed_out() from None
-        except OSError as e:  # a connection reset while reading
-            raise ServiceError(f"cannot reach gpuwatch serve at {self.url}: "
-                               f"{e.strerror or e}") from None
+            raise ServiceError(f"cannot reach gpuwatch serve at {self.url}: {reason}") from None
         if not answer.strip():
             return None
         try:

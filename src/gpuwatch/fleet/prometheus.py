@@ -31,6 +31,18 @@ from typing import Any
 DEFAULT_TIMEOUT = 10.0
 
 
+
+def unanswered(e: OSError) -> str | None:
+    """Why a request got no HTTP answer, in a few words (the OS's reason: "Connection
+    refused", "Name or service not known"); None when it timed out. Shared by the clients of
+    Prometheus and of gpuwatch serve, which both say "cannot reach ... at URL: REASON"."""
+    reason: object = e.reason if isinstance(e, urllib.error.URLError) else e
+    if isinstance(reason, TimeoutError):
+        return None
+    if isinstance(reason, OSError):
+        return reason.strerror or str(reason)
+    return str(reason)
+
 class PrometheusError(Exception):
     """Prometheus could not be asked or did not answer usefully; the message is one line
     that names the URL. `status` is the HTTP status of a refused request and `error_type`
@@ -207,17 +219,11 @@ class Prometheus:
             raise PrometheusError(f"Prometheus at {self.url} answered HTTP {e.code}"
                                   f"{explanation}", status=e.code,
                                   error_type=error_type) from e
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, TimeoutError):
+        except OSError as e:  # URLError, a timeout, a connection reset while reading
+            reason = unanswered(e)
+            if reason is None:
                 raise self._timed_out() from e
-            text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
-            raise PrometheusError(f"cannot reach Prometheus at {self.url}: {text}") from e
-        except TimeoutError as e:
-            raise self._timed_out() from e
-        except OSError as e:  # a connection reset while reading
-            raise PrometheusError(f"cannot reach Prometheus at {self.url}: "
-                                  f"{e.strerror or e}") from e
+            raise PrometheusError(f"cannot reach Prometheus at {self.url}: {reason}") from e
         return body
 
     # -- the answer's shape --------------------------------------------------------------------
