@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from cli_run import run
 
 from gpuwatch import cli, fleet
 from gpuwatch.cli import common, status
@@ -144,12 +145,6 @@ def fleet_of_two(prom: FakePrometheus) -> FakePrometheus:
     add_gpu(prom, "node-a", 4, states.BUSY, used_gib=12, util=0.5)  # no process visible
     add_gpu(prom, "node-a", 5, states.FREE, used_gib=0.0, util=0.0)
     return prom
-
-
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    code = cli.main(list(argv), out=out)
-    return code, out.getvalue()
 
 
 # -- status -------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import itertools
 import json
 import os
@@ -21,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_run import one_error, run
 from paths import REPO
 
-from gpuwatch import cli, fleet
+from gpuwatch import fleet
 from gpuwatch.cli import client
 from gpuwatch.cli import run as run_command
 
@@ -185,21 +185,6 @@ def as_user(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setenv(client.ENV_USER, name)
     monkeypatch.setenv(client.ENV_PASSWORD, PASSWORDS[name])
     monkeypatch.setattr("getpass.getuser", lambda: name)
-
-
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    code = cli.main(list(argv), out=out)
-    return code, out.getvalue()
-
-
-def one_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    code, out = run(*argv)
-    captured = capsys.readouterr()
-    err = captured.err
-    assert code == 1 and out == "", (code, out, err)
-    assert err.count("\n") == 1 and err.startswith("gpuwatch: error: "), err
-    return err
 
 
 def no_password_in(*texts: str) -> None:

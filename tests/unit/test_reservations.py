@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import getpass
-import io
 import json
 import multiprocessing
 import os
@@ -26,10 +25,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
+from cli_run import one_error, run
 from paths import FIXTURES
 from prometheus_client import CollectorRegistry, generate_latest
 
-from gpuwatch import cli, reservations
+from gpuwatch import reservations
 from gpuwatch.contract import metrics
 from gpuwatch.contract.states import ALL_GPUS
 from gpuwatch.exporter import encoding
@@ -793,20 +793,6 @@ def test_many_people_booking_one_gpu_at_once_get_it_once(tmp_path: Path) -> None
 
 
 # -- the commands ------------------------------------------------------------------------------
-
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    code = cli.main(list(argv), out=out)
-    return code, out.getvalue()
-
-
-def one_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    code, out = run(*argv)
-    err = capsys.readouterr().err
-    assert code == 1 and out == "", (code, out, err)
-    assert err.count("\n") == 1 and err.startswith("gpuwatch: error: "), err
-    return err
-
 
 @pytest.fixture
 def rfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
