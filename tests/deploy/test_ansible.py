@@ -416,6 +416,53 @@ def test_prometheus_rendering_changes_only_what_it_is_told() -> None:
         render(source, rules_dir="/r", file_sd_dir="/t", scrape_config_overrides={"nope": {}})
 
 
+def test_prometheus_rendering_points_at_the_alertmanagers_with_their_credentials() -> None:
+    """Alertmanager targets and client settings reach both the alerting block and the
+    alertmanager job; Prometheus' own address and credentials its self-scrape job; the runbook
+    URL the external label the alerts' runbook_url annotations start with."""
+    plugin = _prometheus_config_plugin()
+    render = plugin.prometheus_config
+    source = {"global": {"external_labels": {"site": "lab"}},
+              "alerting": {"alertmanagers": [
+                  {"static_configs": [{"targets": ["127.0.0.1:9093"]}]}]},
+              "scrape_configs": [
+                  {"job_name": "prometheus", "static_configs": [{"targets": ["127.0.0.1:9090"]}]},
+                  {"job_name": "alertmanager",
+                   "static_configs": [{"targets": ["127.0.0.1:9093"]}]}]}
+    alertmanager_auth = {"basic_auth": {"username": "prometheus",
+                                        "password_file": "/etc/prometheus/am-password"}}
+    prometheus_auth = {"scheme": "https", "tls_config": {"ca_file": "/etc/prometheus/ca.pem"},
+                       "basic_auth": {"username": "prometheus",
+                                      "password_file": "/etc/prometheus/self-password"}}
+    config = render(source, rules_dir="/r", file_sd_dir="/t",
+                    alertmanagers=["am1:9093", "[fe80::1]:9093"],
+                    alertmanager_client=alertmanager_auth,
+                    prometheus_address="prom.lab:9090", prometheus_client=prometheus_auth,
+                    runbook_url="https://gpus.lab:9840/runbook")
+    am_targets = {"static_configs": [{"targets": ["am1:9093", "[fe80::1]:9093"]}]}
+    assert config["alerting"] == {"alertmanagers": [{**am_targets, **alertmanager_auth}]}
+    assert config["scrape_configs"] == [
+        {"job_name": "prometheus", "static_configs": [{"targets": ["prom.lab:9090"]}],
+         **prometheus_auth},
+        {"job_name": "alertmanager", **am_targets, **alertmanager_auth}]
+    assert config["global"]["external_labels"] == {
+        "site": "lab", plugin.RUNBOOK_URL_LABEL: "https://gpus.lab:9840/runbook"}
+    # Without them, the source's alerting block and jobs are kept as they are.
+    assert render(source, rules_dir="/r", file_sd_dir="/t")["alerting"] == source["alerting"]
+    # A scrape override still wins over the rendering's own settings.
+    overridden = render(source, rules_dir="/r", file_sd_dir="/t", alertmanagers=["am1:9093"],
+                        scrape_config_overrides={"alertmanager": {"scheme": "https"}})
+    assert overridden["scrape_configs"][1]["scheme"] == "https"
+    with pytest.raises(ValueError, match="'am1' is not HOST:PORT"):
+        render(source, rules_dir="/r", file_sd_dir="/t", alertmanagers=["am1"])
+    bare = {"scrape_configs": [{"job_name": "gpuwatch"}]}
+    with pytest.raises(ValueError, match="no scrape job alertmanager"):
+        render(bare, rules_dir="/r", file_sd_dir="/t", alertmanagers=["am1:9093"])
+    with pytest.raises(ValueError, match=r"no alerting\.alertmanagers block"):
+        render({**bare, "scrape_configs": source["scrape_configs"]}, rules_dir="/r",
+               file_sd_dir="/t", alertmanagers=["am1:9093"])
+
+
 def test_role_plugins_pass_ruff_and_mypy() -> None:
     """The roles' filter plugins are Python outside src/ and tools/: held to the same rules."""
     plugins = [str(p) for p in sorted(ROLES.glob("*/filter_plugins/*.py"))]

@@ -14,6 +14,14 @@ from typing import Any
 JOB_INTERVALS = ("scrape_interval", "scrape_timeout")
 """Settings a job may carry itself, which `global_settings` then overrides in every job."""
 
+PROMETHEUS_JOB = "prometheus"
+"""The self-scrape job of prometheus.yml: Prometheus' own metrics."""
+ALERTMANAGER_JOB = "alertmanager"
+"""The job of prometheus.yml that scrapes the Alertmanagers Prometheus sends alerts to."""
+RUNBOOK_URL_LABEL = "runbook_url"
+"""The external label the alerts' runbook_url annotations start with
+(`{{ $externalLabels.runbook_url }}#anchor`)."""
+
 
 def _plain(value: Any) -> Any:
     """A deep copy as dicts, lists and scalars (whatever container types came in)."""
@@ -48,7 +56,12 @@ def prometheus_config(source: Mapping[str, Any], rules_dir: str, file_sd_dir: st
                       global_settings: Mapping[str, Any] | None = None,
                       file_sd_settings: Mapping[str, Any] | None = None,
                       remote_write: Sequence[Mapping[str, Any]] | None = None,
-                      without_jobs: Collection[str] = ()) -> dict[str, Any]:
+                      without_jobs: Collection[str] = (),
+                      alertmanagers: Sequence[str] | None = None,
+                      alertmanager_client: Mapping[str, Any] | None = None,
+                      prometheus_address: str | None = None,
+                      prometheus_client: Mapping[str, Any] | None = None,
+                      runbook_url: str | None = None) -> dict[str, Any]:
     """prometheus.yml from the repository's `source` (parsed):
 
     - relative rule_files as the files of those names in `rules_dir`, relative file_sd_configs
@@ -58,19 +71,40 @@ def prometheus_config(source: Mapping[str, Any], rules_dir: str, file_sd_dir: st
     - `file_sd_settings` (e.g. refresh_interval) merged into every file_sd_configs entry;
     - `scrape_config_overrides`, per job_name, merged into that job (after the paths);
     - the jobs in `without_jobs` left out;
-    - `remote_write` appended to the source's remote_write blocks, when there are any.
+    - `remote_write` appended to the source's remote_write blocks, when there are any;
+    - `alertmanagers` (HOST:PORT each) as the targets of every alerting.alertmanagers entry and
+      of the ALERTMANAGER_JOB; `alertmanager_client` (HTTP client settings as Prometheus takes
+      them: basic_auth, scheme, tls_config, ...) merged into both, for an Alertmanager behind
+      its own web config;
+    - `prometheus_address` (HOST:PORT) as the target of the PROMETHEUS_JOB and
+      `prometheus_client` merged into that job, for a Prometheus behind its own web config;
+    - `runbook_url` as the external label RUNBOOK_URL_LABEL.
 
-    Raises ValueError when an override or an omission names a job the source does not have.
+    Scrape overrides are merged last and win. Raises ValueError when an override or an
+    omission names a job the source does not have, when Alertmanager or self-scrape settings
+    are given for a source without the alerting block or the job they change, or when a
+    target is not HOST:PORT.
     """
     config: dict[str, Any] = _plain(source)
     overrides = _plain(scrape_config_overrides or {})
     settings = _plain(global_settings or {})
     jobs = config.get("scrape_configs") or []
     names = [job.get("job_name") for job in jobs]
-    unknown = sorted((set(overrides) | set(without_jobs)) - set(names))
+    asked = set(overrides) | set(without_jobs)
+    if alertmanagers is not None or alertmanager_client:
+        asked.add(ALERTMANAGER_JOB)
+    if prometheus_address is not None or prometheus_client:
+        asked.add(PROMETHEUS_JOB)
+    unknown = sorted(asked - set(names))
     if unknown:
         raise ValueError(f"prometheus.yml has no scrape job {', '.join(unknown)} "
                          f"(its jobs: {', '.join(map(str, names))})")
+    for target in [*(alertmanagers or []), *([prometheus_address] if prometheus_address else [])]:
+        _check_target(target)
+    service_jobs = {
+        ALERTMANAGER_JOB: _service(alertmanagers, alertmanager_client),
+        PROMETHEUS_JOB: _service(None if prometheus_address is None else [prometheus_address],
+                                 prometheus_client)}
     rendered = []
     for job in jobs:
         if job.get("job_name") in without_jobs:
@@ -83,6 +117,7 @@ def prometheus_config(source: Mapping[str, Any], rules_dir: str, file_sd_dir: st
                 _merged({**sd, "files": [_in_dir(f, file_sd_dir) for f in sd.get("files", [])]},
                         file_sd_settings or {})
                 for sd in job["file_sd_configs"]]
+        job = _merged(job, service_jobs.get(job.get("job_name"), {}))
         rendered.append(_merged(job, overrides.get(job.get("job_name"), {})))
     config["rule_files"] = [_in_dir(f, rules_dir) for f in config.get("rule_files") or []]
     config["scrape_configs"] = rendered
@@ -90,7 +125,38 @@ def prometheus_config(source: Mapping[str, Any], rules_dir: str, file_sd_dir: st
         config["global"] = _merged(config.get("global") or {}, settings)
     if remote_write:
         config["remote_write"] = (config.get("remote_write") or []) + _plain(remote_write)
+    if runbook_url is not None:
+        config["global"] = _merged(config.get("global") or {},
+                                   {"external_labels": {RUNBOOK_URL_LABEL: runbook_url}})
+    if alertmanagers is not None or alertmanager_client:
+        config["alerting"] = _alerting(config.get("alerting"),
+                                       _service(alertmanagers, alertmanager_client))
     return config
+
+
+def _check_target(target: object) -> None:
+    if not (isinstance(target, str) and ":" in target and target.rsplit(":", 1)[1].isdigit()
+            and "/" not in target and target.rsplit(":", 1)[0]):
+        raise ValueError(f"{target!r} is not HOST:PORT (a target, e.g. 127.0.0.1:9093)")
+
+
+def _service(targets: Sequence[str] | None, client: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a service's scrape job and alerting entry take: its targets (when given; they
+    replace the source's static_configs) and the HTTP client settings that reach it."""
+    settings: dict[str, Any] = _plain(client or {})
+    if targets is not None:
+        settings["static_configs"] = [{"targets": list(targets)}]
+    return settings
+
+
+def _alerting(source: Any, service: Mapping[str, Any]) -> dict[str, Any]:
+    """The source's alerting block with `service` merged into each Alertmanager entry."""
+    if not isinstance(source, Mapping) or not source.get("alertmanagers"):
+        raise ValueError("prometheus.yml has no alerting.alertmanagers block to point at the "
+                         "Alertmanagers")
+    alerting: dict[str, Any] = _plain(source)
+    alerting["alertmanagers"] = [_merged(entry, service) for entry in alerting["alertmanagers"]]
+    return alerting
 
 
 class FilterModule:
