@@ -7,9 +7,13 @@ RUNTIME := $(VENV)/.installed-runtime
 TESTING := $(VENV)/.installed-test
 # Grafana's frontend data code (@grafana/data) that tests/e2e/test_grafana.py runs on the grid.
 GRAFANA_JS := tests/grafana_frontend/node_modules/.installed
+# axe-core (pinned in tests/browser/package-lock.json), which tests/browser runs in the page.
+BROWSER_JS := tests/browser/node_modules/.installed
+# Playwright drives Debian's Chromium (scripts/ensure-chromium) and never fetches a browser.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 PYTHON3 ?= python3
 
-.PHONY: test unit lint demo bench bench-soak bench-fleet bench-reservations prometheus systemd-analyze victoria-metrics proxies gcc clean
+.PHONY: test unit lint demo bench bench-soak bench-fleet bench-reservations bench-page screenshots prometheus chromium systemd-analyze victoria-metrics proxies gcc clean
 
 $(PY):
 	$(PYTHON3) -m venv $(VENV)
@@ -28,8 +32,16 @@ $(GRAFANA_JS): tests/grafana_frontend/package.json tests/grafana_frontend/packag
 	cd tests/grafana_frontend && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+$(BROWSER_JS): tests/browser/package.json tests/browser/package-lock.json
+	@scripts/ensure-node
+	cd tests/browser && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 prometheus:
 	@scripts/ensure-prometheus
+
+chromium:
+	@scripts/ensure-chromium
 
 systemd-analyze:
 	@scripts/ensure-systemd-analyze
@@ -47,7 +59,7 @@ lint: $(TESTING)
 	$(VENV)/bin/ruff check src tools tests
 	$(VENV)/bin/mypy
 
-test: $(TESTING) $(GRAFANA_JS) prometheus systemd-analyze victoria-metrics proxies gcc lint
+test: $(TESTING) $(GRAFANA_JS) $(BROWSER_JS) prometheus chromium systemd-analyze victoria-metrics proxies gcc lint
 	$(VENV)/bin/pytest -q
 
 # The fast loop: the unit and golden tests with the venv alone (no apt, no npm); the tests
@@ -72,5 +84,13 @@ bench-fleet: $(RUNTIME) prometheus
 bench-reservations: $(RUNTIME)
 	$(PY) -m tools.bench_reservations
 
+# the lab's page of a synthetic 1,000-GPU fleet in Chromium: first render and a re-render
+bench-page: $(TESTING) chromium
+	$(PY) -m tools.bench_page
+
+# docs/screenshots/grid-{light,dark,phone}.png of the page over a demo-like fleet
+screenshots: $(TESTING) prometheus chromium
+	$(PY) -m tools.screenshots
+
 clean:
-	rm -rf $(VENV) .demo .bench build dist src/*.egg-info tests/grafana_frontend/node_modules
+	rm -rf $(VENV) .demo .bench build dist src/*.egg-info tests/grafana_frontend/node_modules tests/browser/node_modules

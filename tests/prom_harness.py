@@ -26,8 +26,10 @@ file and the claims the service holds (its own GET /api/v1/claims), never copied
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
+import secrets
 import sys
 import time
 import urllib.error
@@ -37,6 +39,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import bcrypt
+import yaml
 
 from gpuwatch import reservations
 from gpuwatch.contract import states
@@ -57,6 +62,9 @@ timing assertion)."""
 SERVICE_USER_HEADER = "X-Forwarded-User"
 """Who asks `gpuwatch serve` (--web.auth-header), believed from 127.0.0.1 (the trusted proxy):
 the tests are the proxy."""
+SCRAPER = "prometheus"
+"""The basic-auth user Prometheus scrapes `gpuwatch serve` as, and the tests' proxy passes
+basic auth as, when the fleet has web users (Fleet(web_users=...))."""
 
 
 class FleetError(AssertionError):
@@ -159,9 +167,15 @@ class Fleet:
                  thresholds: Mapping[str, float] | None = None,
                  alert_for: Mapping[str, str] | None = None,
                  reservations: Sequence[Reservation] = (),
-                 prometheus_config: Callable[[Path], None] | None = None) -> None:
+                 prometheus_config: Callable[[Path], None] | None = None,
+                 web_users: Mapping[str, str] | None = None,
+                 admins: Sequence[str] = (),
+                 serve_flags: Sequence[str] = ()) -> None:
         """`prometheus_config` changes the rendered prometheus.yml before Prometheus starts
-        (a remote_write block, say)."""
+        (a remote_write block, say). `web_users` (name -> password) become the basic-auth
+        users of the service's web config, with SCRAPER beside them (Prometheus scrapes the
+        service as it, and ask_service passes basic auth as it before naming the user in the
+        header); `admins` its --admins; `serve_flags` more flags of `gpuwatch serve`."""
         self.workdir = workdir
         self.initial_nodes = list(nodes)
         self.interval = interval
@@ -176,8 +190,13 @@ class Fleet:
         self.url = f"http://{LOCALHOST}:{self.port}"
         self.reservations_port = localstack.free_port()
         self.service_url = f"http://{LOCALHOST}:{self.reservations_port}"
+        self.web_users = dict(web_users or {})
+        self.scraper_password = secrets.token_urlsafe(12) if self.web_users else ""
+        self.web_config = workdir / "web-config.yml" if self.web_users else None
         self.reservations_endpoint = serve(self.reservations_file, self.reservations_port,
-                                           self.url, workdir / "serve.log")
+                                           self.url, workdir / "serve.log",
+                                           web_config=self.web_config, admins=admins,
+                                           flags=serve_flags)
         self.api = Prometheus(self.url, timeout=30)
         self.prometheus: localstack.Service | None = None
         self.prometheus_started = 0.0
@@ -205,6 +224,9 @@ class Fleet:
         self.write_targets()
         if self.initial_reservations:
             reservations.write(self.reservations_file, self.initial_reservations)
+        if self.web_config is not None:
+            write_web_config(self.web_config, {**self.web_users,
+                                               SCRAPER: self.scraper_password})
         self._stack.callback(self.reservations_endpoint.stop)
         self.reservations_endpoint.start()
         every = f"{self.interval:g}s"
@@ -214,6 +236,11 @@ class Fleet:
                                  refresh_interval=every, thresholds=self.overrides,
                                  alert_for=self.alert_for),
             reservations=f"{LOCALHOST}:{self.reservations_port}")
+        if self.web_config is not None:
+            password_file = self.workdir / "scraper-password"
+            password_file.write_text(self.scraper_password)
+            localstack.scrape_with_basic_auth(config, states.RESERVATIONS_JOB, SCRAPER,
+                                              password_file)
         if self.prometheus_config is not None:
             self.prometheus_config(config)
         self.prometheus = localstack.prometheus(config, self.workdir / "data", self.port,
@@ -310,13 +337,21 @@ class Fleet:
             self.service_url + path, method=method,
             data=None if body is None else json.dumps(body).encode(),
             headers={**({SERVICE_USER_HEADER: user} if user else {}),
-                     **({"Content-Type": "application/json"} if body is not None else {})})
+                     **({"Content-Type": "application/json"} if body is not None else {}),
+                     **self.scraper_authorization()})
         try:
             with urllib.request.urlopen(request, timeout=30) as answer:
                 status, text = answer.status, answer.read()
         except urllib.error.HTTPError as e:
             status, text = e.code, e.read()
         return status, json.loads(text) if text else None
+
+    def scraper_authorization(self) -> dict[str, str]:
+        """The Authorization header of SCRAPER when the service has web users, else none."""
+        if not self.web_users:
+            return {}
+        token = base64.b64encode(f"{SCRAPER}:{self.scraper_password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
 
     def claim(self, user: str, host: str, count: int = 1, minutes: int | None = None,
               ) -> dict[str, Any]:
@@ -450,16 +485,29 @@ class Fleet:
         return expected
 
 
-def serve(path: Path, port: int, prometheus: str, log: Path) -> localstack.Service:
+def serve(path: Path, port: int, prometheus: str, log: Path, web_config: Path | None = None,
+          admins: Sequence[str] = (), flags: Sequence[str] = ()) -> localstack.Service:
     """`gpuwatch serve` on 127.0.0.1:`port`, as on the monitoring host: the reservations file
     `path`, the fleet from `prometheus`; who asks comes from SERVICE_USER_HEADER (from
-    127.0.0.1 only), and /metrics is open, as Prometheus scrapes it here."""
+    127.0.0.1 only), and /metrics is open, as Prometheus scrapes it here. With `web_config`
+    (write_web_config) every request but /-/healthy needs one of its basic-auth users, who is
+    the asker unless the header names another; `admins`, `flags`: more of its flags."""
     return localstack.Service(
         f"gpuwatch serve on port {port}",
         [sys.executable, "-m", "gpuwatch.cli", "serve", "--reservations.file", str(path),
          "--web.listen-address", f"{LOCALHOST}:{port}", "--prometheus", prometheus,
-         "--web.auth-header", SERVICE_USER_HEADER, "--web.trusted-proxies", LOCALHOST],
+         "--web.auth-header", SERVICE_USER_HEADER, "--web.trusted-proxies", LOCALHOST,
+         *(["--web.config.file", str(web_config)] if web_config is not None else []),
+         *(["--admins", ",".join(admins)] if admins else []), *flags],
         f"http://{LOCALHOST}:{port}/-/healthy", log)
+
+
+def write_web_config(path: Path, users: Mapping[str, str]) -> None:
+    """A web config whose basic-auth users are `users` (name -> password; bcrypt's fewest
+    rounds: the tests check passwords on every request)."""
+    path.write_text(yaml.safe_dump({"basic_auth_users": {
+        name: bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+        for name, password in users.items()}}))
 
 
 def describe(reservation: Reservation) -> str:
