@@ -13,7 +13,7 @@ BROWSER_JS := tests/browser/node_modules/.installed
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 PYTHON3 ?= python3
 
-.PHONY: test unit lint demo bench bench-soak bench-fleet bench-reservations bench-page screenshots prometheus chromium systemd-analyze victoria-metrics proxies gcc clean
+.PHONY: test unit lint demo bench bench-soak bench-fleet bench-reservations bench-page screenshots prometheus alertmanager chromium systemd-analyze victoria-metrics proxies gcc clean
 
 $(PY):
 	$(PYTHON3) -m venv $(VENV)
@@ -40,6 +40,9 @@ $(BROWSER_JS): tests/browser/package.json tests/browser/package-lock.json
 prometheus:
 	@scripts/ensure-prometheus
 
+alertmanager:
+	@scripts/ensure-alertmanager
+
 chromium:
 	@scripts/ensure-chromium
 
@@ -59,7 +62,7 @@ lint: $(TESTING)
 	$(VENV)/bin/ruff check src tools tests
 	$(VENV)/bin/mypy
 
-test: $(TESTING) $(GRAFANA_JS) $(BROWSER_JS) prometheus chromium systemd-analyze victoria-metrics proxies gcc lint
+test: $(TESTING) $(GRAFANA_JS) $(BROWSER_JS) prometheus alertmanager chromium systemd-analyze victoria-metrics proxies gcc lint
 	$(VENV)/bin/pytest -q
 
 # The fast loop: the unit and golden tests with the venv alone (no apt, no npm); the tests
@@ -67,7 +70,7 @@ test: $(TESTING) $(GRAFANA_JS) $(BROWSER_JS) prometheus chromium systemd-analyze
 unit: $(TESTING)
 	$(VENV)/bin/pytest -q -m "not apt" tests/unit tests/golden
 
-demo: $(RUNTIME) prometheus
+demo: $(RUNTIME) prometheus alertmanager
 	$(PY) -m tools.demo
 
 bench: $(RUNTIME)
