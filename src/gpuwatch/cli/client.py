@@ -9,8 +9,9 @@ and its HTTP status (`status`), which `gpuwatch run --wait` retries on.
     service.post("/api/v1/claims", {"count": 1, "host": "node-a"})
     service.delete("/api/v1/claims/c-1")
 
-Credentials: GPUWATCH_USER and GPUWATCH_PASSWORD, else the netrc file curl reads ($NETRC, else
-~/.netrc; machine = the server's host name), else ``http://user:password@host`` in the URL.
+Credentials (gpuwatch.credentials, shared with the client of Prometheus):
+``http://user:password@host`` in the URL, else GPUWATCH_USER and GPUWATCH_PASSWORD, else the
+netrc file curl reads ($NETRC, else ~/.netrc; machine = the server's host name).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import argparse
 import base64
 import datetime as dt
 import json
-import netrc
 import os
 import ssl
 import urllib.error
@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gpuwatch import credentials as credentials_
 from gpuwatch import reservations
 from gpuwatch.cli.common import UserError, reservations_file
 from gpuwatch.contract.states import ALL_GPUS
@@ -38,7 +39,7 @@ from gpuwatch.reservations import Reservation
 ENV_SERVER = "GPUWATCH_SERVER"
 ENV_USER = "GPUWATCH_USER"
 ENV_PASSWORD = "GPUWATCH_PASSWORD"
-ENV_NETRC = "NETRC"
+ENV_NETRC = credentials_.ENV_NETRC
 DEFAULT_TIMEOUT = 10.0
 
 
@@ -52,57 +53,25 @@ class ServiceError(UserError):
 
 
 Credentials = tuple[str, str]
+VARIABLES = credentials_.Variables(ENV_USER, ENV_PASSWORD)
 
 
 def netrc_path(environ: Mapping[str, str]) -> Path:
     """The netrc file curl reads: $NETRC, else ~/.netrc."""
-    given = environ.get(ENV_NETRC)
-    if given:
-        return Path(given)
-    return Path(environ.get("HOME") or Path.home()) / ".netrc"
-
-
-def from_netrc(host: str, environ: Mapping[str, str]) -> Credentials | None:
-    """(login, password) of the netrc entry for `host` (or its `default`); None when there is
-    no file or no entry. A file that cannot be read is a ServiceError naming it (not its
-    contents: the parser's message may quote a password)."""
-    path = netrc_path(environ)
-    if not path.is_file():
-        return None
-    try:
-        # an explicit file: no "access too permissive" check, as curl makes none
-        found = netrc.netrc(str(path)).authenticators(host)
-    except netrc.NetrcParseError as e:
-        raise ServiceError(f"{path}: line {e.lineno}: not a netrc file curl can read (lines "
-                           "like: machine HOST login NAME password SECRET); fix it, or set "
-                           f"{ENV_USER} and {ENV_PASSWORD}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not text"
-        raise ServiceError(f"{path}: cannot read: {reason}") from None
-    if found is None:
-        return None
-    login, _, password = found
-    return login, password or ""
+    return credentials_.netrc_path(environ)
 
 
 def credentials(url: str, environ: Mapping[str, str]) -> Credentials | None:
-    """Who to ask as: GPUWATCH_USER/GPUWATCH_PASSWORD, else netrc, else the URL's user."""
-    parsed = urllib.parse.urlsplit(url)
-    user, password = environ.get(ENV_USER), environ.get(ENV_PASSWORD)
-    if user and password is not None:
-        return user, password
-    host = parsed.hostname or ""
-    entry = from_netrc(host, environ) if host else None
-    if entry is not None and (not user or entry[0] == user):
-        return entry
-    if user:
-        raise ServiceError(f"{ENV_USER} is set but no password: set {ENV_PASSWORD}, or a "
-                           f"netrc entry (machine {host} login {user} password ...) in "
-                           f"{netrc_path(environ)}")
-    if parsed.username is not None:
-        return (urllib.parse.unquote(parsed.username),
-                urllib.parse.unquote(parsed.password or ""))
-    return None
+    """Who to ask as: the URL's user, else GPUWATCH_USER/GPUWATCH_PASSWORD, else netrc (the
+    order of gpuwatch.credentials, which the client of Prometheus shares); ServiceError when
+    they cannot be worked out."""
+    try:
+        auth = credentials_.lookup(url, VARIABLES, environ)
+    except credentials_.CredentialsError as e:
+        raise ServiceError(str(e)) from None
+    if auth is None or auth.user is None:
+        return None
+    return auth.user, auth.secret
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

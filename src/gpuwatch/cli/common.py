@@ -15,11 +15,12 @@ from gpuwatch import reservations
 from gpuwatch.argtypes import positive_float
 from gpuwatch.contract import ports, states
 from gpuwatch.fleet import GpuStatus, read_fleet
-from gpuwatch.fleet.prometheus import DEFAULT_TIMEOUT, Prometheus
+from gpuwatch.fleet.prometheus import DEFAULT_TIMEOUT, ENV_PASSWORD, ENV_TOKEN, ENV_USER, Prometheus
 from gpuwatch.reservations import ReservationError
 
 PROG = "gpuwatch"
 ENV_PROMETHEUS = "GPUWATCH_PROMETHEUS"
+ENV_PROMETHEUS_CA_FILE = "GPUWATCH_PROMETHEUS_CA_FILE"
 DEFAULT_PROMETHEUS = ports.PROMETHEUS_URL
 
 
@@ -51,18 +52,37 @@ def common_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--prometheus", metavar="URL",
                    default=default(os.environ.get(ENV_PROMETHEUS) or DEFAULT_PROMETHEUS),
                    help=f"the Prometheus to ask (default: ${ENV_PROMETHEUS}, else "
-                   f"{DEFAULT_PROMETHEUS})")
+                   f"{DEFAULT_PROMETHEUS}); its credentials: http://USER:PASSWORD@HOST:PORT "
+                   f"in the URL, else ${ENV_USER} and ${ENV_PASSWORD} (or ${ENV_TOKEN}), else "
+                   "the netrc entry of its host ($NETRC, else ~/.netrc)")
+    p.add_argument("--prometheus.ca-file", dest="prometheus_ca_file", type=Path,
+                   metavar="PATH", default=default(_env_path(ENV_PROMETHEUS_CA_FILE)),
+                   help="the PEM file of the CA that signed an https Prometheus' certificate "
+                   f"(default: ${ENV_PROMETHEUS_CA_FILE}, else the system's CAs)")
     p.add_argument("--timeout", type=positive_float, metavar="SECONDS",
                    default=default(DEFAULT_TIMEOUT),
                    help="how long to wait for Prometheus, or gpuwatch serve (default "
                    f"{DEFAULT_TIMEOUT:g})")
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def prometheus(args: argparse.Namespace) -> Prometheus:
+    """The client of --prometheus, with the credentials of the URL, the environment or netrc,
+    trusting --prometheus.ca-file; PrometheusError when they cannot be had."""
+    return Prometheus.from_environment(args.prometheus, args.timeout,
+                                       ca_file=getattr(args, "prometheus_ca_file", None))
+
+
 def ask_fleet(args: argparse.Namespace) -> list[GpuStatus]:
     """Every GPU the Prometheus of --prometheus knows; UserError when it knows none."""
-    found = read_fleet(Prometheus(args.prometheus, args.timeout))
+    client = prometheus(args)
+    found = read_fleet(client)
     if not found:
-        raise UserError(f"Prometheus at {args.prometheus} knows no GPUs (no "
+        raise UserError(f"Prometheus at {client.shown_url} knows no GPUs (no "
                         f"{states.STATE_INFO} series): are the gpuwatch rules loaded and the "
                         "exporters in its targets?")
     return found

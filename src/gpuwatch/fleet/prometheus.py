@@ -13,23 +13,36 @@ timed out, HTTP status with the API's own explanation, or an answer that is not 
 
 Credentials: ``http://user:password@host:9090`` (or `basic_auth=`) sends basic auth, and
 `bearer_token=` an Authorization header; `ssl_context=` verifies an https Prometheus against
-a CA of one's own.
+a CA of one's own. `Prometheus.from_environment(url, timeout, ca_file=PATH)`, what the
+commands and `gpuwatch serve` use, takes the credentials as gpuwatch.credentials orders them:
+the URL's, else GPUWATCH_PROMETHEUS_USER and GPUWATCH_PROMETHEUS_PASSWORD (or
+GPUWATCH_PROMETHEUS_TOKEN, a bearer token), else the netrc entry of the host in $NETRC, else
+~/.netrc; and `ca_file` (--prometheus.ca-file) is the CA its TLS certificate is checked
+against. Credentials never follow a redirect to another host (scheme, host or port), as curl's
+do not.
 """
 
 from __future__ import annotations
 
-import base64
 import json
+import os
 import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-DEFAULT_TIMEOUT = 10.0
+from gpuwatch import credentials
+from gpuwatch.credentials import Auth, CredentialsError
 
+DEFAULT_TIMEOUT = 10.0
+ENV_USER = "GPUWATCH_PROMETHEUS_USER"
+ENV_PASSWORD = "GPUWATCH_PROMETHEUS_PASSWORD"
+ENV_TOKEN = "GPUWATCH_PROMETHEUS_TOKEN"
+VARIABLES = credentials.Variables(ENV_USER, ENV_PASSWORD, ENV_TOKEN)
 
 
 def unanswered(e: OSError) -> str | None:
@@ -81,28 +94,91 @@ def _when(moment: float) -> str:
     return f"{moment:.3f}"
 
 
+def ca_context(path: Path) -> ssl.SSLContext:
+    """A TLS context that trusts the CA certificate(s) of the PEM file `path` (and checks the
+    host name); PrometheusError naming the file when it cannot be read or holds none."""
+    where = f"{path} (--prometheus.ca-file)"
+    if not path.is_file():
+        reason = "is a directory" if path.is_dir() else "no such file"
+        raise PrometheusError(f"{where}: {reason}: name the PEM file of the CA that signed "
+                              "Prometheus' certificate")
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError:
+        raise PrometheusError(f"{where}: not a PEM CA certificate (-----BEGIN CERTIFICATE-----)"
+                              ) from None
+    except OSError as e:
+        raise PrometheusError(f"{where}: cannot read: {e.strerror or e}") from None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    default = {"http": 80, "https": 443}.get(parsed.scheme)
+    return parsed.scheme, (parsed.hostname or "").lower(), port or default
+
+
+class _CredentialsStayHome(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect, but sends the credentials on only to the same scheme, host and
+    port (curl's rule): a redirect elsewhere is answered without them."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(new.full_url) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
 class Prometheus:
     def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT, *,
                  basic_auth: tuple[str, str] | None = None, bearer_token: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise PrometheusError(f"{_without_password(url)!r} is not a Prometheus URL (for "
+                 ssl_context: ssl.SSLContext | None = None, auth: Auth | None = None) -> None:
+        try:
+            parsed = urllib.parse.urlsplit(url)
+            valid = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise PrometheusError(f"{credentials.shown(url)!r} is not a Prometheus URL (for "
                                   "example http://localhost:9090)")
-        if parsed.username is not None and basic_auth is None:
-            basic_auth = (urllib.parse.unquote(parsed.username),
-                          urllib.parse.unquote(parsed.password or ""))
-        netloc = parsed.netloc.rpartition("@")[2]
-        self.url = urllib.parse.urlunsplit(parsed._replace(netloc=netloc)).rstrip("/")
-        """The URL without credentials: what messages name."""
+        if auth is None and basic_auth is not None:
+            auth = Auth(basic_auth[0], basic_auth[1], "the program")
+        elif auth is None and bearer_token is not None:
+            auth = Auth(None, bearer_token, "the program")
+        elif auth is None and parsed.username is not None:
+            auth = Auth(urllib.parse.unquote(parsed.username),
+                        urllib.parse.unquote(parsed.password or ""), "the URL")
+        self.url = credentials.without_userinfo(url).rstrip("/")
+        """The URL without credentials: what requests go to."""
+        self.shown_url = credentials.shown(url).rstrip("/")
+        """The URL without its password (http://user@host:9090): what messages name."""
+        self.host = parsed.hostname or ""
         self.timeout = timeout
+        self.auth = auth
         self._headers = {"Accept": "application/json"}
-        if basic_auth is not None:
-            token = base64.b64encode(":".join(basic_auth).encode()).decode()
-            self._headers["Authorization"] = f"Basic {token}"
-        elif bearer_token is not None:
-            self._headers["Authorization"] = f"Bearer {bearer_token}"
-        self._ssl_context = ssl_context
+        if auth is not None:
+            self._headers["Authorization"] = auth.header
+        self._opener = urllib.request.build_opener(
+            _CredentialsStayHome, urllib.request.HTTPSHandler(context=ssl_context))
+
+    @classmethod
+    def from_environment(cls, url: str, timeout: float = DEFAULT_TIMEOUT, *,
+                         ca_file: Path | None = None,
+                         environ: Mapping[str, str] | None = None) -> Prometheus:
+        """The client of `url` with the credentials of the URL, the environment or netrc (see
+        the module's docstring), trusting the CA of `ca_file`; PrometheusError, one line
+        naming the file or the variables, when they cannot be worked out."""
+        try:
+            auth = credentials.lookup(url, VARIABLES, os.environ if environ is None
+                                      else environ)
+        except CredentialsError as e:
+            raise PrometheusError(str(e)) from None
+        context = ca_context(ca_file) if ca_file is not None else None
+        return cls(url, timeout, auth=auth, ssl_context=context)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -110,7 +186,7 @@ class Prometheus:
         """The instant vector `expr` evaluates to now (or at Unix time `at`)."""
         data = self._instant(expr, at)
         if data.get("resultType") != "vector":
-            raise PrometheusError(f"Prometheus at {self.url} answered {expr!r} with a "
+            raise PrometheusError(f"Prometheus at {self.shown_url} answered {expr!r} with a "
                                   f"{data.get('resultType')!r}, not an instant vector")
         return self._vector(data)
 
@@ -125,11 +201,11 @@ class Prometheus:
             except (KeyError, IndexError, TypeError, ValueError) as e:
                 raise self._not_prometheus() from e
         if kind != "vector":
-            raise PrometheusError(f"Prometheus at {self.url} answered {expr!r} with a "
+            raise PrometheusError(f"Prometheus at {self.shown_url} answered {expr!r} with a "
                                   f"{kind!r}, not a number")
         samples = self._vector(data)
         if len(samples) > 1:
-            raise PrometheusError(f"Prometheus at {self.url} answered {expr!r} with "
+            raise PrometheusError(f"Prometheus at {self.shown_url} answered {expr!r} with "
                                   f"{len(samples)} series, not one number")
         return samples[0].value if samples else None
 
@@ -139,7 +215,7 @@ class Prometheus:
         data = self._dict(self.api("query_range", {
             "query": expr, "start": _when(start), "end": _when(end), "step": f"{step:g}"}))
         if data.get("resultType") != "matrix":
-            raise PrometheusError(f"Prometheus at {self.url} answered the range query "
+            raise PrometheusError(f"Prometheus at {self.shown_url} answered the range query "
                                   f"{expr!r} with a {data.get('resultType')!r}, not a matrix")
         found = []
         for item in self._list(data.get("result", [])):
@@ -200,7 +276,7 @@ class Prometheus:
         if status not in ("success", "error") or (status == "success" and "data" not in answer):
             raise self._not_prometheus()
         if status != "success":
-            raise PrometheusError(f"Prometheus at {self.url} answered: "
+            raise PrometheusError(f"Prometheus at {self.shown_url} answered: "
                                   f"{answer.get('error', 'an error')}",
                                   error_type=answer.get("errorType"))
         return answer["data"]
@@ -211,20 +287,35 @@ class Prometheus:
         query = f"?{urllib.parse.urlencode(params, doseq=True)}" if params else ""
         request = urllib.request.Request(f"{self.url}{path}{query}", headers=self._headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout,
-                                        context=self._ssl_context) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 body: bytes = response.read()
         except urllib.error.HTTPError as e:
+            if e.code == 401:
+                raise self._unauthorized() from None
             explanation, error_type = _api_error(e)
-            raise PrometheusError(f"Prometheus at {self.url} answered HTTP {e.code}"
+            raise PrometheusError(f"Prometheus at {self.shown_url} answered HTTP {e.code}"
                                   f"{explanation}", status=e.code,
-                                  error_type=error_type) from e
+                                  error_type=error_type) from None
         except OSError as e:  # URLError, a timeout, a connection reset while reading
             reason = unanswered(e)
             if reason is None:
-                raise self._timed_out() from e
-            raise PrometheusError(f"cannot reach Prometheus at {self.url}: {reason}") from e
+                raise self._timed_out() from None
+            if isinstance(getattr(e, "reason", e), ssl.SSLCertVerificationError):
+                reason += ("; give the CA that signed its certificate with "
+                           "--prometheus.ca-file PATH")
+            raise PrometheusError(f"cannot reach Prometheus at {self.shown_url}: "
+                                  f"{reason}") from None
         return body
+
+    def _unauthorized(self) -> PrometheusError:
+        how = (f"{VARIABLES.advice()}, or a netrc entry for machine {self.host} ($NETRC, "
+               "else ~/.netrc)")
+        if self.auth is None:
+            return PrometheusError(f"Prometheus at {self.shown_url} asks for credentials "
+                                   f"(HTTP 401): {how}", status=401)
+        return PrometheusError(f"Prometheus at {self.shown_url} refused the credentials of "
+                               f"{self.auth.describe()} (HTTP 401): check them, or {how}",
+                               status=401)
 
     # -- the answer's shape --------------------------------------------------------------------
 
@@ -271,21 +362,12 @@ class Prometheus:
         return value
 
     def _timed_out(self) -> PrometheusError:
-        return PrometheusError(f"Prometheus at {self.url} did not answer within "
+        return PrometheusError(f"Prometheus at {self.shown_url} did not answer within "
                                f"{self.timeout:g} s")
 
     def _not_prometheus(self) -> PrometheusError:
-        return PrometheusError(f"{self.url} did not answer like the Prometheus HTTP API; is "
+        return PrometheusError(f"{self.shown_url} did not answer like the Prometheus HTTP API; is "
                                "it the Prometheus URL?")
-
-
-def _without_password(url: str) -> str:
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.password is None:
-        return url
-    user, _, host = parsed.netloc.rpartition("@")
-    return urllib.parse.urlunsplit(parsed._replace(
-        netloc=f"{user.partition(':')[0]}:***@{host}"))
 
 
 def _api_error(e: urllib.error.HTTPError) -> tuple[str, str | None]:
