@@ -11,3 +11,6 @@ RESERVATIONS_PORT = EXPORTER_PORT + 1
 PROMETHEUS_URL = "http://localhost:9090"
 """Where the `gpuwatch` command looks for Prometheus when neither --prometheus nor
 GPUWATCH_PROMETHEUS says."""
+
+ALERTMANAGER_PORT = 9093
+"""Alertmanager on the monitoring host (Prometheus' `alerting:` and its self-scrape job)."""
