@@ -14,11 +14,13 @@ from typing import TextIO
 from gpuwatch import __version__, reservations
 from gpuwatch.argtypes import positive_float, positive_int
 from gpuwatch.cli.common import PROG, Command
+from gpuwatch.credentials import shown
 from gpuwatch.exporter.web import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_READ_TIMEOUT,
     parse_listen_address,
 )
+from gpuwatch.fleet.prometheus import PrometheusError
 from gpuwatch.reservations import ReservationError
 from gpuwatch.serve.app import build
 from gpuwatch.serve.options import DEFAULT_LISTEN_ADDRESS, ServeOptions, parse_names, parse_networks
@@ -73,7 +75,8 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
     return ServeOptions(
         reservations_file=path, listen_address=args.listen_address,
         web_config_file=args.web_config, prometheus=args.prometheus,
-        prometheus_timeout=args.timeout, admins=parse_names(args.admins),
+        prometheus_timeout=args.timeout, prometheus_ca_file=args.prometheus_ca_file,
+        admins=parse_names(args.admins),
         auth_header=args.auth_header.strip() if args.auth_header else None,
         trusted_proxies=proxies, users_map=args.users_map,
         max_connections=args.max_connections, read_timeout=args.read_timeout,
@@ -92,7 +95,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         format="ts=%(asctime)s level=%(levelname)s source=%(name)s msg=%(message)r")
     try:
         serving = build(options)
-    except (YamlFileError, ReservationError, ValueError) as e:
+    except (YamlFileError, ReservationError, ValueError, PrometheusError) as e:
         print(f"{NAME}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -100,7 +103,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
               f"{e.strerror or e}; pick another --web.listen-address", file=sys.stderr)
         return 2
     log.info("%s %s listening on %s (reservations %s, Prometheus %s)", NAME, __version__,
-             options.listen_address, options.reservations_file, options.prometheus)
+             options.listen_address, options.reservations_file, shown(options.prometheus))
     with contextlib.suppress(KeyboardInterrupt):
         serving.serve_forever()
     return 0

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -354,8 +355,10 @@ class Serving:
         self.stop()
 
 
-def prometheus_fleet(url: str, timeout: float) -> FleetSource:
-    prometheus = Prometheus(url, timeout)
+def prometheus_fleet(url: str, timeout: float, ca_file: Path | None = None) -> FleetSource:
+    """The fleet of the Prometheus at `url`, with the credentials of the URL, the environment
+    or netrc; PrometheusError now when they cannot be had."""
+    prometheus = Prometheus.from_environment(url, timeout, ca_file=ca_file)
     return lambda: read_fleet(prometheus)
 
 
@@ -373,7 +376,8 @@ def build(options: ServeOptions, *, fleet: FleetSource | None = None,
     identifier = Identifier(options.admins, options.auth_header, options.trusted_proxies,
                             load_users_map(options.users_map))
     service = Service(path, fleet or prometheus_fleet(options.prometheus,
-                                                      options.prometheus_timeout),
+                                                      options.prometheus_timeout,
+                                                      options.prometheus_ca_file),
                       clock=clock, tz=tz)
     registry, exporter = build_registry(path, service.claims, clock,
                                         options.own_process_metrics)

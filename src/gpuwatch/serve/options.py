@@ -52,6 +52,10 @@ class ServeOptions:
     web_config_file: Path | None = None
     prometheus: str = ports.PROMETHEUS_URL
     prometheus_timeout: float = 10.0
+    prometheus_ca_file: Path | None = None
+    """--prometheus.ca-file: the CA an https Prometheus' certificate is checked against. The
+    credentials for Prometheus are the URL's, else the environment's, else netrc
+    (gpuwatch.credentials), worked out when the service is built: never kept here."""
     admins: frozenset[str] = frozenset()
     """Unix user names (after --users.map) who may act for anyone."""
     auth_header: str | None = None
