@@ -45,6 +45,13 @@ class FakePrometheus:
 
     def answer(self, query: str) -> dict[str, Any]:
         selector = re.fullmatch(r'\{__name__=~"([^"]*)"\}', query)
+        stamp = re.fullmatch(r"timestamp\(([a-zA-Z_:][\w:]*)\)", query)
+        if stamp:  # when each series was written: now, for these
+            moment = time.time()
+            result = [{"metric": {k: v for k, v in labels.items() if k != "__name__"},
+                       "value": [moment, str(moment)]}
+                      for labels, _ in self.series if labels["__name__"] == stamp.group(1)]
+            return {"status": "success", "data": {"resultType": "vector", "result": result}}
         if selector:
             names = set(selector.group(1).split("|"))
         elif re.fullmatch(r"[a-zA-Z_:][\w:]*", query):

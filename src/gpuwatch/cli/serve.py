@@ -23,7 +23,16 @@ from gpuwatch.exporter.web import (
 from gpuwatch.fleet.prometheus import PrometheusError
 from gpuwatch.reservations import ReservationError
 from gpuwatch.serve.app import build
-from gpuwatch.serve.options import DEFAULT_LISTEN_ADDRESS, ServeOptions, parse_names, parse_networks
+from gpuwatch.serve.options import (
+    DEFAULT_LISTEN_ADDRESS,
+    DEFAULT_REFRESH_SECONDS,
+    ServeOptions,
+    parse_bool,
+    parse_duration,
+    parse_names,
+    parse_networks,
+    parse_url,
+)
 from gpuwatch.yamlfile import YamlFileError
 
 NAME = f"{PROG} serve"
@@ -49,6 +58,15 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--web.trusted-proxies", dest="trusted_proxies", default="",
                    metavar="CIDR,...", help="addresses of the reverse proxies whose "
                    "--web.auth-header counts")
+    p.add_argument("--web.refresh", dest="refresh", metavar="DURATION",
+                   help="how often the page refreshes (15s, 1m; default: the scrape interval "
+                   "of job gpuwatch as Prometheus says, else "
+                   f"{DEFAULT_REFRESH_SECONDS:g}s)")
+    p.add_argument("--web.public-names", dest="public_names", default="true",
+                   metavar="BOOL", help="false: visitors without an identity see no user "
+                   "names, commands or comments in the page and the API (default %(default)s)")
+    p.add_argument("--web.grafana-url", dest="grafana_url", metavar="URL",
+                   help="Grafana's URL: the page links each node to its dashboard")
     p.add_argument("--reservations.file", dest="reservations_file", type=Path, metavar="FILE",
                    help=f"the reservations file (default: ${reservations.ENV_FILE})")
     p.add_argument("--admins", default="", metavar="NAME,...",
@@ -80,7 +98,11 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         auth_header=args.auth_header.strip() if args.auth_header else None,
         trusted_proxies=proxies, users_map=args.users_map,
         max_connections=args.max_connections, read_timeout=args.read_timeout,
-        log_level=args.log_level)
+        log_level=args.log_level,
+        refresh_seconds=parse_duration(args.refresh) if args.refresh is not None else None,
+        public_names=parse_bool(args.public_names, "--web.public-names"),
+        grafana_url=parse_url(args.grafana_url, "--web.grafana-url")
+        if args.grafana_url else None)
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:

@@ -1,7 +1,9 @@
 """The fleet as Prometheus sees it: one record per GPU, and which free GPUs to take.
 
-The state and the users come from the recording rule ``instance_gpu:gpuwatch_state:info``;
-model, memory and utilisation from the exporter's series, the reservation of a booked GPU from
+The state and the users come from the recording rule ``instance_gpu:gpuwatch_state:info``
+(its ``cluster`` label too, where the targets file sets one, and its evaluation time: when
+the grid was computed); model, memory, utilisation, temperature and the processes (pid, user,
+command, memory, start time) from the exporter's series, the reservation of a booked GPU from
 ``instance_gpu:gpuwatch_reserved_until:timestamp_seconds`` and the claim of a claimed one
 (``gpuwatch run``) from ``instance_gpu:gpuwatch_claimed_until:timestamp_seconds``, joined by
 (instance, gpu).
@@ -24,8 +26,10 @@ from gpuwatch.fleet.prometheus import Prometheus, Sample
 
 # One query for what the grid shows besides the state: names known to be plain series
 _DETAILS = (metrics.MEMORY_USED.name, metrics.MEMORY_TOTAL.name, metrics.UTILIZATION.name,
-            metrics.INFO.name, metrics.UP.name, states.INACTIVE_SINCE, states.RESERVED_UNTIL,
-            states.CLAIMED_UNTIL)
+            metrics.INFO.name, metrics.UP.name, metrics.TEMPERATURE.name, states.INACTIVE_SINCE,
+            states.RESERVED_UNTIL, states.CLAIMED_UNTIL)
+# Several series per GPU (one per process), in the same query
+_PROCESS_SERIES = (metrics.PROCESS_MEMORY.name, metrics.PROCESS_START.name)
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "127.0.0.1", "::1")
 
 
@@ -86,6 +90,19 @@ def _active_claim(sample: Sample) -> ActiveClaim:
 
 
 @dataclass(frozen=True)
+class GpuProcess:
+    """A process on a GPU, as the exporter's process collector lists it."""
+
+    pid: int
+    user: str
+    command: str
+    memory_bytes: float | None
+    """Device memory it holds; None when the exporter does not say."""
+    start_time: float | None
+    """Unix time it started; None when the exporter does not say."""
+
+
+@dataclass(frozen=True)
 class GpuStatus:
     host: str
     instance: str
@@ -104,10 +121,22 @@ class GpuStatus:
     """Its active reservation (gpuwatch reserve), whatever its state; None when not booked."""
     claim: ActiveClaim | None = None
     """Its active claim (gpuwatch run), whatever its state; None when not claimed."""
+    temperature_celsius: float | None = None
+    processes: tuple[GpuProcess, ...] = ()
+    """Its processes, the most memory first (those the exporter could not look up are not
+    here: nvidia_gpu_processes_unresolved counts them)."""
+    since: float | None = None
+    """Unix time since which it has been in its state, where the series tell: idle since it
+    went without work, busy since its oldest process started; None when unknown."""
+    cluster: str | None = None
+    """The target's ``cluster`` label (the targets file), None without one."""
+    updated: float | None = None
+    """Unix time of the rule evaluation its state comes from (how fresh it is)."""
 
     def to_json(self) -> dict[str, object]:
         out = asdict(self)
         out["users"] = list(self.users)
+        out["processes"] = [asdict(p) for p in self.processes]
         return out
 
 
@@ -125,9 +154,17 @@ def _key(labels: Mapping[str, str]) -> Key:
 def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
     """Every GPU Prometheus knows, sorted by host and index."""
     rows = prometheus.query(states.STATE_INFO)
+    evaluated = {_key(s.labels): s.value
+                 for s in prometheus.query(f"timestamp({states.STATE_INFO})")}
     details: dict[str, dict[Key, Sample]] = {name: {} for name in _DETAILS}
-    for s in prometheus.query(f'{{__name__=~"{"|".join(_DETAILS)}"}}'):
-        details.setdefault(s.labels.get("__name__", ""), {})[_key(s.labels)] = s
+    processes: dict[Key, dict[str, dict[str, Sample]]] = {}
+    for s in prometheus.query(f'{{__name__=~"{"|".join(_DETAILS + _PROCESS_SERIES)}"}}'):
+        name = s.labels.get("__name__", "")
+        if name in _PROCESS_SERIES:
+            processes.setdefault(_key(s.labels), {}).setdefault(
+                s.labels.get("pid", ""), {})[name] = s
+        else:
+            details.setdefault(name, {})[_key(s.labels)] = s
 
     def value(name: str, key: Key) -> float | None:
         found = details[name].get(key)
@@ -147,6 +184,8 @@ def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
         state = labels.get("state", "")
         if state != states.DOWN.name and value(metrics.UP.name, key) != 1:
             state = states.DOWN.name
+        inactive_since = value(states.INACTIVE_SINCE, key)
+        running = _processes(processes.get(key, {}))
         fleet.append(GpuStatus(
             host=labels.get("host") or labels.get("instance", ""),
             instance=labels.get("instance", ""),
@@ -159,11 +198,46 @@ def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
             memory_used_bytes=value(metrics.MEMORY_USED.name, key),
             memory_total_bytes=value(metrics.MEMORY_TOTAL.name, key),
             utilization_ratio=value(metrics.UTILIZATION.name, key),
-            inactive_since=value(states.INACTIVE_SINCE, key),
+            inactive_since=inactive_since,
             reservation=_active_reservation(reserved) if reserved is not None else None,
             claim=_active_claim(claimed) if claimed is not None else None,
+            temperature_celsius=value(metrics.TEMPERATURE.name, key),
+            processes=running,
+            since=_since(state, inactive_since, running),
+            cluster=labels.get("cluster") or None,
+            updated=evaluated.get(key),
         ))
     return sorted(fleet, key=lambda g: (g.host, g.instance, g.gpu))
+
+
+def _processes(series: Mapping[str, Mapping[str, Sample]]) -> tuple[GpuProcess, ...]:
+    """A GPU's processes from their memory and start-time series (keyed by pid)."""
+    found = []
+    for pid, by_name in series.items():
+        try:
+            number = int(pid)
+        except ValueError:
+            continue
+        memory = by_name.get(metrics.PROCESS_MEMORY.name)
+        start = by_name.get(metrics.PROCESS_START.name)
+        either = memory or start
+        labels = either.labels if either is not None else {}
+        found.append(GpuProcess(pid=number, user=labels.get("user", ""),
+                                command=labels.get("command", ""),
+                                memory_bytes=memory.value if memory is not None else None,
+                                start_time=start.value if start is not None else None))
+    return tuple(sorted(found, key=lambda p: (-(p.memory_bytes or 0.0), p.pid)))
+
+
+def _since(state: str, inactive_since: float | None,
+           running: Sequence[GpuProcess]) -> float | None:
+    """Since when the GPU is in its state, where its series tell."""
+    if state == states.IDLE.name:
+        return inactive_since
+    starts = [p.start_time for p in running if p.start_time is not None]
+    if state == states.BUSY.name and starts:
+        return min(starts)
+    return None
 
 
 def local_names(prometheus_url: str) -> list[str]:

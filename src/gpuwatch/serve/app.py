@@ -3,7 +3,9 @@ the exporter's server (gpuwatch.exporter.web.Server: TLS, basic auth's web confi
 connection cap and read timeout).
 
 Every answer of the API is JSON; a refusal is {"error": "one line"} with 400, 401, 403, 404,
-405, 409, 413 or 503, never a traceback. A write (POST, DELETE) from a browser is safe
+405, 409, 413 or 503, never a traceback. `/` is the lab's page (gpuwatch.serve.web: its files
+under /static/, with a strict Content-Security-Policy), `/runbook` the alerts' runbook
+(gpuwatch.serve.runbook). A write (POST, PATCH, DELETE) from a browser is safe
 against cross-site requests: a POST must say Content-Type: application/json (which a form
 cannot send without a CORS preflight this server never grants), and an Origin header, when
 present, must be the server's own origin.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import gzip
-import html
+import importlib
 import json
 import logging
 import re
@@ -33,6 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from gpuwatch import __version__
+from gpuwatch.contract import states
 from gpuwatch.exporter import encoding
 from gpuwatch.exporter.scrape import Exporter
 from gpuwatch.exporter.web import (
@@ -45,12 +48,18 @@ from gpuwatch.exporter.web import (
     serve,
 )
 from gpuwatch.fleet import GpuStatus, read_fleet
-from gpuwatch.fleet.prometheus import Prometheus
+from gpuwatch.fleet.prometheus import Prometheus, PrometheusError
 from gpuwatch.reservations import ReservationError
 from gpuwatch.serve.identity import Identifier, Identity, Refused, load_users_map
 from gpuwatch.serve.metrics import build_registry
-from gpuwatch.serve.options import ServeOptions
-from gpuwatch.serve.service import ApiError, FleetSource, Service
+from gpuwatch.serve.options import (
+    DEFAULT_REFRESH_SECONDS,
+    SCRAPE_INTERVAL_RECHECK_SECONDS,
+    ServeOptions,
+    parse_duration,
+)
+from gpuwatch.serve.service import ApiError, FleetSource, IntervalSource, Service
+from gpuwatch.serve.web import SECURITY_HEADERS, Asset, Assets
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +69,9 @@ MAX_BODY = 64 * 1024
 HEALTHY = "/-/healthy"
 METRICS = "/metrics"
 JSON_TYPE = "application/json"
-_WRITES = ("POST", "DELETE")
+_WRITES = ("POST", "PATCH", "DELETE")
+RUNBOOK_MODULE = "gpuwatch.serve.runbook"
+"""Answers /runbook with page() -> (body, content type)."""
 
 
 def _json(status: int, data: object, headers: Sequence[tuple[str, str]] = ()) -> Reply:
@@ -81,10 +92,13 @@ class _Route:
 
 _ROUTES: tuple[tuple[re.Pattern[str], _Route], ...] = tuple(
     (re.compile(pattern), _Route(methods, handler)) for pattern, methods, handler in (
-        (r"/", ("GET", "HEAD"), "landing"),
+        (r"/", ("GET", "HEAD"), "page"),
+        (r"/static/(?P<name>[A-Za-z0-9_.-]+)", ("GET", "HEAD"), "static"),
+        (r"/runbook", ("GET", "HEAD"), "runbook"),
+        (rf"{API}/session", ("GET", "HEAD"), "session"),
         (re.escape(METRICS), ("GET", "HEAD"), "metrics"),
         (rf"{API}/reservations", ("GET", "HEAD", "POST"), "reservations"),
-        (rf"{API}/reservations/(?P<id>[^/]+)", ("DELETE",), "reservation"),
+        (rf"{API}/reservations/(?P<id>[^/]+)", ("PATCH", "DELETE"), "reservation"),
         (rf"{API}/history", ("GET", "HEAD"), "history"),
         (rf"{API}/fleet", ("GET", "HEAD"), "fleet"),
         (rf"{API}/claims", ("GET", "HEAD", "POST"), "claims"),
@@ -110,10 +124,16 @@ class ServeApp:
     """The answers of `gpuwatch serve` (a gpuwatch.exporter.web.Application)."""
 
     def __init__(self, service: Service, identifier: Identifier, registry: Any,
-                 web_config: WebConfigSource, read_timeout: float = 30.0) -> None:
+                 web_config: WebConfigSource, read_timeout: float = 30.0, *,
+                 cadence: Cadence | None = None, public_names: bool = True,
+                 grafana_url: str | None = None, assets: Assets | None = None) -> None:
         self.service, self.identifier, self.registry = service, identifier, registry
         self._source = web_config
         self.read_timeout = read_timeout
+        self.cadence = cadence or Cadence(None, None)
+        self.public_names = public_names
+        self.grafana_url = grafana_url
+        self.assets = assets or Assets.load()
 
     @property
     def source(self) -> WebConfigSource:
@@ -163,8 +183,8 @@ class ServeApp:
             return Reply(reply.status, [*headers, *reply.headers], reply.body)
         if api:
             return _error(404, f"no such endpoint {path[:100]}; see docs/api.md", headers)
-        return Reply(404, [*headers, ("Content-Type", "text/plain; charset=utf-8")],
-                     b"Not Found\n")
+        return Reply(404, [*headers, ("Content-Type", "text/plain; charset=utf-8"),
+                           ("X-Content-Type-Options", "nosniff")], b"Not Found\n")
 
     # -- browser safety, bodies -----------------------------------------------------------
 
@@ -209,8 +229,42 @@ class ServeApp:
 
     # -- the routes -----------------------------------------------------------------------
 
-    async def landing(self, asked: _Asked) -> Reply:
-        return Reply(200, [("Content-Type", "text/html; charset=utf-8")], _landing().encode())
+    async def page(self, asked: _Asked) -> Reply:
+        return _asset_reply(self.assets.page, asked.question)
+
+    async def static(self, asked: _Asked) -> Reply:
+        asset = self.assets.get(asked.params["name"])
+        if asset is None:
+            return Reply(404, [("Content-Type", "text/plain; charset=utf-8"),
+                               *SECURITY_HEADERS], b"Not Found\n")
+        return _asset_reply(asset, asked.question)
+
+    async def runbook(self, asked: _Asked) -> Reply:
+        try:
+            module = importlib.import_module(RUNBOOK_MODULE)
+        except ModuleNotFoundError as e:
+            if e.name != RUNBOOK_MODULE:
+                raise
+            return Reply(404, [("Content-Type", "text/plain; charset=utf-8"),
+                               ("X-Content-Type-Options", "nosniff")],
+                         b"The runbook is not part of this version of gpuwatch serve; "
+                         b"see docs/ in the repository.\n")
+        body, content_type = await asked.run(module.page)
+        return Reply(200, [("Content-Type", content_type),
+                           ("X-Content-Type-Options", "nosniff")], body)
+
+    async def session(self, asked: _Asked) -> Reply:
+        interval = await asked.run(self.cadence.scrape_interval)
+        who = asked.who
+        return _json(200, {
+            "user": who.user, "admin": who.admin,
+            "refresh_seconds": self.cadence.refresh_seconds(interval),
+            "public_names": self.public_names, "grafana_url": self.grafana_url,
+            "stale_after_seconds": self.cadence.stale_after_seconds(interval),
+            "version": __version__})
+
+    def _hides_names(self, who: Identity) -> bool:
+        return not self.public_names and not who.known
 
     async def metrics(self, asked: _Asked) -> Reply:
         headers = asked.question.headers
@@ -226,9 +280,16 @@ class ServeApp:
         if asked.question.method == "POST":
             body = await self._body(asked)
             return _json(201, await asked.run(self.service.create_reservation, asked.who, body))
-        return _json(200, {"reservations": await asked.run(self.service.list_reservations)})
+        found: list[dict[str, Any]] = await asked.run(self.service.list_reservations)
+        if self._hides_names(asked.who):
+            found = [_without(r, "user", "comment") for r in found]
+        return _json(200, {"reservations": found})
 
     async def reservation(self, asked: _Asked) -> Reply:
+        if asked.question.method == "PATCH":
+            body = await self._body(asked)
+            return _json(200, await asked.run(self.service.extend_reservation, asked.who,
+                                              asked.params["id"], body))
         await asked.run(self.service.delete_reservation, asked.who, asked.params["id"])
         return _json(204, None)
 
@@ -237,13 +298,21 @@ class ServeApp:
 
     async def fleet(self, asked: _Asked) -> Reply:
         gpus: list[GpuStatus] = await asked.run(self.service.fleet)
-        return _json(200, {"gpus": [g.to_json() for g in gpus]})
+        hidden = self._hides_names(asked.who)
+        stamps = [g.updated for g in gpus if g.updated is not None]
+        return _json(200, {
+            "gpus": [_hide_names(g.to_json()) if hidden else g.to_json() for g in gpus],
+            "updated": min(stamps) if len(stamps) == len(gpus) and stamps else None,
+            "now": self.service.clock(), "names_hidden": hidden})
 
     async def claims(self, asked: _Asked) -> Reply:
         if asked.question.method == "POST":
             body = await self._body(asked)
             return _json(201, await asked.run(self.service.create_claim, asked.who, body))
-        return _json(200, {"claims": await asked.run(self.service.list_claims)})
+        found: list[dict[str, Any]] = await asked.run(self.service.list_claims)
+        if self._hides_names(asked.who):
+            found = [_without(c, "user") for c in found]
+        return _json(200, {"claims": found})
 
     async def claim(self, asked: _Asked) -> Reply:
         await asked.run(self.service.delete_claim, asked.who, asked.params["id"])
@@ -264,19 +333,88 @@ async def _read(request: web.BaseRequest) -> bytes:
         chunks.append(chunk)
 
 
-def _landing() -> str:
-    return f"""<!DOCTYPE html>
-<html><head><title>gpuwatch</title></head>
-<body><h1>gpuwatch</h1>
-<p>Bookings and claims of the lab's GPUs. Version {html.escape(__version__)}.</p>
-<ul>
-<li><a href="{API}/fleet">{API}/fleet</a>: every GPU, as <code>gpuwatch status --json</code></li>
-<li><a href="{API}/reservations">{API}/reservations</a>: the bookings</li>
-<li><a href="{API}/claims">{API}/claims</a>: the claims</li>
-<li><a href="{METRICS}">Metrics</a> &middot; <a href="{HEALTHY}">Health</a></li>
-</ul>
-</body></html>
-"""
+def _asset_reply(asset: Asset, question: Request) -> Reply:
+    """A file of the page, 304 when the asker has it already (its ETag)."""
+    headers = [("Content-Type", asset.content_type), ("ETag", asset.etag),
+               ("Cache-Control", "no-cache"), *SECURITY_HEADERS]
+    wanted = question.headers.get("if-none-match", "")
+    if asset.etag in (t.strip() for t in wanted.split(",")) or wanted.strip() == "*":
+        return Reply(304, headers, b"")
+    return Reply(200, headers, asset.body)
+
+
+def _without(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in keys}
+
+
+def _hide_names(gpu: dict[str, Any]) -> dict[str, Any]:
+    """A GPU of /api/v1/fleet without who uses, booked or claimed it, nor their commands."""
+    out = dict(gpu, users=[])
+    out["processes"] = [_without(p, "user", "command") for p in gpu.get("processes", [])]
+    if isinstance(gpu.get("reservation"), dict):
+        out["reservation"] = _without(gpu["reservation"], "user", "comment")
+    if isinstance(gpu.get("claim"), dict):
+        out["claim"] = _without(gpu["claim"], "user")
+    return out
+
+
+class Cadence:
+    """How often the page refreshes and when its data is stale: --web.refresh, else the
+    scrape interval of job gpuwatch as Prometheus says (asked at the first question and
+    again every few minutes; DEFAULT_REFRESH_SECONDS when it cannot say). Stale: older
+    than two scrape intervals."""
+
+    def __init__(self, fixed: float | None, source: IntervalSource | None,
+                 clock: Callable[[], float] = time.monotonic,
+                 recheck: float = SCRAPE_INTERVAL_RECHECK_SECONDS) -> None:
+        self.fixed, self.source, self.clock, self.recheck = fixed, source, clock, recheck
+        self._interval: float | None = None
+        self._asked: float | None = None
+        self._lock = threading.Lock()
+
+    def scrape_interval(self) -> float | None:
+        """Blocks while Prometheus is asked (once every `recheck` seconds)."""
+        if self.source is None:
+            return None
+        with self._lock:
+            moment = self.clock()
+            if self._asked is None or moment - self._asked >= self.recheck:
+                self._asked = moment
+                try:
+                    found = self.source()
+                except (PrometheusError, OSError, ValueError) as e:
+                    log.debug("the scrape interval is not known: %s", e)
+                else:
+                    self._interval = found if found is None or found > 0 else None
+            return self._interval
+
+    def refresh_seconds(self, interval: float | None) -> float:
+        return self.fixed or interval or DEFAULT_REFRESH_SECONDS
+
+    def stale_after_seconds(self, interval: float | None) -> float:
+        return 2 * (interval or self.fixed or DEFAULT_REFRESH_SECONDS)
+
+
+def prometheus_interval(url: str, timeout: float, ca_file: Path | None = None
+                        ) -> IntervalSource:
+    """The scrape interval of job gpuwatch: its targets' scrapeInterval (or the evaluation
+    interval of the state rules, when that is longer)."""
+
+    def interval() -> float | None:
+        prometheus = Prometheus.from_environment(url, timeout, ca_file=ca_file)
+        found = [parse_duration(str(t["scrapeInterval"]), "scrapeInterval")
+                 for t in prometheus.targets()
+                 if isinstance(t, dict) and isinstance(t.get("labels"), dict)
+                 and t["labels"].get("job") == states.JOB and t.get("scrapeInterval")]
+        if not found:
+            return None
+        evaluation = [float(g["interval"]) for g in prometheus.rules("record")
+                      if isinstance(g, dict) and isinstance(g.get("interval"), (int, float))
+                      and any(isinstance(r, dict) and r.get("name") == states.STATE_INFO
+                              for r in g.get("rules", []))]
+        return max(found + evaluation)
+
+    return interval
 
 
 # -- the service as a whole ------------------------------------------------------------------
@@ -363,9 +501,11 @@ def prometheus_fleet(url: str, timeout: float, ca_file: Path | None = None) -> F
 
 
 def build(options: ServeOptions, *, fleet: FleetSource | None = None,
-          clock: Callable[[], float] = time.time, tz: dt.tzinfo | None = None) -> Serving:
+          clock: Callable[[], float] = time.time, tz: dt.tzinfo | None = None,
+          interval: IntervalSource | None = None) -> Serving:
     """The service of the options, its socket bound. `fleet` stands in for Prometheus
-    (--prometheus), `clock` for the time, `tz` for the local zone (tests). ConfigError (web
+    (--prometheus), `clock` for the time, `tz` for the local zone, `interval` for the scrape
+    interval Prometheus has (tests; without it, and with `fleet`, none is known). ConfigError (web
     config), UsersMapError (--users.map), ReservationError/ValueError (the file's directory,
     the listen address) or OSError (cannot listen) when it cannot start."""
     path = options.reservations_file
@@ -379,9 +519,15 @@ def build(options: ServeOptions, *, fleet: FleetSource | None = None,
                                                       options.prometheus_timeout,
                                                       options.prometheus_ca_file),
                       clock=clock, tz=tz)
+    if interval is None and fleet is None:
+        interval = prometheus_interval(options.prometheus, options.prometheus_timeout,
+                                       options.prometheus_ca_file)
+    cadence = Cadence(options.refresh_seconds, interval)
     registry, exporter = build_registry(path, service.claims, clock,
                                         options.own_process_metrics)
-    app = ServeApp(service, identifier, registry, web_config, options.read_timeout)
+    app = ServeApp(service, identifier, registry, web_config, options.read_timeout,
+                   cadence=cadence, public_names=options.public_names,
+                   grafana_url=options.grafana_url)
     try:
         server = serve(app, options.listen_address, options.max_connections,
                        options.read_timeout)
@@ -394,8 +540,9 @@ def build(options: ServeOptions, *, fleet: FleetSource | None = None,
 
 
 def start(options: ServeOptions, *, fleet: FleetSource | None = None,
-          clock: Callable[[], float] = time.time, tz: dt.tzinfo | None = None) -> Serving:
+          clock: Callable[[], float] = time.time, tz: dt.tzinfo | None = None,
+          interval: IntervalSource | None = None) -> Serving:
     """build() and start(): a service answering in a thread (use it as a context manager)."""
-    serving = build(options, fleet=fleet, clock=clock, tz=tz)
+    serving = build(options, fleet=fleet, clock=clock, tz=tz, interval=interval)
     serving.start()
     return serving

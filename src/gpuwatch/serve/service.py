@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,15 @@ log = logging.getLogger(__name__)
 
 FleetSource = Callable[[], Sequence[GpuStatus]]
 """The fleet as Prometheus sees it now (gpuwatch.fleet.read_fleet); raises PrometheusError."""
+IntervalSource = Callable[[], float | None]
+"""The scrape interval of job gpuwatch in seconds as Prometheus has it; None when it cannot
+say; may raise PrometheusError."""
 
 MAX_FORCED_GPUS = 64
 """A forced booking of a host the fleet does not know may name GPUs 0 to this less one."""
 MAX_CLAIM_GPUS = 64
 _RESERVATION_KEYS = ("host", "gpus", "until", "start", "comment", "user", "force")
+_EXTEND_KEYS = ("until",)
 _CLAIM_KEYS = ("count", "host", "model", "minutes")
 _CLAIMABLE_STATES = (states.FREE.name, states.RESERVED.name, states.CLAIMED.name)
 """States Prometheus may show for a GPU nobody uses; whether it is booked or claimed the
@@ -168,6 +172,10 @@ class Service:
         self.max_claim_minutes = max_claim_minutes
         self.claims = ClaimBook()
         self._lock = threading.Lock()
+        self._seen: dict[tuple[str, int], tuple[str, float]] = {}
+        """(instance, gpu) -> (state, since): the state each GPU was last seen in and since
+        when it has been seen in it (a change seen between two readings of the fleet)."""
+        self._seen_lock = threading.Lock()
 
     # -- time, file, fleet ---------------------------------------------------------------
 
@@ -182,10 +190,34 @@ class Service:
                            "fix it") from None
 
     def fleet(self) -> list[GpuStatus]:
+        """The fleet now, each GPU's `since` filled in where its series do not tell and this
+        service saw it change to its state."""
         try:
-            return list(self.fleet_source())
+            gpus = list(self.fleet_source())
         except (PrometheusError, FleetError, OSError) as e:
             raise ApiError(503, f"the fleet is not known now: {e}") from None
+        return self._with_since(gpus)
+
+    def _with_since(self, gpus: list[GpuStatus]) -> list[GpuStatus]:
+        moment = self.clock()
+        out = []
+        with self._seen_lock:
+            seen, self._seen = self._seen, {}
+            first = not seen
+            for g in gpus:
+                key = (g.instance, g.gpu)
+                before = seen.get(key)
+                if before is not None and before[0] == g.state:
+                    since = before[1]
+                elif before is not None or not first:
+                    since = g.updated if g.updated is not None else moment  # a change seen
+                else:
+                    since = float("nan")  # in that state since before this service looked
+                self._seen[key] = (g.state, since)
+                if g.since is None and since == since:  # not nan
+                    g = replace(g, since=since)
+                out.append(g)
+        return out
 
     def _gpus_of(self, fleet: Sequence[GpuStatus], host: str, admin: bool) -> list[GpuStatus]:
         """The GPUs of the host as `gpuwatch status` names it (or, when none is named so
@@ -290,6 +322,47 @@ class Service:
         except (ValueError, OverflowError):  # a number past int()'s digit limit, say
             raise ApiError(400, f"{key}: {text[:40]!r}... is not a time: use "
                            f"{store.WHEN_FORMATS}") from None
+
+    def extend_reservation(self, who: Identity, reservation: str,
+                           data: Mapping[str, Any]) -> dict[str, Any]:
+        """A new end for a booking (longer or shorter), by its owner or an admin; the same
+        checks as a new booking (no one else's booking or claim of its GPUs then)."""
+        if who.user is None:
+            raise ApiError(401, "who are you? Changing a booking needs a user (basic auth or "
+                           "the proxy)")
+        body = _Body(data, _EXTEND_KEYS)
+        body.check_keys()
+        now = self.now()
+        until = self._when(body.text("until", required=True), now, True, "until")
+        if until <= now:
+            raise ApiError(400, f"until {iso(until)} is not in the future (now: {iso(now)})")
+        changed: list[Reservation] = []
+
+        def change(reservations: list[Reservation]) -> list[Reservation]:
+            for i, r in enumerate(reservations):
+                if r.id != reservation:
+                    continue
+                if not who.may_act_for(r.user):
+                    raise ApiError(403, f"{r.describe()} is {r.user}'s: only they or an admin "
+                                   "change it")
+                if r.start is not None and r.start >= until:
+                    raise ApiError(400, f"until {iso(until)} is not after its start "
+                                   f"{iso(r.start)}")
+                new = replace(r, until=until)
+                self._check_claims(new, now)
+                changed[:] = [new]
+                return [*reservations[:i], new, *reservations[i + 1:]]
+            raise NotFound(f"{self.path}: no booking has the id {reservation[:40]!r}")
+
+        with self._lock:
+            try:
+                stored = store.update(self.path, change, now, self.tz, action="update",
+                                      who=who.user, source=who.client)
+            except ReservationError as e:
+                raise store_error(e, self.path) from None
+        found = next(r for r in stored if r.id == reservation)
+        log.info("%s changed %s (id %s)", self._who(who), found.describe(), found.id)
+        return found.to_api()
 
     def delete_reservation(self, who: Identity, reservation: str) -> None:
         if who.user is None:
