@@ -170,8 +170,10 @@ class Fleet:
                  prometheus_config: Callable[[Path], None] | None = None,
                  web_users: Mapping[str, str] | None = None,
                  admins: Sequence[str] = (),
-                 serve_flags: Sequence[str] = ()) -> None:
-        """`prometheus_config` changes the rendered prometheus.yml before Prometheus starts
+                 serve_flags: Sequence[str] = (),
+                 alertmanager: str | None = None) -> None:
+        """`alertmanager` (HOST:PORT) is where Prometheus sends its alerts (none: nowhere).
+        `prometheus_config` changes the rendered prometheus.yml before Prometheus starts
         (a remote_write block, say). `web_users` (name -> password) become the basic-auth
         users of the service's web config, with SCRAPER beside them (Prometheus scrapes the
         service as it, and ask_service passes basic auth as it before naming the user in the
@@ -183,6 +185,7 @@ class Fleet:
         self.alert_for = dict(alert_for or {})
         self.initial_reservations = list(reservations)
         self.prometheus_config = prometheus_config
+        self.alertmanager = alertmanager
         self.targets = workdir / "targets"
         self.reservations_file = workdir / "reservations.yml"
         self.nodes: list[RunningNode] = []
@@ -235,7 +238,8 @@ class Fleet:
             localstack.Overrides(scrape_interval=every, evaluation_interval=every,
                                  refresh_interval=every, thresholds=self.overrides,
                                  alert_for=self.alert_for),
-            reservations=f"{LOCALHOST}:{self.reservations_port}")
+            reservations=f"{LOCALHOST}:{self.reservations_port}",
+            alertmanager=self.alertmanager, prometheus=f"{LOCALHOST}:{self.port}")
         if self.web_config is not None:
             password_file = self.workdir / "scraper-password"
             password_file.write_text(self.scraper_password)

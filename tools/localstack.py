@@ -121,42 +121,78 @@ def render_rules(source: Path, dest: Path, overrides: Overrides) -> set[str]:
     return done
 
 
-PROMETHEUS_CONFIG_PLUGIN = (SOURCE_DIR.parent / "ansible" / "roles" / "gpuwatch_prometheus"
-                            / "filter_plugins" / "gpuwatch_prometheus.py")
+PLUGINS = SOURCE_DIR.parent / "ansible" / "roles"
+PROMETHEUS_CONFIG_PLUGIN = (PLUGINS / "gpuwatch_prometheus" / "filter_plugins"
+                            / "gpuwatch_prometheus.py")
 """The one rendering of prometheus.yml: the Ansible role deploys with it (as a filter), and
 render_config here calls the same function."""
+ALERTMANAGER_CONFIG_PLUGIN = (PLUGINS / "gpuwatch_alertmanager" / "filter_plugins"
+                              / "gpuwatch_alertmanager.py")
+"""The one rendering of alertmanager.yml (the receivers and the users' routes), which
+render_alertmanager_config calls."""
+ALERTMANAGER_SOURCE = SOURCE_DIR / "alertmanager" / "alertmanager.yml"
 
 
 @functools.cache
-def prometheus_config_plugin() -> ModuleType:
-    """PROMETHEUS_CONFIG_PLUGIN as a module (its prometheus_config is the rendering)."""
-    spec = importlib.util.spec_from_file_location("gpuwatch_prometheus_config",
-                                                  PROMETHEUS_CONFIG_PLUGIN)
-    if not PROMETHEUS_CONFIG_PLUGIN.is_file() or spec is None or spec.loader is None:
-        raise LocalStackError(f"{PROMETHEUS_CONFIG_PLUGIN}: missing; restore it with "
-                              f"git checkout -- {PROMETHEUS_CONFIG_PLUGIN}")
+def _plugin(path: Path) -> ModuleType:
+    """The filter plugin at `path` as a module."""
+    spec = importlib.util.spec_from_file_location(f"gpuwatch_plugin_{path.stem}", path)
+    if not path.is_file() or spec is None or spec.loader is None:
+        raise LocalStackError(f"{path}: missing; restore it with git checkout -- {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def prometheus_config_plugin() -> ModuleType:
+    """PROMETHEUS_CONFIG_PLUGIN as a module (its prometheus_config is the rendering)."""
+    return _plugin(PROMETHEUS_CONFIG_PLUGIN)
+
+
+def alertmanager_config_plugin() -> ModuleType:
+    """ALERTMANAGER_CONFIG_PLUGIN as a module (its alertmanager_config is the rendering)."""
+    return _plugin(ALERTMANAGER_CONFIG_PLUGIN)
+
+
 def render_config(dest: Path, targets_dir: Path, overrides: Overrides | None = None,
-                  source: Path = SOURCE_DIR, reservations: str | None = None) -> Path:
+                  source: Path = SOURCE_DIR, reservations: str | None = None,
+                  alertmanager: str | None = None, prometheus: str | None = None,
+                  runbook_url: str | None = None) -> Path:
     """Writes prometheus.yml and its rule files under `dest`, reading targets from
     `targets_dir` and the bookings from the reservations endpoint at `reservations`
     (HOST:PORT; None leaves that job out); returns the path of the configuration.
+
+    Alerts go to the Alertmanager at `alertmanager` (HOST:PORT), which the alertmanager job
+    scrapes; None sends them nowhere and leaves that job out, so a run without one never
+    reaches an Alertmanager that happens to listen on the usual port. The prometheus job
+    scrapes `prometheus` (HOST:PORT: the address this Prometheus will listen on); None leaves
+    it out. `runbook_url` replaces the external label the alerts' runbook links start with.
 
     prometheus.yml is the Ansible role's rendering (PROMETHEUS_CONFIG_PLUGIN) with this
     run's settings."""
     overrides = overrides or Overrides()
     source_config = yaml.safe_load((source / "prometheus.yml").read_text())
+    plugin = prometheus_config_plugin()
+    jobs = {job.get("job_name") for job in source_config.get("scrape_configs") or []}
+    without = [] if reservations is not None else [states.RESERVATIONS_JOB]
+    services: dict[str, Any] = {}
+    if "alerting" in source_config:
+        services["alertmanagers"] = [alertmanager] if alertmanager else []
+    if alertmanager is None and plugin.ALERTMANAGER_JOB in jobs:
+        without.append(plugin.ALERTMANAGER_JOB)
+    if prometheus is not None:
+        services["prometheus_address"] = prometheus
+    elif plugin.PROMETHEUS_JOB in jobs:
+        without.append(plugin.PROMETHEUS_JOB)
+    if runbook_url is not None:
+        services["runbook_url"] = runbook_url
     settings: dict[str, str] = {}
     if overrides.scrape_interval:
         settings["scrape_interval"] = settings["scrape_timeout"] = overrides.scrape_interval
     if overrides.evaluation_interval:
         settings["evaluation_interval"] = overrides.evaluation_interval
     try:
-        config = prometheus_config_plugin().prometheus_config(
+        config = plugin.prometheus_config(
             source_config, rules_dir=str(dest / "rules"), file_sd_dir=str(targets_dir),
             global_settings=settings,
             file_sd_settings=({"refresh_interval": overrides.refresh_interval}
@@ -164,7 +200,7 @@ def render_config(dest: Path, targets_dir: Path, overrides: Overrides | None = N
             scrape_config_overrides=(
                 {states.RESERVATIONS_JOB: {"static_configs": [{"targets": [reservations]}]}}
                 if reservations is not None else None),
-            without_jobs=(states.RESERVATIONS_JOB,) if reservations is None else ())
+            without_jobs=without, **services)
     except ValueError as e:
         raise LocalStackError(f"{source / 'prometheus.yml'}: {e}") from e
     done: set[str] = set()
@@ -174,6 +210,25 @@ def render_config(dest: Path, targets_dir: Path, overrides: Overrides | None = N
     if unknown:
         raise LocalStackError(f"overrides for rules that do not exist: {sorted(unknown)}")
     path = dest / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def render_alertmanager_config(dest: Path, users: Mapping[str, Any] | None = None,
+                               admins: Mapping[str, Any] | None = None,
+                               timings: Mapping[str, str] | None = None,
+                               source: Path = ALERTMANAGER_SOURCE) -> Path:
+    """Writes alertmanager.yml to `dest` (a directory): the repository's base with the
+    receivers `admins` and one per user of `users` (Unix user name -> {email, webhook_url}),
+    rendered by the Ansible role's filter (ALERTMANAGER_CONFIG_PLUGIN), and `timings`
+    (group_wait, group_interval, repeat_interval) for a short run; returns its path."""
+    try:
+        config = alertmanager_config_plugin().alertmanager_config(
+            yaml.safe_load(source.read_text()), users, admins, timings=timings)
+    except ValueError as e:
+        raise LocalStackError(f"{source}: {e}") from e
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / "alertmanager.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -339,6 +394,31 @@ def prometheus(config: Path, data_dir: Path, port: int, log: Path) -> Service:
                     f"--storage.tsdb.path={data_dir}",
                     f"--web.listen-address={LOCALHOST}:{port}", "--log.level=warn"],
                    f"http://{LOCALHOST}:{port}/-/ready", log)
+
+
+ALERTMANAGER_BINARIES = ("prometheus-alertmanager", "alertmanager")
+"""Debian's name for the server, then upstream's."""
+
+
+def alertmanager_binary() -> str:
+    for name in ALERTMANAGER_BINARIES:
+        found = shutil.which(name)
+        if found is not None:
+            return found
+    raise LocalStackError("prometheus-alertmanager is not installed: run "
+                          "scripts/ensure-alertmanager (Debian's package)")
+
+
+def alertmanager(config: Path, data_dir: Path, port: int, log: Path) -> Service:
+    """An Alertmanager with `config`, its silences and notification log in `data_dir`, alone
+    (clustering off: no gossip port)."""
+    url = f"http://{LOCALHOST}:{port}"
+    return Service(f"alertmanager on port {port}",
+                   [alertmanager_binary(), f"--config.file={config}",
+                    f"--storage.path={data_dir}", f"--web.listen-address={LOCALHOST}:{port}",
+                    f"--web.external-url={url}", "--cluster.listen-address=",
+                    "--log.level=warn"],
+                   f"{url}/-/ready", log)
 
 
 def grafana_missing() -> str | None:
