@@ -104,8 +104,12 @@ def from_netrc(host: str, environ: Mapping[str, str],
 
 
 def lookup(url: str, variables: Variables, environ: Mapping[str, str]) -> Auth | None:
-    """The credentials for `url` (see the module's docstring for the order); None: none."""
-    parsed = urllib.parse.urlsplit(url)
+    """The credentials for `url` (see the module's docstring for the order); None: none, or
+    a URL that is none (its client says so)."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:
+        return None
     host = parsed.hostname or ""
 
     def netrc_password(login: str) -> tuple[str, str] | None:
