@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -266,10 +267,16 @@ class Service:
     """A child process that serves HTTP on 127.0.0.1: started, awaited, stopped."""
 
     def __init__(self, name: str, argv: Sequence[str], ready_url: str, log: Path,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None,
+                 ready_headers: Mapping[str, str] | None = None,
+                 ready_context: ssl.SSLContext | None = None) -> None:
+        """`ready_headers` and `ready_context` (TLS) are for a ready_url behind basic auth
+        or https."""
         self.name = name
         self.argv = list(argv)
         self.ready_url = ready_url
+        self.ready_headers = dict(ready_headers or {})
+        self.ready_context = ready_context
         self.log = log
         self.env = dict(env) if env is not None else None
         self._process: subprocess.Popen[bytes] | None = None
@@ -285,7 +292,9 @@ class Service:
                 raise LocalStackError(f"{self.name} exited with {self._process.returncode}: "
                                       f"{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.ready_url, timeout=1):
+                with urllib.request.urlopen(
+                        urllib.request.Request(self.ready_url, headers=self.ready_headers),
+                        timeout=1, context=self.ready_context):
                     return
             except (urllib.error.URLError, OSError):
                 time.sleep(0.1)
@@ -387,13 +396,20 @@ def prometheus_binary() -> str:
     return found
 
 
-def prometheus(config: Path, data_dir: Path, port: int, log: Path) -> Service:
-    """A Prometheus server with `config`, its data in `data_dir`."""
+def prometheus(config: Path, data_dir: Path, port: int, log: Path,
+               web_config: Path | None = None, ready_headers: Mapping[str, str] | None = None,
+               ready_context: ssl.SSLContext | None = None) -> Service:
+    """A Prometheus server with `config`, its data in `data_dir`; `web_config` is its
+    --web.config.file (basic auth, TLS), and then `ready_headers` (an Authorization) and
+    `ready_context` (https, trusting its CA) reach its /-/ready."""
+    web = [f"--web.config.file={web_config}"] if web_config is not None else []
+    scheme = "https" if ready_context is not None else "http"
     return Service(f"prometheus on port {port}",
                    [prometheus_binary(), f"--config.file={config}",
                     f"--storage.tsdb.path={data_dir}",
-                    f"--web.listen-address={LOCALHOST}:{port}", "--log.level=warn"],
-                   f"http://{LOCALHOST}:{port}/-/ready", log)
+                    f"--web.listen-address={LOCALHOST}:{port}", "--log.level=warn", *web],
+                   f"{scheme}://{LOCALHOST}:{port}/-/ready", log,
+                   ready_headers=ready_headers, ready_context=ready_context)
 
 
 ALERTMANAGER_BINARIES = ("prometheus-alertmanager", "alertmanager")
