@@ -145,7 +145,8 @@ def test_errors_name_the_inventory_variables() -> None:
 
 def test_email_needs_an_smtp_server() -> None:
     refused(r"^an e-mail address is given but no smtp_smarthost or smtp_from; set the SMTP "
-            r"server and sender in the global settings$", {"bob": {"email": "bob@example.org"}})
+            r"server and sender \(smtp_smarthost, smtp_from\) in gpuwatch_alertmanager_smtp$",
+            {"bob": {"email": "bob@example.org"}}, global_key="gpuwatch_alertmanager_smtp")
     refused(r"but no smtp_from;", admins={"email": "root@example.org"},
             global_settings={"smtp_smarthost": "localhost:25"})
 

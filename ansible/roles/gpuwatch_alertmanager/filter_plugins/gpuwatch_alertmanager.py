@@ -136,7 +136,7 @@ def alertmanager_config(base: Mapping[str, Any], users: Mapping[str, Any] | None
                         timings: Mapping[str, Any] | None = None,
                         global_settings: Mapping[str, Any] | None = None,
                         users_key: str = "users", admins_key: str = "admins",
-                        ) -> dict[str, Any]:
+                        global_key: str = "global_settings") -> dict[str, Any]:
     """alertmanager.yml from the repository's `base` (parsed):
 
     - `admins` ({email: ADDRESS, webhook_url: URL}, either or both; empty: alerts only show
@@ -150,11 +150,11 @@ def alertmanager_config(base: Mapping[str, Any], users: Mapping[str, Any] | None
     - `global_settings` merged into `global` (smtp_smarthost, smtp_from, ...: needed once
       there is an e-mail address).
 
-    `users_key` and `admins_key` are how the errors name the two maps (the inventory's
-    variables). Raises ValueError, one line naming the entry and the fix, for a user name
-    that is not a Unix user name, an e-mail address or URL that is not one, an entry with
-    unknown keys or none, e-mail without an SMTP server, or a base without the routes and
-    receiver above.
+    `users_key`, `admins_key` and `global_key` are how the errors name the two maps and the
+    global settings (the inventory's variables). Raises ValueError, one line naming the
+    entry and the fix, for a user name that is not a Unix user name, an e-mail address or URL
+    that is not one, an entry with unknown keys or none, e-mail without an SMTP server, or a
+    base without the routes and receiver above.
     """
     config: dict[str, Any] = _plain(base)
     route = config.get("route")
@@ -212,7 +212,7 @@ def alertmanager_config(base: Mapping[str, Any], users: Mapping[str, Any] | None
         missing = [k for k in SMTP if not (config.get("global") or {}).get(k)]
         if missing:
             raise ValueError(f"an e-mail address is given but no {' or '.join(missing)}; set "
-                             f"the SMTP server and sender in the global settings")
+                             f"the SMTP server and sender ({', '.join(SMTP)}) in {global_key}")
     return config
 
 
