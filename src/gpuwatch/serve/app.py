@@ -203,10 +203,10 @@ class ServeApp:
         if origin is not None and origin.strip().lower().rstrip("/") != \
                 self.own_origin(question):
             raise ApiError(403, f"a write from another origin ({origin[:100]}) is refused")
-        if question.method == "POST":
+        if question.method in ("POST", "PATCH"):  # the writes with a body
             content_type = question.headers.get("content-type", "")
             if content_type.split(";")[0].strip().lower() != JSON_TYPE:
-                raise ApiError(403, f"a POST must have Content-Type: {JSON_TYPE}")
+                raise ApiError(403, f"a {question.method} must have Content-Type: {JSON_TYPE}")
 
     async def _body(self, asked: _Asked) -> dict[str, Any]:
         request = asked.request

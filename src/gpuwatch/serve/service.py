@@ -349,6 +349,10 @@ class Service:
                     raise ApiError(400, f"until {iso(until)} is not after its start "
                                    f"{iso(r.start)}")
                 new = replace(r, until=until)
+                for other in reservations:
+                    if other is not r and not other.expired(now) and other.overlaps(new):
+                        raise Conflict(f"{self.path}: {r.host} is booked then already: "
+                                       f"{other.describe()}")
                 self._check_claims(new, now)
                 changed[:] = [new]
                 return [*reservations[:i], new, *reservations[i + 1:]]

@@ -101,9 +101,10 @@
       }
     }
     if (response.ok) return { ok: true, status: response.status, data: data, error: "" };
-    const said = data && typeof data.error === "string" ? data.error : response.statusText;
+    const said = data && typeof data.error === "string" ? data.error : "";
     return { ok: false, status: response.status, data: data,
-      error: "HTTP " + response.status + ": " + (said || "refused") };
+      error: said || "the service answered HTTP " + response.status + " " +
+        (response.statusText || "without a reason") };
   }
 
   // -- what a GPU is now -----------------------------------------------------------------
@@ -449,7 +450,7 @@
       comment: $("book-comment").value } });
     $("book-submit").disabled = false;
     if (!answer.ok) {
-      $("book-error").textContent = "Not booked: " + answer.error;
+      $("book-error").textContent = "The booking was not made: " + answer.error;
       return;
     }
     bookDialog.close();
@@ -478,10 +479,12 @@
       const mayChange = admin || r.user === user;
       const what = r.host + " GPU " + gpus;
       return '<tr data-id="' + esc(r.id) + '" class="' + (r.user === user ? "mine" : "") +
-        (ended ? " ended" : "") + '"><td>' + esc(r.host) + "</td><td>" + esc(gpus) +
-        "</td><td>" + esc(r.user || "") + "</td><td>" +
-        esc(when(Date.parse(r.until) / 1000)) + (ended ? " (ended)" : "") + "</td><td>" +
-        esc(r.comment || "") + "</td><td>" + (mayChange ?
+        (ended ? " ended" : "") + '"><td data-label="Host">' + esc(r.host) +
+        '</td><td data-label="GPUs">' + esc(gpus) +
+        '</td><td data-label="User">' + esc(r.user || "") + '</td><td data-label="Until">' +
+        esc(when(Date.parse(r.until) / 1000)) + (ended ? " (ended)" : "") +
+        '</td><td data-label="Comment">' + esc(r.comment || "") +
+        '</td><td class="actions">' + (mayChange ?
           '<button type="button" class="extend" data-id="' + esc(r.id) + '">Extend' +
           '<span class="visually-hidden"> ' + esc(what) + "</span></button> " +
           '<button type="button" class="release" data-id="' + esc(r.id) + '">Release' +
@@ -501,7 +504,7 @@
       const answer = await ask(API + "/reservations/" + encodeURIComponent(id),
         { method: "DELETE" });
       button.disabled = false;
-      $("bookings-error").textContent = answer.ok ? "" : "Not released: " + answer.error;
+      $("bookings-error").textContent = answer.ok ? "" : "The booking was not released: " + answer.error;
       await refresh();
     } else if (button.classList.contains("extend")) {
       page.extending = r;
@@ -530,7 +533,7 @@
       { method: "PATCH", body: { until: until } });
     $("extend-submit").disabled = false;
     if (!answer.ok) {
-      $("extend-error").textContent = "Not changed: " + answer.error;
+      $("extend-error").textContent = "The booking was not changed: " + answer.error;
       return;
     }
     $("extend-dialog").close();
@@ -568,12 +571,12 @@
       page.fetchedAt = performance.now();
       page.problem = "";
     } else if (fleet.status === 503) {
-      page.problem = "Prometheus cannot be asked, so the GPUs' states are not known now: " +
-        fleet.error.replace(/^HTTP 503: /, "") + ". No GPU is shown free.";
+      page.problem = "Prometheus cannot be asked, so the GPUs' states are not known now (" +
+        fleet.error + "). No GPU is shown free.";
     } else if (fleet.status === 0) {
       page.problem = fleet.error + ". No GPU is shown free.";
     } else {
-      page.problem = "The fleet cannot be read: " + fleet.error + ". No GPU is shown free.";
+      page.problem = "The fleet cannot be read (" + fleet.error + "). No GPU is shown free.";
     }
     if (reservations && reservations.ok) {
       page.reservations = reservations.data.reservations || [];
