@@ -14,6 +14,10 @@ Two tables:
   the sum over all GPUs. "NVML done" is when the scrape's last NVML answer came: the reads;
   what follows is turning readings into families and text (the exposition alone is shown).
 
+NVML calls are counted at the pynvml boundary of the simulator: the calls on a GPU per GPU
+per scrape (the device count, one per scrape for the node, apart), after the warm-up, so
+what is read once per device (names, thresholds, maximum clocks and link) is not in them.
+
 It prints figures next to the targets and asserts nothing about time. `--quick` is the
 smoke run the tests use: every node, a few scrapes each.
 """
@@ -29,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +62,10 @@ CPU_TARGET_NODE = (8, 64)
 CPU_TARGET_SECONDS = 0.005
 RSS_TARGET_BYTES = 40 * 2**20
 WALL_TARGET_RATIO = 1.3
+CALLS_TARGET = 15
+"""NVML calls per GPU per scrape, for a GPU without MIG."""
+NODE_CALLS = frozenset({"nvmlInit", "nvmlDeviceGetCount"})
+"""Library calls, once per node: not a GPU's."""
 
 PROCESS_CAP = 1024
 """--process.max-per-gpu: far above any node here, so every process is exported."""
@@ -102,6 +111,7 @@ def measure_node(gpus: int, processes: int, budget: Budget, latency: float = 0.0
         slowest_shares: list[float] = []
         serial_shares: list[float] = []
         nvml_done: list[float] = []
+        calls_before = Counter(sim.calls)
         cpu_start, start = time.process_time(), time.perf_counter()
         while len(walls) < budget.max_scrapes and (
                 len(walls) < budget.min_scrapes
@@ -115,6 +125,8 @@ def measure_node(gpus: int, processes: int, budget: Budget, latency: float = 0.0
             slowest_shares.append(max(shares, default=0.0))
             serial_shares.append(sum(shares))
         cpu = time.process_time() - cpu_start
+        calls = Counter(sim.calls)
+        calls.subtract(calls_before)
         peak_rss = _peak_rss_bytes()
         text = encoding.text(registry).decode()
         families = list(registry.collect())
@@ -136,6 +148,8 @@ def measure_node(gpus: int, processes: int, budget: Budget, latency: float = 0.0
         "peak_rss": peak_rss,
         "slowest_shares": slowest_shares, "serial_shares": serial_shares,
         "nvml_done": nvml_done,
+        "gpu_calls": {f: n / len(walls) / gpus for f, n in sorted(calls.items())
+                      if n and f not in NODE_CALLS},
     }
 
 
@@ -231,11 +245,17 @@ def _environment() -> str:
             f"{cpus} CPUs{f' ({model})' if model else ''}")
 
 
+def calls_per_gpu(result: dict[str, Any]) -> float:
+    """NVML calls on a GPU, per GPU per scrape."""
+    return float(sum(result["gpu_calls"].values()))
+
+
 def scrape_table(quick: bool, out: Any) -> list[dict[str, Any]]:
     print("Scrape cost: collection + text exposition, in-process; NVML answers at once; "
           "a fresh process per node", file=out)
     header = (f"{'GPUs':>4} {'procs':>5} {'samples':>7} {'scrapes':>7} {'median ms':>9} "
-              f"{'p99 ms':>7} {'CPU ms/scrape':>13} {'exposition ms':>13} {'peak RSS MiB':>12}")
+              f"{'p99 ms':>7} {'CPU ms/scrape':>13} {'exposition ms':>13} {'peak RSS MiB':>12} "
+              f"{'NVML calls/GPU':>14}")
     print(header, file=out)
     results = []
     for r in run_nodes(NODES, quick):
@@ -244,7 +264,7 @@ def scrape_table(quick: bool, out: Any) -> list[dict[str, Any]]:
         print(f"{gpus:>4} {processes:>5} {r['samples']:>7} {r['scrapes']:>7} "
               f"{_ms(statistics.median(r['walls'])):>9} {_ms(_p99(r['walls'])):>7} "
               f"{_ms(r['cpu_per_scrape']):>13} {_ms(r['exposition_cpu']):>13} "
-              f"{r['peak_rss'] / 2**20:>12.1f}", file=out, flush=True)
+              f"{r['peak_rss'] / 2**20:>12.1f} {calls_per_gpu(r):>14.1f}", file=out, flush=True)
     return results
 
 
@@ -288,6 +308,12 @@ def report(quick: bool, out: Any = sys.stdout) -> None:
           f"{_ms(target['library_exposition_cpu'])} ms; OpenMetrics, which Prometheus asks "
           f"for first: ours {_ms(target['openmetrics_cpu'])} ms, prometheus_client's "
           f"{_ms(target['library_openmetrics_cpu'])} ms)", file=out)
+    calls = max(calls_per_gpu(r) for r in scrapes)
+    print(f"  NVML calls per GPU per scrape (no MIG), most of all nodes: {calls:.1f} (and one "
+          f"device count per scrape for the node); target <= {CALLS_TARGET}: "
+          f"{_verdict(calls <= CALLS_TARGET)}", file=out)
+    print("    (" + ", ".join(f"{f.removeprefix('nvmlDevice')} {n:g}"
+                              for f, n in target["gpu_calls"].items()) + ")", file=out)
     rss = max(r["peak_rss"] for r in scrapes)
     print(f"  peak RSS, largest of all nodes: {rss / 2**20:.1f} MiB; target "
           f"< {RSS_TARGET_BYTES / 2**20:g} MiB: {_verdict(rss < RSS_TARGET_BYTES)}", file=out)
