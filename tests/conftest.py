@@ -18,7 +18,8 @@ from paths import REPO
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
-APT_PROGRAMS = {"promtool": "scripts/ensure-prometheus (Debian's prometheus package)"}
+APT_PROGRAMS = {"promtool": "scripts/ensure-prometheus (Debian's prometheus package)",
+                "chromium": "scripts/ensure-chromium (Debian's chromium package)"}
 """Fixture name -> what installs the program; `make test` runs every one of them."""
 
 
