@@ -13,10 +13,11 @@ import yaml
 from paths import REPO as ROOT
 from promql import metric_names
 
-from gpuwatch.contract import metrics, states
+from gpuwatch.contract import metrics, ports, states
 from gpuwatch.contract.prometheus import SCRAPE_SERIES
 from gpuwatch.contract.thresholds import IDLE_DURATION
 from gpuwatch.exporter import main as exporter_main
+from gpuwatch.serve import runbook
 from tools import localstack
 
 PROMETHEUS = ROOT / "prometheus"
@@ -25,6 +26,15 @@ PROMTOOL_TESTS = sorted((PROMETHEUS / "tests").glob("*_test.yml"))
 DOCS = (ROOT / "docs" / "prometheus.md").read_text()
 RUNBOOK = ROOT / "docs" / "runbook.md"
 SEVERITIES = {"critical", "warning", "info"}
+AUDIENCES = {"user", "admins"}
+"""Who an alert is for (the contract with prometheus/alertmanager/, which routes by it): a
+person named in its user label, or the admins."""
+RUNBOOK_URL = "{{ $externalLabels.runbook_url }}#"
+"""How every runbook_url starts: the one address of the runbook, prometheus.yml's external
+label, then the section's anchor."""
+SELF_JOBS = ("prometheus", "alertmanager")
+"""The self-scrape jobs of prometheus.yml (meta-monitoring), named by the alerts contract."""
+META_RULES = PROMETHEUS / "rules" / "meta.yml"
 
 
 def run(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -127,10 +137,76 @@ def test_alert_has_for_severity_summary_description_and_runbook(alert: dict[str,
     annotations = alert.get("annotations", {})
     for key in ("summary", "description"):
         assert annotations.get(key, "").strip(), f"{name}: no {key}"
-    page, _, anchor = annotations.get("runbook_url", "").partition("#")
-    assert page == "docs/runbook.md", f"{name}: runbook_url {annotations.get('runbook_url')}"
+    url = annotations.get("runbook_url", "")
+    assert url.startswith(RUNBOOK_URL), f"{name}: runbook_url {url} is not under {RUNBOOK_URL}"
+    anchor = url.removeprefix(RUNBOOK_URL)
     assert anchor == name.lower(), f"{name}: the runbook section is {name}"
     assert anchor in _runbook_anchors(), f"{name}: docs/runbook.md has no section #{anchor}"
+
+
+def _served_anchors() -> set[str]:
+    return set(re.findall(r'<h[1-6] id="([^"]+)"', runbook.page()[0].decode()))
+
+
+@pytest.mark.parametrize("alert", alerts(), ids=lambda a: a["alert"])
+def test_alert_runbook_url_is_a_section_of_the_served_runbook(alert: dict[str, Any]) -> None:
+    """The page gpuwatch serve answers at /runbook has the section the alert links to, under
+    the anchor GitHub gives it too."""
+    anchor = alert["annotations"]["runbook_url"].removeprefix(RUNBOOK_URL)
+    assert anchor in _served_anchors(), f"{alert['alert']}: /runbook has no #{anchor}"
+    assert anchor == runbook.anchor(alert["alert"])
+
+
+def test_the_runbook_url_is_one_setting_of_prometheus_yml() -> None:
+    """An absolute URL, by default the runbook gpuwatch serve serves on its default port."""
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    url = config["global"]["external_labels"]["runbook_url"]
+    assert url == f"http://localhost:{ports.RESERVATIONS_PORT}/runbook"
+    assert exporter_main.RESERVATIONS_LISTEN_ADDRESS.endswith(f":{ports.RESERVATIONS_PORT}")
+
+
+def test_every_alert_has_one_audience() -> None:
+    for alert in alerts():
+        assert alert["labels"].get("audience") in AUDIENCES, alert["alert"]
+
+
+def _firing_alerts(name: str) -> list[list[dict[str, Any]]]:
+    """The expected alerts of every case in which `name` fires."""
+    return [case["exp_alerts"] for t in _promtool_cases() for case in t.get("alert_rule_test", [])
+            if case["alertname"] == name and case.get("exp_alerts")]
+
+
+@pytest.mark.parametrize("alert", alerts(), ids=lambda a: a["alert"])
+def test_an_alert_for_a_user_names_them_and_only_those_do(alert: dict[str, Any]) -> None:
+    """Audience user: the promtool cases show the alert firing with the person in its user
+    label (Alertmanager routes on it); audience admins: never with a user label."""
+    named = {bool(a["exp_labels"].get("user")) for fired in _firing_alerts(alert["alert"])
+             for a in fired}
+    if alert["labels"]["audience"] == "user":
+        assert True in named, f"{alert['alert']}: no promtool case fires it with a user"
+    else:
+        assert named == {False}, f"{alert['alert']}: for the admins, yet names a user"
+
+
+@pytest.mark.parametrize("alert", [a for a in alerts()
+                                   if "nvidia_gpu_user_processes" in a["expr"]],
+                         ids=lambda a: a["alert"])
+def test_one_alert_per_user_where_several_hold_a_gpu(alert: dict[str, Any]) -> None:
+    """An alert about the users of a GPU fires once for each of them (a case where two users
+    share a GPU proves it), so each is told about their own part."""
+    assert alert["labels"]["audience"] == "user"
+    shared = []
+    for fired in _firing_alerts(alert["alert"]):
+        keys = [(a["exp_labels"]["instance"], a["exp_labels"]["gpu"], a["exp_labels"].get("user"))
+                for a in fired]
+        assert len(keys) == len(set(keys)), f"{alert['alert']}: two alerts for one user"
+        per_gpu = {(i, g) for i, g, _ in keys}
+        shared += [gpu for gpu in per_gpu
+                   if len({u for i, g, u in keys if (i, g) == gpu and u}) > 1]
+    assert shared, f"{alert['alert']}: no promtool case with two users on one GPU"
+    assert "users" not in {label for fired in _firing_alerts(alert["alert"])
+                           for a in fired for label in a["exp_labels"]}, \
+        "the list of holders would change the alert's identity when one comes or goes"
 
 
 @pytest.mark.parametrize("alert", alerts(), ids=lambda a: a["alert"])
@@ -139,10 +215,10 @@ def test_alert_texts_name_the_host(alert: dict[str, Any]) -> None:
         assert "$labels.host" in alert["annotations"][key], f"{alert['alert']}: {key}"
 
 
-def test_idle_alert_names_the_users() -> None:
+def test_idle_alert_names_the_user() -> None:
     annotations = rule("GpuHeldIdle")["annotations"]
-    assert "$labels.users" in annotations["summary"]
-    assert "$labels.users" in annotations["description"]
+    assert "$labels.user " in annotations["summary"]
+    assert "$labels.user " in annotations["description"]
 
 
 def test_runbook_lists_the_critical_xids_of_the_alerts() -> None:
@@ -172,21 +248,50 @@ def _selected_names() -> dict[str, set[str]]:
     return names
 
 
+def _meta_alerts() -> set[str]:
+    return {r["alert"] for r in localstack.rules(localstack.load_rules(META_RULES))}
+
+
 def test_rules_read_only_metrics_of_the_contract_or_of_other_rules() -> None:
+    """The meta-monitoring alerts read Prometheus' and Alertmanager's own metrics instead
+    (test_meta_live.py finds each of them in the real programs' /metrics)."""
     known = {m.name for m in metrics.ALL} | records() | set(SCRAPE_SERIES)
-    unknown = {name: sorted(found - known) for name, found in _selected_names().items()
-               if found - known}
+    own = ("prometheus_", "alertmanager_")
+    unknown = {name: sorted(n for n in found - known
+                            if not (name in _meta_alerts() and n.startswith(own)))
+               for name, found in _selected_names().items()}
+    unknown = {name: names for name, names in unknown.items() if names}
     assert not unknown, f"rules reading metrics that nothing produces: {unknown}"
+    assert all(n.startswith(own) or n in SCRAPE_SERIES for name in _meta_alerts()
+               for n in _selected_names()[name])
 
 
 def test_rules_read_the_exporters_job_by_name() -> None:
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     assert [job["job_name"] for job in config["scrape_configs"]] == \
-        [states.JOB, states.RESERVATIONS_JOB]
+        [states.JOB, states.RESERVATIONS_JOB, *SELF_JOBS]
     for r in all_rules():
         for job in re.findall(r'\bup\{job="([^"]*)"\}', r["expr"]):
-            assert job in (states.JOB, states.RESERVATIONS_JOB), r.get("record") or r.get("alert")
+            assert job in (states.JOB, states.RESERVATIONS_JOB, *SELF_JOBS), \
+                r.get("record") or r.get("alert")
         assert not re.search(r"\bup\b(?!\{job=)", _STRINGS.sub("", r["expr"])), r
+
+
+def test_prometheus_sends_alerts_to_and_scrapes_the_stack_on_its_own_host() -> None:
+    """alerting: the Alertmanager beside Prometheus; the self-scrape jobs: Prometheus on the
+    port the gpuwatch command asks by default, Alertmanager on its port; both with the host
+    relabelling of the nodes, so the meta alerts name the monitoring host."""
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    alertmanager = f"127.0.0.1:{ports.ALERTMANAGER_PORT}"
+    assert config["alerting"] == {"alertmanagers": [
+        {"static_configs": [{"targets": [alertmanager]}]}]}
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    prometheus_port = ports.PROMETHEUS_URL.rsplit(":", 1)[1]
+    assert jobs["prometheus"]["static_configs"] == [
+        {"targets": [f"127.0.0.1:{prometheus_port}"]}]
+    assert jobs["alertmanager"]["static_configs"] == [{"targets": [alertmanager]}]
+    for name in SELF_JOBS:
+        assert jobs[name]["relabel_configs"] == jobs[states.JOB]["relabel_configs"]
 
 
 def test_the_reservations_job_scrapes_the_endpoint_where_it_listens() -> None:
@@ -305,9 +410,10 @@ def test_docs_list_every_recording_rule() -> None:
     assert documented - {"gpuwatch:threshold_*:constant"} == records() - thresholds
 
 
-def test_docs_list_every_alert_with_its_severity_and_for() -> None:
-    documented = {r[0]: (r[1], r[2]) for r in _table("## Alerts")}
-    assert documented == {a["alert"]: (a["labels"]["severity"], a["for"]) for a in alerts()}
+def test_docs_list_every_alert_with_its_severity_audience_and_for() -> None:
+    documented = {r[0]: (r[1], r[2], r[3]) for r in _table("## Alerts")}
+    assert documented == {a["alert"]: (a["labels"]["severity"], a["labels"]["audience"],
+                                       a["for"]) for a in alerts()}
 
 
 def _docs_consul_block() -> dict[str, Any]:
@@ -402,17 +508,30 @@ def test_generated_variant_differs_from_the_source_only_by_its_overrides(
                                      refresh_interval="3s", thresholds={idle: 4},
                                      alert_for={"GpuLost": "5s"})
     config_path = localstack.render_config(tmp_path / "out", tmp_path / "targets", overrides,
-                                           source=PROMETHEUS, reservations="127.0.0.1:19840")
+                                           source=PROMETHEUS, reservations="127.0.0.1:19840",
+                                           alertmanager="127.0.0.1:19093",
+                                           prometheus="127.0.0.1:19090",
+                                           runbook_url="http://127.0.0.1:19840/runbook")
     result = run(promtool, "check", "config", str(config_path))
     assert result.returncode == 0, result.stdout + result.stderr
     config = yaml.safe_load(config_path.read_text())
     source = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     assert config["global"] == {**source["global"], "scrape_interval": "1s",
-                                "scrape_timeout": "1s", "evaluation_interval": "2s"}
-    [job, reservations], [source_job, source_reservations] = \
+                                "scrape_timeout": "1s", "evaluation_interval": "2s",
+                                "external_labels": {
+                                    **source["global"]["external_labels"],
+                                    "runbook_url": "http://127.0.0.1:19840/runbook"}}
+    [job, reservations, prometheus, alertmanager], \
+        [source_job, source_reservations, source_prometheus, source_alertmanager] = \
         config["scrape_configs"], source["scrape_configs"]
     assert reservations == {**source_reservations,
                             "static_configs": [{"targets": ["127.0.0.1:19840"]}]}
+    assert prometheus == {**source_prometheus,
+                          "static_configs": [{"targets": ["127.0.0.1:19090"]}]}
+    assert alertmanager == {**source_alertmanager,
+                            "static_configs": [{"targets": ["127.0.0.1:19093"]}]}
+    assert config["alerting"] == {"alertmanagers": [
+        {"static_configs": [{"targets": ["127.0.0.1:19093"]}]}]}
     assert job["relabel_configs"] == source_job["relabel_configs"]
     assert job["file_sd_configs"] == [{"files": [str(tmp_path / "targets" / "*.yml")],
                                        "refresh_interval": "3s"}]
@@ -428,6 +547,8 @@ def test_generated_variant_differs_from_the_source_only_by_its_overrides(
 
 
 def test_a_variant_without_a_reservations_endpoint_leaves_its_job_out(tmp_path: Path) -> None:
+    """... and without an Alertmanager or its own address, the self-scrape jobs too: a short
+    run never scrapes, or sends alerts to, whatever listens on the usual ports."""
     config_path = localstack.render_config(tmp_path / "out", tmp_path / "targets",
                                            source=PROMETHEUS)
     config = yaml.safe_load(config_path.read_text())
