@@ -15,6 +15,14 @@
  *   init_delay_ms <ms>                         nvmlInit takes that long
  *   count <n>                                  nvmlDeviceGetCount answers n (default: gpu lines)
  *   log <function|*>                           append "<function> <gpu>" to $FAKENVML_LOG per call
+ *   field <gpu|*> <field_id> <value>           what nvmlDeviceGetFieldValues answers for the field
+ *   field_error <gpu|*> <field_id> <code>      the field's own nvmlReturn in that call
+ *   pcie <gpu> <generation> <width>            the link as it runs (default 5 16, the maximum)
+ *
+ * nvmlDeviceGetFieldValues answers each field as the function that reads it alone would: a
+ * "hang" or "error" of nvmlDeviceGetPowerUsage hangs the call, or fails the power fields.
+ * Fields without a value are NOT_SUPPORTED, except the defaults of field_default(); NVLink
+ * fields only with "field <gpu> 91 <links>" (NVML_FI_DEV_NVLINK_LINK_COUNT).
  *
  * <function> is the C symbol (nvmlDeviceGetHandleByIndex_v2, nvmlDeviceGetMemoryInfo_v2, ...).
  * A GPU that comes back (no longer lost, or present again) loses its event registrations, as a
@@ -71,11 +79,14 @@ struct gpu { int present, lost; char uuid[NAME_LEN], name[NAME_LEN]; unsigned lo
 struct proc { int gpu, graphics; unsigned pid; unsigned long long used; };
 struct fault { int gpu; char function[64]; long value; }; /* gpu -1: any; value: code or ms */
 struct xid { int gpu; unsigned long long code; char id[32]; };
+struct field { int gpu; unsigned id; long long value; }; /* gpu -1: any; value or code */
 
 static struct state {
     struct gpu gpus[MAX_GPUS];
-    int count, nprocs, nerrors, nhangs, nxids, nlogs, init_error;
+    int count, nprocs, nerrors, nhangs, nxids, nlogs, nfields, nfield_errors, init_error;
     long init_delay_ms;
+    struct field fields[MAX_ITEMS], field_errors[MAX_ITEMS];
+    unsigned pcie[MAX_GPUS][2]; /* generation, width as the link runs; 0: the maximum */
     struct proc procs[MAX_ITEMS];
     struct fault errors[MAX_ITEMS], hangs[MAX_ITEMS];
     struct xid xids[MAX_ITEMS];
@@ -141,6 +152,12 @@ static void parse_line(struct state *s, char *line) {
         s->init_delay_ms = atol(a);
     } else if (strcmp(word, "count") == 0) {
         s->count = atoi(a);
+    } else if ((strcmp(word, "field") == 0 && s->nfields < MAX_ITEMS) ||
+               (strcmp(word, "field_error") == 0 && s->nfield_errors < MAX_ITEMS)) {
+        struct field *f = word[5] == '\0' ? &s->fields[s->nfields++] : &s->field_errors[s->nfield_errors++];
+        f->gpu = parse_gpu(a), f->id = (unsigned)strtoul(b, NULL, 10), f->value = atoll(c);
+    } else if (strcmp(word, "pcie") == 0 && (index = atoi(a)) >= 0 && index < MAX_GPUS) {
+        s->pcie[index][0] = (unsigned)atoi(b), s->pcie[index][1] = (unsigned)atoi(c);
     } else if (strcmp(word, "log") == 0 && s->nlogs < MAX_ITEMS) {
         snprintf(s->logs[s->nlogs++], sizeof s->logs[0], "%s", a);
     }
@@ -453,6 +470,135 @@ nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t device, int type, int coun
     *count = 0;
     return leave(NVML_SUCCESS);
 }
+
+/* -- health: PCIe link, row remapping -------------------------------------------------------- */
+
+#define PCIE_MAX_GENERATION 5u
+#define PCIE_MAX_WIDTH 16u
+QUERY(nvmlDeviceGetMaxPcieLinkGeneration, unsigned int, PCIE_MAX_GENERATION)
+QUERY(nvmlDeviceGetMaxPcieLinkWidth, unsigned int, PCIE_MAX_WIDTH)
+QUERY(nvmlDeviceGetCurrPcieLinkGeneration, unsigned int,
+      st.pcie[gpu][0] ? st.pcie[gpu][0] : PCIE_MAX_GENERATION)
+QUERY(nvmlDeviceGetCurrPcieLinkWidth, unsigned int, st.pcie[gpu][1] ? st.pcie[gpu][1] : PCIE_MAX_WIDTH)
+
+/* NVML_FI_DEV_* ids of nvml.h */
+enum {
+    FI_ECC_CURRENT = 1, FI_ECC_SBE_VOL = 3, FI_ECC_DBE_VOL = 4, FI_ECC_SBE_AGG = 5, FI_ECC_DBE_AGG = 6,
+    FI_RETIRED_SBE = 29, FI_RETIRED_DBE = 30, FI_RETIRED_PENDING = 31,
+    FI_NVLINK_CRC_FLIT = 38, FI_NVLINK_CRC_DATA = 45, FI_NVLINK_REPLAY = 52, FI_NVLINK_RECOVERY = 59,
+    FI_ENERGY = 83, FI_NVLINK_LINK_COUNT = 91, FI_PCIE_REPLAY = 94,
+    FI_REMAPPED_COR = 142, FI_REMAPPED_UNC = 143, FI_REMAPPED_PENDING = 144, FI_REMAPPED_FAILURE = 145,
+    FI_NVLINK_STATE = 165, FI_POWER_AVERAGE = 185, FI_POWER_INSTANT = 186, FI_POWER_LIMIT = 190,
+};
+enum { VALUE_UNSIGNED_LONG_LONG = 3 };
+
+typedef struct {
+    unsigned int fieldId, scopeId;
+    long long timestamp, latencyUsec;
+    int valueType;
+    nvmlReturn_t nvmlReturn;
+    union { double dVal; unsigned int uiVal; unsigned long ulVal; unsigned long long ullVal;
+            long long sllVal; int siVal; unsigned short usVal; } value;
+} nvmlFieldValue_t;
+
+/* The function that reads the field alone: its "hang" and "error" lines apply to the field. */
+static const char *field_function(unsigned id) {
+    switch (id) {
+    case FI_POWER_AVERAGE: case FI_POWER_INSTANT: return "nvmlDeviceGetPowerUsage";
+    case FI_POWER_LIMIT: return "nvmlDeviceGetEnforcedPowerLimit";
+    case FI_ENERGY: return "nvmlDeviceGetTotalEnergyConsumption";
+    case FI_ECC_CURRENT: case FI_ECC_SBE_VOL: case FI_ECC_DBE_VOL: case FI_ECC_SBE_AGG:
+    case FI_ECC_DBE_AGG: return "nvmlDeviceGetTotalEccErrors";
+    case FI_REMAPPED_COR: case FI_REMAPPED_UNC: case FI_REMAPPED_PENDING:
+    case FI_REMAPPED_FAILURE: return "nvmlDeviceGetRemappedRows";
+    case FI_PCIE_REPLAY: return "nvmlDeviceGetPcieReplayCounter";
+    default: return "";
+    }
+}
+
+static const struct field *find_field(const struct field *fields, int n, unsigned id, int gpu) {
+    for (int i = 0; i < n; i++)
+        if (fields[i].id == id && (fields[i].gpu == -1 || fields[i].gpu == gpu))
+            return &fields[i];
+    return NULL;
+}
+
+static unsigned long long power_mw(int gpu, const struct gpu *g) { return 70000u + 1000u * (unsigned)gpu + 2000u * g->util; }
+
+/* A field's value as the control file and the defaults give it; NOT_SUPPORTED if none. */
+static nvmlReturn_t field_value(int gpu, const struct gpu *g, unsigned id, unsigned scope, unsigned long long *out) {
+    const struct field *set = find_field(st.fields, st.nfields, id, gpu);
+    const struct field *links = find_field(st.fields, st.nfields, FI_NVLINK_LINK_COUNT, gpu);
+    if (set != NULL && id != FI_NVLINK_STATE) {
+        *out = (unsigned long long)set->value;
+        return NVML_SUCCESS;
+    }
+    switch (id) {
+    case FI_POWER_AVERAGE: case FI_POWER_INSTANT: *out = power_mw(gpu, g); return NVML_SUCCESS;
+    case FI_POWER_LIMIT: *out = 350000; return NVML_SUCCESS;
+    case FI_ENERGY: *out = 1000000ULL * (unsigned)gpu + 70ULL * (unsigned long long)ms_since(&started); return NVML_SUCCESS;
+    case FI_ECC_CURRENT: *out = 1; return NVML_SUCCESS;
+    case FI_ECC_SBE_VOL: case FI_ECC_DBE_VOL: case FI_ECC_SBE_AGG: case FI_ECC_DBE_AGG:
+    case FI_REMAPPED_COR: case FI_REMAPPED_UNC: case FI_REMAPPED_PENDING: case FI_REMAPPED_FAILURE:
+    case FI_PCIE_REPLAY:
+        *out = 0;
+        return NVML_SUCCESS;
+    case FI_NVLINK_CRC_FLIT: case FI_NVLINK_CRC_DATA: case FI_NVLINK_REPLAY: case FI_NVLINK_RECOVERY:
+        *out = 0;
+        return links != NULL && links->value > 0 ? NVML_SUCCESS : NVML_ERROR_NOT_SUPPORTED;
+    case FI_NVLINK_STATE: /* "field <gpu> 165 <n>": the last n links are down */
+        if (links == NULL || (long long)scope >= links->value)
+            return links == NULL ? NVML_ERROR_NOT_SUPPORTED : NVML_ERROR_INVALID_ARGUMENT;
+        *out = set != NULL && (long long)scope >= links->value - set->value ? 0 : 1;
+        return NVML_SUCCESS;
+    default:
+        return NVML_ERROR_NOT_SUPPORTED;
+    }
+}
+
+nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int count, nvmlFieldValue_t *values) {
+    DEVICE_CALL(device);
+    if (count < 0 || (count > 0 && values == NULL))
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    for (int i = 0; i < count; i++) { /* a hung field hangs the call */
+        const char *function = field_function(values[i].fieldId);
+        while (find(st.hangs, st.nhangs, function, gpu) != NULL) {
+            pthread_mutex_unlock(&mu);
+            sleep_ms(5);
+            pthread_mutex_lock(&mu);
+            reload();
+        }
+    }
+    g = &st.gpus[gpu];
+    for (int i = 0; i < count; i++) {
+        nvmlFieldValue_t *v = &values[i];
+        const struct fault *error = find(st.errors, st.nerrors, field_function(v->fieldId), gpu);
+        const struct field *field_error = find_field(st.field_errors, st.nfield_errors, v->fieldId, gpu);
+        unsigned long long value = 0;
+        v->timestamp = ms_since(&started) * 1000, v->latencyUsec = 0;
+        v->valueType = VALUE_UNSIGNED_LONG_LONG;
+        v->nvmlReturn = field_error != NULL ? (nvmlReturn_t)field_error->value
+                        : error != NULL ? (nvmlReturn_t)error->value
+                        : field_value(gpu, g, v->fieldId, v->scopeId, &value);
+        v->value.ullVal = v->nvmlReturn == NVML_SUCCESS ? value : 0;
+    }
+    return leave(NVML_SUCCESS);
+}
+
+static unsigned field_or_zero(int gpu, const struct gpu *g, unsigned id) {
+    unsigned long long value = 0;
+    return field_value(gpu, g, id, 0, &value) == NVML_SUCCESS ? (unsigned)value : 0;
+}
+
+nvmlReturn_t nvmlDeviceGetRemappedRows(nvmlDevice_t device, unsigned int *corrected, unsigned int *uncorrected,
+                                       unsigned int *pending, unsigned int *failure) {
+    DEVICE_CALL(device);
+    *corrected = field_or_zero(gpu, g, FI_REMAPPED_COR), *uncorrected = field_or_zero(gpu, g, FI_REMAPPED_UNC);
+    *pending = field_or_zero(gpu, g, FI_REMAPPED_PENDING), *failure = field_or_zero(gpu, g, FI_REMAPPED_FAILURE);
+    return leave(NVML_SUCCESS);
+}
+
+QUERY(nvmlDeviceGetPcieReplayCounter, unsigned int, field_or_zero(gpu, g, FI_PCIE_REPLAY))
 
 /* -- running processes: the count-then-fill protocol of every variant -------------------------- */
 

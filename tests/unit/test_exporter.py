@@ -283,17 +283,17 @@ def test_the_xid_watcher_thread_counts_events_in_the_background() -> None:
 
 
 def test_a_hung_nvml_call_fails_the_collection_not_the_scrape() -> None:
-    node = build("gpus:\n  - {}\n  - {hang: [nvmlDeviceGetPowerUsage]}\n", SHORT_TIMEOUT)
+    node = build("gpus:\n  - {}\n  - {hang: [nvmlDeviceGetTemperature]}\n", SHORT_TIMEOUT)
     text = node.text()
     assert 'nvidia_gpu_scrape_collector_success{collector="gpu"} 0.0' in text
     assert 'nvidia_gpu_utilization_ratio{gpu="0"' in text
     assert 'nvidia_gpu_utilization_ratio{gpu="1"' not in text
-    calls = node.sim.calls["nvmlDeviceGetPowerUsage"]
+    calls = node.sim.calls["nvmlDeviceGetTemperature"]
     assert calls == 2  # GPU 0 answered, GPU 1 is stuck in it
     # the hung call has not returned: that GPU is not read again, the scrape still answers
     text = node.text()
     assert 'nvidia_gpu_scrape_collector_success{collector="gpu"} 0.0' in text
-    assert node.sim.calls["nvmlDeviceGetPowerUsage"] == calls + 1
+    assert node.sim.calls["nvmlDeviceGetTemperature"] == calls + 1
     node.sim.release_hangs()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and \
@@ -304,13 +304,13 @@ def test_a_hung_nvml_call_fails_the_collection_not_the_scrape() -> None:
 
 
 def test_concurrent_scrapes_share_one_collection() -> None:
-    node = build("gpus:\n  - {hang: [nvmlDeviceGetPowerUsage]}\n",
+    node = build("gpus:\n  - {hang: [nvmlDeviceGetTemperature]}\n",
                  replace(OPTIONS, collection_timeout=10))
     results: list[str] = []
     first = threading.Thread(target=lambda: results.append(node.text()))
     first.start()
     deadline = time.monotonic() + 5
-    while node.sim.calls["nvmlDeviceGetPowerUsage"] == 0 and time.monotonic() < deadline:
+    while node.sim.calls["nvmlDeviceGetTemperature"] == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     second = threading.Thread(target=lambda: results.append(node.text()))
     second.start()
@@ -342,8 +342,10 @@ def wait_until(check, seconds: float = 5.0) -> bool:
     return False
 
 
-def test_a_hung_gpu_is_down_with_a_reason_and_its_neighbours_up() -> None:
-    node = build("gpus:\n  - {}\n  - {hang: [nvmlDeviceGetPowerUsage]}\n", SHORT_TIMEOUT)
+@pytest.mark.parametrize("function", ["nvmlDeviceGetTemperature", "nvmlDeviceGetPowerUsage"])
+def test_a_hung_gpu_is_down_with_a_reason_and_its_neighbours_up(function: str) -> None:
+    # the power reading hangs nvmlDeviceGetFieldValues, which asks for it
+    node = build(f"gpus:\n  - {{}}\n  - {{hang: [{function}]}}\n", SHORT_TIMEOUT)
     hung, fine = uuid_of(None, 1), uuid_of(None, 0)
     try:
         text = node.text()  # one scrape: value() would scrape again
@@ -405,15 +407,33 @@ def test_a_hung_initialisation_is_nvml_down_and_the_scrape_answers(function: str
 
 @pytest.mark.parametrize("error", ["Unknown", "GPUIsLost"])
 def test_one_fields_error_costs_that_field_only(error: str, caplog) -> None:
+    node = build(f"gpus:\n  - errors: {{nvmlDeviceGetTemperature: {error}}}\n")
+    labels = gpu(0, uuid_of(None, 0))
+    text = node.text()
+    assert node.value("nvidia_gpu_up", **labels) == 1
+    assert 'nvidia_gpu_temperature_celsius{gpu="0"' not in text
+    assert node.value("nvidia_gpu_power_limit_watts", **labels) == 400
+    assert node.value("nvidia_gpu_processes", **labels) == 0
+    node.text()
+    assert sum("nvmlDeviceGetTemperature" in r.message for r in caplog.records) == 1
+    node.close()
+
+
+@pytest.mark.parametrize("error", ["Unknown", "GPUIsLost"])
+def test_one_field_values_error_costs_that_value_only(error: str, caplog) -> None:
+    # the power fields answer with the error of nvmlDeviceGetPowerUsage, in the one call
     node = build(f"gpus:\n  - errors: {{nvmlDeviceGetPowerUsage: {error}}}\n")
     labels = gpu(0, uuid_of(None, 0))
     text = node.text()
     assert node.value("nvidia_gpu_up", **labels) == 1
     assert 'nvidia_gpu_power_usage_watts{gpu="0"' not in text
     assert node.value("nvidia_gpu_power_limit_watts", **labels) == 400
-    assert node.value("nvidia_gpu_processes", **labels) == 0
+    assert node.value("nvidia_gpu_energy_joules_total", **labels) is not None
+    logged = sum("nvmlDeviceGetFieldValues field" in r.message for r in caplog.records)
     node.text()
-    assert sum("nvmlDeviceGetPowerUsage" in r.message for r in caplog.records) == 1
+    assert logged > 0  # once per field (average and instant power)
+    assert sum("nvmlDeviceGetFieldValues field" in r.message for r in caplog.records) == logged
+    assert node.sim.calls["nvmlDeviceGetPowerUsage"] == 0  # a failure is not "not there"
     node.close()
 
 

@@ -116,6 +116,54 @@ ECC_ERRORS = _counter("nvidia_gpu_ecc_errors_total",
                       "ECC memory errors; scope volatile since the last driver load, aggregate "
                       "over the GPU's life.", labels=("type", "scope"))
 
+# Health signals. The PCIe link is served always; the others are zero on a healthy GPU and
+# are served from the first time they are not (one series per GPU and signal would be a
+# third of a GPU's series budget, docs/scale.md): absent means zero or not supported.
+PCIE_LINK_GENERATION = _gauge("nvidia_gpu_pcie_link_generation",
+                              "PCIe generation the GPU's link runs at now (nvidia-smi "
+                              "pcie.link.gen.current); many GPUs drop it while idle to save "
+                              "power. Read at most once a minute.", "pcie_link_generation")
+PCIE_LINK_GENERATION_MAX = _gauge("nvidia_gpu_pcie_link_generation_max",
+                                  "Highest PCIe generation the GPU and the slot allow "
+                                  "(nvidia-smi pcie.link.gen.max).", "pcie_link_generation_max")
+PCIE_LINK_WIDTH = _gauge("nvidia_gpu_pcie_link_width",
+                         "PCIe lanes the GPU's link runs with now (nvidia-smi "
+                         "pcie.link.width.current). Read at most once a minute.",
+                         "pcie_link_width")
+PCIE_LINK_WIDTH_MAX = _gauge("nvidia_gpu_pcie_link_width_max",
+                             "Most PCIe lanes the GPU and the slot allow (nvidia-smi "
+                             "pcie.link.width.max).", "pcie_link_width_max")
+PCIE_REPLAYS = _counter("nvidia_gpu_pcie_replays_total",
+                        "PCIe packets the GPU's link had to send again (nvidia-smi "
+                        "pcie.replay_counter) since the driver was loaded; served from the "
+                        "first replay on.")
+REMAPPED_ROWS = _counter("nvidia_gpu_remapped_rows_total",
+                         "Memory rows remapped to spare rows over the GPU's life, by the cause "
+                         "(correctable or uncorrectable ECC errors; nvidia-smi -q "
+                         "\"Remapped Rows\"); served from the first remapped row of the cause "
+                         "on.", labels=("cause",))
+ROW_REMAP_PENDING = _gauge("nvidia_gpu_row_remap_pending",
+                           "1 while a row remapping waits for a GPU reset to take effect; "
+                           "served from the first time one does.")
+ROW_REMAP_FAILURE = _gauge("nvidia_gpu_row_remap_failure",
+                           "1 when a row remapping failed (no spare row left): the GPU needs "
+                           "replacing; served from the first time one fails.")
+RETIRED_PAGES = _counter("nvidia_gpu_retired_pages_total",
+                         "Memory pages retired over the GPU's life (GPUs before row remapping), "
+                         "by the cause (single_bit_ecc: many corrected errors, double_bit_ecc); "
+                         "served from the first retired page of the cause on.",
+                         labels=("cause",))
+RETIRED_PAGES_PENDING = _gauge("nvidia_gpu_retired_pages_pending",
+                               "1 while a page retirement waits for a GPU reset or reboot; "
+                               "served from the first time one does.")
+NVLINK_ERRORS = _counter("nvidia_gpu_nvlink_errors_total",
+                         "NVLink errors summed over the GPU's links, by type (crc_flit, "
+                         "crc_data, replay, recovery), since the driver was loaded; served from "
+                         "the first error of the type on.", labels=("type",))
+NVLINK_LINKS_INACTIVE = _gauge("nvidia_gpu_nvlink_links_inactive",
+                               "NVLinks of the GPU that are not active; served from the first "
+                               "time one is not.")
+
 XID_ERRORS = _counter("nvidia_gpu_xid_errors_total",
                       "Xid critical errors reported by the driver since the exporter started.",
                       labels=("xid",), collector="xid")

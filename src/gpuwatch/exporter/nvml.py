@@ -74,9 +74,54 @@ ECC_TYPES = {"corrected": pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
 ECC_SCOPES = {"volatile": pynvml.NVML_VOLATILE_ECC, "aggregate": pynvml.NVML_AGGREGATE_ECC}
 COMPUTE_MODES = {0: "default", 1: "exclusive_thread", 2: "prohibited", 3: "exclusive_process"}
 
+# Field ids of nvmlDeviceGetFieldValues (nvml.h's NVML_FI_DEV_*): many values in one call.
+FI_ECC_CURRENT = pynvml.NVML_FI_DEV_ECC_CURRENT
+FI_ECC_TOTALS = {  # (type, scope) of nvidia_gpu_ecc_errors_total -> field, in the served order
+    ("corrected", "volatile"): pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL,
+    ("corrected", "aggregate"): pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL,
+    ("uncorrected", "volatile"): pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
+    ("uncorrected", "aggregate"): pynvml.NVML_FI_DEV_ECC_DBE_AGG_TOTAL,
+}
+FI_RETIRED_SBE = pynvml.NVML_FI_DEV_RETIRED_SBE
+FI_RETIRED_DBE = pynvml.NVML_FI_DEV_RETIRED_DBE
+FI_RETIRED_PENDING = pynvml.NVML_FI_DEV_RETIRED_PENDING
+FI_NVLINK_ERRORS = {  # type label of nvidia_gpu_nvlink_errors_total -> total over the links
+    "crc_flit": pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL,
+    "crc_data": pynvml.NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL,
+    "replay": pynvml.NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL,
+    "recovery": pynvml.NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL,
+}
+FI_ENERGY = pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION
+FI_NVLINK_LINK_COUNT = pynvml.NVML_FI_DEV_NVLINK_LINK_COUNT
+FI_PCIE_REPLAYS = pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER
+FI_REMAPPED_COR = pynvml.NVML_FI_DEV_REMAPPED_COR
+FI_REMAPPED_UNC = pynvml.NVML_FI_DEV_REMAPPED_UNC
+FI_REMAPPED_PENDING = pynvml.NVML_FI_DEV_REMAPPED_PENDING
+FI_REMAPPED_FAILURE = pynvml.NVML_FI_DEV_REMAPPED_FAILURE
+FI_NVLINK_STATE = pynvml.NVML_FI_DEV_NVLINK_GET_STATE
+"""Scoped: the scope id is the link."""
+FI_POWER_AVERAGE = pynvml.NVML_FI_DEV_POWER_AVERAGE
+FI_POWER_INSTANT = pynvml.NVML_FI_DEV_POWER_INSTANT
+FI_POWER_LIMIT = pynvml.NVML_FI_DEV_POWER_CURRENT_LIMIT
+NVLINK_STATE_ACTIVE = pynvml.NVML_NVLINK_STATE_ACTIVE
+PAGE_RETIREMENT_SBE = pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS
+PAGE_RETIREMENT_DBE = pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR
+_VALUE_MEMBERS = {  # nvmlValueType_t -> the member of nvmlValue_t that holds it
+    pynvml.NVML_VALUE_TYPE_DOUBLE: "dVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_INT: "siVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT: "usVal",
+}
+
 # The field is simply not there on this device, or not for us: leave it out.
 _ABSENT = frozenset({ERROR_NOT_SUPPORTED, ERROR_NO_PERMISSION, ERROR_NOT_FOUND, ERROR_NO_DATA,
                      ERROR_FUNCTION_NOT_FOUND, ERROR_ARGUMENT_VERSION_MISMATCH})
+# Of those, the answers that do not change while the driver is loaded: not asked again.
+_NEVER = frozenset({ERROR_NOT_SUPPORTED, ERROR_FUNCTION_NOT_FOUND,
+                    ERROR_ARGUMENT_VERSION_MISMATCH})
 # From a presence call (handle, UUID): the GPU stopped answering.
 _LOST = frozenset({ERROR_GPU_IS_LOST, ERROR_UNKNOWN})
 # The library or driver went away (driver upgrade, unload): initialise again later.
@@ -95,6 +140,22 @@ class GpuLost(Exception):
 
 class NvmlUnavailable(Exception):
     """NVML cannot be used: no driver, no libnvidia-ml, or a library/driver mismatch."""
+
+
+Field = tuple[int, int]
+"""(field id, scope id) of nvmlDeviceGetFieldValues; the scope is 0 unless the field has one
+(an NVLink field's is the link)."""
+
+
+@dataclass(frozen=True)
+class FieldAnswers:
+    """What one nvmlDeviceGetFieldValues call answered."""
+
+    values: dict[Field, float]
+    """The fields that answered."""
+    absent: frozenset[Field]
+    """Fields the device does not have (their nvmlReturn is NOT_SUPPORTED or like it): not
+    asked again, and read through their own function where there is one."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +291,48 @@ class Nvml:
             if code not in _ABSENT or code == ERROR_FUNCTION_NOT_FOUND:
                 self._report_once(function, code, e)
             return None
+
+    def supported(self, function: str, *args: Any) -> tuple[bool, Any]:
+        """query(), telling apart a value the device never has (NOT_SUPPORTED, a function
+        the driver lacks, a struct version it does not know): (False, None), so it is not
+        asked again, from (True, value or None this time)."""
+        try:
+            return True, self.call(function, *args)
+        except NVMLError as e:
+            code = _code(e)
+            if code not in _ABSENT or code == ERROR_FUNCTION_NOT_FOUND:
+                self._report_once(function, code, e)
+            return code not in _NEVER, None
+
+    def field_values(self, handle: Any, fields: list[Field]) -> FieldAnswers | None:
+        """Many values of the GPU in one round trip (nvmlDeviceGetFieldValues), each with its
+        own nvmlReturn; None when the driver lacks the call or refuses it as a whole (read
+        the fields one by one instead). A failure of the whole call otherwise (the GPU lost,
+        say) leaves every field out this time, as a failed query does: the next presence
+        call tells whether the GPU is still there."""
+        if not fields:
+            return FieldAnswers({}, frozenset())
+        function = "nvmlDeviceGetFieldValues"
+        try:
+            answers = self.call(function, handle, list(fields))
+        except NVMLError as e:
+            code = _code(e)
+            self._report_once(function, code, e)
+            if code in _ABSENT:
+                return None
+            return FieldAnswers({}, frozenset())
+        values: dict[Field, float] = {}
+        absent: set[Field] = set()
+        for asked, answer in zip(fields, answers, strict=False):
+            code = int(getattr(answer, "nvmlReturn", ERROR_UNKNOWN))
+            member = _VALUE_MEMBERS.get(int(getattr(answer, "valueType", -1)))
+            if code == 0 and member is not None:
+                values[asked] = float(getattr(answer.value, member))
+            elif code in _ABSENT:
+                absent.add(asked)
+            else:
+                self._report_once(f"{function} field {asked[0]}", code, NVMLError(code))
+        return FieldAnswers(values, frozenset(absent))
 
     def _report_once(self, function: str, code: int, error: Exception) -> None:
         if (function, code) in self._reported:

@@ -39,6 +39,13 @@ class GpuReading:
     """Supported clock event (throttle) reason -> whether it is active now."""
     ecc_errors: Mapping[tuple[str, str], float] = field(default_factory=dict)
     """(type, scope) -> count, e.g. ("uncorrected", "volatile")."""
+    pcie_link_generation: float | None = None
+    pcie_link_generation_max: float | None = None
+    pcie_link_width: float | None = None
+    pcie_link_width_max: float | None = None
+    health: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    """The health signals served from their first non-zero value on: (metric name, label
+    value or "") -> value, e.g. ("nvidia_gpu_remapped_rows_total", "uncorrectable") -> 1."""
 
 
 @dataclass(frozen=True)

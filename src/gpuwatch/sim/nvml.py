@@ -18,6 +18,29 @@ from gpuwatch.exporter import nvml as N
 from gpuwatch.sim.node import SimulatedNode
 from gpuwatch.sim.scenario import ERRORS, MIB, SimGpu
 
+_DOUBLE = 0  # nvmlValueType_t
+_UNSIGNED_LONG_LONG = 3
+_ECC_FIELDS = {f: error_type for (error_type, _), f in N.FI_ECC_TOTALS.items()}
+_REMAP_FIELDS = {N.FI_REMAPPED_COR: "correctable", N.FI_REMAPPED_UNC: "uncorrectable",
+                 N.FI_REMAPPED_PENDING: "pending", N.FI_REMAPPED_FAILURE: "failure"}
+_RETIRED_FIELDS = {N.FI_RETIRED_SBE: "single_bit_ecc", N.FI_RETIRED_DBE: "double_bit_ecc",
+                   N.FI_RETIRED_PENDING: "pending"}
+_NVLINK_FIELDS = {f: kind for kind, f in N.FI_NVLINK_ERRORS.items()}
+_FIELD_SOURCES = {  # field id -> the function that reads it alone (whose errors it shares)
+    N.FI_POWER_AVERAGE: "nvmlDeviceGetPowerUsage",
+    N.FI_POWER_INSTANT: "nvmlDeviceGetPowerUsage",
+    N.FI_POWER_LIMIT: "nvmlDeviceGetEnforcedPowerLimit",
+    N.FI_ENERGY: "nvmlDeviceGetTotalEnergyConsumption",
+    N.FI_ECC_CURRENT: "nvmlDeviceGetTotalEccErrors",
+    **dict.fromkeys(_ECC_FIELDS, "nvmlDeviceGetTotalEccErrors"),
+    **dict.fromkeys(_REMAP_FIELDS, "nvmlDeviceGetRemappedRows"),
+    **dict.fromkeys(_RETIRED_FIELDS, "nvmlDeviceGetRetiredPages"),
+    N.FI_PCIE_REPLAYS: "nvmlDeviceGetPcieReplayCounter",
+    N.FI_NVLINK_LINK_COUNT: "nvmlDeviceGetFieldValues",
+    N.FI_NVLINK_STATE: "nvmlDeviceGetFieldValues",
+    **dict.fromkeys(_NVLINK_FIELDS, "nvmlDeviceGetFieldValues"),
+}
+
 
 @dataclass(frozen=True)
 class _Handle:
@@ -44,7 +67,8 @@ class SimulatedNvml:
         self._energy = {i: (node.clock(), 1e9) for i in range(len(node.scenario.gpus))}
         self._xid_delivered: set[tuple[int, int]] = set()
         self.calls: Counter[str] = Counter()
-        """NVML function -> times called."""
+        """NVML function -> times the exporter called it (at the pynvml boundary: the
+        simulator's own use of its answers is not counted)."""
         self._in_flight = 0
         self.peak_in_flight = 0
         """Most GPU calls that were under way at once (with latency_seconds)."""
@@ -186,8 +210,12 @@ class SimulatedNvml:
                                free=total - used - reserved)
 
     def nvmlDeviceGetTemperature(self, h: _Handle, sensor: int) -> int:
-        gpu = self._gpu(h, "nvmlDeviceGetTemperature")
-        util = self.node.utilization(h.index)
+        self._gpu(h, "nvmlDeviceGetTemperature")
+        return self._temperature(h.index)
+
+    def _temperature(self, index: int) -> int:
+        gpu = self.scenario.gpus[index]
+        util = self.node.utilization(index)
         return round(gpu.idle_temperature + (gpu.load_temperature - gpu.idle_temperature) * util)
 
     def nvmlDeviceGetTemperatureThreshold(self, h: _Handle, threshold: int) -> int:
@@ -211,10 +239,13 @@ class SimulatedNvml:
 
     def nvmlDeviceGetTotalEnergyConsumption(self, h: _Handle) -> int:
         self._gpu(h, "nvmlDeviceGetTotalEnergyConsumption")
-        last, energy = self._energy[h.index]
+        return self._energy_mj(h.index)
+
+    def _energy_mj(self, index: int) -> int:
+        last, energy = self._energy[index]
         now = self.node.clock()
-        energy += max(0.0, now - last) * self._power_mw(h.index)
-        self._energy[h.index] = (now, energy)
+        energy += max(0.0, now - last) * self._power_mw(index)
+        self._energy[index] = (now, energy)
         return round(energy)
 
     def nvmlDeviceGetFanSpeed(self, h: _Handle) -> int:
@@ -258,7 +289,7 @@ class SimulatedNvml:
             active |= reasons["gpu_idle"]
         if self._power_mw(h.index) >= 0.95 * gpu.power_limit_watts * 1000:
             active |= reasons["sw_power_cap"]
-        if self.nvmlDeviceGetTemperature(h, N.TEMPERATURE_GPU) >= gpu.slowdown_temperature:
+        if self._temperature(h.index) >= gpu.slowdown_temperature:
             active |= reasons["hw_thermal_slowdown"] | reasons["sw_thermal_slowdown"]
         return active
 
@@ -269,6 +300,136 @@ class SimulatedNvml:
             raise N.NVMLError(N.ERROR_NOT_SUPPORTED)
         name = next(k for k, v in N.ECC_TYPES.items() if v == error_type)
         return int(gpu.ecc_errors.get(name, 0))
+
+    # -- health: memory, PCIe link, NVLink ----------------------------------------------------
+
+    def _rising(self, start: float, per_hour: float) -> int:
+        return int(start + per_hour * max(0.0, self.node.elapsed()) / 3600)
+
+    def _replays(self, gpu: SimGpu) -> int:
+        return self._rising(gpu.pcie_replays, gpu.pcie_replays_per_hour)
+
+    def _nvlink_errors(self, gpu: SimGpu, kind: str) -> int:
+        return self._rising(gpu.nvlink_errors.get(kind, 0),
+                            gpu.nvlink_errors_per_hour.get(kind, 0.0))
+
+    def nvmlDeviceGetRemappedRows(self, h: _Handle) -> tuple[int, int, int, int]:
+        gpu = self._gpu(h, "nvmlDeviceGetRemappedRows")
+        if not gpu.remaps_rows:
+            raise N.NVMLError(N.ERROR_NOT_SUPPORTED)
+        rows = gpu.remapped_rows
+        return (rows.get("correctable", 0), rows.get("uncorrectable", 0),
+                rows.get("pending", 0), rows.get("failure", 0))
+
+    def _retires_pages(self, gpu: SimGpu) -> bool:
+        return gpu.ecc and not gpu.remaps_rows
+
+    def nvmlDeviceGetRetiredPages(self, h: _Handle, cause: int) -> list[int]:
+        gpu = self._gpu(h, "nvmlDeviceGetRetiredPages")
+        if not self._retires_pages(gpu):
+            raise N.NVMLError(N.ERROR_NOT_SUPPORTED)
+        name = "single_bit_ecc" if cause == N.PAGE_RETIREMENT_SBE else "double_bit_ecc"
+        return [0x1000 * (n + 1) for n in range(gpu.retired_pages.get(name, 0))]
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, h: _Handle) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetRetiredPagesPendingStatus")
+        if not self._retires_pages(gpu):
+            raise N.NVMLError(N.ERROR_NOT_SUPPORTED)
+        return gpu.retired_pages.get("pending", 0)
+
+    def nvmlDeviceGetPcieReplayCounter(self, h: _Handle) -> int:
+        return self._replays(self._gpu(h, "nvmlDeviceGetPcieReplayCounter"))
+
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, h: _Handle) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetCurrPcieLinkGeneration")
+        return gpu.pcie_link.get("generation", gpu.pcie_generation)
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, h: _Handle) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetCurrPcieLinkWidth")
+        return gpu.pcie_link.get("width", gpu.pcie_width)
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, h: _Handle) -> int:
+        return self._gpu(h, "nvmlDeviceGetMaxPcieLinkGeneration").pcie_generation
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, h: _Handle) -> int:
+        return self._gpu(h, "nvmlDeviceGetMaxPcieLinkWidth").pcie_width
+
+    # -- many values in one call ---------------------------------------------------------------
+
+    def nvmlDeviceGetFieldValues(self, h: _Handle, field_ids: list[Any]) -> list[Any]:
+        """Each field with its own nvmlReturn, as pynvml returns c_nvmlFieldValue_t: a field
+        follows the errors and hangs the scenario sets on the function that reads it alone."""
+        if not self.scenario.field_values:
+            with self._count_lock:
+                self.calls["nvmlDeviceGetFieldValues"] += 1
+            raise N.NVMLError(N.ERROR_FUNCTION_NOT_FOUND)
+        gpu = self._gpu(h, "nvmlDeviceGetFieldValues")
+        fields = [asked if isinstance(asked, tuple) else (asked, 0) for asked in field_ids]
+        if any(_FIELD_SOURCES.get(f) in gpu.hang for f, _ in fields):
+            self._released.wait()  # one hung value hangs the call
+        answers = []
+        for field_id, scope in fields:
+            code, value = self._field(h.index, gpu, field_id, scope)
+            kind = _DOUBLE if isinstance(value, float) else _UNSIGNED_LONG_LONG
+            answers.append(SimpleNamespace(
+                fieldId=field_id, scopeId=scope, timestamp=int(self.node.clock() * 1e6),
+                latencyUsec=0, valueType=kind, nvmlReturn=code,
+                value=SimpleNamespace(dVal=float(value), ullVal=int(value))))
+        return answers
+
+    def _field(self, index: int, gpu: SimGpu, field_id: int, scope: int
+               ) -> tuple[int, float | int]:
+        """(nvmlReturn, value) of one field."""
+        source = _FIELD_SOURCES.get(field_id)
+        if source is None:
+            return N.ERROR_NOT_SUPPORTED, 0
+        error = gpu.errors.get(source)
+        if error is not None:
+            return ERRORS[error], 0
+        try:
+            value = self._field_value(index, gpu, field_id, scope)
+        except N.NVMLError as e:
+            return int(e.value), 0
+        return 0, value
+
+    def _field_value(self, index: int, gpu: SimGpu, field_id: int, scope: int) -> float | int:
+        unsupported = N.NVMLError(N.ERROR_NOT_SUPPORTED)
+        if field_id == N.FI_POWER_AVERAGE and "A100" in gpu.name:
+            raise unsupported  # GA100 reports the instant value only, as the driver does
+        if field_id in (N.FI_POWER_AVERAGE, N.FI_POWER_INSTANT):
+            return round(self._power_mw(index))
+        if field_id == N.FI_POWER_LIMIT:
+            return round(gpu.power_limit_watts * 1000)
+        if field_id == N.FI_ENERGY:
+            return self._energy_mj(index)
+        if field_id == N.FI_ECC_CURRENT:
+            if not gpu.ecc:
+                raise unsupported
+            return 1
+        if field_id in _ECC_FIELDS:
+            if not gpu.ecc:
+                raise unsupported
+            return int(gpu.ecc_errors.get(_ECC_FIELDS[field_id], 0))
+        if field_id in _REMAP_FIELDS:
+            if not gpu.remaps_rows:
+                raise unsupported
+            return gpu.remapped_rows.get(_REMAP_FIELDS[field_id], 0)
+        if field_id in _RETIRED_FIELDS:
+            if not self._retires_pages(gpu):
+                raise unsupported
+            return gpu.retired_pages.get(_RETIRED_FIELDS[field_id], 0)
+        if field_id == N.FI_PCIE_REPLAYS:
+            return self._replays(gpu)
+        if gpu.nvlink_links == 0:
+            raise unsupported
+        if field_id == N.FI_NVLINK_LINK_COUNT:
+            return gpu.nvlink_links
+        if field_id == N.FI_NVLINK_STATE:
+            if not 0 <= scope < gpu.nvlink_links:
+                raise N.NVMLError(2)  # NVML_ERROR_INVALID_ARGUMENT
+            down = scope >= gpu.nvlink_links - gpu.nvlink_inactive  # the last links
+            return 0 if down else N.NVLINK_STATE_ACTIVE
+        return self._nvlink_errors(gpu, _NVLINK_FIELDS[field_id])
 
     # -- processes: v3, v2 and v1 as drivers differ ------------------------------------------
 

@@ -92,6 +92,35 @@ class SimGpu:
     pci_bus_id: str = ""
     latency_seconds: float | None = None
     """Added to every NVML call on this GPU; None: the scenario's latency_seconds."""
+    pcie_generation: int = 4
+    """The highest PCIe generation of the GPU and its slot."""
+    pcie_width: int = 16
+    """The most PCIe lanes of the GPU and its slot."""
+    pcie_link: Mapping[str, int] = field(default_factory=dict)
+    """The link as it runs (generation, width) where below the maxima: a degraded link."""
+    pcie_replays: int = 0
+    pcie_replays_per_hour: float = 0.0
+    """Replays added per hour from the start: a link that keeps replaying."""
+    remapped_rows: Mapping[str, int] = field(default_factory=dict)
+    """correctable, uncorrectable (rows), pending, failure (0/1); where the GPU remaps rows
+    (A100, H100 and later: see remaps_rows)."""
+    retired_pages: Mapping[str, int] = field(default_factory=dict)
+    """single_bit_ecc, double_bit_ecc (pages), pending (0/1); ECC GPUs before row
+    remapping."""
+    nvlink_links: int = 0
+    nvlink_inactive: int = 0
+    """Of the links, how many are down."""
+    nvlink_errors: Mapping[str, int] = field(default_factory=dict)
+    """crc_flit, crc_data, replay, recovery: errors summed over the links at the start."""
+    nvlink_errors_per_hour: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def remaps_rows(self) -> bool:
+        """Row remapping replaced page retirement with the A100."""
+        return any(model in self.name for model in _ROW_REMAPPING_MODELS)
+
+
+_ROW_REMAPPING_MODELS = ("A100", "A30", "A800", "H100", "H200", "H800", "B200")
 
 
 @dataclass(frozen=True)
@@ -103,6 +132,9 @@ class Scenario:
     """False: no driver, nvmlInit fails with NVML_ERROR_LIBRARY_NOT_FOUND."""
     process_api: str = "v3"
     """Which process query the driver has: v3, v2, v1, or broken_v3 (the 535 mismatch)."""
+    field_values: bool = True
+    """False: the driver lacks nvmlDeviceGetFieldValues (older than 384), every value is
+    asked through its own function."""
     latency_seconds: float = 0.0
     """Added to every NVML call on a GPU that sets no latency of its own (benchmarks)."""
     hang: tuple[str, ...] = ()
@@ -167,12 +199,14 @@ def parse_scenario(text: str, source: str) -> Scenario:
         cuda_version=r.get(top, "cuda_version", int, Scenario.cuda_version),
         driver=r.get(top, "driver", bool, True),
         process_api=r.choice(top, "process_api", PROCESS_APIS, "v3"),
+        field_values=r.get(top, "field_values", bool, True),
         latency_seconds=r.get(top, "latency_seconds", float, 0.0),
         hang=tuple(str(f) for f in r.get(top, "hang", list, [])),
         gpus=tuple(_gpu(r, g, f"gpus[{i}]", i) for i, g in enumerate(gpus)),
     )
     r.no_other_keys(top, "", {"description", "driver_version", "cuda_version", "driver",
-                              "process_api", "latency_seconds", "hang", "gpu_defaults", "gpus"})
+                              "process_api", "field_values", "latency_seconds", "hang",
+                              "gpu_defaults", "gpus"})
     for f in scenario.hang:
         if f not in LIBRARY_HANGS:
             raise ScenarioError(f"{source}: hang: {f!r} is not one of {', '.join(LIBRARY_HANGS)} "
@@ -233,7 +267,24 @@ def _gpu(r: _Reader, data: Any, where: str, index: int) -> SimGpu:
         uuid=r.get(g, "uuid", str, ""),
         pci_bus_id=r.get(g, "pci_bus_id", str, f"00000000:{0x17 + index * 0x10:02X}:00.0"),
         latency_seconds=r.get(g, "latency_seconds", float, None),
+        pcie_generation=r.get(g, "pcie_generation", int, default.pcie_generation),
+        pcie_width=r.get(g, "pcie_width", int, default.pcie_width),
+        pcie_link=_counts(r, g, where, "pcie_link", ("generation", "width")),
+        pcie_replays=r.get(g, "pcie_replays", int, 0),
+        pcie_replays_per_hour=r.get(g, "pcie_replays_per_hour", float, 0.0),
+        remapped_rows=_counts(r, g, where, "remapped_rows",
+                              ("correctable", "uncorrectable", "pending", "failure")),
+        retired_pages=_counts(r, g, where, "retired_pages",
+                              ("single_bit_ecc", "double_bit_ecc", "pending")),
+        nvlink_links=r.get(g, "nvlink_links", int, 0),
+        nvlink_inactive=r.get(g, "nvlink_inactive", int, 0),
+        nvlink_errors=_counts(r, g, where, "nvlink_errors", NVLINK_ERROR_TYPES),
+        nvlink_errors_per_hour=_counts(r, g, where, "nvlink_errors_per_hour",
+                                       NVLINK_ERROR_TYPES, float),
     )
+    if not 0 <= gpu.nvlink_inactive <= gpu.nvlink_links:
+        raise ScenarioError(f"{r.source}: {where}.nvlink_inactive: must be between 0 and "
+                            f"nvlink_links ({gpu.nvlink_links}), got {gpu.nvlink_inactive}")
     if not 0 <= gpu.load <= 1:
         raise ScenarioError(f"{r.source}: {where}.load: must be between 0 and 1, got {gpu.load}")
     if gpu.latency_seconds is not None and gpu.latency_seconds < 0:
@@ -243,12 +294,31 @@ def _gpu(r: _Reader, data: Any, where: str, index: int) -> SimGpu:
     return gpu
 
 
+def _counts(r: _Reader, g: dict[str, Any], where: str, key: str, names: tuple[str, ...],
+            kind: type = int) -> dict[str, Any]:
+    """A mapping of some of `names` to non-negative numbers of `kind`."""
+    given = r.mapping(r.get(g, key, dict, {}), f"{where}.{key}")
+    r.no_other_keys(given, f"{where}.{key}", set(names))
+    counts = {}
+    for name in given:
+        value = r.get(given, name, kind, 0, f"{where}.{key}")
+        if value < 0:
+            raise ScenarioError(f"{r.source}: {where}.{key}.{name}: must not be negative, got "
+                                f"{value}")
+        counts[name] = kind(value)
+    return counts
+
+
+NVLINK_ERROR_TYPES = ("crc_flit", "crc_data", "replay", "recovery")
+
 _GPU_KEYS = {"name", "memory_gib", "power_limit_watts", "idle_power_watts", "load",
              "idle_temperature", "load_temperature", "slowdown_temperature",
              "shutdown_temperature", "max_clocks_mhz", "fan", "ecc", "ecc_errors", "errors",
              "unsupported", "lost", "hang", "lost_after_seconds", "back_after_seconds",
              "missing_after_seconds", "xid", "processes", "uuid", "pci_bus_id",
-             "latency_seconds"}
+             "latency_seconds", "pcie_generation", "pcie_width", "pcie_link", "pcie_replays",
+             "pcie_replays_per_hour", "remapped_rows", "retired_pages", "nvlink_links",
+             "nvlink_inactive", "nvlink_errors", "nvlink_errors_per_hour"}
 _PROCESS_KEYS = {"pid", "user", "command", "cmdline", "memory_gib", "age_seconds", "kind",
                  "container_id", "slurm_job_id", "vanished", "period_seconds",
                  "active_seconds", "offset_seconds"}
