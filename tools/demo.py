@@ -1,12 +1,16 @@
-"""make demo: a simulated fleet, a real Prometheus with this repository's configuration, and
-the grid, on 127.0.0.1 until Ctrl-C.
+"""make demo: a simulated fleet, a real Prometheus with this repository's configuration, its
+Alertmanager, and the grid, on 127.0.0.1 until Ctrl-C.
 
 Three nodes run gpuwatch-exporter over simulated GPUs (the workstation, server and lost-gpu
 scenarios); `gpuwatch serve` serves the bookings of a reservations file and the claims of
 `gpuwatch run`, as on a monitoring host, with two basic-auth users of its web config: you
 (your Unix user name, an admin) and prometheus, which Prometheus scrapes it as; Prometheus
 runs prometheus/prometheus.yml and its rules with shorter intervals and a one-minute idle
-duration, so the grid changes while you watch; Grafana runs grafana/provisioning and the
+duration, so the grid changes while you watch, and every alert fires ALERT_FOR after its
+condition holds instead of its production `for`; Alertmanager runs
+prometheus/alertmanager/alertmanager.yml without receivers, so the firing alerts show in its
+web UI (the demo prints its address and the lab page's, the `/` of `gpuwatch serve`, whose
+runbook the alerts link to); Grafana runs grafana/provisioning and the
 dashboards when it is installed (the demo says how to get it when it is not). The grid is
 printed again whenever a GPU changes state, hands, booking or claim; the demo prints the
 settings that reach the service (GPUWATCH_SERVER, GPUWATCH_USER, GPUWATCH_PASSWORD), the
@@ -21,6 +25,7 @@ Each start begins afresh: the working directory is emptied, so the bookings made
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import getpass
 import os
@@ -41,6 +46,7 @@ import yaml
 
 from gpuwatch import cli, reservations
 from gpuwatch.contract import states
+from gpuwatch.contract.ports import ALERTMANAGER_PORT
 from gpuwatch.contract.thresholds import IDLE_DURATION
 from gpuwatch.fleet import GpuStatus, read_fleet
 from gpuwatch.fleet.prometheus import Prometheus, PrometheusError
@@ -52,6 +58,9 @@ NODES = (("ws-01", "workstation"), ("gpu-srv-01", "server"), ("gpu-node-07", "lo
 OVERRIDES = localstack.Overrides(
     scrape_interval="5s", evaluation_interval="1s", refresh_interval="5s",
     thresholds={IDLE_DURATION: 60})
+ALERT_FOR = "20s"
+"""Every alert's `for` in the demo: the lost GPU, the Xid and the idle-held GPU show in
+Alertmanager within a minute or two rather than after the production hour."""
 BOOKED = ("gpu-srv-01", (7,), "frank", "thesis experiments")
 """A booking the demo starts with (host, GPUs, user, comment), for three days."""
 TRY = ("gpu-srv-01:4", "+2h", "trying the demo")
@@ -102,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         localstack.prometheus_binary()
+        localstack.alertmanager_binary()
     except localstack.LocalStackError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
@@ -173,8 +183,13 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
     print(f"gpuwatch serve: {server} (bookings in {booking_file}, a new file each start: "
           f"bookings reset when the demo restarts; users {me} (admin) and {SCRAPER} in "
           f"{workdir / 'web-config.yml'}; log: {workdir / 'serve.log'})")
-    config = localstack.render_config(workdir / "prometheus", workdir / "targets", OVERRIDES,
-                                      reservations=f"{localstack.LOCALHOST}:{service_port}")
+    print(f"lab page: {server}/ (the grid in a browser, booking included)")
+    alertmanager_url = _start_alertmanager(stack, workdir)
+    config = localstack.render_config(
+        workdir / "prometheus", workdir / "targets", _overrides(),
+        reservations=f"{localstack.LOCALHOST}:{service_port}",
+        alertmanager=alertmanager_url.removeprefix("http://"),
+        prometheus=f"{localstack.LOCALHOST}:{port}", runbook_url=f"{server}/runbook")
     localstack.scrape_with_basic_auth(config, states.RESERVATIONS_JOB, SCRAPER,
                                       scraper_password_file)
     prometheus = localstack.prometheus(config, workdir / "data", port,
@@ -187,7 +202,8 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
     _start_grafana(stack, workdir, url)
     print(f"demo settings: scrape every {OVERRIDES.scrape_interval}, rules every "
           f"{OVERRIDES.evaluation_interval}, idle after "
-          f"{OVERRIDES.thresholds[IDLE_DURATION]:g} s")
+          f"{OVERRIDES.thresholds[IDLE_DURATION]:g} s, alerts fire {ALERT_FOR} after their "
+          f"condition holds")
     gpuwatch = _command()
     target, until, comment = TRY
     password = shlex.quote(str(password_file))
@@ -199,6 +215,29 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
     print(f"give it back: {gpuwatch} release {target}")
     print(f"run on a free GPU: {gpuwatch} run -n 1 --host {RUN_HOST} -- {RUN_COMMAND}")
     print("Ctrl-C stops everything.\n", flush=True)
+    return url
+
+
+def _overrides() -> localstack.Overrides:
+    """OVERRIDES with every alert of the rule files firing ALERT_FOR after its condition."""
+    names = [rule["alert"] for path in localstack.rule_files()
+             for rule in localstack.rules(localstack.load_rules(path)) if "alert" in rule]
+    return dataclasses.replace(OVERRIDES, alert_for={name: ALERT_FOR for name in names})
+
+
+def _start_alertmanager(stack: ExitStack, workdir: Path) -> str:
+    """Alertmanager with the repository's alertmanager.yml and no receivers (the alerts show
+    in its UI); its URL."""
+    port = _port(ALERTMANAGER_PORT)
+    config = localstack.render_alertmanager_config(workdir / "alertmanager")
+    service = localstack.alertmanager(config, workdir / "alertmanager-data", port,
+                                      workdir / "alertmanager.log")
+    stack.callback(service.stop)
+    service.start()
+    url = f"http://{localstack.LOCALHOST}:{port}"
+    print(f"alertmanager: {url} (the firing alerts, routed by "
+          f"prometheus/alertmanager/alertmanager.yml; no receivers in the demo: nothing is "
+          f"sent; log: {workdir / 'alertmanager.log'})")
     return url
 
 

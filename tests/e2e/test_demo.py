@@ -1,7 +1,9 @@
 """make demo: the fleet comes up, the grid shows every node, the `gpuwatch run` command it
 prints gets a free GPU that the grid shows claimed, the booking command it prints (through
-`gpuwatch serve`, as the demo's user) shows in the grid, a node added to its targets file
-joins the grid, Ctrl-C stops every process; a quick restart finds its ports again."""
+`gpuwatch serve`, as the demo's user) shows in the grid, firing alerts show in the
+Alertmanager it prints (with runbook links to the lab page's service), a node added to its
+targets file joins the grid, Ctrl-C stops every process; a quick restart finds its ports
+again."""
 
 from __future__ import annotations
 
@@ -43,6 +45,14 @@ def _listening(url: str) -> bool:
         return s.connect_ex((host, int(port))) == 0
 
 
+def _firing(alertmanager: str) -> list[dict[str, Any]]:
+    """The alerts Alertmanager shows as active (firing, neither silenced nor inhibited)."""
+    with urllib.request.urlopen(f"{alertmanager}/api/v2/alerts?silenced=false&inhibited=false",
+                                timeout=10) as answer:
+        found: list[dict[str, Any]] = json.load(answer)
+    return found
+
+
 def _as_a_background_job() -> None:
     """What a shell does to a job started with &: SIGINT ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -75,7 +85,8 @@ def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
     try:
         wait_for_line(re.compile(re.escape(summary)))
         urls = sorted({m.group(0) for m in re.finditer(r"http://[\d.:]+", "".join(seen))})
-        assert len(urls) == len(demo.NODES) + 2  # the exporters, gpuwatch serve, Prometheus
+        # the exporters, gpuwatch serve (the lab page is its /), Alertmanager, Prometheus
+        assert len(urls) == len(demo.NODES) + 3
         assert all(_listening(url) for url in urls)
         grid = "".join(seen)
         for host, _ in demo.NODES:
@@ -143,6 +154,21 @@ def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
         index = target.split(":")[1]
         wait_for_line(re.compile(rf"^\s+{index}\s+reserved\s.*{re.escape(user)} until .* "
                                  rf"\({re.escape(comment)}\)$"))
+
+        # the firing alerts show in the Alertmanager it prints, their runbook links on the
+        # lab page's service
+        server = env["GPUWATCH_SERVER"]
+        assert printed("lab page").split(" ", 1)[0] == f"{server}/"
+        alertmanager = printed("alertmanager").split(" ", 1)[0]
+        deadline = time.monotonic() + WAIT
+        while not (lost := [a for a in _firing(alertmanager)
+                            if a["labels"]["alertname"] == "GpuLost"]):
+            assert time.monotonic() < deadline, "the lost GPU's alert not in Alertmanager"
+            time.sleep(1)
+        assert [(a["labels"]["host"], a["receivers"]) for a in lost] == [
+            (host, [{"name": "admins"}]) for host, scenario in demo.NODES
+            if scenario == "lost-gpu"]
+        assert lost[0]["annotations"]["runbook_url"] == f"{server}/runbook#gpulost"
 
         # a node of one's own, added to the targets file the demo names, as
         # docs/prometheus.md teaches: it joins the grid and the demo goes on
