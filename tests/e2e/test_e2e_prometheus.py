@@ -168,17 +168,19 @@ def test_idle_held_gpu_alert_is_pending_and_names_the_users(fleet: Fleet) -> Non
     settled(fleet)
     idle = {key: gpu for key, gpu in fleet.expected().items() if gpu.state == states.IDLE.name}
     assert idle
+    # one alert per user holding an idle GPU, that user in its user label
+    holders = {(*key, user) for key, gpu in idle.items() for user in gpu.users}
+    assert holders
     pending = fleet.wait_for(
-        "GpuHeldIdle pending for every idle GPU",
-        lambda: {(a["labels"]["host"], int(a["labels"]["gpu"])): a for a in alerts(fleet)
-                 if a["labels"]["alertname"] == "GpuHeldIdle"},
-        lambda found: set(found) == set(idle))
-    for key, alert in pending.items():
+        "GpuHeldIdle pending for every holder of an idle GPU",
+        lambda: {(a["labels"]["host"], int(a["labels"]["gpu"]), a["labels"].get("user")): a
+                 for a in alerts(fleet) if a["labels"]["alertname"] == "GpuHeldIdle"},
+        lambda found: set(found) == holders)
+    for (_, _, user), alert in pending.items():
         assert alert["state"] == "pending"  # its `for` is the production hour
-        assert alert["labels"]["users"] == ",".join(idle[key].users)
-        for user in idle[key].users:
-            assert user in alert["annotations"]["summary"]
-            assert user in alert["annotations"]["description"]
+        assert alert["labels"]["audience"] == "user"
+        assert user in alert["annotations"]["summary"]
+        assert user in alert["annotations"]["description"]
 
 
 def test_lost_gpu_and_xid_alerts_fire(fleet: Fleet) -> None:
