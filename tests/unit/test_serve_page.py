@@ -66,6 +66,8 @@ def test_the_page_and_its_files_come_with_the_strict_policy_and_an_etag(client: 
         etag = headers["etag"]
         again, headers2, body2 = client.call("GET", path, headers={"If-None-Match": etag})
         assert again == 304 and body2 == b"" and headers2["etag"] == etag
+        head, _, nothing = client.call("HEAD", path)
+        assert head == 200 and nothing == b""
 
 
 @pytest.mark.parametrize("path", [
@@ -178,8 +180,9 @@ def test_states_css_colours_every_state_from_the_contract(client: Client) -> Non
     css = client.call("GET", "/static/states.css")[2].decode()
     for s in states.ALL:
         assert f"--state-{s.name}: {web.PALETTE[s.colour]};" in css
-        assert f".state-{s.name} {{ background-color: var(--state-{s.name});" in css
-    assert ".stale {" in css
+        assert f".state-{s.name}, .swatch-{s.name} {{ background-color: " \
+            f"var(--state-{s.name});" in css
+    assert ".stale, .swatch-stale {" in css
     for background in [web.PALETTE[s.colour] for s in states.ALL] + [web.STALE_BACKGROUND]:
         assert contrast(web.TEXT_ON_STATE, background) >= 4.5, background
 

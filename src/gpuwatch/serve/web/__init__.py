@@ -65,17 +65,18 @@ def states_css() -> str:
         lines.append(f"  --state-{s.name}: {PALETTE[s.colour]};")
     lines += [f"  --state-text: {TEXT_ON_STATE};", f"  --state-stale: {STALE_BACKGROUND};",
               "}"]
-    for s in states.ALL:
-        lines.append(f".state-{s.name} {{ background-color: var(--state-{s.name}); "
-                     "color: var(--state-text); }")
-    lines.append(".stale { background-color: var(--state-stale); color: var(--state-text); }")
+    for s in states.ALL:  # a cell's class, and the legend's swatch
+        lines.append(f".state-{s.name}, .swatch-{s.name} {{ background-color: "
+                     f"var(--state-{s.name}); color: var(--state-text); }}")
+    lines.append(".stale, .swatch-stale { background-color: var(--state-stale); "
+                 "color: var(--state-text); }")
     return "\n".join(lines) + "\n"
 
 
 def index_html(template: str) -> str:
     """The page with the legend and the state filter's options of states.py."""
     legend = "\n".join(
-        f'      <li data-state="{s.name}"><span class="swatch state-{s.name}" '
+        f'      <li data-state="{s.name}"><span class="swatch swatch-{s.name}" '
         f'aria-hidden="true"></span> {s.name}</li>' for s in states.ALL)
     options = "\n".join(f'          <option value="{s.name}">{s.name}</option>'
                         for s in states.ALL)

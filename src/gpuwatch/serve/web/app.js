@@ -85,12 +85,16 @@
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(init.body);
     }
+    const limit = Math.max(10, page.session ? page.session.refresh_seconds : 15);
+    if (window.AbortSignal && AbortSignal.timeout) init.signal = AbortSignal.timeout(limit * 1000);
     let response;
     try {
       response = await fetch(path, init);
     } catch (e) {
+      const why = e && e.name === "TimeoutError" ? "no answer within " + limit + " s" :
+        (e && e.message ? e.message : String(e));
       return { ok: false, status: 0, data: null,
-        error: "gpuwatch serve cannot be reached (" + (e && e.message ? e.message : e) + ")" };
+        error: "gpuwatch serve cannot be reached (" + why + ")" };
     }
     let data = null;
     if (response.status !== 204) {
@@ -121,9 +125,13 @@
       return f.gpus.length ? { stale: true, why: "Prometheus does not say how fresh the " +
         "grid is; no GPU is shown free." } : { stale: false, why: "" };
     }
-    const age = (f.now - f.updated) + waited;
-    if (age > staleAfter) {
-      return { stale: true, why: "The data is " + ago(0, age) + " old (from " +
+    // the answer's own age (as the server's clock has it), and how long the page has gone
+    // without a new one: past one refresh and the stale time (a request that hangs), or
+    // past the stale time while paused
+    const age = f.now - f.updated;
+    const without = waited - (page.paused ? 0 : s.refresh_seconds);
+    if (age > staleAfter || without > staleAfter) {
+      return { stale: true, why: "The data is " + ago(0, age + waited) + " old (from " +
         when(f.updated) + "; fresh data is under " + Math.round(staleAfter) + " s old): " +
         "no GPU is shown free until it is fresh again." };
     }
@@ -132,8 +140,7 @@
 
   function gpuStale(g, fresh) {
     if (fresh.stale || g.updated == null) return true;
-    const s = page.session;
-    return (page.fleet.now - g.updated) > s.stale_after_seconds;
+    return (page.fleet.now - g.updated) > page.session.stale_after_seconds;
   }
 
   function me() {
@@ -571,8 +578,8 @@
       page.fetchedAt = performance.now();
       page.problem = "";
     } else if (fleet.status === 503) {
-      page.problem = "Prometheus cannot be asked, so the GPUs' states are not known now (" +
-        fleet.error + "). No GPU is shown free.";
+      page.problem = "Prometheus cannot be asked now, so no GPU is shown free. The service " +
+        "says: " + fleet.error;
     } else if (fleet.status === 0) {
       page.problem = fleet.error + ". No GPU is shown free.";
     } else {
