@@ -47,6 +47,9 @@ def test_the_page_is_the_runbook_of_the_checkout() -> None:
     assert content_type == "text/html; charset=utf-8"
     assert body == runbook.render(RUNBOOK.read_text())
     page = _Page(body)
+    (policy,) = [a["content"] for tag, a in page.elements
+                 if tag == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
+    assert policy == "default-src 'none'; style-src 'self'; base-uri 'none'; form-action 'none'"
     sections = re.findall(r"^## (.+)$", RUNBOOK.read_text(), re.M)
     assert sections, "the runbook has sections"
     assert [runbook.anchor(s) for s in sections] == [i for i in page.ids()
@@ -148,3 +151,15 @@ def test_a_runbook_that_is_not_utf8_says_so(tmp_path: Path) -> None:
     broken = tmp_path / "runbook.md"
     broken.write_bytes(b"# runbook\n\n\xff\xfe")
     assert "not UTF-8 text" in "".join(_Page(runbook.load(broken)).text)
+
+
+def test_gpuwatch_serve_answers_the_runbook_page_at_its_path(tmp_path: Path) -> None:
+    """Through the service (a real server on 127.0.0.1), GET /runbook is this page, with the
+    anchors the alerts' runbook_url ends in."""
+    from tests.unit.test_serve import Client, Clock, four_gpu_fleet, serving
+
+    with serving(tmp_path, four_gpu_fleet(), Clock()) as served:
+        status, headers, body = Client(served).call("GET", "/runbook")
+    assert status == 200
+    assert (body, headers["content-type"]) == runbook.page()
+    assert 'id="gpuheldidle"' in body.decode()

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 SOURCE = "runbook.md"
 """The runbook's file in this package."""
 CONTENT_TYPE = "text/html; charset=utf-8"
+POLICY = "default-src 'none'; style-src 'self'; base-uri 'none'; form-action 'none'"
+"""The page's own Content-Security-Policy (a meta element, beside the service's header): it
+needs nothing, so it may load nothing."""
 TITLE = "gpuwatch runbook"
 """The page's title when the runbook has no first-level heading."""
 
@@ -125,6 +128,7 @@ def render(markdown: str) -> bytes:
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{html.escape(POLICY)}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{html.escape(title)}</title>\n</head>\n<body>\n"
         f'<nav aria-label="Sections">\n<ul>\n{contents}</ul>\n</nav>\n'
