@@ -1,8 +1,11 @@
-"""Simulated exporters and a real Prometheus on 127.0.0.1, for the end-to-end tests and the demo.
+"""Simulated exporters, a real Prometheus and its Alertmanager on 127.0.0.1, for the end-to-end
+tests and the demo.
 
 Prometheus runs this repository's prometheus.yml and rules, generated into a directory of
 the caller's with the overrides a short run needs (scrape and evaluation intervals,
 thresholds, alert `for`): the files in prometheus/ are the only source, never forked.
+Alertmanager runs prometheus/alertmanager/alertmanager.yml with the run's receivers and
+intervals, rendered by the Ansible role's filter as a deployment's is.
 Everything listens on 127.0.0.1 and every process started here is stopped by its owner.
 """
 
