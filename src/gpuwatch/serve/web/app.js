@@ -5,6 +5,7 @@
 
 (function () {
   const API = "/api/v1";
+  const SESSION_AGAIN_MS = 5 * 60 * 1000; // the refresh interval may change in Prometheus
   const body = document.body;
   const FREE = body.dataset.stateFree;
   const DOWN = body.dataset.stateDown;
@@ -16,6 +17,7 @@
 
   const page = {
     session: null,
+    sessionAt: 0,
     fleet: null, // the last answer of /api/v1/fleet
     fetchedAt: 0, // performance.now() of that answer
     problem: "", // why the service or Prometheus cannot be asked now ("" when all is well)
@@ -229,6 +231,9 @@
       return;
     }
     const want = filters();
+    const active = document.activeElement;
+    const focusedCell = active && active.classList && active.classList.contains("cell") &&
+      grid.contains(active) ? [active.dataset.host, active.dataset.gpu] : null;
     const clusters = new Set();
     const models = new Set();
     const free = new Map();
@@ -276,10 +281,10 @@
     $("summary").textContent = fresh.stale ? "No GPU is known to be free now." :
       (counts.length ? counts.join(" · ") : "No GPU is free now.");
     finish(f);
-    if (page.focused) {
-      const again = grid.querySelector('.cell[data-host="' + CSS.escape(page.focused[0]) +
-        '"][data-gpu="' + page.focused[1] + '"]');
-      if (again && document.activeElement === document.body) again.focus();
+    if (focusedCell) { // the keyboard's place survives the new grid
+      const again = grid.querySelector('.cell[data-host="' + CSS.escape(focusedCell[0]) +
+        '"][data-gpu="' + focusedCell[1] + '"]');
+      if (again) again.focus({ preventScroll: true });
     }
     refreshDetail();
   }
@@ -557,6 +562,7 @@
       return false;
     }
     page.session = answer.data;
+    page.sessionAt = performance.now();
     const s = page.session;
     $("whoami").textContent = s.user ? "signed in as " + s.user + (s.admin ? " (admin)" : "") :
       "not signed in" + (s.public_names ? "" : " (names are hidden)");
@@ -565,7 +571,8 @@
 
   async function refresh() {
     window.clearTimeout(page.timer);
-    if (!page.session && !(await loadSession())) {
+    const old = page.session && performance.now() - page.sessionAt > SESSION_AGAIN_MS;
+    if ((!page.session || old) && !(await loadSession()) && !page.session) {
       render();
       schedule();
       return;
