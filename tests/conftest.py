@@ -47,3 +47,9 @@ def _program(name: str) -> str:
 def promtool() -> str:
     """The path of Prometheus' promtool."""
     return _program("promtool")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of Debian's Chromium (/usr/bin/chromium), which Playwright drives headless."""
+    return _program("chromium")

@@ -17,8 +17,6 @@ from prom_harness import DEADLINE, Fleet, Node
 
 T = TypeVar("T")
 
-CHROMIUM = Path("/usr/bin/chromium")
-"""Debian's Chromium (scripts/ensure-chromium); Playwright's own browsers are never used."""
 AXE = Path(__file__).resolve().parent / "node_modules" / "axe-core" / "axe.min.js"
 
 ADMIN = "ops"

@@ -10,7 +10,7 @@ Prometheus and `gpuwatch serve` on 127.0.0.1 (tests/prom_harness.py).
 - `browser` (one a session), `pages` (per test): a page per identity, theme and screen, whose
   console errors, uncaught errors and requests to any other origin fail the test
   (browser_lab.Pages; waiting on the page's render counter and axe-core: browser_lab).
-- `chromium`: Debian's Chromium, an apt program (tests/conftest.py); `axe_source`: axe-core
+- `chromium` (tests/conftest.py): Debian's Chromium, an apt program; `axe_source`: axe-core
   (tests/browser/package-lock.json, `npm ci` by the Makefile).
 """
 
@@ -20,7 +20,7 @@ import datetime as dt
 from collections.abc import Iterator
 
 import pytest
-from browser_lab import ADMIN, AXE, BOOKED, CHROMIUM, LAB_NODES, PASSWORDS, STOPPED, Lab, Pages
+from browser_lab import ADMIN, AXE, BOOKED, LAB_NODES, PASSWORDS, STOPPED, Lab, Pages
 from playwright.sync_api import Browser, sync_playwright
 from prom_harness import Fleet, serve
 
@@ -28,15 +28,6 @@ from gpuwatch.contract import states
 from gpuwatch.contract.thresholds import IDLE_DURATION
 from gpuwatch.reservations import Reservation
 from tools import localstack
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """The path of Debian's Chromium (an apt program, see tests/conftest.py)."""
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is not installed: `make test` installs it with "
-                    "scripts/ensure-chromium (Debian's chromium package)")
-    return str(CHROMIUM)
 
 
 @pytest.fixture(scope="session")
