@@ -603,3 +603,153 @@ def test_a_name_that_failed_once_is_asked_again() -> None:
     node.sim.scenario.gpus[0].errors.pop("nvmlDeviceGetName")  # type: ignore[attr-defined]
     assert 'name="NVIDIA A100-SXM4-80GB"' in node.text()
     node.close()
+
+
+# -- fewer round trips: one field-values call, what never changes read once ----------------
+
+HEALTH_NODE = """
+gpus:
+  - name: NVIDIA A100-SXM4-80GB
+    remapped_rows: {correctable: 3, uncorrectable: 1, pending: 1}
+    pcie_link: {width: 8}
+    pcie_replays: 12
+  - name: Tesla V100-SXM2-32GB
+    retired_pages: {single_bit_ecc: 2, pending: 1}
+  - name: NVIDIA GeForce RTX 3090
+    ecc: false
+    fan: true
+"""
+
+
+def calls_per_scrape(node, scrapes: int = 3) -> dict[str, float]:
+    node.text()  # the first scrape opens the GPU and reads what never changes
+    before = dict(node.sim.calls)
+    for _ in range(scrapes):
+        node.text()
+    gpus = len(node.sim.scenario.gpus)
+    return {f: (n - before.get(f, 0)) / scrapes / gpus for f, n in node.sim.calls.items()
+            if n > before.get(f, 0) and f != "nvmlDeviceGetCount"}
+
+
+@pytest.mark.parametrize("name", ["NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"])
+def test_a_gpu_costs_at_most_15_nvml_calls_a_scrape(name: str) -> None:
+    node = build(f"gpus:\n  - name: {name}\n    nvlink_links: 18\n")
+    calls = calls_per_scrape(node)
+    assert sum(calls.values()) <= 15, calls
+    assert calls["nvmlDeviceGetFieldValues"] == 1
+    for once in ("nvmlDeviceGetTemperatureThreshold", "nvmlDeviceGetMaxClockInfo",
+                 "nvmlDeviceGetSupportedClocksEventReasons", "nvmlDeviceGetMaxPcieLinkWidth",
+                 "nvmlDeviceGetName", "nvmlDeviceGetFanSpeed",  # not supported: not asked again
+                 "nvmlDeviceGetPowerUsage", "nvmlDeviceGetTotalEccErrors"):
+        assert once not in calls, once
+    node.close()
+
+
+def test_a_driver_without_field_values_serves_the_same_page_through_each_function() -> None:
+    with_fields, without = build(HEALTH_NODE), build("field_values: false\n" + HEALTH_NODE)
+    page = with_fields.text()
+    assert without.text() == page
+    # tried once per GPU, then not again; the A100's rows by their own function every scrape
+    assert without.sim.calls["nvmlDeviceGetFieldValues"] == 3
+    calls = calls_per_scrape(without)
+    assert "nvmlDeviceGetFieldValues" not in calls
+    assert calls["nvmlDeviceGetRemappedRows"] == 1 / 3
+    for series in ('nvidia_gpu_remapped_rows_total{cause="uncorrectable",gpu="0"',
+                   'nvidia_gpu_row_remap_pending{gpu="0"', 'nvidia_gpu_pcie_replays_total{gpu="0"',
+                   'nvidia_gpu_retired_pages_total{cause="single_bit_ecc",gpu="1"',
+                   'nvidia_gpu_retired_pages_pending{gpu="1"',
+                   'nvidia_gpu_power_usage_watts{gpu="2"', 'nvidia_gpu_ecc_errors_total{gpu="0"'):
+        assert series in page, series
+    assert 'nvidia_gpu_ecc_errors_total{gpu="2"' not in page  # ECC off
+    with_fields.close()
+    without.close()
+
+
+def test_fields_a_driver_lacks_are_read_through_their_own_function() -> None:
+    fields = [N.FI_POWER_INSTANT, N.FI_POWER_LIMIT, N.FI_ENERGY, N.FI_PCIE_REPLAYS]
+    node = build(f"gpus:\n  - {{pcie_replays: 5, unsupported_fields: {fields}}}\n")
+    reference = build("gpus:\n  - {pcie_replays: 5}\n")
+    labels = gpu(0, uuid_of(None, 0))
+    for metric in ("nvidia_gpu_power_usage_watts", "nvidia_gpu_power_limit_watts",
+                   "nvidia_gpu_energy_joules_total", "nvidia_gpu_pcie_replays_total"):
+        assert node.value(metric, **labels) == reference.value(metric, **labels), metric
+    calls = calls_per_scrape(node)
+    for function in ("nvmlDeviceGetPowerUsage", "nvmlDeviceGetEnforcedPowerLimit",
+                     "nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetPcieReplayCounter"):
+        assert calls[function] == 1, function
+    node.close()
+    reference.close()
+
+
+def test_health_signals_of_a_healthy_gpu_are_left_out_and_its_pcie_link_served() -> None:
+    node = build("gpus:\n  - {nvlink_links: 12}\n")
+    text = node.text()
+    labels = gpu(0, uuid_of(None, 0))
+    assert node.value("nvidia_gpu_pcie_link_width", **labels) == 16
+    assert node.value("nvidia_gpu_pcie_link_generation_max", **labels) == 4
+    for name in ("nvidia_gpu_remapped_rows_total", "nvidia_gpu_row_remap_pending",
+                 "nvidia_gpu_pcie_replays_total", "nvidia_gpu_nvlink_errors_total",
+                 "nvidia_gpu_nvlink_links_inactive"):
+        assert f"\n{name}{{" not in text, name
+    node.close()
+
+
+def test_nvlink_errors_and_links_down_come_in_the_one_call() -> None:
+    node = build("gpus:\n  - nvlink_links: 12\n    nvlink_inactive: 2\n"
+                 "    nvlink_errors: {crc_flit: 4, recovery: 1}\n")
+    labels = gpu(0, uuid_of(None, 0))
+    assert node.value("nvidia_gpu_nvlink_links_inactive", **labels) == 2
+    assert node.value("nvidia_gpu_nvlink_errors_total", type="crc_flit", **labels) == 4
+    assert node.value("nvidia_gpu_nvlink_errors_total", type="recovery", **labels) == 1
+    assert node.value("nvidia_gpu_nvlink_errors_total", type="replay", **labels) is None
+    assert calls_per_scrape(node)["nvmlDeviceGetFieldValues"] == 1
+    node.close()
+
+
+def test_a_health_series_stays_once_served() -> None:
+    from gpuwatch.exporter.collectors import Device
+    from gpuwatch.exporter.collectors.gpu import GpuCollector
+    from gpuwatch.exporter.readings import GpuReading
+
+    collector = GpuCollector()
+    device = Device(0, None, "GPU-1")
+    key = ("nvidia_gpu_row_remap_pending", "")
+
+    def served(value: float) -> list[float]:
+        reading = GpuReading(info={}, health={key: value})
+        families = {f.name: f for f in collector._health_families([(device, reading)])}
+        return [s.value for s in families["nvidia_gpu_row_remap_pending"].samples]
+
+    assert served(0) == []
+    assert served(1) == [1]
+    assert served(0) == [0]  # reset since: it says so rather than vanish
+
+
+def test_the_pcie_link_is_read_again_once_a_minute() -> None:
+    from gpuwatch.exporter.collectors import Device
+    from gpuwatch.exporter.collectors.gpu import LINK_REFRESH_SECONDS, GpuCollector
+
+    sim = SimulatedNvml(SimulatedNode(scenario_of("gpus:\n  - {pcie_link: {width: 4}}\n"),
+                                      clock=lambda: T0))
+    nvml = Nvml(sim)
+    now = [0.0]
+    collector = GpuCollector(clock=lambda: now[0])
+    device = Device(0, sim.nvmlDeviceGetHandleByIndex(0), "GPU-0")
+    reads = []
+    for now[0] in (0.0, LINK_REFRESH_SECONDS / 2, LINK_REFRESH_SECONDS + 1):
+        assert collector.read_gpu(nvml, device).pcie_link_width == 4
+        reads.append(sim.calls["nvmlDeviceGetCurrPcieLinkWidth"])
+    assert reads == [1, 1, 2]
+
+
+@pytest.mark.parametrize(("gpu_yaml", "message"), [
+    ("{nvlink_links: 2, nvlink_inactive: 3}", "nvlink_inactive: must be between 0"),
+    ("{remapped_rows: {spare: 1}}", "remapped_rows"),
+    ("{nvlink_errors: {crc_data: -1}}", "must not be negative"),
+    ("{unsupported_fields: [power]}", "unsupported_fields"),
+])
+def test_bad_health_settings_of_a_scenario_name_the_field(gpu_yaml: str, message: str) -> None:
+    from gpuwatch.sim import ScenarioError
+
+    with pytest.raises(ScenarioError, match=message):
+        scenario_of(f"gpus:\n  - {gpu_yaml}\n")

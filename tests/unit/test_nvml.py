@@ -214,3 +214,45 @@ def test_nvml_initialised_is_logged_once_per_driver(caplog: pytest.LogCaptureFix
 def test_xid_wait_timeout_is_no_event() -> None:
     nvml = Nvml(FakeLib(nvmlEventSetWait_v2=error(N.ERROR_TIMEOUT)))
     assert nvml.wait_event("set", 0) is None
+
+
+# -- many values in one call: nvmlDeviceGetFieldValues ---------------------------------------
+
+def field(field_id: int, code: int, kind: int = 3, **value: float) -> SimpleNamespace:
+    return SimpleNamespace(fieldId=field_id, scopeId=0, nvmlReturn=code, valueType=kind,
+                           value=SimpleNamespace(**value))
+
+
+def test_field_values_are_read_by_their_type_each_with_its_own_return(caplog) -> None:
+    nvml = Nvml(FakeLib(nvmlDeviceGetFieldValues=[
+        field(1, 0, kind=0, dVal=1.5), field(2, 0, kind=1, uiVal=7), field(3, 0, ullVal=2**40),
+        field(4, N.ERROR_NOT_SUPPORTED), field(5, N.ERROR_UNKNOWN)]))
+    for _ in range(2):
+        with caplog.at_level(logging.WARNING):
+            answers = nvml.field_values("h", [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0)])
+    assert answers is not None
+    assert answers.values == {(1, 0): 1.5, (2, 0): 7, (3, 0): 2**40}
+    assert answers.absent == {(4, 0)}  # not there; field 5 failed this time only
+    assert len([r for r in caplog.records if "field 5" in r.message]) == 1
+
+
+def test_field_values_without_the_call_or_refused_whole_are_none() -> None:
+    assert Nvml(FakeLib()).field_values("h", [(1, 0)]) is None
+    refused = Nvml(FakeLib(nvmlDeviceGetFieldValues=error(N.ERROR_NOT_SUPPORTED)))
+    assert refused.field_values("h", [(1, 0)]) is None
+
+
+def test_a_failed_field_values_call_costs_its_values_this_time() -> None:
+    nvml = Nvml(FakeLib(nvmlDeviceGetFieldValues=error(N.ERROR_GPU_IS_LOST)))
+    assert nvml.field_values("h", [(1, 0)]) == N.FieldAnswers({}, frozenset())
+
+
+@pytest.mark.parametrize(("code", "never"), [(N.ERROR_NOT_SUPPORTED, True),
+                                             (N.ERROR_FUNCTION_NOT_FOUND, True),
+                                             (N.ERROR_NO_DATA, False), (N.ERROR_UNKNOWN, False)])
+def test_supported_tells_a_value_never_there_from_one_missing_now(code: int, never: bool
+                                                                 ) -> None:
+    nvml = Nvml(FakeLib(nvmlDeviceGetFanSpeed=error(code)))
+    assert nvml.supported("nvmlDeviceGetFanSpeed", "h") == (not never, None)
+    assert Nvml(FakeLib(nvmlDeviceGetFanSpeed=30)).supported("nvmlDeviceGetFanSpeed", "h") == \
+        (True, 30)

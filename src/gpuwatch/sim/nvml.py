@@ -381,7 +381,7 @@ class SimulatedNvml:
                ) -> tuple[int, float | int]:
         """(nvmlReturn, value) of one field."""
         source = _FIELD_SOURCES.get(field_id)
-        if source is None:
+        if source is None or field_id in gpu.unsupported_fields:
             return N.ERROR_NOT_SUPPORTED, 0
         error = gpu.errors.get(source)
         if error is not None:

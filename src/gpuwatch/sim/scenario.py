@@ -113,6 +113,9 @@ class SimGpu:
     nvlink_errors: Mapping[str, int] = field(default_factory=dict)
     """crc_flit, crc_data, replay, recovery: errors summed over the links at the start."""
     nvlink_errors_per_hour: Mapping[str, float] = field(default_factory=dict)
+    unsupported_fields: tuple[int, ...] = ()
+    """nvmlDeviceGetFieldValues field ids this GPU's driver does not answer (NOT_SUPPORTED),
+    though the functions that read them alone do: the exporter falls back to those."""
 
     @property
     def remaps_rows(self) -> bool:
@@ -281,6 +284,8 @@ def _gpu(r: _Reader, data: Any, where: str, index: int) -> SimGpu:
         nvlink_errors=_counts(r, g, where, "nvlink_errors", NVLINK_ERROR_TYPES),
         nvlink_errors_per_hour=_counts(r, g, where, "nvlink_errors_per_hour",
                                        NVLINK_ERROR_TYPES, float),
+        unsupported_fields=tuple(r.get({"field": f}, "field", int, 0, f"{where}.unsupported_fields")
+                                 for f in r.get(g, "unsupported_fields", list, [])),
     )
     if not 0 <= gpu.nvlink_inactive <= gpu.nvlink_links:
         raise ScenarioError(f"{r.source}: {where}.nvlink_inactive: must be between 0 and "
@@ -318,7 +323,8 @@ _GPU_KEYS = {"name", "memory_gib", "power_limit_watts", "idle_power_watts", "loa
              "missing_after_seconds", "xid", "processes", "uuid", "pci_bus_id",
              "latency_seconds", "pcie_generation", "pcie_width", "pcie_link", "pcie_replays",
              "pcie_replays_per_hour", "remapped_rows", "retired_pages", "nvlink_links",
-             "nvlink_inactive", "nvlink_errors", "nvlink_errors_per_hour"}
+             "nvlink_inactive", "nvlink_errors", "nvlink_errors_per_hour",
+             "unsupported_fields"}
 _PROCESS_KEYS = {"pid", "user", "command", "cmdline", "memory_gib", "age_seconds", "kind",
                  "container_id", "slurm_job_id", "vanished", "period_seconds",
                  "active_seconds", "offset_seconds"}
