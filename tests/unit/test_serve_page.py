@@ -527,3 +527,9 @@ def test_a_bad_page_flag_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[st
     assert cli.main(["serve", "--reservations.file", "r.yml", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and named in err and "Traceback" not in err
+
+
+def test_every_element_the_script_looks_up_is_in_the_page(client: Client) -> None:
+    ids = {a["id"] for _, a in _page(client).elements if a.get("id")}
+    wanted = set(re.findall(r'\$\("([\w-]+)"\)', (WEB / "app.js").read_text()))
+    assert wanted and wanted - ids == set()

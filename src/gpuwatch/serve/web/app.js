@@ -148,6 +148,9 @@
   function me() {
     return page.session && page.session.user;
   }
+  function modelName(g) {
+    return g.display_name || g.model || "?";
+  }
   function isMine(g) {
     const user = me();
     if (!user) return false;
@@ -171,7 +174,7 @@
   }
   function matches(g, f, stale) {
     if (f.cluster && (g.cluster || "") !== f.cluster) return false;
-    if (f.model && g.display_name !== f.model) return false;
+    if (f.model && modelName(g) !== f.model) return false;
     if (f.state && (stale ? "" : g.state) !== f.state) return false;
     if (f.onlyFree && (stale || g.state !== FREE)) return false;
     if (f.search) {
@@ -208,7 +211,7 @@
       '" data-gpu="' + g.gpu + '" data-state="' + esc(stale ? DOWN : g.state) + '"' +
       (stale ? ' data-last-state="' + esc(g.state) + '"' : "") +
       ' tabindex="0"' + (free ? ' role="button"' : "") + ">" +
-      '<span class="gpu">GPU ' + g.gpu + " · " + esc(g.display_name || g.model || "?") +
+      '<span class="gpu">GPU ' + g.gpu + " · " + esc(modelName(g)) +
       "</span>" +
       '<span class="word">' + esc(word) + (mine ? ' <span class="you">(yours)</span>' : "") +
       "</span>" +
@@ -243,7 +246,7 @@
     for (const g of f.gpus) {
       page.byKey.set(key(g.host, g.gpu), g);
       if (g.cluster) clusters.add(g.cluster);
-      const model = g.display_name || g.model || "?";
+      const model = modelName(g);
       models.add(model);
       const stale = gpuStale(g, fresh);
       if (!stale && g.state === FREE) free.set(model, (free.get(model) || 0) + 1);
@@ -255,6 +258,7 @@
       if (g.state === DOWN) current.down += 1;
       if (matches(g, want, stale)) current.shown.push(cellHtml(g, stale));
     }
+    $("search").disabled = !!f.names_hidden; // there are no names to search then
     fillSelect($("filter-cluster"), Array.from(clusters).sort(), "all clusters");
     fillSelect($("filter-model"), Array.from(models).sort(), "all models");
     const grafana = s.grafana_url;
