@@ -648,7 +648,7 @@ def test_the_history_says_who_did_what_from_where(client: Client) -> None:
 def test_the_fleet_is_as_gpuwatch_status_json_prints_it(client: Client, fleet: Fleet) -> None:
     status, answer = client.json("GET", "/api/v1/fleet")
     assert status == 200
-    assert answer["gpus"] == json.loads(json.dumps([g.to_json() for g in fleet.gpus]))
+    assert answer["gpus"] == json.loads(json.dumps([g.to_api() for g in fleet.gpus]))
     assert answer["names_hidden"] is False and answer["now"] == START
 
 

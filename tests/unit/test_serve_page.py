@@ -489,10 +489,14 @@ def test_the_fleet_reads_processes_temperature_since_cluster_and_evaluation_time
     assert busy.updated == START - 4
     assert idle.since == START - 3600 and idle.cluster is None and idle.processes == ()
     assert idle.temperature_celsius is None
-    out = busy.to_json()
-    assert {"host", "instance", "gpu", "uuid", "state", "users", "model", "display_name",
-            "memory_used_bytes", "memory_total_bytes", "utilization_ratio", "inactive_since",
-            "reservation", "claim"} <= set(out)  # gpuwatch status --json: keys only added
+    status = busy.to_json()  # gpuwatch status --json: keys only added, none that move
+    assert set(status) == {
+        "host", "instance", "gpu", "uuid", "state", "users", "model", "display_name",
+        "memory_used_bytes", "memory_total_bytes", "utilization_ratio", "inactive_since",
+        "reservation", "claim", "temperature_celsius", "cluster"}
+    out = busy.to_api()
+    assert set(out) == set(status) | {"processes", "since", "updated"}
+    assert out["since"] == START - 100 and out["updated"] == START - 4
     assert out["processes"] == [{"pid": 9, "user": "bob", "command": "python bob.py",
                                    "memory_bytes": 3e9, "start_time": START - 50},
                                   {"pid": 7, "user": "alice", "command": "python alice.py",

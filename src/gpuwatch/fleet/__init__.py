@@ -134,10 +134,26 @@ class GpuStatus:
     """Unix time of the rule evaluation its state comes from (how fresh it is)."""
 
     def to_json(self) -> dict[str, object]:
+        """What ``gpuwatch status --json`` prints: the same from Prometheus and from
+        VictoriaMetrics and from one question to the next while nothing changes (so without
+        the processes, ``since`` and ``updated``, which to_api() adds)."""
         out = asdict(self)
         out["users"] = list(self.users)
-        out["processes"] = [asdict(p) for p in self.processes]
+        for moving in _API_ONLY:
+            del out[moving]
         return out
+
+    def to_api(self) -> dict[str, object]:
+        """The GPU in gpuwatch serve's /api/v1/fleet: to_json() and the processes, since when
+        it is in its state and when that was evaluated."""
+        out = self.to_json()
+        out["processes"] = [asdict(p) for p in self.processes]
+        out["since"] = self.since
+        out["updated"] = self.updated
+        return out
+
+
+_API_ONLY = ("processes", "since", "updated")
 
 
 class FleetError(Exception):

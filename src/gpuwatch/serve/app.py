@@ -301,7 +301,7 @@ class ServeApp:
         hidden = self._hides_names(asked.who)
         stamps = [g.updated for g in gpus if g.updated is not None]
         return _json(200, {
-            "gpus": [_hide_names(g.to_json()) if hidden else g.to_json() for g in gpus],
+            "gpus": [_hide_names(g.to_api()) if hidden else g.to_api() for g in gpus],
             "updated": min(stamps) if len(stamps) == len(gpus) and stamps else None,
             "now": self.service.clock(), "names_hidden": hidden})
 
