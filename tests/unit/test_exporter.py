@@ -378,8 +378,9 @@ def test_a_gpu_that_hangs_when_opened_is_down_and_blocks_nobody(function: str) -
             assert f'nvidia_gpu_utilization_ratio{{gpu="{index}"' in text
         calls = node.sim.calls[function]
         assert 'reason="hung"' in node.text()
-        # the hung open is not repeated; GPUs 0 and 2 ask once each (their reading)
-        assert node.sim.calls[function] - calls == (0 if "Handle" in function else 2)
+        # the hung open is not repeated; GPUs 0 and 2 read their memory once each, and their
+        # field-values call, not their UUID, proves they are still there
+        assert node.sim.calls[function] - calls == (2 if "Memory" in function else 0)
         node.sim.release_hangs()
         assert wait_until(lambda: node.value("nvidia_gpu_up", **gpu(1, uuid_of(None, 1))) == 1)
     finally:
@@ -633,6 +634,7 @@ def calls_per_scrape(node, scrapes: int = 3) -> dict[str, float]:
 
 @pytest.mark.parametrize("name", ["NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"])
 def test_a_gpu_costs_at_most_15_nvml_calls_a_scrape(name: str) -> None:
+    # the one field-values call proves the GPU is there: no UUID call for that
     node = build(f"gpus:\n  - name: {name}\n    nvlink_links: 18\n")
     calls = calls_per_scrape(node)
     assert sum(calls.values()) <= 15, calls
@@ -640,8 +642,42 @@ def test_a_gpu_costs_at_most_15_nvml_calls_a_scrape(name: str) -> None:
     for once in ("nvmlDeviceGetTemperatureThreshold", "nvmlDeviceGetMaxClockInfo",
                  "nvmlDeviceGetSupportedClocksEventReasons", "nvmlDeviceGetMaxPcieLinkWidth",
                  "nvmlDeviceGetName", "nvmlDeviceGetFanSpeed",  # not supported: not asked again
-                 "nvmlDeviceGetPowerUsage", "nvmlDeviceGetTotalEccErrors"):
+                 "nvmlDeviceGetPowerUsage", "nvmlDeviceGetTotalEccErrors", "nvmlDeviceGetUUID"):
         assert once not in calls, once
+    node.close()
+
+
+def test_a_gpu_with_a_fan_costs_at_most_15_nvml_calls_a_scrape() -> None:
+    node = build(IDLE_GPU)
+    calls = calls_per_scrape(node)
+    assert calls["nvmlDeviceGetFanSpeed"] == 1
+    assert sum(calls.values()) <= 15, calls
+    node.close()
+
+
+@pytest.mark.parametrize("driver", ["", "field_values: false\n"])
+def test_a_lost_gpu_is_told_by_its_field_values_call_and_without_them_by_its_uuid(
+        driver: str) -> None:
+    now = [T0]
+    node = build(driver + "gpus:\n  - {lost_after_seconds: 60}\n  - {}\n",
+                 clock=lambda: now[0])
+    labels = gpu(0, uuid_of(None, 0))
+    assert node.value("nvidia_gpu_up", **labels) == 1
+    now[0] += 60
+    text = node.text()
+    assert f'nvidia_gpu_down_info{{gpu="0",reason="lost",uuid="{labels["uuid"]}"}}' in text
+    assert node.value("nvidia_gpu_up", **gpu(1, uuid_of(None, 1))) == 1
+    # at open, and without field values once a scrape (three scrapes) as the proof
+    assert node.sim.calls["nvmlDeviceGetUUID"] == (2 if not driver else 2 + 3 * 2)
+    node.close()
+
+
+def test_one_field_lost_in_the_call_costs_that_field_not_the_gpu() -> None:
+    node = build("gpus:\n  - errors: {nvmlDeviceGetTotalEnergyConsumption: GPUIsLost}\n")
+    labels = gpu(0, uuid_of(None, 0))
+    assert node.value("nvidia_gpu_up", **labels) == 1
+    assert node.value("nvidia_gpu_energy_joules_total", **labels) is None
+    assert node.value("nvidia_gpu_power_usage_watts", **labels) is not None
     node.close()
 
 

@@ -5,7 +5,8 @@ a value, ``None`` (the field is not there this time: leave it out), or an except
 that means more than one field is gone: `GpuLost` (this GPU) or `NvmlUnavailable` (the
 library or driver; re-initialised on a later scrape).
 
-Only the calls that prove a GPU is there (`handle`, `uuid`) say it is lost: a field query
+Only the calls that prove a GPU is there (`handle`, `uuid`, and the one field-values call of a
+scrape as a whole) say it is lost: a field query
 that fails, with NVML_ERROR_UNKNOWN or even NVML_ERROR_GPU_IS_LOST, costs that field and
 nothing else (one flaky sensor must not blank a GPU that answers), and the next presence
 call tells whether the GPU is still there.
@@ -304,19 +305,25 @@ class Nvml:
                 self._report_once(function, code, e)
             return code not in _NEVER, None
 
-    def field_values(self, handle: Any, fields: list[Field]) -> FieldAnswers | None:
+    def field_values(self, handle: Any, fields: list[Field], prove: bool = False
+                     ) -> FieldAnswers | None:
         """Many values of the GPU in one round trip (nvmlDeviceGetFieldValues), each with its
         own nvmlReturn; None when the driver lacks the call or refuses it as a whole (read
-        the fields one by one instead). A failure of the whole call otherwise (the GPU lost,
-        say) leaves every field out this time, as a failed query does: the next presence
-        call tells whether the GPU is still there."""
+        the fields one by one instead). A failure of the whole call otherwise leaves every
+        field out this time, as a failed query does, except where the call is to `prove`
+        the GPU is there: then NVML_ERROR_GPU_IS_LOST or _UNKNOWN of the call (not of one
+        field: one flaky sensor) raise GpuLost, as the UUID does."""
         if not fields:
+            if prove:
+                self.uuid(handle)
             return FieldAnswers({}, frozenset())
         function = "nvmlDeviceGetFieldValues"
         try:
             answers = self.call(function, handle, list(fields))
         except NVMLError as e:
             code = _code(e)
+            if prove and code in _LOST:
+                raise GpuLost(f"{function}: {e}") from e
             self._report_once(function, code, e)
             if code in _ABSENT:
                 return None

@@ -139,6 +139,9 @@ class Exporter:
         self._in_flight: Future[list[Metric]] | None = None
         self._last_errors: dict[str, str | None] = {}
         self._last_down: dict[int, str | None] = {}
+        readers = [c for c in self._collectors if _reads_gpus(c)]
+        self._proven_by_collector = bool(readers) and readers[0].proves_presence
+        """The first collector's reading proves an opened GPU is there: no UUID call."""
 
     # -- prometheus_client's Collector protocol ---------------------------------------------
 
@@ -332,12 +335,13 @@ class Exporter:
         return self._read_collectors(index, device)
 
     def _open_or_check(self, index: int, generation: int, device: Device | None) -> Device:
-        """The GPU opened now, or the device opened before once its UUID still answers."""
+        """The GPU opened now, or the device opened before once its UUID still answers (or,
+        where the first collector's reading proves it, once that reading answers)."""
         if device is None:
             device = self._open(index)
             with self._devices_lock:
                 self._devices[index] = (generation, device)
-        else:
+        elif not self._proven_by_collector:
             self._nvml.uuid(device.handle)  # still there?
         return device
 

@@ -47,6 +47,9 @@ class Collector(ABC):
     uses_nvml: ClassVar[bool] = True
     """False for a collector that reads no GPU: an exporter with only such collectors never
     loads NVML (and reports no nvidia_gpu_nvml_up)."""
+    proves_presence: ClassVar[bool] = False
+    """True when read_gpu starts with a call that proves the GPU is there (GpuLost when it
+    is not): as the first collector to read GPUs, it saves the scrape its UUID call."""
 
     def read_gpu(self, nvml: Nvml, device: Device) -> Any:
         """Read one GPU; runs in the GPU's worker thread. May raise GpuLost."""

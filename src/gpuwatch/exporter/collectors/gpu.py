@@ -115,6 +115,7 @@ class _Plan:
 
 
 class GpuCollector(Collector):
+    proves_presence = True  # its field-values call, or the UUID where the driver has none
     name = "gpu"
     help = "device metrics: utilisation, memory, temperature, power, clocks, throttling, ECC, " \
            "health (row remapping, retired pages, PCIe link, NVLink)"
@@ -138,13 +139,13 @@ class GpuCollector(Collector):
         have no field (utilisation, memory, temperature, fan, P-state, clocks, throttling,
         codecs). A value the device does not support is not asked again."""
         h = device.handle
+        plan = device.cached("plan", lambda: self._plan(nvml, device))
+        values = self._fields(nvml, device, plan)  # first: it proves the GPU is there
         info = device.static.get("info") or self._info(nvml, h)
         if info["name"]:  # kept while the driver is loaded; asked again after a failed call
             device.static["info"] = info
         ask = partial(_ask, nvml, device)
         once = partial(_once, nvml, device)
-        plan = device.cached("plan", lambda: self._plan(nvml, device))
-        values = self._fields(nvml, device, plan)
         utilization = ask("nvmlDeviceGetUtilizationRates")
         # v2 tells reserved memory apart and matches nvidia-smi's "used" since driver 510
         memory = ask("nvmlDeviceGetMemoryInfo", MEMORY_V2) or ask("nvmlDeviceGetMemoryInfo")
@@ -229,15 +230,18 @@ class GpuCollector(Collector):
         """The readings of the plan's groups: power, power_limit, energy (milli-units), ecc
         ({(type, scope): count}) and health ({(metric, label): value})."""
         got: dict[Field, float] = {}
+        answers = None
         if plan.batch:
             asked = [f for g in plan.groups if g.name not in plan.legacy for f in g.fields]
-            answers = nvml.field_values(device.handle, asked)
+            answers = nvml.field_values(device.handle, asked, prove=True)
             if answers is None:
                 plan.batch = False
                 plan.legacy.update(g.name for g in plan.groups)
             else:
                 got = answers.values
                 self._learn(plan, answers)
+        if answers is None:
+            nvml.uuid(device.handle)  # the proof the field values would have been
         values: dict[str, Any] = {}
         power = got.get((FI_POWER_AVERAGE, 0), got.get((FI_POWER_INSTANT, 0)))
         if (FI_POWER_AVERAGE, 0) in got:  # the instant value is not needed any more
