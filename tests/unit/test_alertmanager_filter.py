@@ -1,15 +1,19 @@
 """The rendering of alertmanager.yml (the filter gpuwatch_alertmanager_config): the users'
 routes and receivers, the admins' receiver, a short run's timings, and one-line refusals of
-inventory entries that are not what they claim to be."""
+inventory entries that are not what they claim to be; the local stack renders with it and
+points its Prometheus at its own Alertmanager, or at none."""
 
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from gpuwatch.contract import states
 from tools import localstack
 
 plugin = localstack.alertmanager_config_plugin()
@@ -173,3 +177,48 @@ def test_a_base_without_the_routes_it_needs_is_refused() -> None:
     base["receivers"].append({"name": "user-bob"})
     with pytest.raises(ValueError, match=r"^users\.bob: the base already has a receiver"):
         plugin.alertmanager_config(base, {"bob": {"webhook_url": "https://example.org/"}}, {})
+
+
+# -- the local stack renders with it ------------------------------------------------------------
+
+def test_the_local_stack_renders_alertmanager_yml_with_the_filter(tmp_path: Path) -> None:
+    path = localstack.render_alertmanager_config(
+        tmp_path, users={"erin": {"webhook_url": "http://127.0.0.1:1/erin"}},
+        timings={"group_wait": "1s"})
+    assert yaml.safe_load(path.read_text()) == render(
+        {"erin": {"webhook_url": "http://127.0.0.1:1/erin"}}, timings={"group_wait": "1s"})
+    with pytest.raises(localstack.LocalStackError,
+                       match=rf"^{re.escape(str(localstack.ALERTMANAGER_SOURCE))}: users: "
+                             r"'no body' is not a Unix user name"):
+        localstack.render_alertmanager_config(tmp_path, users={"no body": {}})
+
+
+def jobs_and_alerting(config: Path) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
+    doc = yaml.safe_load(config.read_text())
+    return ({j["job_name"]: j.get("static_configs") for j in doc["scrape_configs"]},
+            [t for am in doc["alerting"]["alertmanagers"] for s in am["static_configs"]
+             for t in s["targets"]], doc["global"].get("external_labels", {}))
+
+
+def test_a_local_prometheus_without_alertmanager_sends_alerts_nowhere(tmp_path: Path) -> None:
+    """Not to whatever listens on the usual port (an Alertmanager of this machine's)."""
+    (tmp_path / "targets").mkdir()
+    jobs, targets, _ = jobs_and_alerting(
+        localstack.render_config(tmp_path / "prometheus", tmp_path / "targets"))
+    assert targets == []
+    plugin_jobs = localstack.prometheus_config_plugin()
+    assert plugin_jobs.ALERTMANAGER_JOB not in jobs and plugin_jobs.PROMETHEUS_JOB not in jobs
+    assert states.JOB in jobs
+
+
+def test_a_local_prometheus_sends_alerts_to_its_alertmanager_and_scrapes_both(
+        tmp_path: Path) -> None:
+    (tmp_path / "targets").mkdir()
+    jobs, targets, labels = jobs_and_alerting(localstack.render_config(
+        tmp_path / "prometheus", tmp_path / "targets", alertmanager="127.0.0.1:19093",
+        prometheus="127.0.0.1:19090", runbook_url="http://127.0.0.1:19840/runbook"))
+    names = localstack.prometheus_config_plugin()
+    assert targets == ["127.0.0.1:19093"]
+    assert jobs[names.ALERTMANAGER_JOB] == [{"targets": ["127.0.0.1:19093"]}]
+    assert jobs[names.PROMETHEUS_JOB] == [{"targets": ["127.0.0.1:19090"]}]
+    assert labels[names.RUNBOOK_URL_LABEL] == "http://127.0.0.1:19840/runbook"
