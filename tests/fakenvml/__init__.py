@@ -80,7 +80,9 @@ class Control:
     processes: list[Process] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
     """Directives as fakenvml.c reads them: "hang 1 nvmlDeviceGetPowerUsage", "lost 1",
-    "error 1 nvmlDeviceGetPowerUsage 999", "xid 1 79 first", "init_delay_ms 5000"."""
+    "error 1 nvmlDeviceGetPowerUsage 999", "xid 1 79 first", "init_delay_ms 5000", and for
+    nvmlDeviceGetFieldValues "field 0 144 1" (a field's value), "field_error 0 190 3" (its
+    nvmlReturn), "pcie 0 4 8" (the link as it runs)."""
     logged: list[str] = field(default_factory=list)
     """Functions whose every call is appended to $FAKENVML_LOG ("*" for all)."""
     _mtime_ns: int = 0
