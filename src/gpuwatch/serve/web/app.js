@@ -443,6 +443,11 @@
     hideDetail();
     $("book-host").value = cell.dataset.host;
     $("book-gpus").value = cell.dataset.gpu;
+    const fresh = freshness();
+    const free = page.fleet.gpus.filter((g) => g.host === cell.dataset.host &&
+      bookable(g, gpuStale(g, fresh))).map((g) => g.gpu);
+    $("book-free").textContent = "Free on " + cell.dataset.host + " now: GPU " +
+      free.join(", ") + ".";
     const until = new Date(Date.now() + 2 * 3600 * 1000);
     until.setSeconds(0, 0);
     $("book-until").value = localInput(until);
