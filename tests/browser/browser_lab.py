@@ -30,6 +30,8 @@ LAB_NODES = (
     Node("old-01", "workstation", {"cluster": "lab"}),  # its exporter is stopped: all down
 )
 STOPPED = "old-01"
+GRAFANA = "http://127.0.0.1:3000/grafana"
+"""The anonymous service's --web.grafana-url (never asked: the page only links to it)."""
 BOOKED = ("srv-01", 7, "frank", "camera-ready")
 """The booking the lab starts with: host, GPU, user, comment."""
 
@@ -38,8 +40,8 @@ BOOKED = ("srv-01", 7, "frank", "camera-ready")
 class Lab:
     fleet: Fleet
     anonymous_url: str
-    """A second `gpuwatch serve` over the same Prometheus: nobody signs in there, and
-    --web.public-names=false hides the names."""
+    """A second `gpuwatch serve` over the same Prometheus: nobody signs in there,
+    --web.public-names=false hides the names, and each host links to Grafana (GRAFANA)."""
 
     @property
     def url(self) -> str:

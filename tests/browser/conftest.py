@@ -5,8 +5,8 @@ Prometheus and `gpuwatch serve` on 127.0.0.1 (tests/prom_harness.py).
 - `lab` (one a module): the fleet of LAB_NODES (free GPUs, GPUs busy with one and with two
   users, one idle-held, one booked, a lost GPU and a node whose exporter is stopped, so all
   its GPUs are down) behind a service with basic-auth users alice, bob and the admin ADMIN;
-  beside it a second `gpuwatch serve` over the same Prometheus without any identity and with
-  --web.public-names=false.
+  beside it a second `gpuwatch serve` over the same Prometheus without any identity, with
+  --web.public-names=false and a Grafana URL.
 - `browser` (one a session), `pages` (per test): a page per identity, theme and screen, whose
   console errors, uncaught errors and requests to any other origin fail the test
   (browser_lab.Pages; waiting on the page's render counter and axe-core: browser_lab).
@@ -20,7 +20,7 @@ import datetime as dt
 from collections.abc import Iterator
 
 import pytest
-from browser_lab import ADMIN, AXE, BOOKED, LAB_NODES, PASSWORDS, STOPPED, Lab, Pages
+from browser_lab import ADMIN, AXE, BOOKED, GRAFANA, LAB_NODES, PASSWORDS, STOPPED, Lab, Pages
 from playwright.sync_api import Browser, sync_playwright
 from prom_harness import Fleet, serve
 
@@ -72,7 +72,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             lambda found: found == [states.RESERVED.name])
         port = localstack.free_port()
         anonymous = serve(workdir / "anonymous-reservations.yml", port, fleet.url,
-                          workdir / "anonymous-serve.log", flags=["--web.public-names=false"])
+                          workdir / "anonymous-serve.log", flags=["--web.public-names=false",
+                                 f"--web.grafana-url={GRAFANA}"])
         anonymous.start()
         try:
             yield Lab(fleet, f"http://{localstack.LOCALHOST}:{port}")

@@ -23,6 +23,8 @@ import pytest
 from browser_lab import (
     ADMIN,
     BOOKED,
+    GRAFANA,
+    LAB_NODES,
     PASSWORDS,
     STOPPED,
     Lab,
@@ -231,8 +233,9 @@ def test_keyboard_focus_shows_the_detail_enter_books_and_escape_closes(lab: Lab,
 def test_counts_of_free_gpus_per_model_and_the_filters(lab: Lab, pages: Pages) -> None:
     page = pages.open(lab.url, "alice")
     expected = wait_for_grid(page, lab)
-    names = {g["model"]: g["display_name"] for g in service_json(page, "/api/v1/fleet")["gpus"]}
-    free = Counter(names[e.model] for e in expected.values() if e.state == states.FREE.name)
+    names = {(g["host"], g["gpu"]): g["display_name"] or g["model"]
+             for g in service_json(page, "/api/v1/fleet")["gpus"]}
+    free = Counter(names[key] for key, e in expected.items() if e.state == states.FREE.name)
     summary = page.locator("#summary").inner_text()
     for model, count in free.items():
         assert re.search(rf"\b{count}\s*[x\u00d7]\s*{re.escape(model)} free", summary), \
@@ -250,6 +253,19 @@ def test_counts_of_free_gpus_per_model_and_the_filters(lab: Lab, pages: Pages) -
     wait_page(page, "only bob's cells", visible, lambda shown: shown == wanted)
     page.locator("#search").fill("")
     wait_page(page, "every cell again", visible, lambda shown: shown == set(expected))
+    clusters = {n.host: n.labels["cluster"] for n in LAB_NODES}
+    page.locator("#filter-cluster").select_option("lab")
+    wanted = {key for key in expected if clusters[key[0]] == "lab"}
+    wait_page(page, "the cells of cluster lab", visible, lambda shown: shown == wanted)
+    page.locator("#filter-cluster").select_option("")
+    page.locator("#filter-state").select_option(states.IDLE.name)
+    wanted = {key for key, e in expected.items() if e.state == states.IDLE.name}
+    wait_page(page, "the idle cells", visible, lambda shown: shown == wanted)
+    page.locator("#filter-state").select_option("")
+    model = names["ws-01", 0]
+    page.locator("#filter-model").select_option(model)
+    wanted = {key for key in expected if names[key] == model}
+    wait_page(page, f"the {model} cells", visible, lambda shown: shown == wanted)
 
 
 def test_the_whoami_names_the_signed_in_user(lab: Lab, pages: Pages) -> None:
@@ -472,6 +488,18 @@ def test_without_identity_public_names_false_hides_every_name(lab: Lab,
                 assert not g[key].get("user") and not g[key].get("comment"), g
     for r in service_json(page, "/api/v1/reservations")["reservations"]:
         assert not r.get("user") and not r.get("comment"), r
+
+
+def test_each_host_links_to_its_grafana_dashboard_where_configured(lab: Lab,
+                                                                   pages: Pages) -> None:
+    page = pages.open(lab.anonymous_url)
+    expected = wait_for_grid(page, lab)
+    links = dict(page.evaluate("""() => [...document.querySelectorAll('#grid section.host')]
+        .map(s => [s.dataset.host, (s.querySelector('a.grafana') || {}).href || null])"""))
+    assert links == {e.host: f"{GRAFANA}/d/gpuwatch-node?var-host={e.host}"
+                     for e in expected.values()}
+    signed_in = pages.open(lab.url, "alice")
+    assert signed_in.locator("#grid a.grafana").count() == 0, "no Grafana URL, no link"
 
 
 # -- last: Prometheus stops ----------------------------------------------------------------------
