@@ -82,9 +82,10 @@ def victoria_metrics(data_dir: Path, port: int, log: Path) -> localstack.Service
 
 def with_remote_write(config: Path, url: str) -> None:
     """Adds a remote_write block to a rendered prometheus.yml, as the Ansible role does with
-    gpuwatch_prometheus_remote_write."""
+    gpuwatch_prometheus_remote_write (through the filter's remote_write_block)."""
     doc = yaml.safe_load(config.read_text())
-    doc["remote_write"] = [{"url": url, "queue_config": REMOTE_WRITE_QUEUE}]
+    block = {"url": url, "queue_config": REMOTE_WRITE_QUEUE}
+    doc["remote_write"] = [localstack.prometheus_config_plugin().remote_write_block(block)]
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 

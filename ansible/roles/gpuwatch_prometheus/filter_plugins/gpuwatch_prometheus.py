@@ -125,6 +125,8 @@ def prometheus_config(source: Mapping[str, Any], rules_dir: str, file_sd_dir: st
         config["global"] = _merged(config.get("global") or {}, settings)
     if remote_write:
         config["remote_write"] = (config.get("remote_write") or []) + _plain(remote_write)
+    if config.get("remote_write"):
+        config["remote_write"] = [remote_write_block(block) for block in config["remote_write"]]
     if runbook_url is not None:
         config["global"] = _merged(config.get("global") or {},
                                    {"external_labels": {RUNBOOK_URL_LABEL: runbook_url}})
@@ -132,6 +134,22 @@ def prometheus_config(source: Mapping[str, Any], rules_dir: str, file_sd_dir: st
         config["alerting"] = _alerting(config.get("alerting"),
                                        _service(alertmanagers, alertmanager_client))
     return config
+
+
+def remote_write_block(block: Mapping[str, Any]) -> dict[str, Any]:
+    """A remote_write block that leaves out the RUNBOOK_URL_LABEL external label.
+
+    Prometheus adds its external labels to every series it sends; that one is there for the
+    alerts' runbook links only, and on every series of VictoriaMetrics, Thanos or Mimir it
+    would be one more label to match, differing from the series Prometheus itself answers.
+    """
+    out = _plain(block)
+    drop = {"action": "labeldrop", "regex": RUNBOOK_URL_LABEL}
+    relabel = list(out.get("write_relabel_configs") or [])
+    if drop not in relabel:
+        relabel.append(drop)
+    out["write_relabel_configs"] = relabel
+    return out
 
 
 def _check_target(target: object) -> None:
