@@ -3,7 +3,7 @@ GPUWATCH_PROMETHEUS_USER/_PASSWORD or _TOKEN, netrc) and in which order, that no
 ever shown, that a redirect elsewhere gets none, --prometheus.ca-file, and `gpuwatch serve`'s
 share of it. Against a small Prometheus API on 127.0.0.1 that wants one Authorization and
 answers an empty fleet (so a command that got through says "knows no GPUs"); the real
-Prometheus with basic auth and TLS is in tests/e2e/test_prometheus_auth.py."""
+Prometheus with basic auth and TLS is in tests/e2e/test_prometheus_protected.py."""
 
 from __future__ import annotations
 

@@ -37,3 +37,13 @@ def test_the_fast_folders_reach_apt_programs_only_through_their_fixtures(folder:
     looked_up = {(path.name, name) for path in sorted((TESTS / folder).glob("*.py"))
                  for name in re.findall(r"""which\(\s*["']([\w-]+)["']""", path.read_text())}
     assert {(f, name) for f, name in looked_up if name in conftest.APT_PROGRAMS} == set()
+
+
+def test_every_test_module_has_a_name_of_its_own() -> None:
+    """The folders have no __init__.py, so pytest imports each test module by its base name:
+    two tests/*/test_x.py stop the whole collection ("import file mismatch")."""
+    names: dict[str, list[str]] = {}
+    for path in sorted(TESTS.rglob("test_*.py")):
+        if "node_modules" not in path.parts:
+            names.setdefault(path.name, []).append(str(path.relative_to(TESTS)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
