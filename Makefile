@@ -62,8 +62,13 @@ lint: $(TESTING)
 	$(VENV)/bin/ruff check src tools tests
 	$(VENV)/bin/mypy
 
+# pytest-xdist runs the test files on TEST_WORKERS processes, each file (and its module
+# fixtures) on one of them; tests/conftest.py collects the slow folders first and
+# --no-loadscope-reorder keeps that order, so the Ansible deployment overlaps the tests that
+# wait on Prometheus. `make test TEST_WORKERS=0` runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(TESTING) $(GRAFANA_JS) $(BROWSER_JS) prometheus alertmanager chromium systemd-analyze victoria-metrics proxies gcc lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The fast loop: the unit and golden tests with the venv alone (no apt, no npm); the tests
 # that ask for an apt-installed program (tests/conftest.py marks them apt) are left out.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import conftest
@@ -47,3 +49,38 @@ def test_every_test_module_has_a_name_of_its_own() -> None:
         if "node_modules" not in path.parts:
             names.setdefault(path.name, []).append(str(path.relative_to(TESTS)))
     assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
+
+
+@dataclass
+class PlacedItem:
+    path: Path
+
+
+def test_the_slow_folders_are_collected_first_and_each_folder_keeps_its_order() -> None:
+    """`make test` hands files to its pytest-xdist workers in collection order: the slow
+    folders first, so that none of them starts last."""
+    names = ["unit/test_a.py", "e2e/test_b.py", "unit/test_c.py", "deploy/test_d.py",
+             "browser/test_e.py", "e2e/test_f.py", "golden/test_g.py"]
+    items = [PlacedItem(TESTS / name) for name in names]
+    conftest.slow_folders_first(items)  # type: ignore[arg-type]
+    assert [str(item.path.relative_to(TESTS)) for item in items] == [
+        "deploy/test_d.py", "e2e/test_b.py", "e2e/test_f.py", "browser/test_e.py",
+        "unit/test_a.py", "unit/test_c.py", "golden/test_g.py"]
+    assert conftest.SLOW_FIRST[0] == "deploy"
+
+
+def test_a_rewrite_of_the_golden_files_is_refused_on_parallel_workers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def config(workers: int | None, worker: bool = False) -> Any:
+        made = SimpleNamespace(option=SimpleNamespace(numprocesses=workers))
+        if worker:
+            made.workerinput = {}
+        return made
+
+    monkeypatch.setenv(conftest.UPDATE_GOLDEN, "1")
+    with pytest.raises(pytest.UsageError, match="-n 0"):
+        conftest.refuse_parallel_rewrite(config(2))
+    for serial in (config(None), config(0), config(2, worker=True)):
+        conftest.refuse_parallel_rewrite(serial)
+    monkeypatch.delenv(conftest.UPDATE_GOLDEN)
+    conftest.refuse_parallel_rewrite(config(2))
