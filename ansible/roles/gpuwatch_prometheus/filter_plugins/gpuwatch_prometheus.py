@@ -143,7 +143,7 @@ def remote_write_block(block: Mapping[str, Any]) -> dict[str, Any]:
     alerts' runbook links only, and on every series of VictoriaMetrics, Thanos or Mimir it
     would be one more label to match, differing from the series Prometheus itself answers.
     """
-    out = _plain(block)
+    out: dict[str, Any] = _plain(block)
     drop = {"action": "labeldrop", "regex": RUNBOOK_URL_LABEL}
     relabel = list(out.get("write_relabel_configs") or [])
     if drop not in relabel:
