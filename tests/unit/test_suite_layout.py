@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import conftest
 import pytest
 from paths import TESTS
+
+
+def _suite_conftest() -> Any:
+    """tests/conftest.py itself: `import conftest` may find another folder's conftest.py
+    (tests/browser has one) once pytest has put that folder on sys.path."""
+    spec = importlib.util.spec_from_file_location("gpuwatch_tests_conftest",
+                                                  TESTS / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+conftest = _suite_conftest()
 
 
 @dataclass
