@@ -26,6 +26,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import socket
 import ssl
@@ -191,11 +192,17 @@ def test_every_role_documents_every_default() -> None:
 
 
 # What a role may read of another role's variables, and why: the Prometheus role scrapes every
-# GPU node where that node's inventory says its exporter listens (hostvars of the node).
+# GPU node where that node's inventory says its exporter listens (hostvars of the node); the
+# roles of the monitoring host follow the stack's one access choice and take their passwords from
+# its users (docs/security.md), each only as the default of a variable of its own.
+STACK_ACCESS = {"gpuwatch_prometheus_access", "gpuwatch_prometheus_basic_auth_users"}
 INVENTORY_READS = {
     "gpuwatch_prometheus": {"gpuwatch_exporter_web_listen_address",
                             "gpuwatch_exporter_web_telemetry_path",
                             "gpuwatch_exporter_tls_server_config"},
+    "gpuwatch_alertmanager": STACK_ACCESS,
+    "gpuwatch_grafana": STACK_ACCESS,
+    "gpuwatch_reservations": STACK_ACCESS,
 }
 _IMPORT_ROLE = {"import_role", "include_role", "ansible.builtin.import_role",
                 "ansible.builtin.include_role"}
@@ -256,11 +263,16 @@ def test_no_role_reads_another_roles_variables() -> None:
                     assert name in INVENTORY_READS.get(role, set()), \
                         f"{path.relative_to(ROLES)} reads {name}, another role's variable"
     assert found == INVENTORY_READS, "INVENTORY_READS lists reads that no longer happen"
-    exporter_options = role_params["gpuwatch_exporter"]["main"]
+    public = set().union(*(params.get("main", set()) for params in role_params.values()))
     for role, names in INVENTORY_READS.items():
-        assert names <= exporter_options, names - exporter_options  # public, documented
+        assert names <= public, names - public  # public, documented
         readme = (ROLES / role / "README.md").read_text()
         assert all(f"`{name}`" in readme for name in names), role
+    # The stack's access settings are read only as defaults, with a fallback of their own.
+    for role in INVENTORY_READS.keys() - {"gpuwatch_prometheus"}:
+        defaults = (ROLES / role / "defaults/main.yml").read_text()
+        for name in STACK_ACCESS:
+            assert re.findall(rf"{name} \| default\(", defaults), (role, name)
 
 
 def _common_filters() -> Any:
@@ -374,13 +386,16 @@ def test_prometheus_yml_has_one_rendering_for_the_role_and_the_local_stack(
     rendered = localstack.render_config(tmp_path / "out", tmp_path / "targets", overrides,
                                         reservations="127.0.0.1:19840")
     source = yaml.safe_load((REPO / "prometheus/prometheus.yml").read_text())
-    expected = _prometheus_config_plugin().prometheus_config(
+    plugin = _prometheus_config_plugin()
+    expected = plugin.prometheus_config(
         source, rules_dir=str(tmp_path / "out/rules"), file_sd_dir=str(tmp_path / "targets"),
         global_settings={"scrape_interval": "1s", "scrape_timeout": "1s",
                          "evaluation_interval": "2s"},
         file_sd_settings={"refresh_interval": "3s"},
         scrape_config_overrides={states.RESERVATIONS_JOB: {
-            "static_configs": [{"targets": ["127.0.0.1:19840"]}]}})
+            "static_configs": [{"targets": ["127.0.0.1:19840"]}]}},
+        # no Alertmanager and no address of its own given: alerts go nowhere, no self-scrape
+        alertmanagers=[], without_jobs=[plugin.ALERTMANAGER_JOB, plugin.PROMETHEUS_JOB])
     assert yaml.safe_load(rendered.read_text()) == expected
 
 
@@ -464,6 +479,22 @@ def test_prometheus_rendering_points_at_the_alertmanagers_with_their_credentials
                file_sd_dir="/t", alertmanagers=["am1:9093"])
 
 
+def test_the_repositorys_prometheus_yml_has_what_the_rendering_changes() -> None:
+    """The jobs and the block the role points at the deployment's Prometheus and Alertmanagers
+    are in prometheus/prometheus.yml, and the alerts' runbook URLs start with the label."""
+    plugin = _prometheus_config_plugin()
+    source = yaml.safe_load((REPO / "prometheus/prometheus.yml").read_text())
+    config = plugin.prometheus_config(
+        source, rules_dir="/r", file_sd_dir="/t", alertmanagers=["am:9093"],
+        alertmanager_client={"basic_auth": {"username": "u", "password_file": "/p"}},
+        prometheus_address="prom:9090", runbook_url="http://serve:9840/runbook")
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs[plugin.ALERTMANAGER_JOB]["basic_auth"]["username"] == "u"
+    assert jobs[plugin.PROMETHEUS_JOB]["static_configs"] == [{"targets": ["prom:9090"]}]
+    label = source["global"]["external_labels"][plugin.RUNBOOK_URL_LABEL]
+    assert label.startswith("http")
+
+
 def test_role_plugins_pass_ruff_and_mypy() -> None:
     """The roles' filter plugins are Python outside src/ and tools/: held to the same rules."""
     plugins = [str(p) for p in sorted(ROLES.glob("*/filter_plugins/*.py"))]
@@ -492,6 +523,8 @@ def test_reservations_unit_passes_the_optional_flags_of_gpuwatch_serve(tmp_path:
         "gpuwatch_reservations_web_config_file": "/etc/gpuwatch/web config.yml",
         "gpuwatch_reservations_auth_header": "X-Forwarded-User",
         "gpuwatch_reservations_trusted_proxies": ["127.0.0.1", "10.0.0.0/8"],
+        "gpuwatch_reservations_prometheus_password": "pw",
+        "gpuwatch_reservations_credentials_file": str(tmp_path / "creds/serve.env"),
         "_gpuwatch_reservations_systemd_running": False,
     }
     (tmp_path / "vars.yml").write_text(yaml.safe_dump(variables))
@@ -510,7 +543,9 @@ def test_reservations_unit_passes_the_optional_flags_of_gpuwatch_serve(tmp_path:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     text = (tmp_path / "gpuwatch-reservations.service").read_text()
     assert f'ReadWritePaths="{booking.parent}"' in text
-    (command,) = _unit(tmp_path / "gpuwatch-reservations.service")["Service"]["ExecStart"]
+    service = _unit(tmp_path / "gpuwatch-reservations.service")["Service"]
+    assert service["EnvironmentFile"] == [str(tmp_path / "creds/serve.env")]
+    (command,) = service["ExecStart"]
     assert " ".join(command.split()) == " ".join([  # the words, one space apart
         "/opt/gv/venv/bin/gpuwatch", "serve", "--web.listen-address=127.0.0.1:9840",
         f'"--reservations.file={booking}"', "--prometheus=http://prom.lab:9090",
@@ -557,6 +592,14 @@ class Deployment:
     @property
     def reservations_unit(self) -> Path:
         return self.root / "etc/systemd/system/gpuwatch-reservations.service"
+
+    @property
+    def client_password_file(self) -> Path:
+        return self.prometheus_dir / "gpuwatch-client-password"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.root / "etc/gpuwatch/reservations-prometheus.env"
 
 
 def _readable_by_others(path: Path) -> bool:
@@ -653,6 +696,19 @@ def _playbook(root: Path, extra: list[str], timeout: int = 600) -> subprocess.Co
                           capture_output=True, text=True, timeout=timeout)
 
 
+# The vault of the deployment: the users of Prometheus and Alertmanager with their passwords,
+# which reach the hosts only as bcrypt hashes (and, for the clients, in files only they read).
+# Grafana's holds a $ (Grafana expands $NAME in provisioning values), gpuwatch serve's the
+# characters an EnvironmentFile= line escapes.
+WEB_USERS = {"prometheus": "pw-prometheus-" + os.urandom(9).hex(),
+             "grafana": "pw-grafana-$HOME-" + os.urandom(9).hex(),
+             "gpuwatch-serve": 'pw serve "$x" \\ `y` ' + os.urandom(9).hex()}
+ALERT_USERS = {"alice": {"email": "alice@example.org"},
+               "bob": {"webhook_url": "http://127.0.0.1:9/hooks/bob"}}
+ALERT_ADMINS = {"email": "gpu-admins@example.org"}
+SMTP = {"smtp_smarthost": "127.0.0.1:25", "smtp_from": "gpuwatch@example.org",
+        "smtp_auth_username": "gpuwatch", "smtp_auth_password": "pw-smtp-" + os.urandom(6).hex()}
+
 # Grafana cannot be installed or started here: its configuration is deployed all the same.
 SKIP_GRAFANA_INSTALL = ["--skip-tags", "gpuwatch_grafana_install,gpuwatch_grafana_run"]
 
@@ -722,6 +778,18 @@ def deployment() -> Iterator[Deployment]:
                 "gpuwatch-reservations": {
                     "static_configs": [{"targets": [f"127.0.0.1:{reservations_port}"]}]}},
             "gpuwatch_prometheus_external_labels": {"site": "ci"},
+            # access: basic_auth (the default) with the vault's users and passwords
+            "gpuwatch_prometheus_basic_auth_users": WEB_USERS,
+            "gpuwatch_prometheus_runbook_url": f"http://localhost:{reservations_port}/runbook",
+            # alertmanager, in the same configuration directory as Prometheus (as Debian has it)
+            "gpuwatch_alertmanager_source_dir": str(source / "prometheus/alertmanager"),
+            "gpuwatch_alertmanager_packages":
+                ["prometheus-alertmanager"] if _dpkg_installed("prometheus-alertmanager") else [],
+            "gpuwatch_alertmanager_config_dir": str(etc / "prometheus"),
+            "gpuwatch_alertmanager_defaults_file": str(etc / "default/prometheus-alertmanager"),
+            "gpuwatch_alertmanager_users": ALERT_USERS,
+            "gpuwatch_alertmanager_admins": ALERT_ADMINS,
+            "gpuwatch_alertmanager_smtp": SMTP,
             # reservations: installed as the exporter is, in a venv of its own; the booking group
             # is the exporter's, so no other group is created
             "gpuwatch_reservations_checkout_dir": str(source),
@@ -737,6 +805,8 @@ def deployment() -> Iterator[Deployment]:
             "gpuwatch_reservations_profile_script": str(etc / "profile.d/gpuwatch.sh"),
             "gpuwatch_reservations_command_link": str(root / "usr/local/bin/gpuwatch"),
             "gpuwatch_reservations_systemd_unit_dir": str(etc / "systemd/system"),
+            "gpuwatch_reservations_credentials_file":
+                str(etc / "gpuwatch/reservations-prometheus.env"),
             # grafana (configuration only)
             "gpuwatch_grafana_source_dir": str(source / "grafana"),
             "gpuwatch_grafana_admin_password": "test-only-" + password,
@@ -752,6 +822,7 @@ def deployment() -> Iterator[Deployment]:
             "_gpuwatch_prometheus_systemd_running": False,
             "_gpuwatch_reservations_systemd_running": False,
             "_gpuwatch_grafana_systemd_running": False,
+            "_gpuwatch_alertmanager_systemd_running": False,
         }
         for directory in ("systemd/system", "default", "grafana", "profile.d"):
             (etc / directory).mkdir(parents=True, exist_ok=True)
@@ -778,9 +849,9 @@ def test_first_run_installs_everything(deployment: Deployment) -> None:
     recap = _recap(deployment.runs[0])
     assert recap["failed"] == 0 and recap["unreachable"] == 0
     assert recap["changed"] > 0
-    # The exporter, Prometheus and reservations roles say they started nothing (Grafana's run
-    # tasks are skipped).
-    assert deployment.runs[0].count("systemd is not PID 1") == 3
+    # The exporter, Prometheus, Alertmanager and reservations roles say they started nothing
+    # (Grafana's run tasks are skipped).
+    assert deployment.runs[0].count("systemd is not PID 1") == 4
 
 
 def test_second_run_changes_nothing(deployment: Deployment) -> None:
@@ -912,7 +983,10 @@ def test_grafana_provisioning_is_the_checkouts_with_the_deployments_places(
     shipped = deployment.source / "grafana/provisioning"
     source, provider = provisioned(deployed)
     shipped_source, shipped_provider = provisioned(shipped)
-    assert source == shipped_source, "the role's default URL is the shipped one"
+    # The same datasource, with the basic auth of the default access added (tested below).
+    added = {"basicAuth", "basicAuthUser", "secureJsonData"}
+    assert {k: v for k, v in source.items() if k not in added} == shipped_source, \
+        "the role's default URL is the shipped one"
     dashboards = Path(provider["options"]["path"])
     assert dashboards == deployment.root / "var/lib/grafana/dashboards/gpuwatch"
     assert sorted(p.name for p in dashboards.glob("*.json")) == \
@@ -951,14 +1025,230 @@ def test_rendered_prometheus_config_passes_promtool(deployment: Deployment) -> N
     assert [Path(f).name for f in rendered["rule_files"]] == \
         [Path(f).name for f in source["rule_files"]]
     assert all(Path(f).is_file() for f in rendered["rule_files"])
-    assert rendered["global"]["external_labels"] == {"site": "ci"}
+    runbook = f"http://localhost:{deployment.reservations_port}/runbook"
+    assert rendered["global"]["external_labels"] == {"site": "ci", "runbook_url": runbook}
     assert "remote_write" not in rendered  # off unless asked for
     variables = yaml.safe_load((deployment.root / "vars.yml").read_text())
+    # Prometheus reaches itself and Alertmanager as its client user, with the password in a file.
+    client = {"basic_auth": {"username": "prometheus",
+                             "password_file": str(deployment.client_password_file)}}
     assert rendered == _prometheus_config_plugin().prometheus_config(
         source, rules_dir=str(deployment.prometheus_dir / "rules"),
         file_sd_dir=str(deployment.prometheus_dir / "targets"),
         scrape_config_overrides=variables["gpuwatch_prometheus_scrape_config_overrides"],
-        global_settings={"external_labels": {"site": "ci"}})
+        global_settings={"external_labels": {"site": "ci"}},
+        alertmanagers=["127.0.0.1:9093"], alertmanager_client=client,
+        prometheus_address="127.0.0.1:9090", prometheus_client=client, runbook_url=runbook)
+
+
+def _flags(defaults_file: Path) -> list[str]:
+    """The flags in ARGS="..." of a Debian service's /etc/default file."""
+    (line,) = [line for line in defaults_file.read_text().splitlines()
+               if line.startswith("ARGS=")]
+    return shlex.split(line.removeprefix("ARGS="))[0].split()
+
+
+def _owner(path: Path) -> tuple[int, str, str]:
+    st = path.stat()
+    return (stat.S_IMODE(st.st_mode), pwd.getpwuid(st.st_uid).pw_name,
+            grp.getgrgid(st.st_gid).gr_name)
+
+
+def test_web_configs_hold_bcrypt_hashes_of_the_vault_passwords_and_no_password(
+        deployment: Deployment) -> None:
+    """basic_auth access (the default): Prometheus and Alertmanager each get a web configuration
+    with one bcrypt hash per user of the vault, and the flag that reads it."""
+    import bcrypt
+
+    for name, flags in (("web-config.yml", "default/prometheus"),
+                        ("alertmanager-web-config.yml", "default/prometheus-alertmanager")):
+        path = deployment.prometheus_dir / name
+        text = path.read_text()
+        web = yaml.safe_load(text)
+        assert set(web) == {"basic_auth_users"}, name  # no TLS asked for
+        assert web["basic_auth_users"].keys() == WEB_USERS.keys(), name
+        for user, password in WEB_USERS.items():
+            hashed = web["basic_auth_users"][user]
+            assert hashed.startswith("$2b$10$"), (name, user)
+            assert bcrypt.checkpw(password.encode(), hashed.encode()), (name, user)
+            assert password not in text, (name, user)
+        assert _owner(path) == (0o640, "root", "prometheus"), name
+        assert f"--web.config.file={path}" in _flags(deployment.root / "etc" / flags)
+    check = subprocess.run(["promtool", "check", "web-config",
+                            str(deployment.prometheus_dir / "web-config.yml")],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # Prometheus' own password, for its requests to itself and to Alertmanager.
+    assert deployment.client_password_file.read_text() == WEB_USERS["prometheus"]
+    assert _owner(deployment.client_password_file) == (0o640, "root", "prometheus")
+    # In no other file the run wrote is any password of the vault in the clear, except in the
+    # files of the clients that send it.
+    clients = {deployment.client_password_file, deployment.credentials_file,
+               deployment.root / "etc/grafana/provisioning/datasources/gpuwatch.yml"}
+    for path in sorted((deployment.root / "etc").rglob("*")):
+        if path.is_file() and path not in clients:
+            text = path.read_text(errors="replace")
+            assert not [u for u, pw in WEB_USERS.items() if pw in text], path
+
+
+def test_alertmanager_config_is_the_inventorys_routing_and_passes_amtool(
+        deployment: Deployment) -> None:
+    """The rendered alertmanager.yml is the filter's rendering of the checkout's base with the
+    inventory's users, admins and SMTP settings; amtool accepts it and routes each user's alert
+    to their receiver, hardware alerts and unknown users to the admins."""
+    import importlib.util
+
+    config = deployment.prometheus_dir / "alertmanager.yml"
+    check = subprocess.run(["amtool", "check-config", str(config)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    plugin = ROLES / "gpuwatch_alertmanager/filter_plugins/gpuwatch_alertmanager.py"
+    spec = importlib.util.spec_from_file_location("gpuwatch_alertmanager_filter", plugin)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = yaml.safe_load((deployment.source / "prometheus/alertmanager/alertmanager.yml")
+                          .read_text())
+    assert yaml.safe_load(config.read_text()) == module.alertmanager_config(
+        base, ALERT_USERS, ALERT_ADMINS, global_settings=SMTP)
+    assert _owner(config) == (0o640, "root", "prometheus")  # it holds the SMTP password
+
+    def receiver(*labels: str) -> str:
+        result = subprocess.run(["amtool", "config", "routes", "test",
+                                 f"--config.file={config}", *labels],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout.strip()
+
+    assert receiver("alertname=GpuHeldIdle", "audience=user", "user=alice") == "user-alice"
+    assert receiver("alertname=GpuHeldIdle", "audience=user", "user=bob") == "user-bob"
+    assert receiver("alertname=GpuHeldIdle", "audience=user", "user=carol") == "admins"
+    assert receiver("alertname=GpuXid", "audience=admins", "host=localhost") == "admins"
+    args = _flags(deployment.root / "etc/default/prometheus-alertmanager")
+    assert f"--config.file={config}" in args
+    assert "--cluster.listen-address=" in args  # no gossip port for a single Alertmanager
+    assert "--web.listen-address=0.0.0.0:9093" in args
+
+
+@contextlib.contextmanager
+def _service(argv: list[str], url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that answers `url` (any HTTP status), stopped afterwards."""
+    with log.open("w") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        yield process
+    finally:
+        end_process(process, 20)
+
+
+def _status(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+
+
+def test_prometheus_and_alertmanager_ask_for_the_vaults_passwords(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """The real Prometheus and Alertmanager with the rendered configurations and web
+    configurations on 127.0.0.1: each refuses a request without the password or with a wrong
+    one and answers the vault's; Prometheus scrapes itself and Alertmanager and finds
+    Alertmanager for its alerts with its client user's password file."""
+    if shutil.which("prometheus-alertmanager") is None:
+        pytest.fail("prometheus-alertmanager not found: scripts/ensure-alertmanager installs it")
+    prometheus_port, alertmanager_port = _free_port(), _free_port()
+    dirs = deployment.prometheus_dir
+    config = yaml.safe_load((dirs / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = []  # alerts are not this test's subject
+    config["alerting"]["alertmanagers"][0]["static_configs"] = [
+        {"targets": [f"127.0.0.1:{alertmanager_port}"]}]
+    for job in config["scrape_configs"]:
+        port = {"prometheus": prometheus_port, "alertmanager": alertmanager_port}.get(
+            job["job_name"])
+        if port is not None:
+            job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
+    fast = tmp_path / "prometheus.yml"
+    fast.write_text(yaml.safe_dump(config))
+    am_url = f"http://127.0.0.1:{alertmanager_port}"
+    prom_url = f"http://127.0.0.1:{prometheus_port}"
+    with _service(["prometheus-alertmanager", f"--config.file={dirs / 'alertmanager.yml'}",
+                   f"--web.config.file={dirs / 'alertmanager-web-config.yml'}",
+                   f"--web.listen-address=127.0.0.1:{alertmanager_port}",
+                   "--cluster.listen-address=", f"--storage.path={tmp_path / 'am'}"],
+                  am_url + "/-/ready", tmp_path / "alertmanager.log"), \
+         _service(["prometheus", f"--config.file={fast}",
+                   f"--web.config.file={dirs / 'web-config.yml'}",
+                   f"--storage.tsdb.path={tmp_path / 'data'}",
+                   f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+                  prom_url + "/-/ready", tmp_path / "prometheus.log"):
+        for url in (am_url + "/-/ready", prom_url + "/-/ready"):
+            assert _status(url)[0] == 401, url
+            assert _status(url, ("grafana", WEB_USERS["prometheus"]))[0] == 401, url
+            for user, password in WEB_USERS.items():
+                assert _status(url, (user, password))[0] == 200, (url, user)
+        auth = ("grafana", WEB_USERS["grafana"])
+        query = prom_url + "/api/v1/query?" + urllib.parse.urlencode({"query": (
+            'sum(up{job=~"prometheus|alertmanager"})'
+            ' + sum(prometheus_notifications_alertmanagers_discovered)')})
+        deadline = time.monotonic() + 60
+        while True:
+            status, body = _status(query, auth)
+            assert status == 200, body
+            result = json.loads(body)["data"]["result"]
+            if result and result[0]["value"][1] == "3":  # both jobs up, one Alertmanager
+                break
+            assert time.monotonic() < deadline, (result, (tmp_path / "prometheus.log").read_text())
+            time.sleep(0.5)
+
+
+def test_grafana_datasource_logs_in_with_the_vaults_password(deployment: Deployment) -> None:
+    """The provisioned datasource (never the repository's file) carries basic auth, the
+    password in secureJsonData, $ doubled as Grafana's provisioning reads it back."""
+    deployed = deployment.root / "etc/grafana/provisioning/datasources/gpuwatch.yml"
+    (source,) = yaml.safe_load(deployed.read_text())["datasources"]
+    assert source["basicAuth"] is True and source["basicAuthUser"] == "grafana"
+    stored = source["secureJsonData"]["basicAuthPassword"]
+    assert stored.replace("$$", "$") == WEB_USERS["grafana"] and "$$HOME" in stored
+    assert "password" not in json.dumps(source.get("jsonData", {})).lower()
+    assert _owner(deployed) == (0o640, "root", "root")  # the test's Grafana group is root
+    shipped = (deployment.source / "grafana/provisioning/datasources/gpuwatch.yml").read_text()
+    assert "basicAuth" not in shipped and "secureJsonData" not in shipped
+
+
+def test_gpuwatch_serve_gets_its_prometheus_credentials_from_a_root_only_file(
+        deployment: Deployment) -> None:
+    """GPUWATCH_PROMETHEUS_USER/_PASSWORD in an EnvironmentFile= only root reads, never on
+    the command line; the values as systemd reads them back (shell double-quote rules)."""
+    path = deployment.credentials_file
+    assert _owner(path) == (0o600, "root", "root")
+    service = _unit(deployment.reservations_unit)["Service"]
+    assert service["EnvironmentFile"] == [str(path)]
+    assert WEB_USERS["gpuwatch-serve"] not in deployment.reservations_unit.read_text()
+    values = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, _, quoted = line.partition("=")
+            assert quoted.startswith('"') and quoted.endswith('"'), line
+            values[key] = re.sub(r'\\([\\"$`])', r"\1", quoted[1:-1])
+    assert values == {"GPUWATCH_PROMETHEUS_USER": "gpuwatch-serve",
+                      "GPUWATCH_PROMETHEUS_PASSWORD": WEB_USERS["gpuwatch-serve"]}
 
 
 def test_targets_come_from_the_inventory(deployment: Deployment) -> None:
@@ -986,6 +1276,40 @@ def test_remote_write_is_added_when_asked_for(deployment: Deployment, tmp_path: 
     check = subprocess.run(["promtool", "check", "config", str(config)],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_localhost_access_binds_prometheus_and_alertmanager_to_loopback_without_passwords(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """The other access choice, configure steps only: both services on 127.0.0.1 (the ports of
+    their listen addresses), no web configuration, no password file, no basic auth in
+    prometheus.yml or the Grafana datasource."""
+    variables = yaml.safe_load((deployment.root / "vars.yml").read_text())
+    variables.update(gpuwatch_prometheus_access="localhost",
+                     gpuwatch_prometheus_config_dir=str(tmp_path / "prometheus"),
+                     gpuwatch_prometheus_defaults_file=str(tmp_path / "prometheus.default"),
+                     gpuwatch_alertmanager_config_dir=str(tmp_path / "prometheus"),
+                     gpuwatch_alertmanager_defaults_file=str(tmp_path / "alertmanager.default"),
+                     gpuwatch_alertmanager_web_listen_address="0.0.0.0:19093",
+                     gpuwatch_grafana_provisioning_dir=str(tmp_path / "provisioning"))
+    (tmp_path / "vars.yml").write_text(yaml.safe_dump(variables))
+    shutil.copy(deployment.root / "inventory.yml", tmp_path / "inventory.yml")
+    result = _playbook(tmp_path, ["--tags", "gpuwatch_prometheus_configure,"
+                                  "gpuwatch_alertmanager_configure,gpuwatch_grafana_configure"])
+    assert result.returncode == 0, result.stdout[-4000:]
+    prometheus = _flags(tmp_path / "prometheus.default")
+    assert "--web.listen-address=127.0.0.1:9090" in prometheus
+    alertmanager = _flags(tmp_path / "alertmanager.default")
+    assert "--web.listen-address=127.0.0.1:19093" in alertmanager
+    assert not [f for f in prometheus + alertmanager if f.startswith("--web.config.file")]
+    assert sorted(p.name for p in (tmp_path / "prometheus").iterdir() if p.is_file()) == \
+        ["alertmanager.yml", "prometheus.yml"]
+    config = yaml.safe_load((tmp_path / "prometheus/prometheus.yml").read_text())
+    assert config["alerting"]["alertmanagers"] == [
+        {"static_configs": [{"targets": ["127.0.0.1:9093"]}]}]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert "basic_auth" not in jobs["prometheus"] and "basic_auth" not in jobs["alertmanager"]
+    source, _ = provisioned(tmp_path / "provisioning")
+    assert "basicAuth" not in source and "secureJsonData" not in source
 
 
 # --- the deployed exporter, started with the unit's command line --------------------------------
@@ -1238,6 +1562,15 @@ def test_preflight_stops_a_provisioning_file_the_role_cannot_set(
      "/nonexistent/node.crt, /nonexistent/node.key"),
     ({"gpuwatch_prometheus_remote_write": [{"name": "vm"}]}, "gpuwatch_prometheus_configure",
      "gpuwatch_prometheus_remote_write holds entries without a url"),
+    ({"gpuwatch_prometheus_basic_auth_users": {"grafana": "pw-g", "gpuwatch-serve": "pw-s"}},
+     "gpuwatch_prometheus_configure", "gpuwatch_prometheus_access is basic_auth (the default), "
+     "but gpuwatch_prometheus_basic_auth_users has no password for prometheus "
+     "(gpuwatch_prometheus_client_user"),
+    ({"gpuwatch_prometheus_basic_auth_users": {"prometheus": "pw-p"}},
+     "gpuwatch_reservations_configure",
+     "but gpuwatch_reservations_prometheus_password is empty (or holds a line break): add "
+     "gpuwatch-serve (gpuwatch_reservations_prometheus_user, no ':' or spaces) and a password "
+     "to gpuwatch_prometheus_basic_auth_users"),
 ])
 def test_preflight_stops_bad_variables_with_the_fix(
         deployment: Deployment, tmp_path: Path, override: dict[str, object], tags: str,
