@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from grafana_dashboards import DASHBOARDS, apply_mappings, grid_panel, panel_titled
-from paths import REPO
+from paths import FIXTURES, REPO
 from prom_harness import Fleet, Node
 
 from gpuwatch.contract import states
@@ -38,6 +38,9 @@ FLEET_NODES = [
     Node("ws-01", "workstation", {"cluster": "lab"}),
     Node("srv-01", "server", {"cluster": "dc", "rack": "r1"}),
     Node("a100-01", "lost-gpu", {"cluster": "dc", "rack": "r2"}),
+    # the health series that exist only once something went wrong (retired pages, a failed
+    # row remapping): so that the node dashboard's health panels have data to show
+    Node("old-01", str(FIXTURES / "worn-memory.yaml"), {"cluster": "dc", "rack": "r3"}),
 ]
 
 
