@@ -12,7 +12,6 @@ import json
 import re
 import sys
 import types
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,27 +27,15 @@ from gpuwatch.serve import app as serve_app
 from gpuwatch.serve import web
 from gpuwatch.serve.app import Cadence
 from gpuwatch.serve.service import Service
-from tests.unit.test_serve import START, Client, Clock, Fleet, book, four_gpu_fleet, serving
+from tests.unit import test_serve
+from tests.unit.test_serve import START, Client, Clock, Fleet, book, serving
+
+# the service's fixtures: a four-GPU fleet, a clock a test moves, a client of a running serve
+fleet, clock, client = test_serve.fleet, test_serve.clock, test_serve.client
 
 WEB = Path(web.__file__).parent
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-
-
-@pytest.fixture
-def fleet() -> Fleet:
-    return four_gpu_fleet()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def client(tmp_path: Path, fleet: Fleet, clock: Clock) -> Iterator[Client]:
-    with serving(tmp_path, fleet, clock) as s:
-        yield Client(s)
 
 
 # -- the files and their headers -----------------------------------------------------------
