@@ -10,14 +10,12 @@ from __future__ import annotations
 import base64
 import json
 import ssl
-import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
+import httpfake
 import pytest
 from certs import self_signed
 from cli_run import one_error, run
@@ -63,42 +61,20 @@ class Api:
 
 
 def serve_api(api: Api, tls: ssl.SSLContext | None = None) -> Callable[[], None]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(httpfake.QuietHandler):
         def do_GET(self) -> None:
             given = self.headers.get("Authorization")
             api.seen.append(given)
             if api.redirect is not None and not self.path.startswith("/moved/"):
-                self.send_response(307)
-                self.send_header("Location", f"{api.redirect}/moved{self.path}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            if api.accept is not None and given != api.accept:
-                self.send_response(401)
-                self.send_header("WWW-Authenticate", 'Basic realm="prometheus"')
-                body = b"Unauthorized\n"
+                self.reply(307, b"", [("Location", f"{api.redirect}/moved{self.path}")])
+            elif api.accept is not None and given != api.accept:
+                self.reply(401, b"Unauthorized\n",
+                           [("WWW-Authenticate", 'Basic realm="prometheus"')])
             else:
-                self.send_response(200)
-                body = json.dumps({"status": "success", "data": {
-                    "resultType": "vector", "result": []}}).encode()
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+                self.reply(200, json.dumps({"status": "success", "data": {
+                    "resultType": "vector", "result": []}}).encode())
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    if tls is not None:
-        server.socket = tls.wrap_socket(server.socket, server_side=True)
-    api.url = f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    api.url, stop = httpfake.start(Handler, tls)
     return stop
 
 

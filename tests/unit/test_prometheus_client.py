@@ -9,13 +9,12 @@ in test_cli.py; the client against a real Prometheus and VictoriaMetrics in test
 from __future__ import annotations
 
 import json
-import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpfake
 import pytest
 
 from gpuwatch.fleet.prometheus import Prometheus, PrometheusError, Sample, Series
@@ -50,33 +49,21 @@ class CannedApi:
 def api() -> Iterator[CannedApi]:
     canned = CannedApi()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(httpfake.QuietHandler):
         def do_GET(self) -> None:
             url = urllib.parse.urlsplit(self.path)
             canned.requests.append(Request(url.path, urllib.parse.parse_qs(url.query),
                                            dict(self.headers.items())))
             status, answer = canned.answers.get(url.path, (404, {"status": "error",
                                                                  "error": "no such path"}))
-            body = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.reply(status, json.dumps(answer).encode(),
+                       [("Content-Type", "application/json")])
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    canned.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
+    canned.url, stop = httpfake.start(Handler)
     try:
         yield canned
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+        stop()
 
 
 def vector(*samples: tuple[dict[str, str], str], at: float = 1700000000.5) -> dict[str, Any]:
