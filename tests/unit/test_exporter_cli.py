@@ -116,7 +116,7 @@ def test_a_malformed_scenario_is_one_line_naming_it(
 def test_an_unknown_scenario_name_lists_the_shipped_ones(capsys: pytest.CaptureFixture[str]
                                                          ) -> None:
     code, err = run_main(capsys, "--simulate", "mainframe")
-    assert code == 2 and "lost-gpu, server, workstation" in err
+    assert code == 2 and "lost-gpu, mig, server, workstation" in err
 
 
 def test_a_scenario_name_works_from_a_directory_it_cannot_look_into(

@@ -256,3 +256,83 @@ def test_supported_tells_a_value_never_there_from_one_missing_now(code: int, nev
     assert nvml.supported("nvmlDeviceGetFanSpeed", "h") == (not never, None)
     assert Nvml(FakeLib(nvmlDeviceGetFanSpeed=30)).supported("nvmlDeviceGetFanSpeed", "h") == \
         (True, 30)
+
+
+# -- the simulator's MIG devices, answered as a driver answers --------------------------------
+
+MIG_GPU = """
+gpus:
+  - name: NVIDIA A100-SXM4-80GB
+    mig:
+      - profile: 3g.40gb
+        gpu_instance_id: 1
+        processes:
+          - {pid: 300, user: alice, memory_gib: 5}
+      - {profile: 1g.10gb, gpu_instance_id: 9, gone_after_seconds: 60}
+"""
+
+
+def _sim(text: str, elapsed: list[float]) -> SimulatedNvml:
+    return SimulatedNvml(SimulatedNode(scenario(text), clock=lambda: T0 + elapsed[0], start=T0))
+
+
+def test_the_simulator_answers_mig_devices_and_fails_a_vanished_ones_handle() -> None:
+    elapsed = [0.0]
+    sim = _sim(MIG_GPU, elapsed)
+    parent = sim.nvmlDeviceGetHandleByIndex(0)
+    assert sim.nvmlDeviceGetMigMode(parent) == [1, 1]
+    assert sim.nvmlDeviceGetMaxMigDeviceCount(parent) == 7
+    first = sim.nvmlDeviceGetMigDeviceHandleByIndex(parent, 0)
+    second = sim.nvmlDeviceGetMigDeviceHandleByIndex(parent, 1)
+    with pytest.raises(N.NVMLError) as absent:
+        sim.nvmlDeviceGetMigDeviceHandleByIndex(parent, 2)
+    assert absent.value.value == N.ERROR_NOT_FOUND
+    assert (sim.nvmlDeviceGetGpuInstanceId(first), sim.nvmlDeviceGetComputeInstanceId(first)
+            ) == (1, 0)
+    assert sim.nvmlDeviceGetUUID(first).startswith("MIG-")
+    assert sim.nvmlDeviceGetUUID(first) != sim.nvmlDeviceGetUUID(second)
+    assert sim.nvmlDeviceGetMemoryInfo(first).total == 40 * (1 << 30)
+    assert sim.nvmlDeviceGetAttributes(second).gpuInstanceSliceCount == 1
+    used = sim.nvmlDeviceGetMemoryInfo(first).used
+    assert 5 * (1 << 30) <= used < sim.nvmlDeviceGetMemoryInfo(parent).total
+    assert sim.nvmlDeviceGetMemoryInfo(second).used < (1 << 30)  # no process on it
+    with pytest.raises(N.NVMLError) as unsupported:
+        sim.nvmlDeviceGetUtilizationRates(first)  # per-slice utilisation: not on drivers
+    assert unsupported.value.value == N.ERROR_NOT_SUPPORTED
+    assert sim.nvmlDeviceGetUtilizationRates(parent).gpu > 0  # the parent still answers
+    [p] = sim.nvmlDeviceGetComputeRunningProcesses_v3(parent)
+    assert (p.pid, p.gpuInstanceId, p.computeInstanceId) == (300, 1, 0)
+    elapsed[0] = 61.0  # reconfigured: the 1g.10gb slice is gone
+    with pytest.raises(N.NVMLError) as gone:
+        sim.nvmlDeviceGetUUID(second)
+    assert gone.value.value == N.ERROR_NOT_FOUND
+    with pytest.raises(N.NVMLError):
+        sim.nvmlDeviceGetMigDeviceHandleByIndex(parent, 1)
+
+
+def test_the_simulator_tells_mig_pending_and_a_gpu_without_mig() -> None:
+    sim = _sim("""
+gpus:
+  - {name: NVIDIA H100 80GB HBM3, mig_pending: true}
+  - {name: NVIDIA GeForce RTX 3090}
+""", [0.0])
+    pending, consumer = sim.nvmlDeviceGetHandleByIndex(0), sim.nvmlDeviceGetHandleByIndex(1)
+    assert sim.nvmlDeviceGetMigMode(pending) == [0, 1]
+    for call in (sim.nvmlDeviceGetMigMode, sim.nvmlDeviceGetMaxMigDeviceCount):
+        with pytest.raises(N.NVMLError) as e:
+            call(consumer)
+        assert e.value.value == N.ERROR_NOT_SUPPORTED
+
+
+@pytest.mark.parametrize(("slices", "message"), [
+    ("[{profile: 1g.10, gpu_instance_id: 1}]", "is not a MIG profile"),
+    ("[{profile: 4g.40gb, gpu_instance_id: 1}, {profile: 4g.40gb, gpu_instance_id: 2}]",
+     "more than the 7"),
+    ("[{profile: 1g.10gb, gpu_instance_id: 1}, {profile: 1g.10gb, gpu_instance_id: 1}]",
+     "another slice's"),
+    ("[{profile: 1g.10gb}]", "missing key 'gpu_instance_id'"),
+])
+def test_a_bad_mig_slice_is_refused_naming_the_field(slices: str, message: str) -> None:
+    from gpuwatch.sim.scenario import ScenarioError
+    with pytest.raises(ScenarioError, match=message):
+        scenario(f"gpus:\n  - mig: {slices}\n    name: A100\n")

@@ -50,10 +50,32 @@ class _Handle:
     index: int
 
 
+@dataclass(frozen=True)
+class _MigHandle:
+    """A MIG device's handle: the parent's index and the slice's place in its scenario."""
+
+    index: int
+    slot: int
+
+
+_MIG_FUNCTIONS = frozenset({"nvmlDeviceGetUUID", "nvmlDeviceGetMemoryInfo",
+                            "nvmlDeviceGetGpuInstanceId", "nvmlDeviceGetComputeInstanceId",
+                            "nvmlDeviceGetAttributes", "nvmlDeviceGetName"})
+"""What a MIG device's handle answers; the rest (utilisation, temperature, power, clocks...)
+is NOT_SUPPORTED, as on a driver, and stays on the parent GPU."""
+_MIG_CAPABLE = ("A100", "A30", "H100", "H200")
+
+
 def gpu_uuid(scenario: str, index: int) -> str:
     """The stable, well-formed UUID of a simulated GPU that sets none in its scenario."""
     digest = hashlib.sha256(f"{scenario}/{index}".encode()).hexdigest()
     return f"GPU-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+
+
+def mig_uuid(seed: str) -> str:
+    """The stable, well-formed UUID of a simulated MIG device."""
+    digest = hashlib.sha256(seed.encode()).hexdigest()
+    return f"MIG-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
 
 
 class SimulatedNvml:
@@ -83,7 +105,7 @@ class SimulatedNvml:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _gpu(self, handle: _Handle, function: str) -> SimGpu:
+    def _gpu(self, handle: _Handle | _MigHandle, function: str) -> SimGpu:
         gpu = self.scenario.gpus[handle.index]
         with self._count_lock:
             self.calls[function] += 1
@@ -105,7 +127,19 @@ class SimulatedNvml:
         error = gpu.errors.get(function)
         if error is not None:
             raise N.NVMLError(ERRORS[error])
+        if isinstance(handle, _MigHandle):
+            if not self._slice_exists(gpu, handle.slot):
+                raise N.NVMLError(N.ERROR_NOT_FOUND)  # reconfigured: the instance is gone
+            if function not in _MIG_FUNCTIONS:
+                raise N.NVMLError(N.ERROR_NOT_SUPPORTED)
         return gpu
+
+    def _slice_exists(self, gpu: SimGpu, slot: int) -> bool:
+        gone = gpu.mig[slot].gone_after_seconds
+        return gone is None or self.node.elapsed() < gone
+
+    def _live_slices(self, gpu: SimGpu) -> list[int]:
+        return [slot for slot in range(len(gpu.mig)) if self._slice_exists(gpu, slot)]
 
     def _lost(self, gpu: SimGpu) -> bool:
         elapsed = self.node.elapsed()
@@ -162,12 +196,19 @@ class SimulatedNvml:
 
     # -- identity ----------------------------------------------------------------------------
 
-    def nvmlDeviceGetUUID(self, h: _Handle) -> str:
+    def nvmlDeviceGetUUID(self, h: _Handle | _MigHandle) -> str:
         gpu = self._gpu(h, "nvmlDeviceGetUUID")
+        if isinstance(h, _MigHandle):
+            m = gpu.mig[h.slot]
+            digest = gpu_uuid(self.scenario.name, h.index).removeprefix("GPU-")
+            return mig_uuid(f"{digest}/{m.gpu_instance_id}/{m.compute_instance_id}")
         return gpu.uuid or gpu_uuid(self.scenario.name, h.index)
 
-    def nvmlDeviceGetName(self, h: _Handle) -> str:
-        return self._gpu(h, "nvmlDeviceGetName").name
+    def nvmlDeviceGetName(self, h: _Handle | _MigHandle) -> str:
+        gpu = self._gpu(h, "nvmlDeviceGetName")
+        if isinstance(h, _MigHandle):  # as a driver names a MIG device
+            return f"{gpu.name} MIG {gpu.mig[h.slot].profile}"
+        return gpu.name
 
     def nvmlDeviceGetPciInfo(self, h: _Handle) -> SimpleNamespace:
         gpu = self._gpu(h, "nvmlDeviceGetPciInfo")
@@ -179,9 +220,55 @@ class SimulatedNvml:
 
     def nvmlDeviceGetMigMode(self, h: _Handle) -> list[int]:
         gpu = self._gpu(h, "nvmlDeviceGetMigMode")
-        if "A100" not in gpu.name and "H100" not in gpu.name and "H200" not in gpu.name:
+        if not any(model in gpu.name for model in _MIG_CAPABLE):
             raise N.NVMLError(N.ERROR_NOT_SUPPORTED)
-        return [0, 0]
+        current = 1 if gpu.mig else 0
+        return [current, 1 - current if gpu.mig_pending else current]
+
+    # -- MIG devices -------------------------------------------------------------------------
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, h: _Handle) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetMaxMigDeviceCount")
+        if not any(model in gpu.name for model in _MIG_CAPABLE):
+            raise N.NVMLError(N.ERROR_NOT_SUPPORTED)
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h: _Handle, index: int) -> _MigHandle:
+        gpu = self._gpu(h, "nvmlDeviceGetMigDeviceHandleByIndex")
+        if not gpu.mig:
+            raise N.NVMLError(N.ERROR_NOT_SUPPORTED if not any(
+                model in gpu.name for model in _MIG_CAPABLE) else 2)  # INVALID_ARGUMENT
+        live = self._live_slices(gpu)
+        if not 0 <= index < 7:
+            raise N.NVMLError(2)  # NVML_ERROR_INVALID_ARGUMENT
+        if index >= len(live):
+            raise N.NVMLError(N.ERROR_NOT_FOUND)  # no MIG device in that place
+        return _MigHandle(h.index, live[index])
+
+    def nvmlDeviceIsMigDeviceHandle(self, h: _Handle | _MigHandle) -> int:
+        return 1 if isinstance(h, _MigHandle) else 0
+
+    def nvmlDeviceGetGpuInstanceId(self, h: _Handle | _MigHandle) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetGpuInstanceId")
+        if not isinstance(h, _MigHandle):
+            raise N.NVMLError(2)  # INVALID_ARGUMENT: a parent's handle
+        return gpu.mig[h.slot].gpu_instance_id
+
+    def nvmlDeviceGetComputeInstanceId(self, h: _Handle | _MigHandle) -> int:
+        gpu = self._gpu(h, "nvmlDeviceGetComputeInstanceId")
+        if not isinstance(h, _MigHandle):
+            raise N.NVMLError(2)
+        return gpu.mig[h.slot].compute_instance_id
+
+    def nvmlDeviceGetAttributes(self, h: _Handle | _MigHandle) -> SimpleNamespace:
+        gpu = self._gpu(h, "nvmlDeviceGetAttributes")
+        slices = gpu.mig[h.slot].gpu_slices if isinstance(h, _MigHandle) else 7
+        memory = gpu.mig[h.slot].memory_bytes if isinstance(h, _MigHandle) else gpu.memory_bytes
+        return SimpleNamespace(multiprocessorCount=14 * slices, sharedCopyEngineCount=slices,
+                               sharedDecoderCount=slices // 2, sharedEncoderCount=0,
+                               sharedJpegCount=0, sharedOfaCount=0,
+                               gpuInstanceSliceCount=slices, computeInstanceSliceCount=slices,
+                               memorySizeMB=int(memory // MIB))
 
     def nvmlDeviceGetComputeMode(self, h: _Handle) -> int:
         self._gpu(h, "nvmlDeviceGetComputeMode")
@@ -194,15 +281,21 @@ class SimulatedNvml:
         util = self.node.utilization(h.index)
         return SimpleNamespace(gpu=round(util * 100), memory=round(util * 60))
 
-    def _used(self, index: int) -> int:
-        held = sum(p.process.memory_bytes for p in self.node.processes(index))
+    def _used(self, index: int, gpu_instance_id: int | None = None) -> int:
+        held = sum(p.process.memory_bytes for p in self.node.processes(index)
+                   if gpu_instance_id is None or p.process.gpu_instance_id == gpu_instance_id)
         return int(held + (2 * MIB if held == 0 else 300 * MIB))
 
-    def nvmlDeviceGetMemoryInfo(self, h: _Handle, version: int | None = None
+    def nvmlDeviceGetMemoryInfo(self, h: _Handle | _MigHandle, version: int | None = None
                                 ) -> SimpleNamespace:
         gpu = self._gpu(h, "nvmlDeviceGetMemoryInfo")
-        total = int(gpu.memory_bytes)
-        used = min(self._used(h.index), total)
+        if isinstance(h, _MigHandle):
+            m = gpu.mig[h.slot]
+            total = int(m.memory_bytes)
+            used = min(self._used(h.index, m.gpu_instance_id), total)
+        else:
+            total = int(gpu.memory_bytes)
+            used = min(self._used(h.index), total)
         if version is None:
             return SimpleNamespace(total=total, used=used, free=total - used)
         reserved = int(total * 0.006)
@@ -444,8 +537,12 @@ class SimulatedNvml:
             # what a v2 driver's array looks like through the v3 struct: shifted fields
             return [SimpleNamespace(pid=p.pid << 32, usedGpuMemory=p.pid * (1 << 40))
                     for p in procs]
+        none = 0xFFFFFFFF  # what a driver puts there for a GPU without MIG
         return [SimpleNamespace(pid=p.pid, usedGpuMemory=int(p.process.memory_bytes),
-                                gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF)
+                                gpuInstanceId=none if p.process.gpu_instance_id is None
+                                else p.process.gpu_instance_id,
+                                computeInstanceId=none if p.process.compute_instance_id is None
+                                else p.process.compute_instance_id)
                 for p in procs]
 
     def nvmlDeviceGetComputeRunningProcesses_v3(self, h: _Handle) -> list[Any]:

@@ -7,8 +7,9 @@ that name the file and the field; `SimulatedNode` runs a scenario on a clock.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,24 @@ class SimProcess:
     """With active_seconds: runs active_seconds of every period, with a new pid each time."""
     active_seconds: float = 0.0
     offset_seconds: float = 0.0
+    gpu_instance_id: int | None = None
+    """On a MIG GPU: the slice (GPU instance) it runs on; None elsewhere."""
+    compute_instance_id: int | None = None
+
+
+@dataclass(frozen=True)
+class SimMig:
+    """One MIG device (a GPU instance with one compute instance) of a MIG-enabled GPU."""
+
+    profile: str
+    """As nvidia-smi names it: 1g.10gb, 3g.40gb (compute slices, memory)."""
+    gpu_instance_id: int
+    compute_instance_id: int = 0
+    memory_bytes: float = 0.0
+    gpu_slices: int = 1
+    """Of the GPU's seven compute slices, how many the profile takes."""
+    gone_after_seconds: float | None = None
+    """From then on the slice no longer exists (MIG reconfigured); its handle fails."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,10 @@ class SimGpu:
     unsupported_fields: tuple[int, ...] = ()
     """nvmlDeviceGetFieldValues field ids this GPU's driver does not answer (NOT_SUPPORTED),
     though the functions that read them alone do: the exporter falls back to those."""
+    mig: tuple[SimMig, ...] = ()
+    """With slices: MIG is on; their processes are in `processes` with their instance ids."""
+    mig_pending: bool = False
+    """A MIG mode change waits for a GPU reset: the pending mode is the other one."""
 
     @property
     def remaps_rows(self) -> bool:
@@ -287,6 +310,7 @@ def _gpu(r: _Reader, data: Any, where: str, index: int) -> SimGpu:
         unsupported_fields=tuple(r.get({"field": f}, "field", int, 0, f"{where}.unsupported_fields")
                                  for f in r.get(g, "unsupported_fields", list, [])),
     )
+    gpu = _with_mig(r, g, where, gpu)
     if not 0 <= gpu.nvlink_inactive <= gpu.nvlink_links:
         raise ScenarioError(f"{r.source}: {where}.nvlink_inactive: must be between 0 and "
                             f"nvlink_links ({gpu.nvlink_links}), got {gpu.nvlink_inactive}")
@@ -297,6 +321,49 @@ def _gpu(r: _Reader, data: Any, where: str, index: int) -> SimGpu:
                             f"{gpu.latency_seconds}")
     r.no_other_keys(g, where, _GPU_KEYS)
     return gpu
+
+
+_PROFILE = re.compile(r"^([1-7])g\.([0-9]+)gb$")
+_MIG_KEYS = {"profile", "gpu_instance_id", "compute_instance_id", "memory_gib",
+             "gone_after_seconds", "processes"}
+
+
+def _with_mig(r: _Reader, g: dict[str, Any], where: str, gpu: SimGpu) -> SimGpu:
+    """The GPU with its MIG slices (mig: a list) and their processes added to its own."""
+    slices = []
+    processes = list(gpu.processes)
+    seen: set[tuple[int, int]] = set()
+    for i, data in enumerate(r.items(g, "mig")):
+        at = f"{where}.mig[{i}]"
+        m = r.mapping(data, at)
+        r.no_other_keys(m, at, _MIG_KEYS)
+        profile = r.get(m, "profile", str, "", at, required=True)
+        match = _PROFILE.match(profile)
+        if match is None:
+            raise ScenarioError(f"{r.source}: {at}.profile: {profile!r} is not a MIG profile "
+                                f"such as 1g.10gb or 3g.40gb")
+        gi = r.get(m, "gpu_instance_id", int, 0, at, required=True)
+        ci = r.get(m, "compute_instance_id", int, 0, at)
+        if (gi, ci) in seen:
+            raise ScenarioError(f"{r.source}: {at}: gpu_instance_id {gi} and "
+                                f"compute_instance_id {ci} are another slice's already")
+        seen.add((gi, ci))
+        slices.append(SimMig(
+            profile=profile, gpu_instance_id=gi, compute_instance_id=ci,
+            memory_bytes=r.get(m, "memory_gib", float, float(match.group(2)), at) * GIB,
+            gpu_slices=int(match.group(1)),
+            gone_after_seconds=r.get(m, "gone_after_seconds", float, None, at)))
+        for n, p in enumerate(r.items(m, "processes")):
+            process = _process(r, p, f"{at}.processes[{n}]")
+            processes.append(replace(process, gpu_instance_id=gi, compute_instance_id=ci))
+    if sum(s.gpu_slices for s in slices) > 7:
+        raise ScenarioError(f"{r.source}: {where}.mig: the slices take more than the 7 "
+                            f"compute slices of a GPU")
+    if slices and gpu.processes:
+        raise ScenarioError(f"{r.source}: {where}.processes: on a MIG GPU processes run on "
+                            f"a slice: put them under mig[N].processes")
+    return replace(gpu, mig=tuple(slices), processes=tuple(processes),
+                   mig_pending=r.get(g, "mig_pending", bool, False))
 
 
 def _counts(r: _Reader, g: dict[str, Any], where: str, key: str, names: tuple[str, ...],
@@ -324,7 +391,7 @@ _GPU_KEYS = {"name", "memory_gib", "power_limit_watts", "idle_power_watts", "loa
              "latency_seconds", "pcie_generation", "pcie_width", "pcie_link", "pcie_replays",
              "pcie_replays_per_hour", "remapped_rows", "retired_pages", "nvlink_links",
              "nvlink_inactive", "nvlink_errors", "nvlink_errors_per_hour",
-             "unsupported_fields"}
+             "unsupported_fields", "mig", "mig_pending"}
 _PROCESS_KEYS = {"pid", "user", "command", "cmdline", "memory_gib", "age_seconds", "kind",
                  "container_id", "slurm_job_id", "vanished", "period_seconds",
                  "active_seconds", "offset_seconds"}
