@@ -164,6 +164,28 @@ NVLINK_LINKS_INACTIVE = _gauge("nvidia_gpu_nvlink_links_inactive",
                                "NVLinks of the GPU that are not active; served from the first "
                                "time one is not.")
 
+# MIG. A slice is addressed like a GPU: `gpu` and `uuid` are its parent's, and
+# `gpu_instance_id` (the GPU instance, as nvidia-smi and CUDA number it) tells the slices of a
+# GPU apart; the profile, the compute instance and the MIG UUID (what CUDA_VISIBLE_DEVICES
+# takes) are on nvidia_gpu_mig_info only. What NVML does not report per slice (utilisation,
+# temperature, power, clocks, health) stays on the parent GPU's series.
+MIG_LABELS = ("gpu_instance_id",)
+MIG_INFO_LABELS = ("gpu_instance_id", "compute_instance_id", "profile", "mig_uuid")
+MIG_INFO = _gauge("nvidia_gpu_mig_info",
+                  "One MIG device (a compute instance of a GPU instance) of a MIG-enabled GPU: "
+                  "its profile as nvidia-smi names it (1g.10gb), its MIG UUID; always 1. The "
+                  "slices are walked again at most once a minute, or when one fails.",
+                  labels=MIG_INFO_LABELS)
+MIG_MEMORY_TOTAL = _gauge("nvidia_gpu_mig_memory_total_bytes",
+                          "Device memory of the MIG slice (GPU instance), in bytes.",
+                          labels=MIG_LABELS)
+MIG_MEMORY_USED = _gauge("nvidia_gpu_mig_memory_used_bytes",
+                         "Device memory allocated on the MIG slice (GPU instance), in bytes.",
+                         labels=MIG_LABELS)
+MIG_MODE_PENDING = _gauge("nvidia_gpu_mig_mode_change_pending",
+                          "1 while a change of the GPU's MIG mode (nvidia_gpu_info mig_mode is "
+                          "the current one) waits for a GPU reset; served only while it does.")
+
 XID_ERRORS = _counter("nvidia_gpu_xid_errors_total",
                       "Xid critical errors reported by the driver since the exporter started.",
                       labels=("xid",), collector="xid")
@@ -198,6 +220,18 @@ USER_PROCESSES = _gauge("nvidia_gpu_user_processes", "Processes of the user on t
 USERS_INFO = _gauge("nvidia_gpu_users_info",
                     "The users holding the GPU, sorted and comma-separated (empty when free); "
                     "always 1.", labels=("users",), collector="process")
+MIG_PROCESSES = _gauge("nvidia_gpu_mig_processes",
+                       "Processes on the MIG slice (GPU instance), counted as "
+                       "nvidia_gpu_processes counts them.", labels=MIG_LABELS,
+                       collector="process")
+MIG_USERS_INFO = _gauge("nvidia_gpu_mig_users_info",
+                        "The users holding the MIG slice (GPU instance), sorted and "
+                        "comma-separated (empty when free); always 1.",
+                        labels=(*MIG_LABELS, "users"), collector="process")
+MIG_PROCESS_LABEL = "gpu_instance_id"
+"""On a MIG-enabled GPU only, the process series (nvidia_gpu_process_*) and the per-user
+roll-ups (nvidia_gpu_user_*) carry this label too: the slice the process runs on. A GPU
+without MIG serves them without it."""
 
 RESERVATION_LABELS = ("reserved_host", "gpu", "user", "until", "comment")
 RESERVATION_END = MetricDef(

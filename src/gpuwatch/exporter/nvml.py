@@ -163,6 +163,9 @@ class FieldAnswers:
 class RunningProcess:
     pid: int
     used_memory_bytes: int | None
+    gpu_instance_id: int | None = None
+    """The MIG slice (GPU instance) it runs on; None on a GPU without MIG (and in v1
+    structs, which do not say)."""
 
 
 PROC_GPUS = Path("/proc/driver/nvidia/gpus")
@@ -440,13 +443,20 @@ def handle_key(handle: Any) -> Any:
     return handle
 
 
+_NO_INSTANCE = 0xFFFFFFFF
+"""The instance id a driver gives a process of a GPU without MIG."""
+
+
 def _code(error: Exception) -> int:
     return int(getattr(error, "value", ERROR_UNKNOWN))
 
 
 def _running_process(p: Any) -> RunningProcess:
     used = getattr(p, "usedGpuMemory", None)
-    return RunningProcess(int(p.pid), None if used is None else int(used))
+    instance = getattr(p, "gpuInstanceId", None)
+    return RunningProcess(int(p.pid), None if used is None else int(used),
+                          None if instance is None or int(instance) == _NO_INSTANCE
+                          else int(instance))
 
 
 def _plausible(p: RunningProcess, memory_total: float | None) -> bool:

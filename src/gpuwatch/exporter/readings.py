@@ -46,6 +46,22 @@ class GpuReading:
     health: Mapping[tuple[str, str], float] = field(default_factory=dict)
     """The health signals served from their first non-zero value on: (metric name, label
     value or "") -> value, e.g. ("nvidia_gpu_remapped_rows_total", "uncorrectable") -> 1."""
+    mig_pending: bool = False
+    """A change of the MIG mode waits for a GPU reset."""
+    mig: tuple[MigReading, ...] = ()
+    """The MIG devices of a MIG-enabled GPU, as the last walk found them."""
+
+
+@dataclass(frozen=True)
+class MigReading:
+    """One MIG device (collector ``gpu``): its identity and its memory, the GPU instance's."""
+
+    gpu_instance_id: int
+    compute_instance_id: int
+    profile: str
+    mig_uuid: str
+    memory_total_bytes: float | None = None
+    memory_used_bytes: float | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,8 @@ class GpuProcess:
     used_memory_bytes: float | None
     """None where the driver cannot tell (e.g. without permission, or under MIG)."""
     info: ProcessInfo
+    gpu_instance_id: int | None = None
+    """The MIG slice (GPU instance) it runs on; None on a GPU without MIG."""
 
 
 @dataclass(frozen=True)
@@ -78,3 +96,5 @@ class ProcessReading:
     unresolved: int = 0
     """Pids NVML listed that the host could not look up: exited since, or in another pid
     namespace (an exporter in a container without the host's pids)."""
+    unresolved_by_instance: Mapping[int, int] = field(default_factory=dict)
+    """On a MIG GPU: GPU instance id -> of `unresolved`, those on that slice."""

@@ -30,6 +30,9 @@ class Device:
     memory_total_bytes: float | None = None
     static: dict[str, Any] = field(default_factory=dict)
     """Per-collector cache of values that never change while the driver is loaded."""
+    mig_instances: tuple[int, ...] = ()
+    """The GPU instance ids of its MIG slices, as collector gpu last walked them (empty
+    without MIG): the process collector gives each slice its roll-ups, free ones too."""
 
     def cached(self, key: str, compute: Callable[[], T]) -> T:
         if key not in self.static:

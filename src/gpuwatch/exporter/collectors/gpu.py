@@ -13,6 +13,7 @@ from prometheus_client.core import Metric
 
 from gpuwatch.contract import metrics
 from gpuwatch.exporter.collectors import Collector, Device, family
+from gpuwatch.exporter.mig import WALK_SECONDS, MigSlice, parse_mode, walk
 from gpuwatch.exporter.nvml import (
     CLOCK_EVENT_REASONS,
     CLOCKS,
@@ -48,7 +49,7 @@ from gpuwatch.exporter.nvml import (
     Nvml,
     decode,
 )
-from gpuwatch.exporter.readings import GpuReading
+from gpuwatch.exporter.readings import GpuReading, MigReading
 
 _VENDOR_WORDS = ("NVIDIA", "GeForce", "Tesla", "Quadro")
 
@@ -152,6 +153,7 @@ class GpuCollector(Collector):
         encoder = ask("nvmlDeviceGetEncoderUtilization")
         decoder = ask("nvmlDeviceGetDecoderUtilization")
         generation, width = self._pcie_link(nvml, device)
+        mig_pending, mig = self._mig(nvml, device)
         return GpuReading(
             info=info,
             utilization_ratio=_ratio(utilization.gpu) if utilization else None,
@@ -182,7 +184,56 @@ class GpuCollector(Collector):
             pcie_link_width=_scaled(width, 1),
             pcie_link_width_max=_scaled(once("nvmlDeviceGetMaxPcieLinkWidth"), 1),
             health=values.get("health") or {},
+            mig_pending=mig_pending,
+            mig=mig,
         )
+
+    # -- MIG: the slices walked at most once a minute, their memory every scrape -------------
+
+    def _mig(self, nvml: Nvml, device: Device) -> tuple[bool, tuple[MigReading, ...]]:
+        """(a MIG mode change pending, the MIG devices with their memory). The mode and the
+        slices are asked again once a minute, and at once when a slice's handle fails (the
+        GPU was reconfigured: a slice that went away leaves no series behind)."""
+        now = self._clock()
+        walked = device.static.get("mig_walk")
+        if walked is None or now - walked[0] >= WALK_SECONDS:
+            walked = self._walk(nvml, device, now)
+        readings = self._slice_memory(nvml, walked[2])
+        if readings is None:
+            walked = self._walk(nvml, device, now)
+            readings = self._slice_memory(nvml, walked[2]) or ()
+        device.mig_instances = tuple(dict.fromkeys(r.gpu_instance_id for r in readings))
+        return walked[1], readings
+
+    @staticmethod
+    def _walk(nvml: Nvml, device: Device, now: float
+              ) -> tuple[float, bool, tuple[MigSlice, ...]]:
+        mode = parse_mode(_ask(nvml, device, "nvmlDeviceGetMigMode"))  # once if no MIG
+        slices: tuple[MigSlice, ...] | None = ()
+        if mode is not None and mode.enabled:
+            slices = walk(nvml, device.handle)
+        # a walk that failed half way is tried again next scrape
+        walked = (now if slices is not None else now - WALK_SECONDS,
+                  mode is not None and mode.pending, slices or ())
+        device.static["mig_walk"] = walked
+        return walked
+
+    @staticmethod
+    def _slice_memory(nvml: Nvml, slices: Sequence[MigSlice]
+                      ) -> tuple[MigReading, ...] | None:
+        """The slices with their memory (one call per GPU instance); None when one fails."""
+        memory: dict[int, Any] = {}
+        readings = []
+        for s in slices:
+            if s.gpu_instance_id not in memory:
+                answer = nvml.query("nvmlDeviceGetMemoryInfo", s.handle)
+                if answer is None:
+                    return None
+                memory[s.gpu_instance_id] = answer
+            m = memory[s.gpu_instance_id]
+            readings.append(MigReading(s.gpu_instance_id, s.compute_instance_id, s.profile,
+                                       s.mig_uuid, float(m.total), float(m.used)))
+        return tuple(readings)
 
     # -- what never changes while the GPU is open ------------------------------------------
 
@@ -385,6 +436,7 @@ class GpuCollector(Collector):
                 ecc.add_metric(device.labels + [error_type, scope], count)
         yield from (clock, clock_max, events, ecc)
         yield from self._health_families(readings)
+        yield from _mig_families(readings)
 
     def _health_families(self, readings: Sequence[tuple[Device, Any]]) -> Iterable[Metric]:
         """The health signals, each served from the first scrape it is non-zero on."""
@@ -404,6 +456,29 @@ HEALTH = (metrics.PCIE_REPLAYS, metrics.REMAPPED_ROWS, metrics.ROW_REMAP_PENDING
           metrics.ROW_REMAP_FAILURE, metrics.RETIRED_PAGES, metrics.RETIRED_PAGES_PENDING,
           metrics.NVLINK_ERRORS, metrics.NVLINK_LINKS_INACTIVE)
 """The health series served from their first non-zero value on, in the served order."""
+
+
+def _mig_families(readings: Sequence[tuple[Device, Any]]) -> Iterable[Metric]:
+    """The MIG slices: one info series per MIG device, memory per GPU instance."""
+    info, pending = family(metrics.MIG_INFO), family(metrics.MIG_MODE_PENDING)
+    total, used = family(metrics.MIG_MEMORY_TOTAL), family(metrics.MIG_MEMORY_USED)
+    for device, reading in readings:
+        if reading.mig_pending:
+            pending.add_metric(device.labels, 1)
+        instances: set[int] = set()
+        for s in reading.mig:
+            gi = str(s.gpu_instance_id)
+            info.add_metric(device.labels + [gi, str(s.compute_instance_id), s.profile,
+                                             s.mig_uuid], 1)
+            if s.gpu_instance_id in instances:
+                continue  # compute instances of one GPU instance share its memory
+            instances.add(s.gpu_instance_id)
+            if s.memory_total_bytes is not None:
+                total.add_metric(device.labels + [gi], s.memory_total_bytes)
+            if s.memory_used_bytes is not None:
+                used.add_metric(device.labels + [gi], s.memory_used_bytes)
+    # a node without MIG serves none of them, not even their HELP and TYPE lines
+    yield from (f for f in (pending, info, total, used) if f.samples)
 
 
 def _put(health: dict[tuple[str, str], float], metric: metrics.MetricDef, label: str,
