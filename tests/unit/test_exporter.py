@@ -789,3 +789,134 @@ def test_bad_health_settings_of_a_scenario_name_the_field(gpu_yaml: str, message
 
     with pytest.raises(ScenarioError, match=message):
         scenario_of(f"gpus:\n  - {gpu_yaml}\n")
+
+
+# -- MIG: slices addressed like GPUs (gpu, uuid of the parent, gpu_instance_id) ---------------
+
+def _series(text: str, *needles: str) -> list[str]:
+    return [line for line in text.splitlines()
+            if not line.startswith("#") and all(n in line for n in needles)]
+
+
+@pytest.fixture(scope="module")
+def mig_page() -> str:
+    node = build("mig")
+    try:
+        return node.text()
+    finally:
+        node.close()
+
+
+def test_every_slice_has_its_info_memory_and_users(mig_page: str) -> None:
+    a100 = gpu(0, uuid_of(load_scenario("mig"), 0))
+    info = _series(mig_page, "nvidia_gpu_mig_info{", 'gpu="0"')
+    assert len(info) == 7 and all('profile="1g.10gb"' in s and 'mig_uuid="MIG-' in s
+                                  for s in info)
+    assert len(_series(mig_page, "nvidia_gpu_mig_info{", 'gpu="1"')) == 3
+    assert 'profile="3g.40gb"' in _series(mig_page, "nvidia_gpu_mig_info{", 'gpu="1"')[0]
+    node = build("mig")
+    try:
+        value = node.value
+        assert value("nvidia_gpu_mig_memory_total_bytes", **a100, gpu_instance_id="7") == \
+            10 * GIB
+        assert 8 * GIB < value("nvidia_gpu_mig_memory_used_bytes", **a100,
+                               gpu_instance_id="7") < 10 * GIB
+        assert value("nvidia_gpu_mig_processes", **a100, gpu_instance_id="10") == 2
+        assert value("nvidia_gpu_mig_processes", **a100, gpu_instance_id="11") == 0
+        assert value("nvidia_gpu_mig_users_info", **a100, gpu_instance_id="9",
+                     users="grace") == 1
+        assert value("nvidia_gpu_mig_users_info", **a100, gpu_instance_id="11", users="") == 1
+        assert value("nvidia_gpu_users_info", **a100, users="grace,heidi") == 1
+        assert value("nvidia_gpu_user_processes", **a100, gpu_instance_id="10",
+                     user="heidi") == 2
+        # what NVML does not report per slice stays on the parent, and is no error there
+        assert value("nvidia_gpu_utilization_ratio", **a100) is not None
+        assert value("nvidia_gpu_scrape_collector_success", collector="gpu") == 1
+        assert value("nvidia_gpu_scrape_collector_success", collector="process") == 1
+    finally:
+        node.close()
+
+
+def test_processes_of_a_mig_gpu_carry_their_slice_and_the_others_do_not(mig_page: str
+                                                                         ) -> None:
+    [grace] = _series(mig_page, "nvidia_gpu_process_memory_used_bytes{", 'pid="51001"')
+    assert 'gpu_instance_id="7"' in grace
+    [judy] = _series(mig_page, "nvidia_gpu_process_memory_used_bytes{", 'pid="70001"')
+    assert "gpu_instance_id" not in judy  # GPU 2 has no MIG: its series as before
+    assert not _series(mig_page, 'gpu="2"', "gpu_instance_id")
+
+
+def test_mig_pending_is_served_and_a_node_without_mig_serves_no_mig_series(mig_page: str
+                                                                           ) -> None:
+    [pending] = _series(mig_page, "nvidia_gpu_mig_mode_change_pending")
+    assert 'gpu="2"' in pending and pending.endswith(" 1.0")
+    node = build("workstation")  # consumer GPUs: MIG not supported
+    try:
+        text = node.text()
+        assert "nvidia_gpu_mig" not in text and "gpu_instance_id" not in text
+        assert node.value("nvidia_gpu_scrape_collector_success", collector="gpu") == 1
+    finally:
+        node.close()
+
+
+def test_a_slice_destroyed_by_a_reconfiguration_leaves_no_series_behind() -> None:
+    now = [T0]
+    node = build("mig", clock=lambda: now[0])
+    try:
+        assert _series(node.text(), 'gpu="1"', 'gpu_instance_id="9"')
+        now[0] += 601  # the H100's 1g.10gb slice is gone: its handle fails, slices walked
+        text = node.text()
+        assert not _series(text, 'gpu="1"', 'gpu_instance_id="9"')
+        assert len(_series(text, "nvidia_gpu_mig_info{", 'gpu="1"')) == 2
+        assert node.value("nvidia_gpu_scrape_collector_success", collector="gpu") == 1
+    finally:
+        node.close()
+
+
+def test_slices_are_walked_once_a_minute_and_their_memory_read_every_scrape() -> None:
+    from gpuwatch.exporter.collectors import Device
+    from gpuwatch.exporter.collectors.gpu import GpuCollector
+    from gpuwatch.exporter.mig import WALK_SECONDS
+
+    sim = SimulatedNvml(SimulatedNode(load_scenario("mig"), clock=lambda: T0))
+    nvml = Nvml(sim)
+    now = [0.0]
+    collector = GpuCollector(clock=lambda: now[0])
+    device = Device(1, sim.nvmlDeviceGetHandleByIndex(1), "GPU-1")
+    walks, memory = [], []
+    for now[0] in (0.0, WALK_SECONDS / 2, WALK_SECONDS + 1):
+        reading = collector.read_gpu(nvml, device)
+        assert [s.gpu_instance_id for s in reading.mig] == [2, 3, 9]
+        walks.append(sim.calls["nvmlDeviceGetMaxMigDeviceCount"])
+        memory.append(sim.calls["nvmlDeviceGetMemoryInfo"])
+    assert walks == [1, 1, 2]
+    assert memory[2] - memory[1] == memory[1] - memory[0] == 1 + 3  # the parent's, a slice's
+    assert device.mig_instances == (2, 3, 9)
+
+
+def test_the_profile_comes_from_the_attributes_where_the_name_does_not_say() -> None:
+    node = build("""
+gpus:
+  - name: NVIDIA A100-SXM4-40GB
+    memory_gib: 40
+    errors: {nvmlDeviceGetName: NotSupported}
+    mig:
+      - {profile: 3g.20gb, gpu_instance_id: 1, memory_gib: 19.625}
+""")
+    try:
+        [info] = _series(node.text(), "nvidia_gpu_mig_info{")
+        assert 'profile="3g.20gb"' in info
+    finally:
+        node.close()
+
+
+def test_series_per_slice_are_bounded(mig_page: str) -> None:
+    """docs/scale.md's "what a MIG node costs": a free slice is 5 series, a held one adds 2
+    per user and 2 per process."""
+    free = _series(mig_page, 'gpu="0"', 'gpu_instance_id="11"')
+    assert len(free) == 5
+    held = _series(mig_page, 'gpu="0"', 'gpu_instance_id="10"')  # heidi, two processes
+    assert len(held) == 5 + 2 * 1 + 2 * 2
+    parent = [s for s in _series(mig_page, 'gpu="0"') if "gpu_instance_id" not in s
+              and not s.startswith(("nvidia_gpu_process_", "nvidia_gpu_user_"))]
+    assert len(parent) < 45  # the parent keeps a GPU's budget
