@@ -920,3 +920,28 @@ def test_series_per_slice_are_bounded(mig_page: str) -> None:
     parent = [s for s in _series(mig_page, 'gpu="0"') if "gpu_instance_id" not in s
               and not s.startswith(("nvidia_gpu_process_", "nvidia_gpu_user_"))]
     assert len(parent) < 45  # the parent keeps a GPU's budget
+
+
+def test_a_slice_made_by_a_reconfiguration_is_served_within_a_minute() -> None:
+    from gpuwatch.exporter.collectors import Device
+    from gpuwatch.exporter.collectors.gpu import GpuCollector
+    from gpuwatch.exporter.mig import WALK_SECONDS
+
+    elapsed = [0.0]
+    sim = SimulatedNvml(SimulatedNode(load_scenario("mig"), clock=lambda: T0 + elapsed[0],
+                                      start=T0))
+    nvml, now = Nvml(sim), [0.0]
+    collector = GpuCollector(clock=lambda: now[0])
+    device = Device(1, sim.nvmlDeviceGetHandleByIndex(1), "GPU-1")
+
+    def instances() -> list[int]:
+        return [s.gpu_instance_id for s in collector.read_gpu(nvml, device).mig]
+
+    assert instances() == [2, 3, 9]
+    elapsed[0] = now[0] = 601.0  # the 1g.10gb slice destroyed: seen at once
+    assert instances() == [2, 3]
+    elapsed[0] = 901.0  # a 2g.20gb slice made: seen at the next walk, within a minute
+    now[0] = 601.0 + WALK_SECONDS / 2
+    assert instances() == [2, 3]
+    now[0] = 601.0 + WALK_SECONDS
+    assert instances() == [2, 3, 5]

@@ -135,8 +135,9 @@ class SimulatedNvml:
         return gpu
 
     def _slice_exists(self, gpu: SimGpu, slot: int) -> bool:
-        gone = gpu.mig[slot].gone_after_seconds
-        return gone is None or self.node.elapsed() < gone
+        m, elapsed = gpu.mig[slot], self.node.elapsed()
+        return m.created_after_seconds <= elapsed and \
+            (m.gone_after_seconds is None or elapsed < m.gone_after_seconds)
 
     def _live_slices(self, gpu: SimGpu) -> list[int]:
         return [slot for slot in range(len(gpu.mig)) if self._slice_exists(gpu, slot)]

@@ -76,6 +76,8 @@ class SimMig:
     """Of the GPU's seven compute slices, how many the profile takes."""
     gone_after_seconds: float | None = None
     """From then on the slice no longer exists (MIG reconfigured); its handle fails."""
+    created_after_seconds: float = 0.0
+    """Until then the slice does not exist yet (made by a reconfiguration)."""
 
 
 @dataclass(frozen=True)
@@ -325,7 +327,7 @@ def _gpu(r: _Reader, data: Any, where: str, index: int) -> SimGpu:
 
 _PROFILE = re.compile(r"^([1-7])g\.([0-9]+)gb$")
 _MIG_KEYS = {"profile", "gpu_instance_id", "compute_instance_id", "memory_gib",
-             "gone_after_seconds", "processes"}
+             "gone_after_seconds", "created_after_seconds", "processes"}
 
 
 def _with_mig(r: _Reader, g: dict[str, Any], where: str, gpu: SimGpu) -> SimGpu:
@@ -352,13 +354,17 @@ def _with_mig(r: _Reader, g: dict[str, Any], where: str, gpu: SimGpu) -> SimGpu:
             profile=profile, gpu_instance_id=gi, compute_instance_id=ci,
             memory_bytes=r.get(m, "memory_gib", float, float(match.group(2)), at) * GIB,
             gpu_slices=int(match.group(1)),
-            gone_after_seconds=r.get(m, "gone_after_seconds", float, None, at)))
+            gone_after_seconds=r.get(m, "gone_after_seconds", float, None, at),
+            created_after_seconds=r.get(m, "created_after_seconds", float, 0.0, at)))
         for n, p in enumerate(r.items(m, "processes")):
             process = _process(r, p, f"{at}.processes[{n}]")
             processes.append(replace(process, gpu_instance_id=gi, compute_instance_id=ci))
-    if sum(s.gpu_slices for s in slices) > 7:
-        raise ScenarioError(f"{r.source}: {where}.mig: the slices take more than the 7 "
-                            f"compute slices of a GPU")
+    for moment in {0.0, *(s.created_after_seconds for s in slices)}:
+        present = [s for s in slices if s.created_after_seconds <= moment
+                   and (s.gone_after_seconds is None or moment < s.gone_after_seconds)]
+        if sum(s.gpu_slices for s in present) > 7:
+            raise ScenarioError(f"{r.source}: {where}.mig: the slices take more than the 7 "
+                                f"compute slices of a GPU")
     if slices and gpu.processes:
         raise ScenarioError(f"{r.source}: {where}.processes: on a MIG GPU processes run on "
                             f"a slice: put them under mig[N].processes")
