@@ -945,3 +945,20 @@ def test_a_slice_made_by_a_reconfiguration_is_served_within_a_minute() -> None:
     assert instances() == [2, 3]
     now[0] = 601.0 + WALK_SECONDS
     assert instances() == [2, 3, 5]
+
+
+def test_compute_instances_of_one_gpu_instance_share_its_memory_series() -> None:
+    node = build("""
+gpus:
+  - name: NVIDIA A100-SXM4-80GB
+    mig:
+      - {profile: 2g.20gb, gpu_instance_id: 1, compute_instance_id: 0}
+      - {profile: 2g.20gb, gpu_instance_id: 1, compute_instance_id: 1}
+""")
+    try:
+        text = node.text()
+        assert len(_series(text, "nvidia_gpu_mig_info{")) == 2
+        assert len(_series(text, "nvidia_gpu_mig_memory_total_bytes{")) == 1
+        assert len(_series(text, "nvidia_gpu_mig_users_info{")) == 1
+    finally:
+        node.close()
