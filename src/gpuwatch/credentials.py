@@ -112,21 +112,21 @@ def lookup(url: str, variables: Variables, environ: Mapping[str, str]) -> Auth |
         return None
     host = parsed.hostname or ""
 
-    def netrc_password(login: str) -> tuple[str, str] | None:
+    def netrc_auth(login: str, missing: str) -> Auth:
+        """The login with its password from netrc; CredentialsError(missing) without one."""
         entry = from_netrc(host, environ, variables) if host else None
-        return entry if entry is not None and entry[0] == login else None
+        if entry is None or entry[0] != login:
+            raise CredentialsError(missing)
+        return Auth(login, entry[1], str(netrc_path(environ)))
 
     if parsed.username is not None:
         login = urllib.parse.unquote(parsed.username)
         if parsed.password is not None:
             return Auth(login, urllib.parse.unquote(parsed.password), "the URL")
-        entry = netrc_password(login)
-        if entry is None:
-            raise CredentialsError(
-                f"{shown(url)} names the user {login} but no password: add a netrc entry "
-                f"(machine {host} login {login} password ...) to {netrc_path(environ)}, or "
-                f"{variables.advice()} and leave the user out of the URL")
-        return Auth(login, entry[1], str(netrc_path(environ)))
+        return netrc_auth(
+            login, f"{shown(url)} names the user {login} but no password: add a netrc entry "
+            f"(machine {host} login {login} password ...) to {netrc_path(environ)}, or "
+            f"{variables.advice()} and leave the user out of the URL")
     user = environ.get(variables.user) or None
     password = environ.get(variables.password)
     token = (environ.get(variables.token) or None) if variables.token else None
@@ -139,13 +139,9 @@ def lookup(url: str, variables: Variables, environ: Mapping[str, str]) -> Auth |
     if user is not None and password is not None:
         return Auth(user, password, variables.user)
     if user is not None:
-        entry = netrc_password(user)
-        if entry is None:
-            raise CredentialsError(
-                f"{variables.user} is set but no password: set {variables.password}, or a "
-                f"netrc entry (machine {host} login {user} password ...) in "
-                f"{netrc_path(environ)}")
-        return Auth(user, entry[1], str(netrc_path(environ)))
+        return netrc_auth(
+            user, f"{variables.user} is set but no password: set {variables.password}, or a "
+            f"netrc entry (machine {host} login {user} password ...) in {netrc_path(environ)}")
     if password is not None:
         raise CredentialsError(f"{variables.password} is set but no user: set "
                                f"{variables.user} too")
