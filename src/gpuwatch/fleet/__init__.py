@@ -21,6 +21,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from gpuwatch.cells import Cell
 from gpuwatch.contract import metrics, states
 from gpuwatch.fleet.prometheus import Prometheus, Sample
 
@@ -132,6 +133,18 @@ class GpuStatus:
     """The target's ``cluster`` label (the targets file), None without one."""
     updated: float | None = None
     """Unix time of the rule evaluation its state comes from (how fresh it is)."""
+    gpu_instance_id: int | None = None
+    """For a MIG slice, its GPU instance id (``gpu`` is then its parent's index); None for a
+    whole GPU."""
+    profile: str | None = None
+    """For a MIG slice, its profile (``1g.10gb``); None for a whole GPU."""
+    mig_uuid: str | None = None
+    """For a MIG slice, its MIG UUID (what CUDA_VISIBLE_DEVICES takes); None for a whole GPU."""
+
+    @property
+    def cell(self) -> Cell:
+        """The cell of the grid it is: a whole GPU (0) or a MIG slice (0/7)."""
+        return Cell(self.gpu, self.gpu_instance_id)
 
     def to_json(self) -> dict[str, object]:
         """What ``gpuwatch status --json`` prints: the same from Prometheus and from
@@ -154,6 +167,20 @@ class GpuStatus:
 
 
 _API_ONLY = ("processes", "since", "updated")
+
+
+def matches_model(gpu: GpuStatus, model: str) -> bool:
+    """Whether `gpu` is of the model asked for (``--model``, a claim's model), ignoring case:
+    a whole GPU when `model` is part of its model or is its display name; a MIG slice when
+    `model` is its profile (``1g.10gb``) or its display name (``A100-SXM4-80GB 1g.10gb``)."""
+    wanted = model.strip().lower()
+    if not wanted:
+        return True
+    if wanted == gpu.display_name.lower():
+        return True
+    if gpu.gpu_instance_id is not None:
+        return wanted == (gpu.profile or "").lower()
+    return wanted in gpu.model.lower()
 
 
 class FleetError(Exception):
