@@ -5,10 +5,15 @@ exporter serves (`gpuwatch.exporter.encoding.text`) of the registry, as
 `gpuwatch.exporter.main.build_registry` builds it, over simulated GPUs. Every node is measured in a
 fresh Python process, so its peak RSS is that of an exporter serving that node.
 
-Two tables:
+Three tables:
 - scrape cost on nodes of 1, 8 and 16 GPUs with 0, 8 and 64 processes each (NVML answers
-  at once): median and p99 wall time, CPU time per scrape (all threads) and the part of it
-  spent in the text exposition alone, the samples served, peak RSS;
+  at once): median and p99 wall time, CPU time per scrape (the process's CPU time, every
+  thread, over the measured scrapes: not wall time, so a loaded machine moves it less) and
+  the part of it spent in the text exposition alone, the samples served, peak RSS;
+- the same on shipped scenarios of the simulator (SCENARIOS: `server`, and `mig`, a MIG
+  node), with the NVML calls on each GPU apart, since a MIG GPU's calls depend on its
+  slices; a scenario the simulator under test does not have is named and skipped (a run
+  of this tool over an older checkout's src, to measure "before");
 - concurrency: every NVML call takes LATENCY_SECONDS, the last GPU's SLOW_LATENCY_SECONDS.
   A scrape should cost about the slowest GPU's share (the sum of its NVML latencies), not
   the sum over all GPUs. "NVML done" is when the scrape's last NVML answer came: the reads;
@@ -16,7 +21,9 @@ Two tables:
 
 NVML calls are counted at the pynvml boundary of the simulator: the calls on a GPU per GPU
 per scrape (the device count, one per scrape for the node, apart), after the warm-up, so
-what is read once per device (names, thresholds, maximum clocks and link) is not in them.
+what is read once per device (names, thresholds, maximum clocks and link) is not in them;
+the first scrape's calls (opening the GPUs, reading what never changes, walking the MIG
+slices, which is done again once a minute) are printed for the scenarios.
 
 It prints figures next to the targets and asserts nothing about time. `--quick` is the
 smoke run the tests use: every node, a few scrapes each.
@@ -49,7 +56,7 @@ from gpuwatch.exporter import encoding
 from gpuwatch.exporter.collectors.process import ProcessOptions
 from gpuwatch.exporter.main import build_exporter, build_registry, simulated_sources
 from gpuwatch.exporter.options import ExporterOptions
-from gpuwatch.sim import Scenario, SimulatedNvml
+from gpuwatch.sim import Scenario, SimulatedNvml, load_scenario, scenario_names
 
 NODES = tuple((gpus, processes) for gpus in (1, 8, 16) for processes in (0, 8, 64))
 """(GPUs, processes per GPU) of the scrape-cost table."""
@@ -66,6 +73,8 @@ CALLS_TARGET = 15
 """NVML calls per GPU per scrape, for a GPU without MIG."""
 NODE_CALLS = frozenset({"nvmlInit", "nvmlDeviceGetCount"})
 """Library calls, once per node: not a GPU's."""
+SCENARIOS = ("server", "mig")
+"""Shipped scenarios of the scenario table (`mig`: a MIG node)."""
 
 PROCESS_CAP = 1024
 """--process.max-per-gpu: far above any node here, so every process is exported."""
@@ -96,22 +105,63 @@ QUICK = Budget(seconds=0.0, min_scrapes=2, max_scrapes=2, warmup_scrapes=1,
 
 def measure_node(gpus: int, processes: int, budget: Budget, latency: float = 0.0,
                  slow_latency: float | None = None) -> dict[str, Any]:
-    """Scrape a simulated node in this process; the figures as plain data (JSON)."""
+    """Scrape a synthetic node in this process; the figures as plain data (JSON)."""
     scenario = Scenario.synthetic(gpus, processes, latency_seconds=latency,
                                   slow_gpu_latency_seconds=slow_latency)
+    return measure(scenario, budget) | {"gpus": gpus, "processes": processes}
+
+
+def measure_scenario(name: str, budget: Budget) -> dict[str, Any]:
+    """Scrape a shipped scenario in this process; {"missing": True} when the simulator
+    under test has none of that name."""
+    if name not in scenario_names():
+        return {"scenario": name, "missing": True}
+    scenario = load_scenario(name)
+    # the MIG slices of each GPU when the scenario starts (one made later is not there yet)
+    return measure(scenario, budget) | {
+        "scenario": name, "gpus": len(scenario.gpus),
+        "slices": [sum(1 for m in getattr(g, "mig", ())
+                       if not getattr(m, "created_after_seconds", 0)) for g in scenario.gpus]}
+
+
+class _PerGpu:
+    """NVML calls per GPU index, counted where the simulator counts a GPU's calls (its
+    `_gpu`, which every call on a GPU or MIG handle goes through): the simulator's own
+    counter is by function only."""
+
+    def __init__(self, sim: SimulatedNvml) -> None:
+        self.calls: Counter[int] = Counter()
+        inner = getattr(sim, "_gpu", None)
+        if inner is None:  # another simulator: no per-GPU figures
+            return
+
+        def counted(handle: Any, function: str) -> Any:
+            self.calls[handle.index] += 1
+            return inner(handle, function)
+
+        sim._gpu = counted  # type: ignore[method-assign]
+
+
+def measure(scenario: Scenario, budget: Budget) -> dict[str, Any]:
+    """Scrape a simulated node in this process; the figures as plain data (JSON)."""
     sources = simulated_sources(scenario)
     sim = sources.nvml_lib
     assert isinstance(sim, SimulatedNvml)
+    per_gpu = _PerGpu(sim)
+    gpus = len(scenario.gpus)
     exporter = build_exporter(OPTIONS, sources)
     registry = build_registry(exporter, OPTIONS)
     try:
-        for _ in range(budget.warmup_scrapes):
+        encoding.text(registry)
+        first_gpu = dict(per_gpu.calls)
+        for _ in range(budget.warmup_scrapes - 1):
             encoding.text(registry)
         walls: list[float] = []
         slowest_shares: list[float] = []
         serial_shares: list[float] = []
         nvml_done: list[float] = []
         calls_before = Counter(sim.calls)
+        gpu_before = Counter(per_gpu.calls)
         cpu_start, start = time.process_time(), time.perf_counter()
         while len(walls) < budget.max_scrapes and (
                 len(walls) < budget.min_scrapes
@@ -127,6 +177,8 @@ def measure_node(gpus: int, processes: int, budget: Budget, latency: float = 0.0
         cpu = time.process_time() - cpu_start
         calls = Counter(sim.calls)
         calls.subtract(calls_before)
+        gpu_calls = Counter(per_gpu.calls)
+        gpu_calls.subtract(gpu_before)
         peak_rss = _peak_rss_bytes()
         text = encoding.text(registry).decode()
         families = list(registry.collect())
@@ -140,7 +192,7 @@ def measure_node(gpus: int, processes: int, budget: Budget, latency: float = 0.0
     finally:
         exporter.close()
     return {
-        "gpus": gpus, "processes": processes, "scrapes": len(walls), "walls": walls,
+        "scrapes": len(walls), "walls": walls,
         "cpu_per_scrape": cpu / len(walls), "exposition_cpu": exposition_cpu,
         "library_exposition_cpu": library_cpu, "openmetrics_cpu": openmetrics_cpu,
         "library_openmetrics_cpu": library_openmetrics_cpu,
@@ -150,6 +202,11 @@ def measure_node(gpus: int, processes: int, budget: Budget, latency: float = 0.0
         "nvml_done": nvml_done,
         "gpu_calls": {f: n / len(walls) / gpus for f, n in sorted(calls.items())
                       if n and f not in NODE_CALLS},
+        # JSON keys are strings: the GPU index as text
+        "calls_by_gpu": {str(i): gpu_calls[i] / len(walls) for i in range(gpus)}
+        if per_gpu.calls else {},
+        "first_scrape_calls_by_gpu": {str(i): first_gpu.get(i, 0) for i in range(gpus)}
+        if per_gpu.calls else {},
     }
 
 
@@ -190,19 +247,25 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # macOS says bytes, Linux KiB
 
 
+def _child(arguments: list[str], quick: bool, what: str) -> dict[str, Any]:
+    """tools.bench with these arguments in a fresh interpreter: its JSON line."""
+    command = [sys.executable, "-m", "tools.bench", *arguments]
+    if quick:
+        command.append("--quick")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark of {what} failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
 def run_node(gpus: int, processes: int, quick: bool, latency: float = 0.0,
              slow_latency: float | None = None) -> dict[str, Any]:
     """measure_node in a fresh interpreter."""
-    command = [sys.executable, "-m", "tools.bench", f"--node={gpus}x{processes}"]
-    if quick:
-        command.append("--quick")
+    arguments = [f"--node={gpus}x{processes}"]
     if latency:
-        command += [f"--latency={latency}", f"--slow-latency={slow_latency}"]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark of {gpus}x{processes} failed:\n{done.stderr}")
-    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
-    return result
+        arguments += [f"--latency={latency}", f"--slow-latency={slow_latency}"]
+    return _child(arguments, quick, f"{gpus}x{processes}")
 
 
 def run_nodes(nodes: Sequence[tuple[int, int]], quick: bool, latency: float = 0.0,
@@ -213,6 +276,14 @@ def run_nodes(nodes: Sequence[tuple[int, int]], quick: bool, latency: float = 0.
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(
             lambda node: run_node(node[0], node[1], quick, latency, slow_latency), nodes)
+
+
+def run_scenarios(names: Sequence[str], quick: bool) -> Iterator[dict[str, Any]]:
+    """measure_scenario for each shipped scenario, each in a fresh interpreter."""
+    workers = (os.cpu_count() or 1) if quick else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(
+            lambda name: _child([f"--scenario={name}"], quick, f"scenario {name}"), names)
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -245,6 +316,14 @@ def _environment() -> str:
             f"{cpus} CPUs{f' ({model})' if model else ''}")
 
 
+def _load() -> str:
+    """The load average (1, 5, 15 minutes): how busy the machine was around the figures."""
+    try:
+        return " ".join(f"{n:.2f}" for n in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def calls_per_gpu(result: dict[str, Any]) -> float:
     """NVML calls on a GPU, per GPU per scrape."""
     return float(sum(result["gpu_calls"].values()))
@@ -265,6 +344,41 @@ def scrape_table(quick: bool, out: Any) -> list[dict[str, Any]]:
               f"{_ms(statistics.median(r['walls'])):>9} {_ms(_p99(r['walls'])):>7} "
               f"{_ms(r['cpu_per_scrape']):>13} {_ms(r['exposition_cpu']):>13} "
               f"{r['peak_rss'] / 2**20:>12.1f} {calls_per_gpu(r):>14.1f}", file=out, flush=True)
+    return results
+
+
+def scenario_table(quick: bool, out: Any) -> list[dict[str, Any]]:
+    print("Scenarios: the simulator's shipped scenarios measured the same way (mig: a MIG "
+          "node); NVML calls per scrape on each GPU apart", file=out)
+    header = (f"{'scenario':>8} {'GPUs':>4} {'slices':>6} {'samples':>7} {'scrapes':>7} "
+              f"{'median ms':>9} {'p99 ms':>7} {'CPU ms/scrape':>13} {'peak RSS MiB':>12} "
+              f"{'NVML calls/GPU':>14}")
+    print(header, file=out)
+    results = []
+    for r in run_scenarios(SCENARIOS, quick):
+        if r.get("missing"):
+            print(f"{r['scenario']:>8}  (not a scenario of this simulator)", file=out)
+            continue
+        results.append(r)
+        print(f"{r['scenario']:>8} {r['gpus']:>4} {sum(r['slices']):>6} {r['samples']:>7} "
+              f"{r['scrapes']:>7} {_ms(statistics.median(r['walls'])):>9} "
+              f"{_ms(_p99(r['walls'])):>7} {_ms(r['cpu_per_scrape']):>13} "
+              f"{r['peak_rss'] / 2**20:>12.1f} {calls_per_gpu(r):>14.1f}", file=out, flush=True)
+    for r in results:
+        if not r["calls_by_gpu"]:
+            continue
+        calls, first = r["calls_by_gpu"], r["first_scrape_calls_by_gpu"]
+        if not any(r["slices"]) and len(set(calls.values())) == 1 and len(set(first.values())) == 1:
+            print(f"  {r['scenario']}: NVML calls per scrape on every GPU {calls['0']:g} (first "
+                  f"scrape {first['0']})", file=out)
+            continue
+        print(f"  {r['scenario']}: NVML calls per scrape by GPU (first scrape: opening, what "
+              "never changes, MIG slices walked; the walk and the PCIe link again once a "
+              "minute):", file=out)
+        for index, slices in enumerate(r["slices"]):
+            kind = f"MIG, {slices} slices" if slices else "no MIG"
+            print(f"    GPU {index} ({kind}): {calls[str(index)]:g} "
+                  f"(first scrape {first[str(index)]})", file=out)
     return results
 
 
@@ -291,10 +405,13 @@ def latency_table(quick: bool, out: Any) -> list[dict[str, Any]]:
 
 def report(quick: bool, out: Any = sys.stdout) -> None:
     print(_environment(), file=out)
+    print(f"load average at the start: {_load()}", file=out)
     if quick:
         print("--quick: a few scrapes per node; a smoke run, not figures to quote", file=out)
     print(file=out)
     scrapes = scrape_table(quick, out)
+    print(file=out)
+    scenarios = scenario_table(quick, out)
     print(file=out)
     concurrency = latency_table(quick, out)
     print(file=out)
@@ -314,6 +431,14 @@ def report(quick: bool, out: Any = sys.stdout) -> None:
           f"{_verdict(calls <= CALLS_TARGET)}", file=out)
     print("    (" + ", ".join(f"{f.removeprefix('nvmlDevice')} {n:g}"
                               for f, n in target["gpu_calls"].items()) + ")", file=out)
+    for r in scenarios:
+        if not any(r["slices"]) or not r["calls_by_gpu"]:
+            continue
+        plain = [r["calls_by_gpu"][str(i)] for i, n in enumerate(r["slices"]) if not n]
+        mig = [r["calls_by_gpu"][str(i)] for i, n in enumerate(r["slices"]) if n]
+        print(f"    ({r['scenario']} node: a GPU without MIG {max(plain, default=0):g}, a MIG GPU "
+              f"{max(mig):g} at most: one memory call per slice on top; no target for MIG)",
+              file=out)
     rss = max(r["peak_rss"] for r in scrapes)
     print(f"  peak RSS, largest of all nodes: {rss / 2**20:.1f} MiB; target "
           f"< {RSS_TARGET_BYTES / 2**20:g} MiB: {_verdict(rss < RSS_TARGET_BYTES)}", file=out)
@@ -326,6 +451,7 @@ def report(quick: bool, out: Any = sys.stdout) -> None:
                 for r in concurrency)
     print(f"    (the reads alone, NVML done / slowest GPU's share, worst node: {reads:.2f}x)",
           file=out)
+    print(f"load average at the end: {_load()}", file=out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -335,15 +461,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a few scrapes per node: checks the benchmark runs, nothing more")
     # one node in this process, for the parent run (JSON on stdout)
     p.add_argument("--node", help=argparse.SUPPRESS)
+    p.add_argument("--scenario", help=argparse.SUPPRESS)
     p.add_argument("--latency", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--slow-latency", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    budget = QUICK if args.quick else FULL
+    if args.scenario is not None:
+        print(json.dumps(measure_scenario(args.scenario, budget)))
+        return 0
     if args.node is None:
         report(args.quick)
         return 0
     gpus, processes = (int(n) for n in args.node.split("x"))
-    result = measure_node(gpus, processes, QUICK if args.quick else FULL, args.latency,
-                          args.slow_latency)
+    result = measure_node(gpus, processes, budget, args.latency, args.slow_latency)
     print(json.dumps(result))
     return 0
 
