@@ -69,6 +69,29 @@ class Process:
     pid: int
     used_bytes: int
     graphics: bool = False
+    on: tuple[int, int] | None = None
+    """(GPU instance id, compute instance id) of its MIG device, on a GPU in MIG mode."""
+
+
+@dataclass
+class Mig:
+    """A MIG device (compute instance of a GPU instance) of a GPU, which is then in MIG mode.
+    Compute instances of one GPU instance share its memory: the first one's is served."""
+
+    gpu: int
+    gpu_instance_id: int
+    compute_instance_id: int = 0
+    gpu_slices: int = 1
+    total_mib: int = 9984
+    used_mib: int = 0
+    profile: str = ""
+    """Named in the device's name ("... MIG 1g.10gb"); "" names it not: the exporter reads
+    the profile from its attributes (slices, memory) instead."""
+    uuid: str = ""
+
+    def __post_init__(self) -> None:
+        self.uuid = self.uuid or (f"MIG-{self.gpu:08d}-{self.gpu_instance_id:04d}-"
+                                  f"4{self.compute_instance_id:03d}-8000-000000fa4e00")
 
 
 @dataclass
@@ -78,11 +101,13 @@ class Control:
     path: Path
     gpus: list[Gpu] = field(default_factory=list)
     processes: list[Process] = field(default_factory=list)
+    migs: list[Mig] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
     """Directives as fakenvml.c reads them: "hang 1 nvmlDeviceGetPowerUsage", "lost 1",
     "error 1 nvmlDeviceGetPowerUsage 999", "xid 1 79 first", "init_delay_ms 5000", and for
     nvmlDeviceGetFieldValues "field 0 144 1" (a field's value), "field_error 0 190 3" (its
-    nvmlReturn), "pcie 0 4 8" (the link as it runs)."""
+    nvmlReturn), "pcie 0 4 8" (the link as it runs), and "mig_mode 0 1 0" (MIG mode current
+    and pending, where it is not what the MIG devices make it)."""
     logged: list[str] = field(default_factory=list)
     """Functions whose every call is appended to $FAKENVML_LOG ("*" for all)."""
     _mtime_ns: int = 0
@@ -97,7 +122,11 @@ class Control:
         lines = [f"gpu {g.index} {g.uuid} {g.total_mib} {g.used_mib} {g.utilization_percent} "
                  f"{g.name}" for g in self.gpus]
         lines += [f"proc {p.gpu} {p.pid} {p.used_bytes}{' graphics' if p.graphics else ''}"
+                  + (f" on {p.on[0]} {p.on[1]}" if p.on is not None else "")
                   for p in self.processes]
+        lines += [f"mig {m.gpu} {m.gpu_instance_id} {m.compute_instance_id} {m.uuid} "
+                  f"{m.gpu_slices} {m.total_mib} {m.used_mib} {m.profile or '-'}"
+                  for m in self.migs]
         lines += list(self.faults)
         lines += [f"log {function}" for function in self.logged]
         return "\n".join(lines) + "\n"

@@ -6,7 +6,9 @@
  * atomically: a new file renamed over the old one). One directive a line; '#' starts a comment:
  *
  *   gpu <index> <uuid> <memory_total_mib> <memory_used_mib> <utilization_%> <name...>
- *   proc <gpu> <pid> <used_bytes> [graphics]   a process on the GPU (compute unless "graphics")
+ *   proc <gpu> <pid> <used_bytes> [graphics] [on <gi> <ci>]
+ *                                              a process on the GPU (compute unless "graphics"),
+ *                                              on a MIG GPU on that GPU and compute instance
  *   lost <gpu>                                 every call on that GPU returns GPU_IS_LOST (15)
  *   error <gpu|*> <function> <code>            that function returns that nvmlReturn_t
  *   hang <gpu|*> <function> [ms]               the call blocks while this line is there (or ms)
@@ -18,6 +20,19 @@
  *   field <gpu|*> <field_id> <value>           what nvmlDeviceGetFieldValues answers for the field
  *   field_error <gpu|*> <field_id> <code>      the field's own nvmlReturn in that call
  *   pcie <gpu> <generation> <width>            the link as it runs (default 5 16, the maximum)
+ *   mig <gpu> <gi> <ci> <mig_uuid> <gpu_slices> <memory_total_mib> <memory_used_mib> [profile]
+ *                                              a MIG device (compute instance <ci> of GPU instance
+ *                                              <gi>) of the GPU, which is then in MIG mode; its
+ *                                              name is "<gpu name> MIG <profile>", the GPU's name
+ *                                              without a profile (or "-"): its attributes tell
+ *   mig_mode <gpu> <current> <pending>         the MIG mode (default: 1 1 with mig lines, else 0 0)
+ *
+ * MIG, as a driver answers it: nvmlDeviceGetMigDeviceHandleByIndex hands out the GPU's MIG
+ * devices in the order of their lines (NOT_FOUND past them, up to nvmlDeviceGetMaxMigDeviceCount,
+ * 7); a MIG device's handle answers its UUID, name, memory (its GPU instance's), GPU and compute
+ * instance ids, attributes, parent and processes, every other query NOT_SUPPORTED, and NOT_FOUND
+ * once its line is gone (reconfigured). A GPU in MIG mode answers its processes with their
+ * instance ids and its utilisation (GPU, encoder, decoder) NOT_SUPPORTED; the rest stays there.
  *
  * nvmlDeviceGetFieldValues answers each field as the function that reads it alone would: a
  * "hang" or "error" of nvmlDeviceGetPowerUsage hangs the call, or fails the power fields.
@@ -41,7 +56,7 @@
 typedef int nvmlReturn_t;
 enum {
     NVML_SUCCESS = 0, NVML_ERROR_UNINITIALIZED = 1, NVML_ERROR_INVALID_ARGUMENT = 2,
-    NVML_ERROR_NOT_SUPPORTED = 3, NVML_ERROR_INSUFFICIENT_SIZE = 7, NVML_ERROR_TIMEOUT = 10,
+    NVML_ERROR_NOT_SUPPORTED = 3, NVML_ERROR_NOT_FOUND = 6, NVML_ERROR_INSUFFICIENT_SIZE = 7, NVML_ERROR_TIMEOUT = 10,
     NVML_ERROR_GPU_IS_LOST = 15, NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25,
     NVML_ERROR_UNKNOWN = 999,
 };
@@ -52,8 +67,13 @@ enum {
 #define XID_EVENT 0x8ULL /* nvmlEventTypeXidCriticalError */
 #define MEMORY_V2 0x02000028u /* nvmlMemory_v2: sizeof(nvmlMemory_v2_t) | 2 << 24 */
 #define MIB (1024ULL * 1024ULL)
+#define MAX_MIG 7   /* MIG devices per GPU: nvmlDeviceGetMaxMigDeviceCount */
+#define MAX_GI 16   /* GPU instance ids (an H100's go up to 14) */
+#define MAX_CI 8    /* compute instance ids */
+#define NO_INSTANCE 0xFFFFFFFFu /* the instance ids of a process of a GPU without MIG */
+#define SM_PER_SLICE 16u
 
-typedef struct nvmlDevice_st { int index; } *nvmlDevice_t;
+typedef struct nvmlDevice_st { int index, gi, ci; } *nvmlDevice_t; /* gi, ci: -1 on a GPU */
 typedef struct nvmlPciInfo_st {
     char busIdLegacy[16];
     unsigned int domain, bus, device, pciDeviceId, pciSubSystemId;
@@ -73,21 +93,29 @@ typedef struct {
     unsigned long long eventType, eventData;
     unsigned int gpuInstanceId, computeInstanceId;
 } nvmlEventData_t;
+typedef struct { /* nvmlDeviceAttributes_t (v2) of nvml.h */
+    unsigned int multiprocessorCount, sharedCopyEngineCount, sharedDecoderCount, sharedEncoderCount,
+        sharedJpegCount, sharedOfaCount, gpuInstanceSliceCount, computeInstanceSliceCount;
+    unsigned long long memorySizeMB;
+} nvmlDeviceAttributes_t;
 typedef struct nvmlEventSet_st { int registered[MAX_GPUS]; unsigned generation[MAX_GPUS]; } *nvmlEventSet_t;
 
 struct gpu { int present, lost; char uuid[NAME_LEN], name[NAME_LEN]; unsigned long long total, used; unsigned util; };
-struct proc { int gpu, graphics; unsigned pid; unsigned long long used; };
+struct proc { int gpu, graphics; unsigned pid, gi, ci; unsigned long long used; };
+struct mig { int gpu; unsigned gi, ci, slices; unsigned long long total, used; char uuid[NAME_LEN], profile[32]; };
 struct fault { int gpu; char function[64]; long value; }; /* gpu -1: any; value: code or ms */
 struct xid { int gpu; unsigned long long code; char id[32]; };
 struct field { int gpu; unsigned id; long long value; }; /* gpu -1: any; value or code */
 
 static struct state {
     struct gpu gpus[MAX_GPUS];
-    int count, nprocs, nerrors, nhangs, nxids, nlogs, nfields, nfield_errors, init_error;
+    int count, nprocs, nerrors, nhangs, nxids, nlogs, nfields, nfield_errors, init_error, nmigs;
     long init_delay_ms;
     struct field fields[MAX_ITEMS], field_errors[MAX_ITEMS];
     unsigned pcie[MAX_GPUS][2]; /* generation, width as the link runs; 0: the maximum */
     struct proc procs[MAX_ITEMS];
+    struct mig migs[MAX_GPUS * MAX_MIG];
+    int mig_mode[MAX_GPUS][3]; /* set, current, pending */
     struct fault errors[MAX_ITEMS], hangs[MAX_ITEMS];
     struct xid xids[MAX_ITEMS];
     char logs[MAX_ITEMS][64];
@@ -95,6 +123,7 @@ static struct state {
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static struct nvmlDevice_st devices[MAX_GPUS];
+static struct nvmlDevice_st mig_devices[MAX_GPUS][MAX_GI][MAX_CI]; /* one handle per instance */
 static unsigned generation[MAX_GPUS]; /* bumped when a GPU comes back */
 static char delivered[MAX_ITEMS][40]; /* "gpu:id" of Xid events already delivered */
 static int ndelivered, initialized, loaded;
@@ -135,6 +164,24 @@ static void parse_line(struct state *s, char *line) {
         struct proc *p = &s->procs[s->nprocs++];
         p->gpu = atoi(a), p->pid = (unsigned)strtoul(b, NULL, 10), p->used = strtoull(c, NULL, 10);
         p->graphics = strstr(line + at, "graphics") != NULL;
+        p->gi = p->ci = NO_INSTANCE;
+        const char *on = strstr(line + at, "on ");
+        if (on != NULL)
+            sscanf(on, "on %u %u", &p->gi, &p->ci);
+    } else if (strcmp(word, "mig") == 0 && (index = atoi(a)) >= 0 && index < MAX_GPUS &&
+               s->nmigs < MAX_GPUS * MAX_MIG) {
+        struct mig *m = &s->migs[s->nmigs];
+        unsigned long long total = 0, used = 0;
+        char profile[32] = "";
+        m->gpu = index;
+        if (sscanf(line, "%*s %*s %u %u %95s %u %llu %llu %31s", &m->gi, &m->ci, m->uuid, &m->slices,
+                   &total, &used, profile) >= 6 && m->gi < MAX_GI && m->ci < MAX_CI) {
+            m->total = total * MIB, m->used = used * MIB;
+            snprintf(m->profile, sizeof m->profile, "%s", strcmp(profile, "-") == 0 ? "" : profile);
+            s->nmigs++;
+        }
+    } else if (strcmp(word, "mig_mode") == 0 && (index = atoi(a)) >= 0 && index < MAX_GPUS) {
+        s->mig_mode[index][0] = 1, s->mig_mode[index][1] = atoi(b), s->mig_mode[index][2] = atoi(c);
     } else if (strcmp(word, "lost") == 0 && (index = atoi(a)) >= 0 && index < MAX_GPUS) {
         s->gpus[index].lost = 1;
     } else if ((strcmp(word, "error") == 0 && s->nerrors < MAX_ITEMS) ||
@@ -172,8 +219,12 @@ static void reload(void) {
     FILE *f;
     if (!loaded) {
         clock_gettime(CLOCK_MONOTONIC, &started);
-        for (int i = 0; i < MAX_GPUS; i++)
-            devices[i].index = i;
+        for (int i = 0; i < MAX_GPUS; i++) {
+            devices[i] = (struct nvmlDevice_st){ i, -1, -1 };
+            for (int gi = 0; gi < MAX_GI; gi++)
+                for (int ci = 0; ci < MAX_CI; ci++)
+                    mig_devices[i][gi][ci] = (struct nvmlDevice_st){ i, gi, ci };
+        }
     }
     if (path == NULL || stat(path, &now) != 0) {
         if (!loaded) /* no control file: one healthy GPU */
@@ -263,12 +314,36 @@ static nvmlReturn_t leave(nvmlReturn_t rc) {
     return rc;
 }
 
-static int index_of(nvmlDevice_t device) {
-    return device >= devices && device < devices + MAX_GPUS ? device->index : -1;
+static int is_mig_handle(nvmlDevice_t device) {
+    const struct nvmlDevice_st *first = &mig_devices[0][0][0];
+    return device >= first && device < first + MAX_GPUS * MAX_GI * MAX_CI;
 }
 
-/* The start of every device query: `g` is the GPU, `gpu` its index. */
-#define DEVICE_CALL(device)                                          \
+/* The GPU of a handle (a MIG device's parent); -1 for what is no handle of ours. */
+static int index_of(nvmlDevice_t device) {
+    return (device >= devices && device < devices + MAX_GPUS) || is_mig_handle(device) ? device->index : -1;
+}
+
+static int mig_enabled(int gpu) {
+    int with_devices = 0;
+    for (int i = 0; i < st.nmigs; i++)
+        with_devices |= st.migs[i].gpu == gpu;
+    return st.mig_mode[gpu][0] ? st.mig_mode[gpu][1] == 1 : with_devices;
+}
+
+/* The MIG device behind a MIG handle, NULL when it is gone (or the GPU left MIG mode). */
+static const struct mig *mig_of(nvmlDevice_t device) {
+    for (int i = 0; mig_enabled(device->index) && i < st.nmigs; i++) {
+        const struct mig *m = &st.migs[i];
+        if (m->gpu == device->index && (int)m->gi == device->gi && (int)m->ci == device->ci)
+            return m;
+    }
+    return NULL;
+}
+
+/* The start of a device query that a MIG device answers too: `g` is the GPU, `gpu` its index,
+ * `m` the MIG device (NULL on a GPU's own handle). */
+#define ANY_DEVICE_CALL(device)                                      \
     int gpu = index_of(device);                                      \
     if (gpu < 0)                                                     \
         return NVML_ERROR_INVALID_ARGUMENT;                          \
@@ -276,7 +351,16 @@ static int index_of(nvmlDevice_t device) {
     if (entered != NVML_SUCCESS)                                     \
         return leave(entered);                                       \
     const struct gpu *g = &st.gpus[gpu];                             \
-    (void)g
+    const struct mig *m = is_mig_handle(device) ? mig_of(device) : NULL; \
+    if (is_mig_handle(device) && m == NULL)                          \
+        return leave(NVML_ERROR_NOT_FOUND);                          \
+    (void)g, (void)m
+
+/* The start of every other device query: a MIG device does not answer it. */
+#define DEVICE_CALL(device)                                          \
+    ANY_DEVICE_CALL(device);                                         \
+    if (m != NULL)                                                   \
+        return leave(NVML_ERROR_NOT_SUPPORTED)
 
 static nvmlReturn_t copy_string(char *out, unsigned int length, const char *value) {
     if (out == NULL || length <= strlen(value))
@@ -318,6 +402,7 @@ const char *nvmlErrorString(nvmlReturn_t result) {
     case NVML_ERROR_UNINITIALIZED: return "Uninitialized";
     case NVML_ERROR_INVALID_ARGUMENT: return "Invalid Argument";
     case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
+    case NVML_ERROR_NOT_FOUND: return "Not Found";
     case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
     case 9: return "Driver Not Loaded";
     case NVML_ERROR_TIMEOUT: return "Timeout";
@@ -374,8 +459,18 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *dev
         return copy_string(out, length, value);                        \
     }
 
-STRING_QUERY(nvmlDeviceGetUUID, g->uuid)
-STRING_QUERY(nvmlDeviceGetName, g->name)
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *out, unsigned int length) {
+    ANY_DEVICE_CALL(device);
+    return copy_string(out, length, m != NULL ? m->uuid : g->uuid);
+}
+
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *out, unsigned int length) {
+    char name[NAME_LEN + 40];
+    ANY_DEVICE_CALL(device);
+    snprintf(name, sizeof name, "%s%s%s", g->name, m != NULL && m->profile[0] ? " MIG " : "",
+             m != NULL ? m->profile : "");
+    return copy_string(out, length, name);
+}
 STRING_QUERY(nvmlDeviceGetVbiosVersion, "96.00.99.00.01")
 QUERY(nvmlDeviceGetComputeMode, int, 0)
 QUERY(nvmlDeviceGetPowerUsage, unsigned int, 70000u + 1000u * (unsigned)gpu + 2000u * g->util) /* mW */
@@ -396,33 +491,106 @@ nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci) {
     return leave(NVML_SUCCESS);
 }
 
+/* -- MIG ------------------------------------------------------------------------------------ */
+
 nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *current, unsigned int *pending) {
     DEVICE_CALL(device);
-    *current = *pending = 0;
+    *current = (unsigned)mig_enabled(gpu);
+    *pending = st.mig_mode[gpu][0] ? (unsigned)st.mig_mode[gpu][2] : *current;
+    return leave(NVML_SUCCESS);
+}
+
+QUERY(nvmlDeviceGetMaxMigDeviceCount, unsigned int, MAX_MIG)
+
+nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned int index, nvmlDevice_t *mig) {
+    DEVICE_CALL(device);
+    if (!mig_enabled(gpu) || mig == NULL)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    for (int i = 0, n = 0; i < st.nmigs; i++) {
+        const struct mig *found = &st.migs[i];
+        if (found->gpu == gpu && (unsigned)n++ == index) {
+            *mig = &mig_devices[gpu][found->gi][found->ci];
+            return leave(NVML_SUCCESS);
+        }
+    }
+    return leave(index < MAX_MIG ? NVML_ERROR_NOT_FOUND : NVML_ERROR_INVALID_ARGUMENT);
+}
+
+nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t device, unsigned int *is_mig) {
+    ANY_DEVICE_CALL(device);
+    *is_mig = m != NULL;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvmlDevice_t device, nvmlDevice_t *parent) {
+    ANY_DEVICE_CALL(device);
+    if (m == NULL)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    *parent = &devices[gpu];
+    return leave(NVML_SUCCESS);
+}
+
+#define INSTANCE_QUERY(function, member)                               \
+    nvmlReturn_t function(nvmlDevice_t device, unsigned int *id) {     \
+        ANY_DEVICE_CALL(device);                                       \
+        if (m == NULL) /* a GPU's own handle */                        \
+            return leave(NVML_ERROR_INVALID_ARGUMENT);                 \
+        *id = m->member;                                               \
+        return leave(NVML_SUCCESS);                                    \
+    }
+INSTANCE_QUERY(nvmlDeviceGetGpuInstanceId, gi)
+INSTANCE_QUERY(nvmlDeviceGetComputeInstanceId, ci)
+
+/* The GPU instance of a MIG device: its first line (compute instances share its memory). */
+static const struct mig *gpu_instance(const struct mig *m) {
+    for (int i = 0; i < st.nmigs; i++)
+        if (st.migs[i].gpu == m->gpu && st.migs[i].gi == m->gi)
+            return &st.migs[i];
+    return m;
+}
+
+nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t device, nvmlDeviceAttributes_t *attributes) {
+    ANY_DEVICE_CALL(device);
+    const struct mig *gi = m != NULL ? gpu_instance(m) : NULL;
+    unsigned slices = gi != NULL ? gi->slices : MAX_MIG;
+    memset(attributes, 0, sizeof *attributes);
+    attributes->multiprocessorCount = SM_PER_SLICE * (m != NULL ? m->slices : slices);
+    attributes->sharedCopyEngineCount = slices, attributes->sharedDecoderCount = slices;
+    attributes->gpuInstanceSliceCount = slices;
+    attributes->computeInstanceSliceCount = m != NULL ? m->slices : slices;
+    attributes->memorySizeMB = (gi != NULL ? gi->total : g->total) / MIB;
     return leave(NVML_SUCCESS);
 }
 
 nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *utilization) {
     DEVICE_CALL(device);
+    if (mig_enabled(gpu))
+        return leave(NVML_ERROR_NOT_SUPPORTED);
     utilization->gpu = g->util, utilization->memory = g->util / 2;
     return leave(NVML_SUCCESS);
 }
 
 static unsigned long long reserved(const struct gpu *g) { return g->total > 512 * MIB ? 256 * MIB : 0; }
 
+/* A MIG device's memory is its GPU instance's, without a reserve. */
 nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
-    DEVICE_CALL(device);
-    memory->total = g->total, memory->used = g->used + reserved(g);
-    memory->free = g->total - memory->used;
+    ANY_DEVICE_CALL(device);
+    const struct mig *gi = m != NULL ? gpu_instance(m) : NULL;
+    memory->total = gi != NULL ? gi->total : g->total;
+    memory->used = gi != NULL ? gi->used : g->used + reserved(g);
+    memory->free = memory->total - memory->used;
     return leave(NVML_SUCCESS);
 }
 
 nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory) {
-    DEVICE_CALL(device);
+    ANY_DEVICE_CALL(device);
     if (memory->version != MEMORY_V2)
         return leave(NVML_ERROR_ARGUMENT_VERSION_MISMATCH);
-    memory->total = g->total, memory->reserved = reserved(g), memory->used = g->used;
-    memory->free = g->total - g->used - memory->reserved;
+    const struct mig *gi = m != NULL ? gpu_instance(m) : NULL;
+    memory->total = gi != NULL ? gi->total : g->total;
+    memory->reserved = gi != NULL ? 0 : reserved(g);
+    memory->used = gi != NULL ? gi->used : g->used;
+    memory->free = memory->total - memory->used - memory->reserved;
     return leave(NVML_SUCCESS);
 }
 
@@ -445,6 +613,8 @@ nvmlReturn_t nvmlDeviceGetTemperatureThreshold(nvmlDevice_t device, int threshol
 #define CODEC_QUERY(function)                                                        \
     nvmlReturn_t function(nvmlDevice_t device, unsigned *util, unsigned *period_us) { \
         DEVICE_CALL(device);                                                         \
+        if (mig_enabled(gpu))                                                        \
+            return leave(NVML_ERROR_NOT_SUPPORTED);                                  \
         *util = 0, *period_us = 167000;                                              \
         return leave(NVML_SUCCESS);                                                  \
     }
@@ -600,6 +770,20 @@ nvmlReturn_t nvmlDeviceGetRemappedRows(nvmlDevice_t device, unsigned int *correc
 
 QUERY(nvmlDeviceGetPcieReplayCounter, unsigned int, field_or_zero(gpu, g, FI_PCIE_REPLAY))
 
+/* Page retirement: NOT_SUPPORTED, as on an A100 or H100 (row remapping took its place). */
+nvmlReturn_t nvmlDeviceGetRetiredPages(nvmlDevice_t device, int cause, unsigned int *count,
+                                       unsigned long long *addresses) {
+    DEVICE_CALL(device);
+    (void)cause, (void)count, (void)addresses;
+    return leave(NVML_ERROR_NOT_SUPPORTED);
+}
+
+nvmlReturn_t nvmlDeviceGetRetiredPagesPendingStatus(nvmlDevice_t device, int *pending) {
+    DEVICE_CALL(device);
+    (void)pending;
+    return leave(NVML_ERROR_NOT_SUPPORTED);
+}
+
 /* -- running processes: the count-then-fill protocol of every variant -------------------------- */
 
 static nvmlReturn_t processes(nvmlDevice_t device, const char *function, int graphics,
@@ -610,13 +794,17 @@ static nvmlReturn_t processes(nvmlDevice_t device, const char *function, int gra
     nvmlReturn_t rc = enter(function, gpu);
     if (rc != NVML_SUCCESS)
         return leave(rc);
+    const struct mig *m = is_mig_handle(device) ? mig_of(device) : NULL;
+    if (is_mig_handle(device) && m == NULL)
+        return leave(NVML_ERROR_NOT_FOUND);
+    int mig = mig_enabled(gpu); /* else the instance ids are NO_INSTANCE */
     unsigned n = 0, room = infos == NULL ? 0 : *count;
     for (int i = 0; i < st.nprocs; i++) {
         const struct proc *p = &st.procs[i];
-        if (p->gpu != gpu || p->graphics != graphics)
+        if (p->gpu != gpu || p->graphics != graphics || (m != NULL && (p->gi != m->gi || p->ci != m->ci)))
             continue;
         if (n < room) {
-            nvmlProcessInfo_v2_t info = { p->pid, p->used, 0xFFFFFFFFu, 0xFFFFFFFFu };
+            nvmlProcessInfo_v2_t info = { p->pid, p->used, mig ? p->gi : NO_INSTANCE, mig ? p->ci : NO_INSTANCE };
             memcpy((char *)infos + n * size, &info, size); /* v1 is v2's first fields */
         }
         n++;
