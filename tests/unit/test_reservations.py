@@ -30,6 +30,7 @@ from paths import FIXTURES
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gpuwatch import reservations
+from gpuwatch.cells import Cell
 from gpuwatch.contract import metrics
 from gpuwatch.contract.states import ALL_GPUS
 from gpuwatch.exporter import encoding
@@ -45,6 +46,11 @@ NOW = dt.datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
 BERLIN = ZoneInfo("Europe/Berlin")
 
 FIXTURE = FIXTURES / "comments.json"
+
+
+def cells(*indices: int) -> tuple[Cell, ...]:
+    """Whole GPUs as a reservation holds them."""
+    return tuple(Cell(i) for i in indices)
 
 
 def reservation(host: str = "gpu-srv-01", gpus: tuple[int, ...] | None = (0,),
@@ -94,30 +100,31 @@ def test_unknown_time_formats_say_which_are_known(text: str) -> None:
     ("all", None), ("ALL", None), ("3", (3,)), ("0,2", (0, 2)), ("0-3", (0, 1, 2, 3)),
     ("0,4-6", (0, 4, 5, 6)), ("2,1,2", (1, 2)), (" 1 - 2 ", (1, 2))])
 def test_gpu_lists(text: str, gpus: tuple[int, ...] | None) -> None:
-    assert reservations.parse_gpus(text) == gpus
+    assert reservations.parse_gpus(text) == (None if gpus is None else cells(*gpus))
 
 
 @pytest.mark.parametrize(("text", "message"), [
     ("-1", "-1 is negative"), ("0--2", "-2 is negative"), ("3-1", "runs backwards"),
-    ("a", "not a list of GPU indices"), ("", "not a list of GPU indices"),
-    ("0,,1", "not a list of GPU indices")])
+    ("a", "not a list of GPUs"), ("", "not a list of GPUs"),
+    ("0,,1", "not a list of GPUs")])
 def test_bad_gpu_lists(text: str, message: str) -> None:
     with pytest.raises(ReservationError, match=message):
         reservations.parse_gpus(text)
 
 
 def test_gpus_written_as_people_write_them() -> None:
-    for gpus in [(0,), (0, 2), (0, 1, 2, 3), (0, 4, 5, 6), (1, 3, 4)]:
+    for indices in [(0,), (0, 2), (0, 1, 2, 3), (0, 4, 5, 6), (1, 3, 4)]:
+        gpus = cells(*indices)
         assert reservations.parse_gpus(reservations.gpus_text(gpus)) == gpus
-    assert reservations.gpus_text((0, 4, 5, 6)) == "0,4-6"
+    assert reservations.gpus_text(cells(0, 4, 5, 6)) == "0,4-6"
     assert reservations.gpus_text(None) == ALL_GPUS
 
 
 def test_targets() -> None:
-    assert reservations.parse_target("gpu-srv-01:0-1") == ("gpu-srv-01", (0, 1))
+    assert reservations.parse_target("gpu-srv-01:0-1") == ("gpu-srv-01", cells(0, 1))
     assert reservations.parse_target("gpu-srv-01.example.org:all") == \
         ("gpu-srv-01.example.org", None)
-    assert reservations.parse_target("[fe80::1]:2") == ("fe80::1", (2,))
+    assert reservations.parse_target("[fe80::1]:2") == ("fe80::1", cells(2))
     assert reservations.parse_target("ws-01", gpus_required=False) == ("ws-01", None)
     with pytest.raises(ReservationError, match="name the GPUs too: ws-01:0,1"):
         reservations.parse_target("ws-01")
@@ -184,7 +191,8 @@ def test_no_file_is_no_bookings_and_an_empty_one_too(tmp_path: Path) -> None:
     ("{host: n1, gpus: [0], user: a, until: '2027-05-31 18:00'}",
      "until: 2027-05-31 18:00 has no time zone; add one"),
     ("{host: n1, gpus: [-1], user: a, until: 2027-05-31}", "-1 is negative"),
-    ("{host: n1, gpus: [], user: a, until: 2027-05-31}", "expected a list of indices or all"),
+    ("{host: n1, gpus: [], user: a, until: 2027-05-31}",
+     "expected a list of indices and MIG slices"),
     ("{host: n1, user: a, until: 2027-05-31}", "gpus is missing"),
     ("{host: n1, gpus: [0], user: a}", "until is missing"),
     ("{host: n1, gpus: [0], until: 2027-05-31}", "user is missing"),
@@ -257,19 +265,19 @@ def test_replace_gives_way_to_a_new_booking_of_ones_own(tmp_path: Path) -> None:
     reservations.add(path, reservation(gpus=(1,), days=7, comment="extended"), NOW,
                      replace_own=True)
     assert [(b.gpus, b.until, b.comment) for b in reservations.load(path, NOW)] == [
-        ((0,), NOW + dt.timedelta(days=3), "deadline"),
-        ((1,), NOW + dt.timedelta(days=7), "extended")]
+        (cells(0), NOW + dt.timedelta(days=3), "deadline"),
+        (cells(1), NOW + dt.timedelta(days=7), "extended")]
 
 
 def test_release_by_gpus_by_user_and_the_ended_ones(tmp_path: Path) -> None:
     path = tmp_path / "reservations.yml"
     reservations.write(path, [reservation(gpus=(0, 1, 2)), reservation(host="ws-01", gpus=None),
                               reservation(gpus=(5,), user="bob"), reservation(gpus=(6,), days=-1)])
-    done = reservations.release(path, NOW, host="gpu-srv-01", gpus=(1,))
+    done = reservations.release(path, NOW, host="gpu-srv-01", gpus=cells(1))
     assert done.removed == [reservation(gpus=(0, 1, 2))]
-    assert reservations.load(path, NOW)[0].gpus == (0, 2)
+    assert reservations.load(path, NOW)[0].gpus == cells(0, 2)
     with pytest.raises(ReservationError, match="books every GPU of ws-01; release ws-01:all"):
-        reservations.release(path, NOW, host="ws-01", gpus=(0,))
+        reservations.release(path, NOW, host="ws-01", gpus=cells(0))
     done = reservations.release(path, NOW, user="alice")
     assert {b.host for b in done.removed} == {"gpu-srv-01", "ws-01"}
     with pytest.raises(ReservationError, match="there is no booking by alice"):
@@ -278,7 +286,7 @@ def test_release_by_gpus_by_user_and_the_ended_ones(tmp_path: Path) -> None:
     assert done.removed == [reservation(gpus=(6,), days=-1)]
     assert reservations.load(path, NOW) == [reservation(gpus=(5,), user="bob")]
     with pytest.raises(ReservationError, match="there is no booking of gpu-srv-01:5 by carol"):
-        reservations.release(path, NOW, host="gpu-srv-01", gpus=(5,), user="carol")
+        reservations.release(path, NOW, host="gpu-srv-01", gpus=cells(5), user="carol")
 
 
 def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path,
@@ -440,9 +448,9 @@ def test_an_added_booking_gets_a_short_unique_id_that_stays(tmp_path: Path) -> N
     assert re.fullmatch(r"[0-9a-f]{8}", first.id) and first.id != second.id
     assert [r.id for r in reservations.load(path, NOW)] == [first.id, second.id]
     assert f"- id: {first.id}\n  host: gpu-srv-01\n" in path.read_text()
-    reservations.release(path, NOW, host="gpu-srv-01", gpus=(1,))  # a part given back
+    reservations.release(path, NOW, host="gpu-srv-01", gpus=cells(1))  # a part given back
     kept = reservations.find(path, first.id, NOW)
-    assert kept.gpus == (0, 2) and kept.id == first.id
+    assert kept.gpus == cells(0, 2) and kept.id == first.id
     assert reservations.find(path, second.id, NOW).user == "bob"
     code, out = run("reservations", "--json", "--file", str(path))
     assert code == 0 and [b["id"] for b in json.loads(out)] == [first.id, second.id]
@@ -519,9 +527,10 @@ def test_release_by_id_with_the_callers_check_under_the_lock(tmp_path: Path) -> 
     ({"user": "al\tice"}, "user must be a user name"),
     ({"comment": "two\nlines"}, "comment must be one line of text"),
     ({"comment": "x" * 501}, "of at most 500 characters"),
-    ({"gpus": ()}, "gpus: expected sorted GPU indices or all"),
-    ({"gpus": (1, 0)}, "gpus: expected sorted GPU indices or all"),
-    ({"gpus": (0, 1024)}, "GPU indices run from 0 to 1023"),
+    ({"gpus": ()}, "gpus: expected GPU indices 0 to 1023, MIG slices (0/7) or all"),
+    ({"gpus": ("0",)}, "gpus: expected GPU indices 0 to 1023, MIG slices (0/7) or all"),
+    ({"gpus": (0, 1024)}, "gpus: expected GPU indices 0 to 1023"),
+    ({"gpus": (Cell(0), Cell(0, 7))}, "0/7 is a slice of GPU 0, which is booked whole as well"),
     ({"id": "not an id"}, "id must be"),
 ])
 def test_what_the_file_would_refuse_to_read_is_never_written(
@@ -555,7 +564,7 @@ def test_reserve_of_a_host_with_a_space_is_refused_and_the_file_stays_readable(
 
 
 def test_gpu_ranges_are_bounded_before_they_are_expanded(tmp_path: Path) -> None:
-    assert reservations.parse_gpus("1023") == (1023,)
+    assert reservations.parse_gpus("1023") == cells(1023)
     assert len(reservations.parse_gpus("0-1023") or ()) == 1024
     for text in ("0-100000", "1024", "0,5-99999999999999999999"):
         with pytest.raises(ReservationError, match="past the highest index gpuwatch accepts "
@@ -701,7 +710,7 @@ def test_every_change_is_in_the_audit_log_who_when_what_from_where(
     later = NOW + dt.timedelta(hours=1)
     bob = reservations.add(path, reservation(gpus=(2,), user="bob"), later, who="bob",
                            source="192.0.2.10")
-    reservations.release(path, later, host="gpu-srv-01", gpus=(1,), who="alice",
+    reservations.release(path, later, host="gpu-srv-01", gpus=cells(1), who="alice",
                          source="192.0.2.11")
     reservations.release_by_id(path, bob.id, later, who="admin", source="192.0.2.12")
     log = tmp_path / "reservations.yml.audit.jsonl"
@@ -779,8 +788,8 @@ def test_many_people_booking_at_once_lose_no_booking(tmp_path: Path) -> None:
     results = _run_at_once(path, [(gpu, f"user{gpu}") for gpu in range(16)])
     assert results == ["booked"] * 16
     reserved = reservations.load(path, NOW)
-    assert sorted((b.gpus, b.user) for b in reserved) == \
-        sorted(((gpu,), f"user{gpu}") for gpu in range(16))
+    assert sorted((reservations.gpus_text(b.gpus), b.user) for b in reserved) == \
+        sorted((str(gpu), f"user{gpu}") for gpu in range(16))
 
 
 def test_many_people_booking_one_gpu_at_once_get_it_once(tmp_path: Path) -> None:
@@ -903,15 +912,15 @@ def test_a_booked_gpu_is_refused_with_who_has_it(rfile: Path,
 
 def test_the_old_format_is_converted_with_each_unreadable_date_named() -> None:
     found = legacy.convert_comments(json.loads(FIXTURE.read_text()), NOW, tz=UTC)
-    assert sorted((b.host, b.gpus, b.user, b.until.isoformat(), b.comment)
-                  for b in found.reservations) == [
-        ("gpu-node-07", (0, 1), "frank", "2099-01-15T23:59:59+00:00", ""),
-        ("gpu-node-07", (2,), "grace", "2099-03-15T23:59:59+00:00", "rebuttal"),
-        ("gpu-node-07", (3,), "heidi", "2099-01-31T23:59:59+00:00", "long job"),
-        ("gpu-srv-01", (0, 1), "alice", "2099-05-31T23:59:59+00:00", "NeurIPS deadline"),
-        ("gpu-srv-01", (3,), "bob", "2098-12-31T23:59:59+00:00",
+    assert sorted((b.host, reservations.gpus_text(b.gpus), b.user, b.until.isoformat(),
+                   b.comment) for b in found.reservations) == [
+        ("gpu-node-07", "0-1", "frank", "2099-01-15T23:59:59+00:00", ""),
+        ("gpu-node-07", "2", "grace", "2099-03-15T23:59:59+00:00", "rebuttal"),
+        ("gpu-node-07", "3", "heidi", "2099-01-31T23:59:59+00:00", "long job"),
+        ("gpu-srv-01", "0-1", "alice", "2099-05-31T23:59:59+00:00", "NeurIPS deadline"),
+        ("gpu-srv-01", "3", "bob", "2098-12-31T23:59:59+00:00",
          "thesis runs, please ask first"),
-        ("ws-01", (0,), "ivan", "2099-03-01T18:00:00+00:00", "demo for the review")]
+        ("ws-01", "0", "ivan", "2099-03-01T18:00:00+00:00", "demo for the review")]
     assert found.expired == ["gpu-srv-01 GPU 4 (carol, until 2023-01-15 23:59+00:00)"]
     assert [p.split(":")[0] for p in found.problems] == [
         "gpu-srv-01 GPU 6 (dave)", "gpu-srv-01 GPU 7 (erin)", "ws-01 GPU 2 (judy)"]
@@ -981,7 +990,7 @@ def test_import_of_what_is_not_the_old_format(rfile: Path, tmp_path: Path,
                                "n2": "busy"}))
     assert run("reservations", "import", str(bad)) == (1, "")
     err = capsys.readouterr().err
-    assert "n1 GPU x (b): 'x' is not a list of GPU indices" in err
+    assert "n1 GPU x (b): 'x' is not a list of GPUs" in err
     assert "n2: expected GPU index" in err
 
 

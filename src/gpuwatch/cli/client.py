@@ -31,10 +31,11 @@ from typing import Any
 
 from gpuwatch import credentials as credentials_
 from gpuwatch import reservations
+from gpuwatch.cells import Cell
 from gpuwatch.cli.common import UserError, reservations_file
 from gpuwatch.contract.states import ALL_GPUS
 from gpuwatch.fleet.prometheus import unanswered
-from gpuwatch.reservations import Reservation
+from gpuwatch.reservations import Reservation, ReservationError
 
 ENV_SERVER = "GPUWATCH_SERVER"
 ENV_USER = "GPUWATCH_USER"
@@ -214,12 +215,13 @@ def booking_from_api(raw: Any, url: str) -> Reservation:
         return Reservation(
             id=str(raw["id"]),
             host=str(raw["host"]),
-            gpus=None if gpus == ALL_GPUS else tuple(int(i) for i in gpus),
+            gpus=None if gpus == ALL_GPUS else reservations.cells(Cell.from_json(i)
+                                                                 for i in gpus),
             user=str(raw["user"]),
             until=dt.datetime.fromisoformat(raw["until"]),
             start=dt.datetime.fromisoformat(start) if start else None,
             comment=str(raw.get("comment") or ""))
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, ReservationError):
         raise ServiceError(f"gpuwatch serve at {url} answered a booking the client cannot "
                            f"read: {json.dumps(raw)[:200]}") from None
 
@@ -235,7 +237,7 @@ def bookings_from_api(answer: Any, url: str) -> list[Reservation]:
 def booking_to_api(b: Reservation, user: bool) -> dict[str, Any]:
     """The POST body of booking `b`; with `user`, for b.user (which only admins may)."""
     body: dict[str, Any] = {"host": b.host,
-                            "gpus": ALL_GPUS if b.gpus is None else list(b.gpus),
+                            "gpus": reservations.gpus_json(b.gpus),
                             "until": reservations.iso(b.until), "comment": b.comment}
     if b.start is not None:
         body["start"] = reservations.iso(b.start)

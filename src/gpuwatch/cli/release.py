@@ -12,9 +12,11 @@ from dataclasses import replace
 from typing import TextIO
 
 from gpuwatch import reservations
+from gpuwatch.cells import Cell
 from gpuwatch.cli import client
 from gpuwatch.cli.common import Command, UserError, file_arguments, now
 from gpuwatch.reservations import Gpus, Reservation, ReservationError
+from gpuwatch.reservations.store import kept_cells
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -62,10 +64,10 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     for b in removed:
         given, kept = b, ""
         if host is not None and gpus is not None and b.gpus is not None:
-            given = replace(b, gpus=tuple(i for i in b.gpus if i in gpus))
             left = _left(b, gpus)
+            given = replace(b, gpus=tuple(c for c in b.gpus if c not in left))
             if left:
-                kept = f"; GPU{'s' if len(left) > 1 else ''} {reservations.gpus_text(left)} " \
+                kept = f"; {reservations.cells_phrase(left)} " \
                     f"stay{'' if len(left) > 1 else 's'} booked"
         out.write(f"released {given.describe()}{kept}\n")
     return 0
@@ -80,8 +82,9 @@ def _target(args: argparse.Namespace) -> tuple[str | None, Gpus]:
         raise UserError(str(e)) from None
 
 
-def _left(b: Reservation, gpus: Gpus) -> tuple[int, ...]:
-    return tuple(i for i in b.gpus or () if gpus is not None and i not in gpus)
+def _left(b: Reservation, gpus: Gpus) -> tuple[Cell, ...]:
+    """What stays booked of `b` when `gpus` are given back."""
+    return kept_cells(b.gpus or (), gpus) if gpus is not None else ()
 
 
 def _release_through(service: client.Service, listed: Sequence[Reservation],
@@ -108,6 +111,11 @@ def _release_through(service: client.Service, listed: Sequence[Reservation],
         if host is not None and gpus is not None and b.gpus is None:
             raise UserError(f"{b.describe()} books every GPU of {b.host}; release "
                             f"{b.host}:all, then book the GPUs to keep")
+        part = next((c for c in gpus or () for whole in b.gpus or ()
+                     if whole.covers(c) and whole != c), None)
+        if host is not None and part is not None:
+            raise UserError(f"{b.describe()} books GPU {part.gpu} whole; release "
+                            f"{b.host}:{part.gpu}, then book the slices to keep")
     for b in concerned:
         service.delete(f"/api/v1/reservations/{b.id}")
         left = _left(b, gpus) if host is not None else ()

@@ -59,7 +59,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
               if (args.all or not b.expired(moment))
               and (args.host is None or b.host == args.host)
               and (args.user is None or b.user == args.user)]
-    listed.sort(key=lambda b: (b.host, -1 if b.gpus is None else b.gpus[0], b.until))
+    listed.sort(key=lambda b: (b.host, (-1, -1) if b.gpus is None else b.gpus[0].sort_key(),
+                               b.until))
     if args.json:
         json.dump([{"id": b.id} | b.to_json(moment) for b in listed], out, indent=2)
         out.write("\n")

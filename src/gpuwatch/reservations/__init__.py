@@ -13,7 +13,7 @@ expired reservations stop counting by themselves and may stay in the file.
     reservations:
       - id: 3f2a9c1b                       # given when it is added; stable
         host: gpu-srv-01
-        gpus: [0, 1]                       # GPU indices (0-1023), or: all
+        gpus: [0, 1]                       # GPU indices (0-1023), MIG slices '0/7', or: all
         user: alice
         from: '2024-05-20T09:12:00+02:00'  # optional
         until: '2024-05-31T23:59:59+02:00'
@@ -42,8 +42,11 @@ from gpuwatch.reservations.model import (
     MAX_NAME,
     Gpus,
     Reservation,
+    cells,
+    cells_phrase,
     check,
     check_overlaps,
+    gpus_json,
     gpus_text,
     new_id,
     parse,
@@ -77,7 +80,8 @@ __all__ = [
     "AUDIT_SUFFIX", "ENV_FILE", "FILE_MODE", "FROM_FILE", "HEADER", "LOCK_SUFFIX",
     "LOCK_TIMEOUT", "MAX_COMMENT", "MAX_GPU_INDEX", "MAX_NAME", "WHEN_FORMATS", "Conflict",
     "FileProblem", "Gpus", "NotFound", "Released", "Reservation", "ReservationError", "add",
-    "audit_path", "check", "check_overlaps", "find", "gpus_text", "history", "iso", "load",
-    "locked", "new_id", "parse", "parse_gpus", "parse_target", "parse_when", "release",
-    "release_by_id", "render", "short", "update", "whoami", "write",
+    "audit_path", "cells", "cells_phrase", "check", "check_overlaps", "find", "gpus_json",
+    "gpus_text", "history", "iso", "load", "locked", "new_id", "parse", "parse_gpus",
+    "parse_target", "parse_when", "release", "release_by_id", "render", "short", "update",
+    "whoami", "write",
 ]

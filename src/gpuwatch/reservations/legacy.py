@@ -12,8 +12,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from gpuwatch.cells import Cell
 from gpuwatch.reservations.errors import ReservationError
-from gpuwatch.reservations.model import Reservation, check, parse_gpus
+from gpuwatch.reservations.model import Reservation, check, gpus_text, parse_gpus
 from gpuwatch.reservations.store import update
 from gpuwatch.reservations.times import day_bound, fromisoformat, local_time, short
 
@@ -92,7 +93,7 @@ def convert_comments(data: Any, now: dt.datetime, day_first: bool | None = None,
     if not isinstance(data, dict):
         raise ReservationError("expected an object: machine -> GPU index -> {name, date, "
                                "comment}")
-    grouped: dict[tuple[str, str, dt.datetime, str], list[int]] = {}
+    grouped: dict[tuple[str, str, dt.datetime, str], list[Cell]] = {}
     expired: list[str] = []
     problems: list[str] = []
     for machine, gpus in data.items():
@@ -112,7 +113,7 @@ def convert_comments(data: Any, now: dt.datetime, day_first: bool | None = None,
                 continue  # nobody: a free GPU
             try:
                 index = parse_gpus(str(index_raw))
-                if index is None or len(index) != 1:
+                if index is None or len(index) != 1 or index[0].is_slice:
                     raise ValueError(f"{index_raw!r} is not one GPU index")
                 if not str(entry.get("date") or "").strip():
                     raise ValueError("no date (booked until when?)")
@@ -127,12 +128,13 @@ def convert_comments(data: Any, now: dt.datetime, day_first: bool | None = None,
             grouped.setdefault((str(machine), name, until, comment), []).append(index[0])
     reservations = []
     for (host, user, until, comment), indices in grouped.items():
-        reservation = Reservation(host=host, gpus=tuple(sorted(set(indices))), user=user,
-                                  until=until, comment=comment)
+        reservation = Reservation(host=host, gpus=tuple(sorted(set(indices),
+                                                               key=Cell.sort_key)),
+                                  user=user, until=until, comment=comment)
         try:
             check(reservation)  # the file's rules: what cannot be written is a problem here
         except ReservationError as e:
-            problems.append(f"{host} GPU {','.join(map(str, reservation.gpus or ()))} "
+            problems.append(f"{host} GPU {gpus_text(reservation.gpus)} "
                             f"({user}): {e}")
             continue
         reservations.append(reservation)

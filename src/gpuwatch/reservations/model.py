@@ -1,11 +1,13 @@
-"""What a reservation is: a host's GPUs for a user until a time, and the file's text.
+"""What a reservation is: a host's GPUs (or MIG slices) for a user until a time, and the
+file's text.
 
-`Reservation` and the GPU set it holds (`Gpus`: sorted indices, or None for every GPU), how
-people write GPUs and targets (parse_gpus, gpus_text, parse_target), and the reservations
-file's text both ways (parse, render), checked for two reservations of one GPU at once. One
-set of rules (`check`) decides what a reservation may hold, for what is read and for what is
-about to be written alike. No file is read or written here: gpuwatch.reservations.store does
-that.
+`Reservation` and the cells it holds (`Gpus`: sorted gpuwatch.cells.Cell, whole GPUs and MIG
+slices, or None for every GPU), how people write GPUs and targets (parse_gpus, gpus_text,
+parse_target: 0,2, 0-3, 0/7,0/8, all), and the reservations file's text both ways (parse,
+render), checked for two reservations of one GPU or slice at once (Cell.overlaps: a booking
+of a whole GPU holds its slices). One set of rules (`check`) decides what a reservation may
+hold, for what is read and for what is about to be written alike. No file is read or written
+here: gpuwatch.reservations.store does that.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from gpuwatch.cells import Cell
 from gpuwatch.contract.states import ALL_GPUS
 from gpuwatch.reservations.errors import ReservationError
 from gpuwatch.reservations.times import file_time, iso, short
@@ -53,24 +56,55 @@ except AttributeError:  # pragma: no cover - PyYAML built without libyaml
 
 # -- GPUs and targets -------------------------------------------------------------------------
 
-Gpus = tuple[int, ...] | None
-"""GPU indices, sorted; None: every GPU of the host."""
+Gpus = tuple[Cell, ...] | None
+"""The cells booked (whole GPUs and MIG slices, gpuwatch.cells.Cell), in Cell.sort_key order,
+none covering another; None: every GPU of the host."""
+
+_RANGE = re.compile(r"(-?\d+)\s*-\s*(-?\d+)")
+_SLICE_OR_INDEX = re.compile(r"-?\d+(?:\s*/\s*-?\d+)?")
+
+
+def cells(items: Iterable[Cell]) -> tuple[Cell, ...]:
+    """The cells in their order without repeats; ReservationError when one covers another (a
+    whole GPU and one of its slices: the GPU holds the slice already)."""
+    unique = sorted(set(items), key=Cell.sort_key)
+    wholes = {c.gpu for c in unique if not c.is_slice}
+    inside = next((c for c in unique if c.is_slice and c.gpu in wholes), None)
+    if inside is not None:
+        raise ReservationError(f"{inside} is a slice of GPU {inside.gpu}, which is booked "
+                               f"whole as well; name GPU {inside.gpu} or its slices, not both")
+    return tuple(unique)
+
+
+def _cell(part: str, text: str) -> Cell:
+    """One cell of a list people wrote, with parse_gpus' messages."""
+    if not _SLICE_OR_INDEX.fullmatch(part):
+        raise ReservationError(f"{text!r} is not a list of GPUs: use all, 0,2, 0-3 or MIG "
+                               "slices as GPU/GPU-instance (0/7,0/8)")
+    numbers = [int(n) for n in re.findall(r"-?\d+", part)]
+    if min(numbers) < 0:
+        raise ReservationError(f"{text!r}: GPU indices and GPU instance ids start at 0, "
+                               f"{min(numbers)} is negative")
+    if max(numbers) > MAX_GPU_INDEX:
+        raise ReservationError(f"{text!r}: {max(numbers)} is past the highest index gpuwatch "
+                               f"accepts ({MAX_GPU_INDEX}); for every GPU write all")
+    return Cell(*numbers)
 
 
 def parse_gpus(text: str) -> Gpus:
-    """``all``, ``0,2``, ``0-3`` or a mix (``0,4-6``) -> sorted indices, or None for all."""
+    """``all``, ``0,2``, ``0-3``, MIG slices ``0/7,0/8`` or a mix (``0,4-6,1/9``) -> sorted
+    cells, or None for all. Ranges are of whole GPUs only."""
     text = text.strip()
     if text.lower() == ALL_GPUS:
         return None
-    indices: set[int] = set()
+    found: list[Cell] = []
     for part in text.split(","):
         part = part.strip()
-        bounds = re.fullmatch(r"(-?\d+)(?:\s*-\s*(-?\d+))?", part)
-        if not bounds:
-            raise ReservationError(f"{text!r} is not a list of GPU indices: use all, 0,2, 0-3 "
-                                   "or 0,4-6")
-        low = int(bounds.group(1))
-        high = int(bounds.group(2)) if bounds.group(2) is not None else low
+        bounds = _RANGE.fullmatch(part)
+        if bounds is None:
+            found.append(_cell(part, text))
+            continue
+        low, high = int(bounds.group(1)), int(bounds.group(2))
         if min(low, high) < 0:
             raise ReservationError(f"{text!r}: GPU indices start at 0, {min(low, high)} is "
                                    "negative")
@@ -80,32 +114,69 @@ def parse_gpus(text: str) -> Gpus:
         if high > MAX_GPU_INDEX:
             raise ReservationError(f"{text!r}: GPU {high} is past the highest index gpuwatch "
                                    f"accepts ({MAX_GPU_INDEX}); for every GPU write all")
-        indices.update(range(low, high + 1))
-    return tuple(sorted(indices))
+        found.extend(Cell(i) for i in range(low, high + 1))
+    return cells(found)
 
 
-def _listed_gpus(indices: list[int]) -> Gpus:
-    """The GPU set of a list of indices in the file, with parse_gpus' bounds and messages."""
-    low, high = min(indices), max(indices)
-    if low < 0 or high > MAX_GPU_INDEX:
-        return parse_gpus(",".join(map(str, indices)))  # its message
-    return tuple(sorted(set(indices)))
+def _listed_gpus(items: list[Any]) -> Gpus:
+    """The cells of a list in the file or a request (indices, and "G/I" strings for slices),
+    with parse_gpus' bounds and messages."""
+    if not items or any(isinstance(i, bool) or not isinstance(i, (int, str)) for i in items):
+        raise ReservationError(f"gpus: expected a list of GPU indices and MIG slices "
+                               f"(\"0/7\"), or all, got {str(items)[:80]!r}")
+    text = ",".join(map(str, items))
+    found = []
+    for item in items:
+        if isinstance(item, str) and "/" not in item:
+            raise ReservationError(f"gpus: {item[:40]!r} is not a GPU: write an index as a "
+                                   "number (0) and a MIG slice as \"GPU/GPU-instance\" (\"0/7\")")
+        try:
+            found.append(_cell(str(item), text))
+        except ReservationError as e:
+            raise ReservationError(f"gpus: {e}") from None
+    return cells(found)
 
 
 def gpus_text(gpus: Gpus) -> str:
-    """The indices as people write them: all, 3, 0,2, 0-3, 0,4-6."""
+    """The cells as people write them: all, 3, 0,2, 0-3, 0,4-6, 1-3,0/7 (whole GPUs first,
+    in runs, then the slices)."""
     if gpus is None:
         return ALL_GPUS
     runs: list[str] = []
     start = previous = None
-    for index in [*gpus, None]:
+    for index in [*(c.gpu for c in gpus if not c.is_slice), None]:
         if index is not None and previous is not None and index == previous + 1:
             previous = index
             continue
         if start is not None:
             runs.append(str(start) if start == previous else f"{start}-{previous}")
         start = previous = index
-    return ",".join(runs)
+    return ",".join([*runs, *(str(c) for c in gpus if c.is_slice)])
+
+
+def cells_phrase(gpus: Gpus) -> str:
+    """What a set of cells is called in a sentence: every GPU, GPU 0, GPUs 0-3, slice 0/7,
+    slices 0/7,0/8, GPUs 2,0/7 (whole GPUs and slices)."""
+    if gpus is None:
+        return "every GPU"
+    several = len(gpus) > 1
+    if all(c.is_slice for c in gpus):
+        return f"slice{'s' if several else ''} {gpus_text(gpus)}"
+    return f"GPU{'s' if several else ''} {gpus_text(gpus)}"
+
+
+def share(a: Gpus, b: Gpus) -> Gpus:
+    """The cells two sets hold both: of each pair that overlaps, the narrower (a slice of a
+    whole GPU booked); None when both are every GPU."""
+    if a is None or b is None:
+        return b if a is None else a
+    return tuple(sorted({x if y.covers(x) else y for x in a for y in b if x.overlaps(y)},
+                        key=Cell.sort_key))
+
+
+def overlap(a: Gpus, b: Gpus) -> bool:
+    """Whether two sets share hardware (a whole GPU shares it with its slices)."""
+    return a is None or b is None or any(x.overlaps(y) for x in a for y in b)
 
 
 def parse_target(text: str, gpus_required: bool = True) -> tuple[str, Gpus]:
@@ -145,6 +216,18 @@ class Reservation:
     file written before ids, derived from the entry until the next write stores it); "" for
     one not stored yet. Not part of equality: the same booking is equal whatever its id."""
 
+    def __post_init__(self) -> None:
+        # GPU indices given as plain numbers (code and tests written before slices) are cells;
+        # anything else is left as it is for check() to name.
+        gpus: Any = self.gpus
+        if isinstance(gpus, (tuple, list)) and gpus and all(
+                (type(i) is int and 0 <= i <= MAX_GPU_INDEX) or isinstance(i, Cell)
+                for i in gpus):
+            found = [i if isinstance(i, Cell) else Cell(i) for i in gpus]
+            ordered = tuple(sorted(set(found), key=Cell.sort_key))
+            if ordered != gpus:
+                object.__setattr__(self, "gpus", ordered)
+
     def active(self, now: dt.datetime) -> bool:
         return (self.start is None or self.start <= now) and now < self.until
 
@@ -152,9 +235,9 @@ class Reservation:
         return self.until <= now
 
     def shares_gpus(self, host: str, gpus: Gpus) -> bool:
-        if host != self.host:
-            return False
-        return gpus is None or self.gpus is None or bool(set(gpus) & set(self.gpus))
+        """Whether it books hardware of `gpus` of `host` (Cell.overlaps: a whole GPU and its
+        slices share it)."""
+        return host == self.host and overlap(gpus, self.gpus)
 
     def overlaps(self, other: Reservation) -> bool:
         """The same GPU of the same host, at the same time."""
@@ -163,16 +246,16 @@ class Reservation:
                 and (self.start is None or self.start < other.until))
 
     def describe(self) -> str:
-        """One line: GPU 0,1 of gpu-srv-01 for alice until 2024-05-31 23:59+02:00 (why)."""
-        which = "every GPU" if self.gpus is None else \
-            f"GPU{'s' if len(self.gpus) > 1 else ''} {gpus_text(self.gpus)}"
+        """One line: GPUs 0,1 (or slice 0/7) of gpu-srv-01 for alice until 2024-05-31
+        23:59+02:00 (why)."""
+        which = cells_phrase(self.gpus)
         note = f" ({self.comment})" if self.comment else ""
         return f"{which} of {self.host} for {self.user} until {short(self.until)}{note}"
 
     def to_yaml(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"id": self.id} if self.id else {}
         entry.update({"host": self.host,
-                      "gpus": ALL_GPUS if self.gpus is None else list(self.gpus),
+                      "gpus": gpus_json(self.gpus),
                       "user": self.user})
         if self.start is not None:
             entry["from"] = iso(self.start)
@@ -184,7 +267,7 @@ class Reservation:
     def to_json(self, now: dt.datetime) -> dict[str, Any]:
         """`gpuwatch reservations --json`."""
         return {"id": self.id, "host": self.host,
-                "gpus": ALL_GPUS if self.gpus is None else list(self.gpus),
+                "gpus": gpus_json(self.gpus),
                 "user": self.user, "from": iso(self.start) if self.start else None,
                 "until": iso(self.until), "until_timestamp": self.until.timestamp(),
                 "comment": self.comment, "active": self.active(now),
@@ -194,9 +277,14 @@ class Reservation:
         """The service's JSON (R of /api/v1/reservations): id, host, gpus (indices or "all"),
         user, start (ISO 8601, or null for a booking without one), until, comment."""
         return {"id": self.id, "host": self.host,
-                "gpus": ALL_GPUS if self.gpus is None else list(self.gpus), "user": self.user,
+                "gpus": gpus_json(self.gpus), "user": self.user,
                 "start": iso(self.start) if self.start else None, "until": iso(self.until),
                 "comment": self.comment}
+
+
+def gpus_json(gpus: Gpus) -> str | list[int | str]:
+    """The file's and the API's gpus: "all", or indices and "G/I" strings for slices."""
+    return ALL_GPUS if gpus is None else [c.to_json() for c in gpus]
 
 
 def _name(kind: str, value: object) -> str | None:
@@ -217,10 +305,13 @@ def check(reservation: Reservation) -> None:
         raise ReservationError(problem)
     if r.gpus is not None:
         if not isinstance(r.gpus, tuple) or not r.gpus or \
-                any(not isinstance(i, int) or isinstance(i, bool) for i in r.gpus) or \
-                list(r.gpus) != sorted(set(r.gpus)):
-            raise ReservationError(f"gpus: expected sorted GPU indices or all, got {r.gpus!r}")
-        if r.gpus[0] < 0 or r.gpus[-1] > MAX_GPU_INDEX:
+                any(not isinstance(c, Cell) for c in r.gpus):
+            raise ReservationError(f"gpus: expected GPU indices 0 to {MAX_GPU_INDEX}, MIG "
+                                   f"slices (0/7) or all, got {str(r.gpus)[:80]}")
+        if cells(r.gpus) != r.gpus:
+            raise ReservationError(f"gpus: expected sorted GPUs without repeats, got "
+                                   f"{gpus_text(r.gpus)}")
+        if max(c.gpu for c in r.gpus) > MAX_GPU_INDEX:
             raise ReservationError(f"gpus: GPU indices run from 0 to {MAX_GPU_INDEX}, got "
                                    f"{gpus_text(r.gpus)}")
     for key, moment in (("until", r.until), ("from", r.start)):
@@ -287,7 +378,14 @@ def _quick_entry(raw: Any) -> Reservation | None:
     if gpus_raw == ALL_GPUS:
         gpus: Gpus = None
     elif type(gpus_raw) is list and gpus_raw and all(type(i) is int for i in gpus_raw):
-        gpus = tuple(sorted(set(gpus_raw)))
+        if min(gpus_raw) < 0 or max(gpus_raw) > MAX_GPU_INDEX:
+            return None
+        gpus = tuple(sorted({Cell(i) for i in gpus_raw}, key=Cell.sort_key))
+    elif type(gpus_raw) is list and gpus_raw:
+        try:
+            gpus = _listed_gpus(gpus_raw)
+        except ReservationError:
+            return None
     else:
         return None
     try:
@@ -330,18 +428,19 @@ def _full_entry(raw: Any, where: str, tz: dt.tzinfo | None) -> Reservation:
     gpus_raw = raw.get("gpus")
     try:
         if gpus_raw is None:
-            raise ReservationError("gpus is missing: a list of indices, or all")
+            raise ReservationError("gpus is missing: a list of indices and MIG slices "
+                                   "(\"0/7\"), or all")
         if isinstance(gpus_raw, bool):
             raise ReservationError(f"gpus: expected indices or all, got {gpus_raw!r}")
         if isinstance(gpus_raw, int):
             gpus = parse_gpus(str(gpus_raw))
         elif isinstance(gpus_raw, str):
             gpus = parse_gpus(gpus_raw)
-        elif isinstance(gpus_raw, list) and gpus_raw and all(
-                type(i) is int for i in gpus_raw):
+        elif isinstance(gpus_raw, list) and gpus_raw:
             gpus = _listed_gpus(gpus_raw)
         else:
-            raise ReservationError(f"gpus: expected a list of indices or all, got {gpus_raw!r}")
+            raise ReservationError(f"gpus: expected a list of indices and MIG slices "
+                                   f"(\"0/7\"), or all, got {str(gpus_raw)[:80]!r}")
     except ReservationError as e:
         raise ReservationError(f"{where}: {e}") from None
     until = file_time(raw["until"], True, f"{where}: until", tz)
@@ -453,29 +552,40 @@ def check_overlaps(reservations: Sequence[Reservation], path: Path | str,
     time. An index per host and GPU: each GPU's reservations, sorted by start, are compared
     with the one reaching furthest before them, not every pair."""
     order = {id(b): i for i, b in enumerate(reservations)}
-    hosts: dict[str, tuple[list[Reservation], dict[int, list[Reservation]]]] = {}
+    # host -> (bookings of every GPU, GPU index -> (bookings of it whole, id -> of a slice))
+    hosts: dict[str, tuple[list[Reservation],
+                           dict[int, tuple[list[Reservation], dict[int, list[Reservation]]]]]] = {}
     for b in reservations:
         if b.expired(now):
             continue
-        whole, per_gpu = hosts.setdefault(b.host, ([], {}))
+        every, per_gpu = hosts.setdefault(b.host, ([], {}))
         if b.gpus is None:
-            whole.append(b)
-        else:
-            for index in b.gpus:
-                per_gpu.setdefault(index, []).append(b)
-    for whole, per_gpu in hosts.values():
-        buckets = [whole, *([*whole, *one] for one in per_gpu.values())] if whole else \
-            per_gpu.values()
+            every.append(b)
+            continue
+        for c in b.gpus:
+            whole, slices = per_gpu.setdefault(c.gpu, ([], {}))
+            if c.instance is None:
+                whole.append(b)
+            else:
+                slices.setdefault(c.instance, []).append(b)
+    for every, per_gpu in hosts.values():
+        # each bucket: bookings that all share one piece of hardware
+        buckets: list[list[Reservation]] = [every]
+        for whole, slices in per_gpu.values():
+            buckets.append([*every, *whole])
+            buckets.extend([*every, *whole, *one] for one in slices.values())
         for bucket in buckets:
             clash = _first_overlap(bucket)
             if clash:
                 a, b = sorted(clash, key=lambda r: order[id(r)])
                 raise ReservationError(f"{path}: two bookings of the same GPU at the same time: "
-                                       f"{a.describe()} and {b.describe()}")
+                                       f"{a.describe()} and {b.describe()}; change or remove "
+                                       "one of them")
 
 
 def _first_overlap(bucket: Sequence[Reservation]) -> tuple[Reservation, Reservation] | None:
-    """Two reservations of `bucket` (all of one GPU) that overlap in time, or None."""
+    """Two reservations of `bucket` (all of one piece of hardware) that overlap in time, or
+    None."""
     if len(bucket) < 2:
         return None
     earliest = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
@@ -532,7 +642,8 @@ def _lines(r: Reservation) -> Iterator[str]:
     if r.id:
         yield f"id: {_scalar(r.id)}"
     yield f"host: {_scalar(r.host)}"
-    yield "gpus: " + (ALL_GPUS if r.gpus is None else "[" + ", ".join(map(str, r.gpus)) + "]")
+    yield "gpus: " + (ALL_GPUS if r.gpus is None else "[" + ", ".join(
+        f"'{c}'" if c.is_slice else str(c) for c in r.gpus) + "]")
     yield f"user: {_scalar(r.user)}"
     if r.start is not None:
         yield f"from: '{iso(r.start)}'"
@@ -565,10 +676,12 @@ def render(reservations: Iterable[Reservation]) -> str:
     return HEADER + "reservations:\n" + "".join(blocks)
 
 
+_NUMBER = r"(?:0|[1-9]\d{0,3})"
+_ITEM = rf"(?:{_NUMBER}|'{_NUMBER}/{_NUMBER}')"
 _VALUE = r"'(?:[^'\n]|'')*'|[^'\n][^\n]*"
 _ENTRY = re.compile(
     rf"- (?:id: (?P<id>{_VALUE})\n  )?host: (?P<host>{_VALUE})\n"
-    r"  gpus: (?P<gpus>all|\[(?:0|[1-9]\d{0,3})(?:, (?:0|[1-9]\d{0,3}))*\])\n"
+    rf"  gpus: (?P<gpus>all|\[{_ITEM}(?:, {_ITEM})*\])\n"
     rf"  user: (?P<user>{_VALUE})\n"
     r"(?:  from: '(?P<from>[0-9T:+.-]+)'\n)?  until: '(?P<until>[0-9T:+.-]+)'\n"
     rf"(?:  comment: (?P<comment>{_VALUE})\n)?")
@@ -602,7 +715,7 @@ def _read_rendered(text: str) -> dict[str, Any] | None:
                 continue
             if key == "gpus":
                 entry[key] = value if value == ALL_GPUS else \
-                    [int(i) for i in value[1:-1].split(", ")]
+                    [i[1:-1] if i[0] == "'" else int(i) for i in value[1:-1].split(", ")]
             elif key in ("from", "until"):
                 entry[key] = value
             elif value[0] == "'":

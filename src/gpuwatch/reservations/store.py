@@ -28,11 +28,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from gpuwatch.cells import Cell
 from gpuwatch.reservations.errors import Conflict, FileProblem, NotFound, ReservationError
 from gpuwatch.reservations.model import (
     Gpus,
     Reservation,
     as_stored,
+    cells_phrase,
     check,
     check_overlaps,
     gpus_text,
@@ -40,6 +42,7 @@ from gpuwatch.reservations.model import (
     parse,
     remember,
     render,
+    share,
     with_ids,
 )
 from gpuwatch.reservations.times import fromisoformat, iso
@@ -485,12 +488,10 @@ def add(path: Path, reservation: Reservation, now: dt.datetime, replace_own: boo
 
 
 def _shared(a: Reservation, b: Reservation) -> tuple[str, str]:
-    """The GPUs two reservations of one host share, and the verb that goes with them."""
-    if a.gpus is None and b.gpus is None:
-        return "every GPU", "is"
-    shared = tuple(sorted(set(a.gpus or b.gpus or ()) & set(b.gpus or a.gpus or ())))
-    return (f"GPUs {gpus_text(shared)}", "are") if len(shared) > 1 else \
-        (f"GPU {shared[0]}", "is")
+    """The GPUs (or slices) two reservations of one host share, and the verb that goes with
+    them."""
+    shared = share(a.gpus, b.gpus)
+    return cells_phrase(shared), "are" if shared is not None and len(shared) > 1 else "is"
 
 
 def _give_back(reservations: Sequence[Reservation], path: Path | str, now: dt.datetime,
@@ -513,10 +514,22 @@ def _give_back(reservations: Sequence[Reservation], path: Path | str, now: dt.da
         if b.gpus is None:
             raise ReservationError(f"{path}: {b.describe()} books every GPU of {b.host}; "
                                    f"release {b.host}:all, then book the GPUs to keep")
-        left = tuple(i for i in b.gpus if i not in gpus)
+        part = next((c for c in gpus for whole in b.gpus
+                     if whole.covers(c) and whole != c), None)
+        if part is not None:
+            raise ReservationError(f"{path}: {b.describe()} books GPU {part.gpu} whole; "
+                                   f"release {b.host}:{part.gpu}, then book the slices to keep")
+        left = kept_cells(b.gpus, gpus)
         if left:
             result.append(replace(b, gpus=left))
     return concerned, result
+
+
+def kept_cells(booked: Sequence[Cell], given_back: Gpus) -> tuple[Cell, ...]:
+    """The cells of a booking that stay booked when `given_back` (None: all) is released."""
+    if given_back is None:
+        return ()
+    return tuple(c for c in booked if not any(g.covers(c) for g in given_back))
 
 
 @dataclass(frozen=True)
