@@ -78,7 +78,7 @@ def test_the_reader_gives_each_claimed_gpu_its_claim(claimed_node: SeriesPrometh
 
 def test_claimed_gpus_are_never_picked(claimed_node: SeriesPrometheus) -> None:
     gpus = fleet.read_fleet(claimed_node)
-    assert fleet.pick(gpus, 1, user="alice") == [3]
+    assert [g.gpu for g in fleet.pick(gpus, 1, user="alice")] == [3]
     with pytest.raises(fleet.FleetError, match="1 free GPU"):
         fleet.pick(gpus, 2, user="bob")
 

@@ -1,4 +1,5 @@
-"""`gpuwatch status`: the fleet as a grid, one line per GPU, or as JSON."""
+"""`gpuwatch status`: the fleet as a grid, one line per cell (a GPU, or a MIG slice "0/7" right
+after the lower whole GPUs), or as JSON."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ GIB = float(1 << 30)
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
-                   help="one JSON object per GPU (host, gpu, state, users, model, memory, "
-                   "utilisation, reservation, claim), for scripts")
-    p.add_argument("--free", action="store_true", help="only the free GPUs")
+                   help="one JSON object per GPU or MIG slice (host, gpu, state, users, model, "
+                   "memory, utilisation, reservation, claim, gpu_instance_id, profile, "
+                   "mig_uuid), for scripts")
+    p.add_argument("--free", action="store_true", help="only the free GPUs and MIG slices")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour the states: auto (when the output is a terminal and NO_COLOR "
                    "is not set), always or never")
@@ -43,9 +45,10 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def render_grid(gpus: Sequence[GpuStatus], colour: bool, now: float) -> str:
-    """The grid: one line per GPU, grouped by host (named once), states coloured; a column
-    with the reservation (who, until when, why) and the claim (who, until when) when a GPU
-    shown is booked or claimed."""
+    """The grid: one line per cell (a MIG slice as GPU/GPU-instance, its model with its
+    profile, its own memory, no utilisation: NVML has none per slice), grouped by host (named
+    once), states coloured; a column with the reservation (who, until when, why) and the claim
+    (who, until when) when a cell shown is booked or claimed."""
     instances_of: dict[str, set[str]] = {}
     for g in gpus:
         instances_of.setdefault(g.host, set()).add(g.instance)
@@ -56,7 +59,7 @@ def render_grid(gpus: Sequence[GpuStatus], colour: bool, now: float) -> str:
     previous = None
     for g in gpus:
         node = g.host if len(instances_of[g.host]) == 1 else g.instance
-        rows.append((node if node != previous else "", str(g.gpu), _state_text(g, now),
+        rows.append((node if node != previous else "", str(g.cell), _state_text(g, now),
                      _users_text(g), g.display_name or "-", _memory_text(g), _util_text(g))
                     + ((_reservation_text(g),) if reserved else ()))
         previous = node
@@ -76,11 +79,17 @@ def render_grid(gpus: Sequence[GpuStatus], colour: bool, now: float) -> str:
 
 
 def summary(fleet: Sequence[GpuStatus]) -> str:
+    """What the grid holds, cell by cell: 3 GPUs on 1 host: ..., or, with MIG slices, 1 GPU and
+    10 MIG slices on 1 host: ... (the states counted over every cell)."""
     hosts = len({g.instance for g in fleet})
     counts = [f"{sum(g.state == s.name for g in fleet)} {s.name}" for s in states.ALL
               if any(g.state == s.name for g in fleet)]
-    return (f"{len(fleet)} GPU{'' if len(fleet) == 1 else 's'} on {hosts} "
-            f"host{'' if hosts == 1 else 's'}: {', '.join(counts) or 'none'}")
+    slices = sum(g.gpu_instance_id is not None for g in fleet)
+    whole = len(fleet) - slices
+    cells = f"{whole} GPU{'' if whole == 1 else 's'}" + (
+        f" and {slices} MIG slice{'' if slices == 1 else 's'}" if slices else "")
+    return (f"{cells} on {hosts} host{'' if hosts == 1 else 's'}: "
+            f"{', '.join(counts) or 'none'}")
 
 
 def _state_text(g: GpuStatus, now: float) -> str:

@@ -1,4 +1,5 @@
-"""The fleet as Prometheus sees it: one record per GPU, and which free GPUs to take.
+"""The fleet as Prometheus sees it: one record per cell (a whole GPU or a MIG slice, see
+gpuwatch.cells), and which free cells to take.
 
 The state and the users come from the recording rule ``instance_gpu:gpuwatch_state:info``
 (its ``cluster`` label too, where the targets file sets one, and its evaluation time: when
@@ -6,10 +7,11 @@ the grid was computed); model, memory, utilisation, temperature and the processe
 command, memory, start time) from the exporter's series, the reservation of a booked GPU from
 ``instance_gpu:gpuwatch_reserved_until:timestamp_seconds`` and the claim of a claimed one
 (``gpuwatch run``) from ``instance_gpu:gpuwatch_claimed_until:timestamp_seconds``, joined by
-(instance, gpu).
-A GPU whose latest ``nvidia_gpu_up`` is not 1 is down whatever the rule says: the rule was
-evaluated before the scrape that found the GPU hung, or by rules older than the exporter, and
-a GPU is never free (never picked) without a fresh reading.
+(instance, gpu) where ``gpu`` is the cell ("0", "0/7"; a slice's raw series carry its
+parent's index in ``gpu`` and ``gpu_instance_id``).
+A GPU whose latest ``nvidia_gpu_up`` is not 1 is down whatever the rule says, and so are its
+slices: the rule was evaluated before the scrape that found the GPU hung, or by rules older
+than the exporter, and a GPU is never free (never picked) without a fresh reading.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from gpuwatch.fleet.prometheus import Prometheus, Sample
 # One query for what the grid shows besides the state: names known to be plain series
 _DETAILS = (metrics.MEMORY_USED.name, metrics.MEMORY_TOTAL.name, metrics.UTILIZATION.name,
             metrics.INFO.name, metrics.UP.name, metrics.TEMPERATURE.name, states.INACTIVE_SINCE,
-            states.RESERVED_UNTIL, states.CLAIMED_UNTIL)
+            states.RESERVED_UNTIL, states.CLAIMED_UNTIL, metrics.MIG_MEMORY_USED.name,
+            metrics.MIG_MEMORY_TOTAL.name, metrics.MIG_INFO.name)
 # Several series per GPU (one per process), in the same query
 _PROCESS_SERIES = (metrics.PROCESS_MEMORY.name, metrics.PROCESS_START.name)
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "127.0.0.1", "::1")
@@ -191,23 +194,48 @@ Key = tuple[str, str]
 
 
 def _key(labels: Mapping[str, str]) -> Key:
-    return labels.get("instance", ""), labels.get("gpu", "")
+    """(instance, cell text) of a series: a rule's cell series carries the cell in ``gpu``
+    ("0", "0/7"); a raw series of a slice its parent's index in ``gpu`` and the GPU instance
+    in ``gpu_instance_id``. A series that names no cell keeps its gpu label as it is."""
+    instance, gpu = labels.get("instance", ""), labels.get("gpu", "")
+    try:
+        cell = Cell.parse(gpu)
+    except ValueError:
+        return instance, gpu
+    if not cell.is_slice:
+        cell = Cell.from_labels(labels) or cell
+    return instance, str(cell)
+
+
+def _mig_enabled(info: Sample | None) -> bool:
+    return info is not None and info.labels.get("mig_mode", "") == "enabled"
 
 
 def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
-    """Every GPU Prometheus knows, sorted by host and index."""
+    """Every cell Prometheus knows (whole GPUs and MIG slices), sorted by host, instance and
+    cell (a GPU's slices right after the lower whole GPUs, by GPU instance id).
+
+    A MIG slice: its memory from the slice's series, its temperature from its parent (NVML has
+    neither utilisation nor temperature per slice), its processes those on its GPU instance,
+    its profile and MIG UUID from the rule (or nvidia_gpu_mig_info), down when its parent is.
+    A MIG-enabled GPU is not a cell (CUDA runs on its slices): rules older than the exporter
+    that still give it a state are not believed."""
     rows = prometheus.query(states.STATE_INFO)
     evaluated = {_key(s.labels): s.value
                  for s in prometheus.query(f"timestamp({states.STATE_INFO})")}
     details: dict[str, dict[Key, Sample]] = {name: {} for name in _DETAILS}
     processes: dict[Key, dict[str, dict[str, Sample]]] = {}
     for s in prometheus.query(f'{{__name__=~"{"|".join(_DETAILS + _PROCESS_SERIES)}"}}'):
-        name = s.labels.get("__name__", "")
+        name, key = s.labels.get("__name__", ""), _key(s.labels)
         if name in _PROCESS_SERIES:
-            processes.setdefault(_key(s.labels), {}).setdefault(
-                s.labels.get("pid", ""), {})[name] = s
+            processes.setdefault(key, {}).setdefault(s.labels.get("pid", ""), {})[name] = s
+        elif name == metrics.MIG_INFO.name:
+            # one per compute instance of the GPU instance: the lowest, to be the same each time
+            other = details[name].get(key)
+            if other is None or _compute_instance(s) < _compute_instance(other):
+                details[name][key] = s
         else:
-            details.setdefault(name, {})[_key(s.labels)] = s
+            details.setdefault(name, {})[key] = s
 
     def value(name: str, key: Key) -> float | None:
         found = details[name].get(key)
@@ -217,40 +245,66 @@ def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
     for row in rows:
         labels, key = row.labels, _key(row.labels)
         try:
-            index = int(labels.get("gpu", ""))
+            cell = Cell.parse(labels.get("gpu", ""))
         except ValueError:
-            continue  # not a GPU series of ours
-        info = details[metrics.INFO.name].get(key)
+            continue  # not a cell series of ours
+        parent = (key[0], str(cell.whole))
+        info = details[metrics.INFO.name].get(parent)
+        if not cell.is_slice and _mig_enabled(info):
+            continue
         reserved = details[states.RESERVED_UNTIL].get(key)
         claimed = details[states.CLAIMED_UNTIL].get(key)
         model = labels.get("model", "")
         state = labels.get("state", "")
-        if state != states.DOWN.name and value(metrics.UP.name, key) != 1:
+        if state != states.DOWN.name and value(metrics.UP.name, parent) != 1:
             state = states.DOWN.name
         inactive_since = value(states.INACTIVE_SINCE, key)
         running = _processes(processes.get(key, {}))
+        display_name = (info.labels.get("display_name", "") if info else "") or model
+        profile = mig_uuid = None
+        if cell.is_slice:
+            mig = details[metrics.MIG_INFO.name].get(key)
+            mig_labels = mig.labels if mig is not None else {}
+            profile = labels.get("profile") or mig_labels.get("profile") or None
+            mig_uuid = labels.get("mig_uuid") or mig_labels.get("mig_uuid") or None
+            display_name = f"{display_name} {profile or ''}".strip()
+            memory_used = value(metrics.MIG_MEMORY_USED.name, key)
+            memory_total = value(metrics.MIG_MEMORY_TOTAL.name, key)
+            utilization = None
+        else:
+            memory_used = value(metrics.MEMORY_USED.name, key)
+            memory_total = value(metrics.MEMORY_TOTAL.name, key)
+            utilization = value(metrics.UTILIZATION.name, key)
         fleet.append(GpuStatus(
             host=labels.get("host") or labels.get("instance", ""),
             instance=labels.get("instance", ""),
-            gpu=index,
+            gpu=cell.gpu,
             uuid=labels.get("uuid", ""),
             state=state,
             users=tuple(u for u in labels.get("users", "").split(",") if u),
             model=model,
-            display_name=(info.labels.get("display_name", "") if info else "") or model,
-            memory_used_bytes=value(metrics.MEMORY_USED.name, key),
-            memory_total_bytes=value(metrics.MEMORY_TOTAL.name, key),
-            utilization_ratio=value(metrics.UTILIZATION.name, key),
+            display_name=display_name,
+            memory_used_bytes=memory_used,
+            memory_total_bytes=memory_total,
+            utilization_ratio=utilization,
             inactive_since=inactive_since,
             reservation=_active_reservation(reserved) if reserved is not None else None,
             claim=_active_claim(claimed) if claimed is not None else None,
-            temperature_celsius=value(metrics.TEMPERATURE.name, key),
+            temperature_celsius=value(metrics.TEMPERATURE.name, parent),
             processes=running,
             since=_since(state, inactive_since, running),
             cluster=labels.get("cluster") or None,
             updated=evaluated.get(key),
+            gpu_instance_id=cell.instance,
+            profile=profile,
+            mig_uuid=mig_uuid,
         ))
-    return sorted(fleet, key=lambda g: (g.host, g.instance, g.gpu))
+    return sorted(fleet, key=lambda g: (g.host, g.instance, g.cell.sort_key()))
+
+
+def _compute_instance(sample: Sample) -> tuple[int, str]:
+    raw = sample.labels.get("compute_instance_id", "")
+    return (int(raw), raw) if raw.isdigit() else (1 << 30, raw)
 
 
 def _processes(series: Mapping[str, Mapping[str, Sample]]) -> tuple[GpuProcess, ...]:
@@ -326,17 +380,54 @@ def gpus_of_host(fleet: Sequence[GpuStatus], names: Iterable[str]) -> list[GpuSt
                      f"knows ({', '.join(hosts) or 'none'}); pass --host")
 
 
-def pick(gpus: Sequence[GpuStatus], count: int, user: str | None = None) -> list[int]:
-    """The indices of `count` GPUs of one host to run on: those reserved for `user` and not in
-    use first, then free ones, each lowest first; FleetError when there are fewer."""
-    mine = sorted(g.gpu for g in gpus if user and g.state == states.RESERVED.name
-                  and not g.users and g.reservation is not None and g.reservation.user == user)
-    free = sorted(g.gpu for g in gpus if g.state == states.FREE.name)
-    usable = mine + free
-    if len(usable) < count:
-        host = gpus[0].host if gpus else "this host"
-        which = f": {', '.join(map(str, usable))}" if usable else ""
-        reserved = f" (and {len(mine)} booked by {user})" if mine else ""
-        raise FleetError(f"{host} has {len(free)} free GPU{'' if len(free) == 1 else 's'}"
-                         f"{reserved} (of {len(gpus)}), {count} wanted{which}")
-    return usable[:count]
+ONE_SLICE = "CUDA runs one MIG slice per process; ask for -n 1"
+"""Why more than one MIG slice is never handed out together."""
+
+
+def pick(gpus: Sequence[GpuStatus], count: int, user: str | None = None,
+         model: str | None = None) -> list[GpuStatus]:
+    """`count` cells of one host to run on: those reserved for `user` and not in use first,
+    then free ones; whole GPUs before slices, lowest first; a MIG slice only when one cell is
+    wanted (CUDA runs one MIG device per process), the most memory first, and only with its
+    MIG UUID (what CUDA_VISIBLE_DEVICES takes). `model` keeps those matches_model() takes.
+    FleetError when there are fewer."""
+    host = gpus[0].host if gpus else "this host"
+    if model:
+        gpus = [g for g in gpus if matches_model(g, model)]
+        if not gpus:
+            raise FleetError(f"{host} has no GPU of the model {model!r}")
+        if count > 1 and all(g.gpu_instance_id is not None for g in gpus):
+            raise FleetError(f"{host} has {model!r} only as MIG slices: {ONE_SLICE}")
+
+    def order(g: GpuStatus) -> tuple[float, tuple[int, int]]:
+        return ((0.0 if g.gpu_instance_id is None else -(g.memory_total_bytes or 0.0)),
+                g.cell.sort_key())
+
+    def mine(g: GpuStatus) -> bool:
+        return bool(user) and g.state == states.RESERVED.name and not g.users and \
+            g.reservation is not None and g.reservation.user == user
+
+    def usable(cells: Iterable[GpuStatus]) -> list[GpuStatus]:
+        return sorted(cells, key=order)
+
+    whole = [g for g in gpus if g.gpu_instance_id is None]
+    slices = [g for g in gpus if g.gpu_instance_id is not None and g.mig_uuid]
+    mine_whole = usable(g for g in whole if mine(g))
+    free_whole = usable(g for g in whole if g.state == states.FREE.name)
+    if count == 1:
+        mine_slices = usable(g for g in slices if mine(g))
+        free_slices = usable(g for g in slices if g.state == states.FREE.name)
+        chosen = (mine_whole + mine_slices + free_whole + free_slices)[:1]
+        if chosen:
+            return chosen
+    elif len(mine_whole) + len(free_whole) >= count:
+        return (mine_whole + free_whole)[:count]
+    free_slices = [g for g in slices if g.state == states.FREE.name]
+    found = mine_whole + free_whole
+    which = f": {', '.join(str(g.gpu) for g in found)}" if found else ""
+    reserved = f" (and {len(mine_whole)} booked by {user})" if mine_whole else ""
+    of_model = f" {model}" if model else ""
+    also = (f"; {len(free_slices)} free MIG slice{'' if len(free_slices) == 1 else 's'} "
+            f"({ONE_SLICE})" if free_slices else "")
+    raise FleetError(f"{host} has {len(free_whole)} free GPU{'' if len(free_whole) == 1 else 's'}"
+                     f"{reserved} (of {len(whole)}{of_model}), {count} wanted{which}{also}")
