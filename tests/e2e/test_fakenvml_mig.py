@@ -6,7 +6,7 @@ left out, a GPU without MIG as it was, and a reconfigured GPU walked again.
 
 One exporter process (the library is loaded once per process) scrapes three times: the first
 opens the GPUs, the second is what every scrape serves, and before the third the GPU is
-reconfigured (one slice destroyed, another created).
+reconfigured (one slice destroyed, another created, MIG mode off at the next reset).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
                  Process(0, GONE_PID, 512 * MIB, on=(5, 0)), Process(1, me, 512 * MIB)]
     gpus = [Gpu(0, used_mib=3584), Gpu(1, utilization_percent=40)]
     Control(directory / "control.next", gpus, processes, migs(reconfigured=True),
-            logged=["*"]).write()
+            faults=["mig_mode 0 1 0"], logged=["*"]).write()  # and MIG off at the next reset
     control = Control(directory / "control", gpus, processes, migs(), logged=["*"])
     control.write()
     calls = directory / "calls.log"
@@ -163,6 +163,8 @@ def test_a_gpu_without_mig_is_served_as_before(run: Run) -> None:
 
 def test_a_reconfigured_gpu_is_walked_again_and_a_destroyed_slice_leaves(run: Run) -> None:
     before, after = run.scrapes[1], run.scrapes[2]
+    assert not series(before, "nvidia_gpu_mig_mode_change_pending")
+    assert one(after, "nvidia_gpu_mig_mode_change_pending", gpu="0") == 1
     assert series(before, "nvidia_gpu_mig_info", gpu="0", gpu_instance_id="13")
     assert not [s for s in after if s.labels.get("gpu_instance_id") == "13"]
     assert one(after, "nvidia_gpu_mig_memory_total_bytes", gpu="0",

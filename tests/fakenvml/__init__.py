@@ -82,6 +82,8 @@ class Mig:
     gpu_instance_id: int
     compute_instance_id: int = 0
     gpu_slices: int = 1
+    """The GPU instance's slices (on its first line); on a later compute instance of the same
+    GPU instance, that compute instance's slices."""
     total_mib: int = 9984
     used_mib: int = 0
     profile: str = ""

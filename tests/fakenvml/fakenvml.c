@@ -24,7 +24,9 @@
  *                                              a MIG device (compute instance <ci> of GPU instance
  *                                              <gi>) of the GPU, which is then in MIG mode; its
  *                                              name is "<gpu name> MIG <profile>", the GPU's name
- *                                              without a profile (or "-"): its attributes tell
+ *                                              without a profile (or "-"): its attributes tell;
+ *                                              the first line of a GPU instance gives its slices
+ *                                              and memory, a later one its compute instance's slices
  *   mig_mode <gpu> <current> <pending>         the MIG mode (default: 1 1 with mig lines, else 0 0)
  *
  * MIG, as a driver answers it: nvmlDeviceGetMigDeviceHandleByIndex hands out the GPU's MIG
@@ -32,7 +34,8 @@
  * 7); a MIG device's handle answers its UUID, name, memory (its GPU instance's), GPU and compute
  * instance ids, attributes, parent and processes, every other query NOT_SUPPORTED, and NOT_FOUND
  * once its line is gone (reconfigured). A GPU in MIG mode answers its processes with their
- * instance ids and its utilisation (GPU, encoder, decoder) NOT_SUPPORTED; the rest stays there.
+ * instance ids and its utilisation (GPU, encoder, decoder) NOT_SUPPORTED; the rest stays there. A
+ * call on a MIG device's handle is logged, and meets its faults, as one on its GPU (<gpu>).
  *
  * nvmlDeviceGetFieldValues answers each field as the function that reads it alone would: a
  * "hang" or "error" of nvmlDeviceGetPowerUsage hangs the call, or fails the power fields.
