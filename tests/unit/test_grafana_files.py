@@ -28,6 +28,7 @@ from paths import REPO
 from prom_harness import recorded_names, rules
 from promql import grafana_metric_names
 
+from gpuwatch.cells import Cell
 from gpuwatch.contract import metrics, states
 from gpuwatch.contract.prometheus import SCRAPE_SERIES
 from tools.dashboards import (
@@ -267,6 +268,13 @@ def test_states_look_the_same_everywhere() -> None:
         for cell in (f"{state.name}: ", f"{state.name}: alice,bob"):
             shown = apply_mappings(grid, cell)
             assert shown is not None and shown["color"] == state.colour, cell
+            assert shown["text"].startswith(state.name) or "alice" in shown["text"], cell
+            # a MIG slice's cell: the same state, the profile first
+            for profile in ("1g.10gb", "1g.10gb+me"):
+                on_slice = apply_mappings(grid, f"{profile} {cell}")
+                assert on_slice is not None, f"{profile} {cell}"
+                assert on_slice["color"] == state.colour, f"{profile} {cell}"
+                assert on_slice["text"] == f"{profile} {shown['text']}", f"{profile} {cell}"
 
 
 _GRID_BRANCH = re.compile(r'label_join\(\S+\{state(=~|!~|!=|=)"([^"]*)"[^}]*\}, "cell", ": ", '
@@ -278,12 +286,80 @@ def test_the_grid_writes_every_state_with_who_holds_booked_or_claimed_it() -> No
     booking, a claimed one's its claim, any other's its users."""
     (target,) = grid_panel()["targets"]
     branches = _GRID_BRANCH.findall(target["expr"])
-    assert branches and len(branches) == target["expr"].count("label_join("), target["expr"]
+    assert branches and len(branches) == target["expr"].count('"cell", ": "'), target["expr"]
     text = {states.RESERVED.name: "reservation", states.CLAIMED.name: "claim"}
     for state in states.ALL:
         taken = [label for op, value, label in branches
                  if op.startswith("=") == (re.fullmatch(value, state.name) is not None)]
         assert taken == [text.get(state.name, "users")], state.name
+
+
+def test_the_grid_starts_a_slices_cell_with_its_profile() -> None:
+    """The text every branch writes gets the cell's profile in front of it (a whole GPU has
+    none, and keeps its text), the profile the records carry for a MIG slice."""
+    (target,) = grid_panel()["targets"]
+    expr = normalized(target["expr"])
+    prefix = normalized('label_replace(label_join(')
+    suffix = normalized(', "cell", " ", "profile", "cell"), "cell", "$1", "cell", " (.*)")')
+    assert expr.startswith(prefix) and expr.endswith(suffix), target["expr"]
+
+
+def test_the_grid_places_every_gpu_and_its_slices_after_it() -> None:
+    """The grid's columns in cell order (tools' Cell.sort_key): GPU 0, its slices 0/0 to
+    0/14 (the GPU instance ids NVML gives), GPU 1, ... for up to 16 GPUs a host."""
+    (organize,) = [t["options"] for t in grid_panel()["transformations"]
+                   if t["id"] == "organize"]
+    placed = sorted(organize["indexByName"].items(), key=lambda item: item[1])
+    assert placed[0] == ("host\\gpu", 0)
+    names = [name for name, _ in placed[1:]]
+    cells = [Cell.parse(name) for name in names]
+    assert names == [str(c) for c in cells], "each column is a cell's name"
+    assert cells == sorted(cells, key=Cell.sort_key)
+    assert set(cells) == {Cell(g, i) for g in range(16) for i in (None, *range(15))}
+    assert [index for _, index in placed] == list(range(len(placed)))
+
+
+SLICE_SERIES = {m.name for m in metrics.ALL if metrics.MIG_PROCESS_LABEL in m.labels} | {
+    m.name for m in (metrics.PROCESS_MEMORY, metrics.PROCESS_START, metrics.USER_MEMORY,
+                     metrics.USER_PROCESSES)}
+"""The series a MIG slice's figures come in: gpu is the parent's, gpu_instance_id the slice."""
+
+_AS_CELL = (r'label_replace\(label_join\((?:topk by \(instance, gpu, gpu_instance_id\) \(1, )?'
+            r'(?P<selector>(?P<name>[a-z_:]+)(?:\{{[^}}]*\}})?)\)?, "gpu", "/", "gpu", '
+            r'"gpu_instance_id"\), "gpu", "\$1", "gpu", "\(\.\*\)/"\)')
+
+
+@pytest.mark.parametrize("uid", DASHBOARDS)
+def test_slice_series_are_read_as_cells(uid: str) -> None:
+    """Every query reading a series that a MIG slice's figures come in turns it into the
+    slice's cell first (gpu="0/7", as the records have it; the contract's label_replace of
+    label_join), so that joins on (instance, gpu) with the records find the slices instead of
+    dropping them, and a table shows the slice, not its parent."""
+    as_cell = re.compile(_AS_CELL.format())
+    checked = 0
+    for panel, target in targets(DASHBOARDS[uid]):
+        expr = target["expr"]
+        wrapped = [m.start("selector") for m in as_cell.finditer(expr)
+                   if m.group("name") in SLICE_SERIES]
+        reads = [m.start() for m in re.finditer(r"(?<![\w:])([a-z_:]+)(?=[{\s),]|$)", expr)
+                 if m.group(1) in SLICE_SERIES]
+        assert reads == wrapped, f"{panel['title']} {target['refId']}: {expr}"
+        checked += len(reads)
+    if uid in ("gpuwatch-fleet", "gpuwatch-node", "gpuwatch-users"):
+        assert checked, f"{uid} reads slice series"
+
+
+def test_the_node_dashboards_gpu_is_a_physical_gpu() -> None:
+    """The gpu variable lists the node's GPUs as NVML numbers them (a MIG-enabled GPU too,
+    whose own panels it selects), and a cell record's panel takes the slices of the GPUs
+    chosen (gpu 0: 0, 0/7, 0/8...)."""
+    node = DASHBOARDS["gpuwatch-node"]
+    selector, label = label_values_query(variable_query(variables(node)["gpu"]))
+    assert (selector, label) == (f'{metrics.UP.name}{{host="$host"}}', "gpu")
+    for panel, target in targets(node):
+        if "instance_gpu:" in target["expr"] and 'gpu=~"' in target["expr"]:
+            for found in re.findall(r'instance_gpu:\w+:\w+\{[^}]*gpu=~"([^"]*)"', target["expr"]):
+                assert found == "($gpu)(/.*)?", panel["title"]
 
 
 # -- provisioning and run-grafana --------------------------------------------------------------
