@@ -33,7 +33,7 @@ GONE_PID = 4_000_001
 SEPARATOR = "# --- next scrape ---"
 
 SCRAPE = f"""
-import logging, os, sys
+import logging, os, shutil, sys
 from gpuwatch.exporter import encoding
 from gpuwatch.exporter.main import build_registry
 from gpuwatch.exporter.collectors.gpu import GpuCollector
@@ -46,8 +46,10 @@ options = ExporterOptions(xid_in_background=False, own_process_metrics=False)
 exporter = Exporter(Nvml(), [GpuCollector(), GpuProcessCollector()])
 registry = build_registry(exporter, options)
 print(encoding.text(registry).decode())
+shutil.copy(os.environ["FAKENVML_LOG"], os.environ["FAKENVML_LOG"] + ".1")
 print({SEPARATOR!r})
 print(encoding.text(registry).decode())
+shutil.copy(os.environ["FAKENVML_LOG"], os.environ["FAKENVML_LOG"] + ".2")
 os.replace(sys.argv[1], os.environ["FAKENVML_CONTROL"])  # reconfigured: a new file
 print({SEPARATOR!r})
 print(encoding.text(registry).decode())
@@ -59,6 +61,15 @@ class Run:
     scrapes: list[list[Sample]]
     stderr: str
     calls: Path
+
+    def calls_of(self, scrape: int, gpu: int) -> list[str]:
+        """The NVML functions called on the GPU (or its MIG devices) in that scrape (0, 1)."""
+        before = [] if scrape == 0 else self._log(scrape)
+        return [line.split()[0] for line in self._log(scrape + 1)[len(before):]
+                if line.split()[1] == str(gpu)]
+
+    def _log(self, after: int) -> list[str]:
+        return Path(f"{self.calls}.{after}").read_text().splitlines()
 
 
 def migs(*, reconfigured: bool = False) -> list[Mig]:
@@ -172,3 +183,14 @@ def test_a_reconfigured_gpu_is_walked_again_and_a_destroyed_slice_leaves(run: Ru
     assert series(after, "nvidia_gpu_mig_info", gpu="0", gpu_instance_id="11",
                   profile="1g.10gb", mig_uuid=migs(reconfigured=True)[2].uuid)
     assert one(after, "nvidia_gpu_mig_processes", gpu="0", gpu_instance_id="5") == 2
+
+
+def test_a_scrape_costs_one_memory_call_per_gpu_instance_and_no_walk(run: Run) -> None:
+    opened, steady = run.calls_of(0, gpu=0), run.calls_of(1, gpu=0)
+    assert opened.count("nvmlDeviceGetMigDeviceHandleByIndex") == 7  # NOT_FOUND past 3
+    assert steady.count("nvmlDeviceGetMemoryInfo") == 3  # the v1 call of each MIG device
+    for walked in ("nvmlDeviceGetMigDeviceHandleByIndex", "nvmlDeviceGetGpuInstanceId",
+                   "nvmlDeviceGetAttributes_v2", "nvmlDeviceGetMigMode"):
+        assert walked not in steady, walked
+    # what MIG adds, the parent saves: its utilisation and codecs are not asked again
+    assert len(steady) <= len(run.calls_of(1, gpu=1)) + 3
