@@ -1,7 +1,8 @@
 """What the browser tests share (conftest.py has the fixtures): the lab the page is tested
-over, pages whose console errors, uncaught errors and requests to another origin fail the
-test, waiting on the page's render counter (document.body.dataset.rendered) instead of
-sleeping, and axe-core in the page."""
+over and what its grid should show (Lab.expected(): every cell, whole GPUs and MIG slices),
+a service fed a fixed fleet of MIG slices (FedLab), pages whose console errors, uncaught
+errors and requests to another origin fail the test, waiting on the page's render counter
+(document.body.dataset.rendered) instead of sleeping, and axe-core in the page."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request
-from prom_harness import DEADLINE, Fleet, Node
+from prom_harness import DEADLINE, ExpectedGpu, Fleet, Node, describe
+
+from gpuwatch.cells import Cell
+from gpuwatch.contract import states
+from gpuwatch.contract.thresholds import HELD_MEMORY, IDLE_DURATION
+from gpuwatch.exporter.collectors.gpu import display_name
+from gpuwatch.exporter.nvml import NVMLError
+from gpuwatch.fleet import ActiveReservation, GpuProcess, GpuStatus
+from gpuwatch.sim import SimulatedNode, SimulatedNvml
 
 T = TypeVar("T")
 
@@ -28,12 +37,52 @@ LAB_NODES = (
     Node("srv-01", "server", {"cluster": "dc"}),  # erin idle-held, free 4, 5; 7 booked
     Node("a100-01", "lost-gpu", {"cluster": "dc"}),  # GPU 1 lost (down)
     Node("old-01", "workstation", {"cluster": "lab"}),  # its exporter is stopped: all down
+    Node("mig-01", "mig", {"cluster": "dc"}),  # GPU 0: 7 slices, GPU 1: 3, GPU 2 whole
 )
 STOPPED = "old-01"
+MIG_HOST = "mig-01"
 GRAFANA = "http://127.0.0.1:3000/grafana"
 """The anonymous service's --web.grafana-url (never asked: the page only links to it)."""
 BOOKED = ("srv-01", 7, "frank", "camera-ready")
 """The booking the lab starts with: host, GPU, user, comment."""
+
+
+@dataclass(frozen=True)
+class ExpectedCell:
+    """What the grid should show of one cell: a whole GPU or a MIG slice."""
+
+    host: str
+    gpu: str
+    """The cell as the page and the API write it: "0", or "0/7" for a slice."""
+    state: str
+    users: tuple[str, ...]
+    model: str
+    """The NVML name of the GPU (of the parent, for a slice); "" where never seen."""
+    profile: str | None = None
+    """A slice's MIG profile (1g.10gb); None for a whole GPU."""
+    reservation: str | None = None
+    claim: str | None = None
+
+    @property
+    def cell(self) -> Cell:
+        return Cell.parse(self.gpu)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.host, self.gpu
+
+    @property
+    def display(self) -> str:
+        """The model as the page names it: "A100-SXM4-80GB", "A100-SXM4-80GB 1g.10gb"."""
+        name = display_name(self.model, {}) if self.model else ""
+        return f"{name} {self.profile}" if self.profile else name
+
+
+def booked_cells(gpus: Any) -> tuple[Cell, ...] | None:
+    """The cells of a booking's or a claim's gpus (Cells, indices or "0/7"; None: all)."""
+    if gpus is None:
+        return None
+    return tuple(g if isinstance(g, Cell) else Cell.from_json(g) for g in gpus)
 
 
 @dataclass
@@ -49,6 +98,107 @@ class Lab:
 
     def wait_for(self, what: str, probe: Callable[[], T], ok: Callable[[T], bool]) -> T:
         return self.fleet.wait_for(what, probe, ok)
+
+    def wait_for_rules(self, evaluations: int = 3) -> None:
+        """Waits until every exporter is scraped and every cell has a state, with the
+        history of a few evaluations (Fleet.wait_for_rules, counting cells: a MIG-enabled
+        GPU is not one, each of its slices is)."""
+        fleet = self.fleet
+        live = sum(not n.stopped for n in fleet.nodes)
+        fleet.wait_for("every exporter scraped", lambda: fleet.api.query_value(
+            f'count(up{{job="{states.JOB}"}} == 1)'), lambda found: found == live)
+        cells = len(self.expected())
+        fleet.wait_for("the state of every cell", lambda: fleet.api.query_value(
+            f"count({states.STATE_INFO})"), lambda found: found == cells)
+        back = f"{evaluations * fleet.interval:g}s"
+        fleet.wait_for("history of the state", lambda: fleet.api.query_value(
+            f"count({states.STATE_INFO} offset {back})"), lambda found: found == cells)
+
+    def expected(self, at: float | None = None) -> dict[tuple[str, str], ExpectedCell]:
+        """Every cell the grid should show at `at` (now), by (host, cell text): the oracle's
+        GPUs (Fleet.expected) but on MIG nodes, where each slice of a MIG-enabled GPU is a
+        cell (mig_cells) and the GPU itself is none."""
+        now = time.time() if at is None else at
+        gpus = self.fleet.expected(now)
+        out: dict[tuple[str, str], ExpectedCell] = {}
+        for running in self.fleet.nodes:
+            if any(g.mig for g in running.scenario.gpus):
+                out.update((c.key, c) for c in mig_cells(self.fleet, running, now, gpus))
+            else:
+                out.update(((h, str(i)), _whole(e)) for (h, i), e in gpus.items()
+                           if h == running.host)
+        return out
+
+
+def _whole(e: ExpectedGpu) -> ExpectedCell:
+    return ExpectedCell(e.host, str(e.gpu), e.state, e.users, e.model,
+                        reservation=e.reservation, claim=e.claim)
+
+
+def mig_cells(fleet: Fleet, running: Any, now: float,
+              gpus: Mapping[tuple[str, int], ExpectedGpu]) -> list[ExpectedCell]:
+    """The cells of a node with MIG-enabled GPUs at `now`, from its scenario as the simulator
+    answers (the slices NVML walks, their memory and the processes on each), the thresholds
+    and the bookings and claims; the rules' slice evidence (docs: held by processes or by
+    memory at the held threshold; held without a process on it: idle after the idle
+    duration; with processes: busy). Its whole GPUs as Fleet.expected() has them (`gpus`)."""
+    t = fleet.thresholds()
+    host = running.host
+    active = [r for r in fleet.active_reservations(now) if r.host == host]
+    claimed = {str(c): claim["user"] for claim in fleet.active_claims(now)
+               if claim["host"] == host for c in booked_cells(claim["gpus"]) or ()}
+    node = SimulatedNode(running.scenario, clock=lambda: now, start=running.started)
+    nvml = SimulatedNvml(node)
+    seen_for = now - max(fleet.prometheus_started, running.started)
+    found: list[ExpectedCell] = []
+    for index, gpu in enumerate(running.scenario.gpus):
+        if not gpu.mig:
+            found.append(_whole(gpus[host, index]))
+            continue
+        try:
+            parent = nvml.nvmlDeviceGetHandleByIndex(index)
+            model = nvml.nvmlDeviceGetName(parent)
+            handles = []
+            for place in range(nvml.nvmlDeviceGetMaxMigDeviceCount(parent)):
+                try:
+                    handles.append(nvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, place))
+                except NVMLError:
+                    continue
+        except NVMLError:
+            continue  # a lost parent: its slices were never seen
+        for handle in handles:
+            instance = nvml.nvmlDeviceGetGpuInstanceId(handle)
+            cell = Cell(index, instance)
+            profile = next(m.profile for m in gpu.mig if m.gpu_instance_id == instance)
+            booking = next((r for r in active if r.gpus is None or any(
+                c.covers(cell) for c in booked_cells(r.gpus) or ())), None)
+            words = None if booking is None else describe(booking)
+            claim = claimed.get(str(cell))
+            if running.stopped:
+                found.append(ExpectedCell(host, str(cell), states.DOWN.name, (), model,
+                                          profile, words, claim))
+                continue
+            on_it = [p.process for p in node.processes(index)
+                     if p.process.gpu_instance_id == instance and not p.process.vanished]
+            users = tuple(sorted({p.user for p in on_it}))
+            used = nvml.nvmlDeviceGetMemoryInfo(handle).used
+            held = bool(on_it) or used >= t[HELD_MEMORY]
+            idle = held and not on_it and seen_for >= t[IDLE_DURATION]
+            if claim is not None and not held:
+                state = states.CLAIMED
+            elif booking is not None and booking.user in users:
+                state = states.BUSY
+            elif booking is not None:
+                state = states.RESERVED
+            elif idle:
+                state = states.IDLE
+            elif held:
+                state = states.BUSY
+            else:
+                state = states.FREE
+            found.append(ExpectedCell(host, str(cell), state.name, users, model, profile,
+                                      words, claim))
+    return found
 
 
 # -- pages ---------------------------------------------------------------------------------
@@ -152,3 +302,84 @@ def axe_violations(page: Page, source: str) -> list[str]:
         " nodes: v.nodes.map(n => n.target.join(' ') + ': ' + n.failureSummary)}))")
     return [f"{v['id']} ({v['impact']}): {v['help']}: {'; '.join(v['nodes'][:5])}"
             for v in found]
+
+
+# -- a service fed a fixed fleet of MIG slices -------------------------------------------------
+
+GIB = 1024 ** 3
+FED_HOST = "dgx-01"
+FED_MODELS = {0: "NVIDIA A100-SXM4-80GB", 1: "NVIDIA A100-SXM4-80GB", 2: "NVIDIA H100 80GB HBM3"}
+FED_TEMPERATURES = {0: 47.0, 1: 35.0, 2: 52.0}
+FED_CELLS: tuple[tuple[str, str | None, str, tuple[str, ...], float], ...] = (
+    # cell, profile, state, users (each with a process), GiB used
+    ("0/7", "1g.10gb", "busy", ("alice",), 6.0),
+    ("0/8", "1g.10gb", "busy", ("bob", "carol"), 8.5),
+    ("0/9", "1g.10gb", "idle", ("erin",), 3.0),
+    ("0/10", "1g.10gb", "reserved", (), 0.0),
+    ("0/11", "1g.10gb", "free", (), 0.0),
+    ("0/12", "1g.10gb", "free", (), 0.0),
+    ("0/13", "1g.10gb", "free", (), 0.0),
+    ("1", None, "free", (), 0.0),
+    ("2/1", "3g.40gb", "busy", ("ivan",), 30.0),
+    ("2/5", "2g.20gb", "free", (), 0.0),
+    ("2/9", "1g.10gb", "down", (), 0.0),
+)
+"""The fed fleet's one host: GPU 0 an A100 in seven 1g.10gb slices, GPU 1 a whole A100, GPU 2
+an H100 in three slices of three profiles, one of them down."""
+FED_BOOKED = ("0/10", "frank", "camera-ready")
+
+
+def fed_fleet(now: float) -> list[GpuStatus]:
+    """The cells of FED_CELLS as gpuwatch.fleet reads them from Prometheus (the service's
+    /api/v1/fleet writes them as for a real fleet)."""
+    out = []
+    for n, (text, profile, state, users, used) in enumerate(FED_CELLS):
+        cell = Cell.parse(text)
+        model = FED_MODELS[cell.gpu]
+        total = (int(profile.split("g.")[1].removesuffix("gb")) if profile else 80) * GIB
+        booked = FED_BOOKED[0] == text
+        out.append(GpuStatus(
+            host=FED_HOST, instance=f"{FED_HOST}:9839", gpu=cell.gpu,
+            uuid=f"GPU-{cell.gpu:08d}-0000-4000-8000-000000000000", state=state,
+            users=users, model=model,
+            display_name=display_name(model, {}) + (f" {profile}" if profile else ""),
+            memory_used_bytes=None if state == "down" else used * GIB + 300 * 2 ** 20,
+            memory_total_bytes=float(total),
+            utilization_ratio=None if profile or state == "down" else 0.0,
+            inactive_since=now - 600 if state == "idle" else None,
+            reservation=ActiveReservation(FED_BOOKED[1], "2027-01-16T08:00:00+00:00",
+                                          now + 86400, FED_BOOKED[2]) if booked else None,
+            temperature_celsius=FED_TEMPERATURES[cell.gpu],
+            processes=tuple(GpuProcess(pid=4000 + 10 * n + i, user=u,
+                                       command=f"python {u}-job.py", memory_bytes=used * GIB
+                                       / len(users), start_time=now - 3600)
+                            for i, u in enumerate(users)),
+            cluster="dc", updated=now, gpu_instance_id=cell.instance,
+            profile=profile,
+            mig_uuid=None if profile is None else
+            f"MIG-{cell.gpu:04d}{cell.instance:04d}-1111-4222-8333-{n:012d}"))
+    return out
+
+
+@dataclass
+class FedLab:
+    """`gpuwatch serve` in this process over fed_fleet() instead of Prometheus, with the lab's
+    basic-auth users: every answer is as fresh as the moment, unless `age` (seconds) makes it
+    old. Booking through it is real (its reservations file)."""
+
+    url: str
+    reservations_file: Path
+    age: float = 0.0
+    posted: list[Any] = field(default_factory=list)
+    """The bodies the pages POSTed to /api/v1/reservations (watch_posts)."""
+
+    def gpus(self) -> list[GpuStatus]:
+        return fed_fleet(time.time() - self.age)
+
+    def by_cell(self) -> dict[str, GpuStatus]:
+        return {str(g.cell): g for g in self.gpus()}
+
+    def watch_posts(self, page: Page) -> None:
+        """Keeps the JSON body of every booking `page` asks for in `posted`."""
+        page.on("request", lambda r: self.posted.append(r.post_data_json) if (
+            r.method == "POST" and r.url.endswith("/api/v1/reservations")) else None)

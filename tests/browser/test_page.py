@@ -6,6 +6,12 @@ filters and counts, the phone layout, both themes, axe-core, the Content-Securit
 request to another host, the names hidden from people without an identity, and last the
 banner when Prometheus is stopped (no GPU shown free then).
 
+MIG: the lab's MIG node shows each slice as a cell inside the group of its GPU (which is no
+cell, has no state and is never free), in the oracle's states, with its detail, and a slice is
+booked, extended and released in the page; over a service fed a fixed fleet of slices (`fed`:
+no Prometheus) the counts, filters, "yours", the detail, the keyboard, the booking's body and
+old data take slices as cells.
+
 Every test fails on a console error or an uncaught error of the page (the `pages` fixture).
 """
 
@@ -23,22 +29,29 @@ import pytest
 from browser_lab import (
     ADMIN,
     BOOKED,
+    FED_BOOKED,
+    FED_HOST,
+    FED_MODELS,
     GRAFANA,
     LAB_NODES,
+    MIG_HOST,
     PASSWORDS,
     STOPPED,
+    ExpectedCell,
+    FedLab,
     Lab,
     Pages,
     axe_violations,
+    booked_cells,
     rendered,
     wait_page,
     wait_rendered,
 )
 from cli_run import run
 from playwright.sync_api import Page
-from prom_harness import ExpectedGpu
 from prometheus_client.parser import text_string_to_metric_families
 
+from gpuwatch.cells import Cell
 from gpuwatch.contract import metrics, states
 from gpuwatch.exporter.collectors.gpu import display_name
 from gpuwatch.serve.web import PALETTE
@@ -50,8 +63,11 @@ CSP_DIRECTIVES = ("default-src 'none'", "script-src 'self'", "style-src 'self'",
                   "frame-ancestors 'none'", "base-uri 'none'")
 
 CELLS_JS = """() => [...document.querySelectorAll('#grid .cell')].map(c => ({
-    host: c.dataset.host, gpu: Number(c.dataset.gpu), state: c.dataset.state,
+    host: c.dataset.host, gpu: c.dataset.gpu, state: c.dataset.state,
+    group: c.closest('.mig') ? c.closest('.mig').dataset.parent : null,
+    section: c.closest('section.host') ? c.closest('section.host').dataset.host : null,
     classes: [...c.classList], text: c.innerText, tabindex: c.getAttribute('tabindex'),
+    role: c.getAttribute('role'),
     users: c.querySelector('.users') ? c.querySelector('.users').innerText : '',
     background: getComputedStyle(c).backgroundColor, visible: c.checkVisibility(),
     right: c.getBoundingClientRect().right}))"""
@@ -60,25 +76,54 @@ COLOUR_JS = """name => { const probe = document.createElement('div');
     const colour = getComputedStyle(probe).backgroundColor; probe.remove(); return colour }"""
 
 
-def cells(page: Page) -> dict[tuple[str, int], dict[str, Any]]:
+GROUPS_JS = """() => [...document.querySelectorAll('#grid .mig')].map(m => ({
+    host: m.closest('section.host').dataset.host, parent: m.dataset.parent,
+    role: m.getAttribute('role'), label: m.getAttribute('aria-label'),
+    head: m.querySelector('.mig-head').innerText, classes: [...m.classList],
+    tabindex: m.getAttribute('tabindex'), visible: m.checkVisibility(),
+    cells: [...m.querySelectorAll('.cell')].map(c => c.dataset.gpu)}))"""
+
+Key = tuple[str, str]
+"""(host, cell) as the page writes a cell: "0", or "0/7" for a MIG slice."""
+
+
+def cells(page: Page) -> dict[Key, dict[str, Any]]:
     found: list[dict[str, Any]] = page.evaluate(CELLS_JS)
     return {(c["host"], c["gpu"]): c for c in found}
 
 
-def states_shown(page: Page) -> dict[tuple[str, int], str]:
+def groups(page: Page) -> dict[tuple[str, str], dict[str, Any]]:
+    """The groups of MIG-enabled GPUs in the grid by (host, the GPU's index)."""
+    found: list[dict[str, Any]] = page.evaluate(GROUPS_JS)
+    return {(g["host"], g["parent"]): g for g in found}
+
+
+def states_shown(page: Page) -> dict[Key, str]:
     return {key: c["state"] for key, c in cells(page).items()}
 
 
-def oracle_states(lab: Lab) -> dict[tuple[str, int], str]:
-    return {key: e.state for key, e in lab.fleet.expected().items()}
+def oracle_states(lab: Lab) -> dict[Key, str]:
+    return {key: e.state for key, e in lab.expected().items()}
 
 
-def wait_for_grid(page: Page, lab: Lab) -> dict[tuple[str, int], ExpectedGpu]:
-    """Waits until the page shows every GPU of the fleet in the oracle's state; the oracle."""
+def wait_for_grid(page: Page, lab: Lab) -> dict[Key, ExpectedCell]:
+    """Waits until the page shows every cell of the fleet (whole GPUs and MIG slices) in the
+    oracle's state; the oracle."""
     wait_page(page, "the grid in the oracle's states", lambda: (states_shown(page),
                                                                oracle_states(lab)),
               lambda both: both[0] == both[1])
-    return lab.fleet.expected()
+    return lab.expected()
+
+
+def cell_of(g: dict[str, Any]) -> str:
+    """The cell of a GPU object of the API's JSON: "0", or "0/7" for a slice."""
+    return str(Cell(g["gpu"], g.get("gpu_instance_id")))
+
+
+def cells_text(gpus: Any) -> tuple[str, ...] | None:
+    """A booking's cells as text ("0", "0/7"), None for every GPU."""
+    found = booked_cells(gpus)
+    return None if found is None else tuple(str(c) for c in found)
 
 
 def everyone(lab: Lab) -> set[str]:
@@ -100,7 +145,7 @@ def detail(page: Page) -> dict[str, Any]:
     return shown
 
 
-def cell(page: Page, host: str, gpu: int) -> Any:
+def cell(page: Page, host: str, gpu: str) -> Any:
     return page.locator(f'#grid .cell[data-host="{host}"][data-gpu="{gpu}"]')
 
 
@@ -111,11 +156,13 @@ def service_json(page: Page, path: str) -> Any:
     return answer.json()
 
 
-def free_gpu(lab: Lab, page: Page, host: str) -> int:
-    """A free GPU of `host` that the page shows free."""
+def free_gpu(lab: Lab, page: Page, host: str, slices: bool = False) -> str:
+    """A free cell of `host` that the page shows free: a whole GPU (a MIG slice with
+    `slices`)."""
     expected = wait_for_grid(page, lab)
-    free = sorted(e.gpu for e in expected.values()
-                  if e.host == host and e.state == states.FREE.name)
+    free = sorted((e.gpu for e in expected.values() if e.host == host and
+                   e.state == states.FREE.name and (e.profile is not None) == slices),
+                  key=lambda text: Cell.parse(text).sort_key())
     assert free, f"no free GPU on {host}: {expected}"
     return free[0]
 
@@ -128,13 +175,17 @@ def until_text(hours: float) -> str:
 
 # -- the grid ----------------------------------------------------------------------------------
 
-def test_the_lab_covers_every_state_a_shared_gpu_and_a_dead_node(lab: Lab) -> None:
-    expected = lab.fleet.expected().values()
+def test_the_lab_covers_every_state_a_shared_gpu_a_dead_node_and_mig_slices(lab: Lab) -> None:
+    expected = lab.expected().values()
     assert {e.state for e in expected} >= {states.FREE.name, states.BUSY.name,
                                             states.IDLE.name, states.RESERVED.name,
                                             states.DOWN.name}
     assert any(len(e.users) >= 2 for e in expected if e.state == states.BUSY.name)
     assert {e.state for e in expected if e.host == STOPPED} == {states.DOWN.name}
+    slices = [e for e in expected if e.profile]
+    assert {e.state for e in slices} >= {states.FREE.name, states.BUSY.name}
+    assert len({e.cell.gpu for e in slices}) >= 2 and any(
+        not e.profile for e in expected if e.host == MIG_HOST)
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
@@ -182,9 +233,9 @@ def test_hovering_a_cell_shows_its_detail_and_leaving_hides_it(lab: Lab,
                                                                pages: Pages) -> None:
     page = pages.open(lab.url, "alice")
     expected = wait_for_grid(page, lab)
-    shared = next(e for e in expected.values() if len(e.users) >= 2)
+    shared = next(e for e in expected.values() if len(e.users) >= 2 and not e.profile)
     processes = [p for p in lab.fleet.expected_processes()
-                 if (p.host, p.gpu) == (shared.host, shared.gpu)]
+                 if (p.host, str(p.gpu)) == (shared.host, shared.gpu)]
     assert not detail(page)["visible"]
     cell(page, shared.host, shared.gpu).hover()
     page.wait_for_function("() => document.getElementById('detail').checkVisibility()")
@@ -213,7 +264,7 @@ def test_keyboard_focus_shows_the_detail_enter_books_and_escape_closes(lab: Lab,
         pytest.fail("Tab never reached a cell of the grid")
     page.wait_for_function("() => document.getElementById('detail').checkVisibility()")
     host, gpu = page.evaluate("() => [document.activeElement.dataset.host, "
-                              "Number(document.activeElement.dataset.gpu)]")
+                              "document.activeElement.dataset.gpu]")
     model = expected[host, gpu].model
     assert not model or display_name(model, {}) in detail(page)["text"], detail(page)
     page.keyboard.press("Escape")
@@ -227,13 +278,14 @@ def test_keyboard_focus_shows_the_detail_enter_books_and_escape_closes(lab: Lab,
         "e => e.value || e.innerText"), "the dialog names another host"
     page.keyboard.press("Escape")
     page.wait_for_selector("#book-dialog[open]", state="detached")
-    assert not [r for r in lab.fleet.active_reservations() if (r.host, r.gpus) == (host, (gpu,))]
+    assert not [r for r in lab.fleet.active_reservations()
+                if (r.host, cells_text(r.gpus)) == (host, (gpu,))]
 
 
 def test_counts_of_free_gpus_per_model_and_the_filters(lab: Lab, pages: Pages) -> None:
     page = pages.open(lab.url, "alice")
     expected = wait_for_grid(page, lab)
-    names = {(g["host"], g["gpu"]): g["display_name"] or g["model"]
+    names = {(g["host"], cell_of(g)): g["display_name"] or g["model"]
              for g in service_json(page, "/api/v1/fleet")["gpus"]}
     free = Counter(names[key] for key, e in expected.items() if e.state == states.FREE.name)
     summary = page.locator("#summary").inner_text()
@@ -241,7 +293,7 @@ def test_counts_of_free_gpus_per_model_and_the_filters(lab: Lab, pages: Pages) -
         assert re.search(rf"\b{count}\s*[x\u00d7]\s*{re.escape(model)} free", summary), \
             (model, count, summary)
 
-    def visible() -> set[tuple[str, int]]:
+    def visible() -> set[Key]:
         return {key for key, c in cells(page).items() if c["visible"]}
 
     page.locator("#only-free").check()
@@ -262,7 +314,7 @@ def test_counts_of_free_gpus_per_model_and_the_filters(lab: Lab, pages: Pages) -
     wanted = {key for key, e in expected.items() if e.state == states.IDLE.name}
     wait_page(page, "the idle cells", visible, lambda shown: shown == wanted)
     page.locator("#filter-state").select_option("")
-    model = names["ws-01", 0]
+    model = names["ws-01", "0"]
     page.locator("#filter-model").select_option(model)
     wanted = {key for key in expected if names[key] == model}
     wait_page(page, f"the {model} cells", visible, lambda shown: shown == wanted)
@@ -278,8 +330,9 @@ def test_the_whoami_names_the_signed_in_user(lab: Lab, pages: Pages) -> None:
 
 # -- bookings ----------------------------------------------------------------------------------
 
-def book_in_page(page: Page, host: str, gpu: int, comment: str) -> str:
-    """Books GPU `gpu` of `host` for 3 hours through the page's dialog; the booking's id."""
+def book_in_page(page: Page, host: str, gpu: str, comment: str) -> str:
+    """Books cell `gpu` of `host` (a GPU or a MIG slice) for 3 hours through the page's
+    dialog; the booking's id."""
     before = set(page.locator("#bookings tr[data-id]").evaluate_all(
         "rows => rows.map(r => r.dataset.id)"))
     cell(page, host, gpu).click()
@@ -312,10 +365,10 @@ def service_metrics(lab: Lab, user: str) -> str:
     return text
 
 
-def booked_in_metrics(lab: Lab, host: str, gpu: int) -> list[dict[str, str]]:
+def booked_in_metrics(lab: Lab, host: str, gpu: str) -> list[dict[str, str]]:
     return [s.labels for family in text_string_to_metric_families(service_metrics(lab, ADMIN))
             for s in family.samples if s.name == metrics.RESERVATION_END.name
-            and s.labels.get("reserved_host") == host and s.labels.get("gpu") == str(gpu)]
+            and s.labels.get("reserved_host") == host and s.labels.get("gpu") == gpu]
 
 
 def test_a_booking_made_in_the_page_shows_in_status_and_metrics_and_can_be_extended(
@@ -325,14 +378,14 @@ def test_a_booking_made_in_the_page_shows_in_status_and_metrics_and_can_be_exten
     gpu = free_gpu(lab, page, host)
     booking = book_in_page(page, host, gpu, "from the page")
     (stored,) = [r for r in lab.fleet.active_reservations() if r.id == booking]
-    assert (stored.host, stored.gpus, stored.user, stored.comment) == \
+    assert (stored.host, cells_text(stored.gpus), stored.user, stored.comment) == \
         (host, (gpu,), "alice", "from the page")
     assert abs(stored.until.timestamp() - (dt.datetime.now(dt.timezone.utc).timestamp()
                                            + 3 * 3600)) < 120
     labels = booked_in_metrics(lab, host, gpu)
     assert [(m["user"], m["comment"]) for m in labels] == [("alice", "from the page")]
     shown = lab.wait_for("the booking in gpuwatch status", lambda: [
-        g for g in status_json(lab) if (g["host"], g["gpu"]) == (host, gpu)],
+        g for g in status_json(lab) if (g["host"], cell_of(g)) == (host, gpu)],
         lambda found: len(found) == 1 and found[0]["state"] == states.RESERVED.name)
     assert shown[0]["reservation"]["user"] == "alice"
     assert shown[0]["reservation"]["comment"] == "from the page"
@@ -347,7 +400,7 @@ def test_a_booking_made_in_the_page_shows_in_status_and_metrics_and_can_be_exten
     page.wait_for_selector("#extend-dialog[open]", state="detached")
     extended = lab.wait_for("the booking extended", lambda: [
         r for r in lab.fleet.active_reservations()
-        if r.user == "alice" and (r.host, r.gpus) == (host, (gpu,))],
+        if r.user == "alice" and (r.host, cells_text(r.gpus)) == (host, (gpu,))],
         lambda found: len(found) == 1 and found[0].until > stored.until)
     assert abs(extended[0].until.timestamp() - (stored.until.timestamp() + 3 * 3600)) < 120
 
@@ -392,7 +445,8 @@ def test_a_refused_booking_says_why_in_words(lab: Lab, pages: Pages) -> None:
     assert error.get_attribute("role") == "alert"
     assert "99" in error.inner_text() and re.search(r"[a-z]{3,} [a-z]{3,}", error.inner_text(),
                                                      re.IGNORECASE), error.inner_text()
-    assert not [r for r in lab.fleet.active_reservations() if (r.host, r.gpus) == (host, (gpu,))]
+    assert not [r for r in lab.fleet.active_reservations()
+                if (r.host, cells_text(r.gpus)) == (host, (gpu,))]
 
 
 def test_pause_stops_the_refresh_and_old_data_shows_nothing_free(lab: Lab,
@@ -502,6 +556,239 @@ def test_each_host_links_to_its_grafana_dashboard_where_configured(lab: Lab,
     assert signed_in.locator("#grid a.grafana").count() == 0, "no Grafana URL, no link"
 
 
+# -- MIG slices --------------------------------------------------------------------------------
+
+def mig_detail_text(page: Page) -> str:
+    page.wait_for_function("() => document.getElementById('detail').checkVisibility()")
+    text: str = detail(page)["text"]
+    return text
+
+
+def test_the_mig_node_shows_each_slice_in_the_group_of_its_gpu_in_the_oracle_s_state(
+        lab: Lab, pages: Pages) -> None:
+    page = pages.open(lab.url, "alice")
+    expected = wait_for_grid(page, lab)
+    node = {key: e for key, e in expected.items() if e.host == MIG_HOST}
+    slices = {key: e for key, e in node.items() if e.profile}
+    parents = sorted({e.cell.gpu for e in slices.values()})
+    shown, found = cells(page), groups(page)
+    assert sorted(p for h, p in found if h == MIG_HOST) == [str(i) for i in parents]
+    for key, e in slices.items():
+        c = shown[key]
+        assert (c["group"], c["section"]) == (str(e.cell.gpu), MIG_HOST), (key, c)
+        assert e.profile in c["text"] and e.gpu in c["text"], (key, c["text"])
+    for index in parents:  # a MIG-enabled GPU is no cell and says no state
+        assert (MIG_HOST, str(index)) not in shown
+        group = found[MIG_HOST, str(index)]
+        model = next(e.model for e in slices.values() if e.cell.gpu == index)
+        assert f"GPU {index}" in group["head"] and "MIG" in group["head"], group
+        assert display_name(model, {}) in group["head"], group
+        assert group["cells"] == sorted((e.gpu for e in slices.values() if e.cell.gpu == index),
+                                        key=lambda text: Cell.parse(text).sort_key())
+        assert not re.search(r"\bfree\b", group["head"] + group["label"], re.IGNORECASE)
+        assert not [k for k in group["classes"] if k.startswith("state-")], group
+    assert [shown[key]["group"] for key, e in node.items() if not e.profile] == [None]
+    api = {(g["host"], cell_of(g)): g for g in service_json(page, "/api/v1/fleet")["gpus"]}
+    busy = next(e for e in slices.values() if e.users)
+    g = api[busy.key]
+    assert (g["profile"], g["gpu"]) == (busy.profile, busy.cell.gpu) and g["mig_uuid"]
+    cell(page, MIG_HOST, busy.gpu).hover()
+    text = mig_detail_text(page)
+    assert g["mig_uuid"] in text and busy.profile in text and busy.gpu in text, text
+    for user in busy.users:
+        assert user in text, (user, text)
+    assert g["processes"] and all(p["command"] in text for p in g["processes"]), text
+    assert re.search(rf"\d+\s*°C \(of GPU {busy.cell.gpu}\)", text), text
+
+
+def test_a_slice_booked_in_the_page_is_reserved_then_extended_and_released(
+        lab: Lab, pages: Pages) -> None:
+    page = pages.open(lab.url, "alice")
+    gpu = free_gpu(lab, page, MIG_HOST, slices=True)
+    booking = book_in_page(page, MIG_HOST, gpu, "a slice from the page")
+    (stored,) = [r for r in lab.fleet.active_reservations() if r.id == booking]
+    assert (cells_text(stored.gpus), stored.user) == ((gpu,), "alice")
+    assert [m["user"] for m in booked_in_metrics(lab, MIG_HOST, gpu)] == ["alice"]
+    wait_page(page, "the booked slice reserved and mine", lambda: cells(page)[MIG_HOST, gpu],
+              lambda c: c["state"] == states.RESERVED.name and "mine" in c["classes"])
+    wait_for_grid(page, lab)  # its neighbours as they were
+    row = page.locator(f'#bookings tr[data-id="{booking}"]')
+    assert gpu in row.inner_text()
+    row.locator("button.extend").click()
+    page.wait_for_selector("#extend-dialog[open]")
+    assert gpu in page.locator("#extend-what").inner_text()
+    page.locator("#extend-until").fill(until_text(6))
+    page.locator("#extend-submit").click()
+    page.wait_for_selector("#extend-dialog[open]", state="detached")
+    lab.wait_for("the slice's booking extended", lambda: [
+        r.until for r in lab.fleet.active_reservations() if r.id == booking],
+        lambda until: len(until) == 1 and until[0] > stored.until)
+    row.locator("button.release").click()
+    row.wait_for(state="detached")
+    assert booking not in [r.id for r in lab.fleet.active_reservations()]
+    wait_page(page, "the slice free again", lambda: cells(page)[MIG_HOST, gpu]["state"],
+              lambda state: state == states.FREE.name)
+
+
+def fed_cells(fed: FedLab) -> dict[Key, Any]:
+    """The fed fleet's cells (GpuStatus) by (host, cell)."""
+    return {(g.host, str(g.cell)): g for g in fed.gpus()}
+
+
+def test_fed_slices_are_cells_in_the_group_of_their_gpu_which_is_no_cell(
+        fed: FedLab, pages: Pages, axe_source: str) -> None:
+    page = pages.open(fed.url, "alice")
+    gpus = fed_cells(fed)
+    shown = cells(page)
+    assert list(shown) == list(gpus)  # the API's order: slices after the lower GPUs
+    for key, g in gpus.items():
+        c, state = shown[key], states.BY_NAME[g.state]
+        assert c["state"] == g.state and f"state-{g.state}" in c["classes"], (key, c)
+        assert c["background"] == colour(page, state), (key, c["background"])
+        assert re.search(rf"\b{g.state}\b", c["text"], re.IGNORECASE), (key, c["text"])
+        assert c["tabindex"] == "0" and (c["role"] == "button") == (g.state == "free"), key
+        assert set(g.users) <= set(NAME.findall(c["users"])), (key, c["users"])
+        mine = "alice" in g.users
+        assert ("mine" in c["classes"]) == mine and ("(yours)" in c["text"]) == mine, key
+        if g.profile:
+            assert c["group"] == str(g.gpu) and "slice" in c["classes"], (key, c)
+            assert g.profile in c["text"] and str(g.cell) in c["text"], (key, c["text"])
+        else:
+            assert c["group"] is None, (key, c)
+    parents = sorted({g.gpu for g in gpus.values() if g.profile})
+    found = groups(page)
+    assert list(found) == [(FED_HOST, str(i)) for i in parents]
+    for index in parents:
+        assert (FED_HOST, str(index)) not in shown  # the MIG-enabled GPU is no cell
+        group = found[FED_HOST, str(index)]
+        assert group["role"] == "group" and group["tabindex"] is None, group
+        assert f"GPU {index}" in group["head"] and "MIG" in group["head"], group
+        assert display_name(FED_MODELS[index], {}) in group["head"], group
+        assert group["cells"] == [str(g.cell) for g in gpus.values() if g.gpu == index]
+        assert not re.search(r"\bfree\b", group["head"] + group["label"], re.IGNORECASE)
+    assert axe_violations(page, axe_source) == []
+
+
+def test_fed_free_slices_count_as_model_and_profile_and_the_filters_take_slices(
+        fed: FedLab, pages: Pages) -> None:
+    page = pages.open(fed.url, "alice")
+    gpus = fed_cells(fed)
+    free = Counter(g.display_name for g in gpus.values() if g.state == states.FREE.name)
+    assert any(g.profile and g.state == states.FREE.name for g in gpus.values())
+    summary = page.locator("#summary").inner_text()
+    assert set(summary.split(" · ")) == {f"{n} x {model} free" for model, n in free.items()}
+
+    def visible() -> tuple[set[Key], set[str]]:
+        return ({key for key, c in cells(page).items() if c["visible"]},
+                {parent for (_, parent), g in groups(page).items() if g["visible"]})
+
+    def parents(keys: set[Key]) -> set[str]:
+        return {str(gpus[k].gpu) for k in keys if gpus[k].profile}
+
+    def only(what: str, wanted: set[Key]) -> None:
+        wait_page(page, what, visible, lambda shown: shown == (wanted, parents(wanted)))
+
+    page.locator("#only-free").check()
+    only("only the free cells", {k for k, g in gpus.items() if g.state == states.FREE.name})
+    page.locator("#only-free").uncheck()
+    sliced = next(g for g in gpus.values() if g.profile)
+    page.locator("#filter-model").select_option(sliced.display_name)
+    only(f"the {sliced.display_name} cells",
+         {k for k, g in gpus.items() if g.display_name == sliced.display_name})
+    page.locator("#filter-model").select_option("")
+    page.locator("#filter-state").select_option(states.IDLE.name)
+    only("the idle cells", {k for k, g in gpus.items() if g.state == states.IDLE.name})
+    page.locator("#filter-state").select_option("")
+    shared = next(g for g in gpus.values() if g.profile and len(g.users) >= 2)
+    page.locator("#search").fill(shared.users[-1])
+    only(f"{shared.users[-1]}'s cells", {k for k, g in gpus.items()
+                                         if shared.users[-1] in g.users})
+    page.locator("#search").fill(FED_BOOKED[1])
+    only("the booked slice", {k for k, g in gpus.items() if g.reservation})
+    page.locator("#search").fill("")
+    only("every cell", set(gpus))
+
+
+def test_fed_a_slice_s_detail_on_hover_and_on_focus_and_the_arrows_move_through_slices(
+        fed: FedLab, pages: Pages) -> None:
+    page = pages.open(fed.url, "alice")
+    gpus = fed_cells(fed)
+    shared = next(g for g in gpus.values() if g.profile and len(g.users) >= 2)
+    assert shared.mig_uuid and shared.temperature_celsius and shared.memory_total_bytes
+    cell(page, FED_HOST, str(shared.cell)).hover()
+    text = mig_detail_text(page)
+    assert detail(page)["role"] == "tooltip"
+    assert shared.profile and shared.profile in text and shared.mig_uuid in text, text
+    assert f"{FED_HOST} · MIG slice {shared.cell}" in text, text
+    total = round(shared.memory_total_bytes / 2 ** 30)
+    assert re.search(rf"Slice memory\s+\d+(\.\d)?/{total} GiB", text), text
+    for p in shared.processes:
+        assert p.command in text and p.user in text, (p, text)
+    assert f"{round(shared.temperature_celsius)} °C (of GPU {shared.gpu})" in text, text
+    page.mouse.move(1, 1)
+    page.wait_for_function("() => !document.getElementById('detail').checkVisibility()")
+    order = list(cells(page))
+    after = gpus[order[order.index((FED_HOST, str(shared.cell))) + 1]]
+    cell(page, FED_HOST, str(shared.cell)).focus()
+    assert after.mig_uuid and after.mig_uuid not in mig_detail_text(page)
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("uuid => document.getElementById('detail').innerText.includes(uuid)",
+                           arg=after.mig_uuid)
+    assert page.evaluate("() => document.activeElement.dataset.gpu") == str(after.cell)
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => !document.getElementById('detail').checkVisibility()")
+
+
+def test_fed_booking_a_free_slice_sends_its_cell_and_the_dialog_names_it(
+        fed: FedLab, pages: Pages) -> None:
+    page = pages.open(fed.url, "alice")
+    fed.watch_posts(page)
+    gpus = fed_cells(fed)
+    target = next(g for g in gpus.values() if g.profile and g.state == states.FREE.name)
+    text = str(target.cell)
+    cell(page, FED_HOST, text).click()
+    page.wait_for_selector("#book-dialog[open]")
+    title = page.locator("#book-title").inner_text()
+    assert f"MIG slice {text}" in title and target.display_name in title, title
+    assert page.locator("#book-gpus").input_value() == text
+    offered = page.locator("#book-free").inner_text()
+    for g in gpus.values():
+        assert (re.search(rf"(?<![\d/]){re.escape(str(g.cell))}(?![\d/])", offered) is not None
+                ) == (g.state == states.FREE.name), (g.cell, offered)
+    page.locator("#book-until").fill(until_text(3))
+    page.locator("#book-submit").click()
+    page.wait_for_function("""() => !document.querySelector('#book-dialog[open]')
+        || document.getElementById('book-error').innerText.trim()""")
+    assert [body["gpus"] for body in fed.posted] == [[text]]
+    assert page.locator("#book-error").inner_text() == ""
+    row = page.locator("#bookings tr[data-id]", has_text=text)
+    row.wait_for()
+    row.locator("button.release").click()
+    row.wait_for(state="detached")
+
+
+def test_fed_old_data_shows_every_slice_without_fresh_data_and_none_free(
+        fed: FedLab, pages: Pages) -> None:
+    page = pages.open(fed.url, "alice")
+    assert any(c["state"] == states.FREE.name for c in cells(page).values())
+    fed.age = 3600.0
+    try:
+        page.locator("#banner").wait_for(state="visible")
+        shown = wait_page(page, "every cell without fresh data", lambda: cells(page),
+                          lambda found: all("stale" in c["classes"] for c in found.values()))
+        assert len(shown) == len(fed.gpus())
+        for key, c in shown.items():
+            assert "no fresh data" in c["text"] and c["state"] == states.DOWN.name, (key, c)
+            assert "state-free" not in c["classes"] and c["role"] is None, (key, c)
+            assert not re.search(r"\bfree\b", c["text"], re.IGNORECASE), (key, c["text"])
+        assert not [g for g in groups(page).values()
+                    if re.search(r"\bfree\b", g["head"], re.IGNORECASE)]
+        assert not re.search(r"\d+ x ", page.locator("#summary").inner_text())
+    finally:
+        fed.age = 0.0
+    page.locator("#banner").wait_for(state="hidden")
+
+
 # -- last: Prometheus stops ----------------------------------------------------------------------
 
 def test_zz_banner_when_prometheus_is_stopped_and_no_gpu_shown_free(lab: Lab,
@@ -518,7 +805,7 @@ def test_zz_banner_when_prometheus_is_stopped_and_no_gpu_shown_free(lab: Lab,
     assert page.locator("#banner").get_attribute("role") == "alert"
     assert re.search(r"[a-z]{3,} [a-z]{3,}", page.locator("#banner").inner_text())
 
-    def free_shown(p: Page) -> list[tuple[str, int]]:
+    def free_shown(p: Page) -> list[Key]:
         return [key for key, c in cells(p).items()
                 if c["state"] == states.FREE.name or "state-free" in c["classes"]
                 or re.search(r"\bfree\b", c["text"], re.IGNORECASE)]

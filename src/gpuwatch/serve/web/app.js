@@ -1,6 +1,9 @@
 // The lab's page of gpuwatch serve: the fleet grid, its detail, filters and bookings.
 // Plain JavaScript under a strict CSP: no inline script or style; the grid is built as one
 // string and written with one innerHTML per render; every request is same-origin JSON.
+// The grid's unit is the cell: a whole GPU ("0") or a MIG slice ("0/7": its parent's index
+// and its GPU instance id). A MIG-enabled GPU is not a cell: its slices are shown as cells
+// in one group under its host, and the group itself never has a state.
 "use strict";
 
 (function () {
@@ -22,7 +25,7 @@
     fetchedAt: 0, // performance.now() of that answer
     problem: "", // why the service or Prometheus cannot be asked now ("" when all is well)
     reservations: [],
-    byKey: new Map(), // "host\u0000gpu" -> GPU object
+    byKey: new Map(), // "host\u0000cell" -> the cell's object of /api/v1/fleet
     stale: false,
     paused: false,
     timer: 0,
@@ -37,8 +40,30 @@
   function esc(value) {
     return String(value == null ? "" : value).replace(/[&<>"']/g, (c) => ESCAPES[c]);
   }
-  function key(host, gpu) {
-    return host + "\u0000" + gpu;
+  function key(host, cell) {
+    return host + "\u0000" + cell;
+  }
+  function isSlice(g) {
+    return g.gpu_instance_id != null;
+  }
+  function cellText(g) {
+    // what the API and the CLI call the cell: "0" (a whole GPU) or "0/7" (a MIG slice)
+    return isSlice(g) ? g.gpu + "/" + g.gpu_instance_id : String(g.gpu);
+  }
+  function cellJson(text) {
+    // a cell as the API's JSON takes it: an index for a whole GPU, "G/I" for a slice
+    return /^\d+$/.test(text) ? Number(text) : text;
+  }
+  function gpusBody(text) {
+    // the gpus of a booking: a list of cells ("0", "0,2", "0/7,0/8"), else the text as
+    // typed ("0-3", "all"), which the service reads as the CLI does
+    const parts = text.split(",").map((p) => p.trim());
+    if (parts.length && parts.every((p) => /^\d+(\/\d+)?$/.test(p))) return parts.map(cellJson);
+    return text;
+  }
+  function cellWords(g) {
+    return isSlice(g) ? "MIG slice " + cellText(g) + (g.profile ? " (" + g.profile + ")" : "") :
+      "GPU " + g.gpu;
   }
   const GIB = 1024 * 1024 * 1024;
   function gib(bytes) {
@@ -51,7 +76,8 @@
     return gib(g.memory_used_bytes) + "/" + gib(g.memory_total_bytes) + " GiB";
   }
   function utilText(g) {
-    return g.utilization_ratio == null ? "? %" : Math.round(g.utilization_ratio * 100) + " %";
+    if (g.utilization_ratio == null) return isSlice(g) ? "util n/a" : "? %"; // none per slice
+    return Math.round(g.utilization_ratio * 100) + " %";
   }
   function when(seconds) {
     if (seconds == null) return "unknown";
@@ -149,7 +175,16 @@
     return page.session && page.session.user;
   }
   function modelName(g) {
-    return g.display_name || g.model || "?";
+    // a slice is its parent's model and its profile: "A100-SXM4-80GB 1g.10gb"
+    if (g.display_name) return g.display_name;
+    if (isSlice(g)) return (g.model || "?") + (g.profile ? " " + g.profile : "");
+    return g.model || "?";
+  }
+  function parentName(g) {
+    // the MIG-enabled GPU a slice is of, by its display name without the profile
+    const name = modelName(g);
+    const tail = g.profile ? " " + g.profile : "";
+    return tail && name.endsWith(tail) ? name.slice(0, -tail.length) : (g.model || "?");
   }
   function isMine(g) {
     const user = me();
@@ -207,17 +242,35 @@
     let who = users;
     if (!who && g.reservation && g.reservation.user) who = "booked: " + g.reservation.user;
     if (!who && g.claim && g.claim.user) who = "claimed: " + g.claim.user;
+    const slice = isSlice(g);
+    if (slice) classes.push("slice");
     return '<div class="' + classes.join(" ") + '" data-host="' + esc(g.host) +
-      '" data-gpu="' + g.gpu + '" data-state="' + esc(stale ? DOWN : g.state) + '"' +
+      '" data-gpu="' + esc(cellText(g)) + '" data-state="' + esc(stale ? DOWN : g.state) + '"' +
       (stale ? ' data-last-state="' + esc(g.state) + '"' : "") +
+      (slice ? ' data-parent="' + esc(g.gpu) + '" data-profile="' + esc(g.profile || "") +
+        '"' : "") +
       ' tabindex="0"' + (free ? ' role="button"' : "") + ">" +
-      '<span class="gpu">GPU ' + g.gpu + " · " + esc(modelName(g)) +
-      "</span>" +
+      (slice ? '<span class="gpu"><span class="visually-hidden">MIG slice </span>' +
+        esc(cellText(g)) + " · " + esc(g.profile || "?") + "</span>" :
+        '<span class="gpu">GPU ' + esc(g.gpu) + " · " + esc(modelName(g)) + "</span>") +
       '<span class="word">' + esc(word) + (mine ? ' <span class="you">(yours)</span>' : "") +
       "</span>" +
       '<span class="users">' + esc(who) + "</span>" +
       '<span class="util">' + utilText(g) + "</span>" +
       '<span class="mem">' + memText(g) + "</span></div>";
+  }
+
+  function itemHtml(item) {
+    // a cell's markup, or the group of a MIG-enabled GPU with the shown cells of its slices
+    if (typeof item === "string") return item;
+    if (!item.shown.length) return "";
+    const title = "GPU " + item.gpu + " · " + item.name + " · MIG";
+    return '<div class="mig" role="group" data-parent="' + esc(item.gpu) +
+      '" aria-label="' + esc(title + ", " + item.slices + " slice" +
+        (item.slices === 1 ? "" : "s")) + '"><h3 class="mig-head">GPU ' + esc(item.gpu) +
+      ' · <span class="mig-model">' + esc(item.name) + '</span> · MIG <span class="mig-count">' +
+      item.slices + " slice" + (item.slices === 1 ? "" : "s") + "</span></h3>" +
+      '<div class="slices">' + item.shown.join("") + "</div></div>";
   }
 
   function render() {
@@ -244,19 +297,35 @@
     let current = null;
     page.byKey = new Map();
     for (const g of f.gpus) {
-      page.byKey.set(key(g.host, g.gpu), g);
+      page.byKey.set(key(g.host, cellText(g)), g);
       if (g.cluster) clusters.add(g.cluster);
       const model = modelName(g);
       models.add(model);
       const stale = gpuStale(g, fresh);
       if (!stale && g.state === FREE) free.set(model, (free.get(model) || 0) + 1);
       if (!current || current.host !== g.host) {
-        current = { host: g.host, cluster: g.cluster, gpus: [], down: 0, shown: [] };
+        current = { host: g.host, cluster: g.cluster, gpus: [], down: 0, shown: 0, items: [],
+          mig: new Map() };
         hosts.push(current);
       }
       current.gpus.push(g);
       if (g.state === DOWN) current.down += 1;
-      if (matches(g, want, stale)) current.shown.push(cellHtml(g, stale));
+      let into = current.items; // a whole GPU's cell, or the group of its MIG-enabled GPU
+      if (isSlice(g)) {
+        const parent = g.instance + "\u0000" + g.gpu;
+        let group = current.mig.get(parent);
+        if (!group) {
+          group = { gpu: g.gpu, name: parentName(g), slices: 0, shown: [] };
+          current.mig.set(parent, group);
+          current.items.push(group);
+        }
+        group.slices += 1;
+        into = group.shown;
+      }
+      if (matches(g, want, stale)) {
+        into.push(cellHtml(g, stale));
+        current.shown += 1;
+      }
     }
     $("search").disabled = !!f.names_hidden; // there are no names to search then
     fillSelect($("filter-cluster"), Array.from(clusters).sort(), "all clusters");
@@ -264,7 +333,7 @@
     const grafana = s.grafana_url;
     const parts = [];
     for (const h of hosts) {
-      if (!h.shown.length) continue;
+      if (!h.shown) continue;
       const down = h.down === h.gpus.length;
       parts.push('<section class="host' + (down ? " host-down" : "") + '" data-host="' +
         esc(h.host) + '" aria-label="' + esc(h.host) + '"><h2>' + esc(h.host) +
@@ -273,7 +342,7 @@
         (grafana ? ' <a class="grafana" href="' + esc(grafana) + "/d/gpuwatch-node?var-host=" +
           encodeURIComponent(h.host) + '">Grafana<span class="visually-hidden"> dashboard of ' +
           esc(h.host) + "</span></a>" : "") +
-        '</h2><div class="cells">' + h.shown.join("") + "</div></section>");
+        '</h2><div class="cells">' + h.items.map(itemHtml).join("") + "</div></section>");
     }
     if (!parts.length) {
       parts.push('<p class="empty">' + (f.gpus.length ? "No GPU matches the filters." :
@@ -287,7 +356,7 @@
     finish(f);
     if (focusedCell) { // the keyboard's place survives the new grid
       const again = grid.querySelector('.cell[data-host="' + CSS.escape(focusedCell[0]) +
-        '"][data-gpu="' + focusedCell[1] + '"]');
+        '"][data-gpu="' + CSS.escape(focusedCell[1]) + '"]');
       if (again) again.focus({ preventScroll: true });
     }
     refreshDetail();
@@ -312,12 +381,19 @@
     const hidden = page.fleet.names_hidden;
     const rows = [];
     const row = (name, value) => rows.push("<dt>" + esc(name) + "</dt><dd>" + value + "</dd>");
+    const slice = isSlice(g);
     row("State", esc(stale ? "no fresh data (last seen " + g.state + ")" : g.state));
-    row("Model", esc(g.model || "?"));
-    row("Memory", esc(memText(g)));
-    row("Utilisation", esc(utilText(g)));
-    row("Temperature", g.temperature_celsius == null ? "?" :
-      esc(Math.round(g.temperature_celsius) + " °C"));
+    row("Model", esc(slice ? parentName(g) : (g.model || "?")));
+    if (slice) {
+      row("MIG profile", esc(g.profile || "?"));
+      row("MIG UUID", '<code class="uuid">' + esc(g.mig_uuid || "?") + "</code>");
+    }
+    row(slice ? "Slice memory" : "Memory", esc(memText(g)));
+    row("Utilisation", slice && g.utilization_ratio == null ?
+      "not reported per MIG slice" : esc(utilText(g)));
+    row("Temperature", (g.temperature_celsius == null ? "?" :
+      esc(Math.round(g.temperature_celsius) + " °C")) + (slice ? " (of GPU " + esc(g.gpu) +
+      ")" : ""));
     row("Since", g.since == null ? "unknown" : esc(when(g.since) + " (" +
       ago(g.since, page.fleet.now) + ")"));
     if (g.users.length && !hidden) row("Users", esc(g.users.join(", ")));
@@ -350,7 +426,7 @@
       row("Memory per user", esc(Array.from(perUser.entries())
         .map((e) => e[0] + " " + gib(e[1]) + " GiB").join(", ")));
     }
-    return '<p class="detail-title">' + esc(g.host) + " · GPU " + g.gpu + "</p><dl>" +
+    return '<p class="detail-title">' + esc(g.host) + " · " + esc(cellWords(g)) + "</p><dl>" +
       rows.join("") + "</dl>" + procs +
       (bookable(g, stale) ? '<p class="hint">Enter or click: book it</p>' : "");
   }
@@ -383,7 +459,7 @@
   function refreshDetail() {
     if (detail.hidden || !page.focused) return;
     const cell = grid.querySelector('.cell[data-host="' + CSS.escape(page.focused[0]) +
-      '"][data-gpu="' + page.focused[1] + '"]');
+      '"][data-gpu="' + CSS.escape(page.focused[1]) + '"]');
     if (!cell) {
       hideDetail();
       return;
@@ -443,9 +519,12 @@
     hideDetail();
     $("book-host").value = cell.dataset.host;
     $("book-gpus").value = cell.dataset.gpu;
+    const g = page.byKey.get(key(cell.dataset.host, cell.dataset.gpu));
+    $("book-title").textContent = g && isSlice(g) ? "Book MIG slice " + cellText(g) +
+      " (" + modelName(g) + ")" : "Book GPUs";
     const fresh = freshness();
-    const free = page.fleet.gpus.filter((g) => g.host === cell.dataset.host &&
-      bookable(g, gpuStale(g, fresh))).map((g) => g.gpu);
+    const free = page.fleet.gpus.filter((x) => x.host === cell.dataset.host &&
+      bookable(x, gpuStale(x, fresh))).map(cellText);
     $("book-free").textContent = "Free on " + cell.dataset.host + " now: GPU " +
       free.join(", ") + ".";
     const until = new Date(Date.now() + 2 * 3600 * 1000);
@@ -467,7 +546,7 @@
     }
     $("book-submit").disabled = true;
     const answer = await ask(API + "/reservations", { method: "POST", body: {
-      host: $("book-host").value, gpus: $("book-gpus").value.trim(), until: until,
+      host: $("book-host").value, gpus: gpusBody($("book-gpus").value.trim()), until: until,
       comment: $("book-comment").value } });
     $("book-submit").disabled = false;
     if (!answer.ok) {
@@ -488,7 +567,7 @@
       $("bookings-note").textContent = "Sign in to book GPUs and to see your bookings.";
     } else if (!rows.length) {
       $("bookings-note").textContent = "No bookings" + (admin ? "." : " of yours.") +
-        " Click a free GPU to book it.";
+        " Click a free GPU or MIG slice to book it.";
     } else {
       $("bookings-note").textContent = admin ? "Every booking (you are an admin)." :
         "Your bookings.";
