@@ -910,6 +910,20 @@ gpus:
         node.close()
 
 
+@pytest.mark.parametrize(("name", "profile"), [
+    ("NVIDIA A100-SXM4-80GB MIG 1g.10gb", "1g.10gb"),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb+me", "1g.10gb+me"),
+    ("NVIDIA A100-SXM4-40GB MIG 1c.3g.20gb", "1c.3g.20gb"),
+    ("NVIDIA H200 MIG 7g.141gb", "7g.141gb"),
+    ("NVIDIA A100-SXM4-40GB MIG 3g.20gbx", ""),  # not a profile: from the attributes
+])
+def test_the_profile_in_the_mig_device_name(name: str, profile: str) -> None:
+    from gpuwatch.exporter.mig import _PROFILE_IN_NAME
+
+    found = _PROFILE_IN_NAME.search(name)
+    assert (found.group(1) if found else "") == profile
+
+
 def test_series_per_slice_are_bounded(mig_page: str) -> None:
     """docs/scale.md's "what a MIG node costs": a free slice is 5 series, a held one adds 2
     per user and 2 per process."""

@@ -18,7 +18,9 @@ from gpuwatch.exporter.nvml import ERROR_NOT_FOUND, Nvml, NVMLError, decode
 WALK_SECONDS = 60.0
 """How often the MIG devices of a GPU are walked again (a reconfiguration is seen by then):
 a walk costs a handful of calls per slice, a scrape one per slice."""
-_PROFILE_IN_NAME = re.compile(r"\bMIG\s+(\d+g\.\d+gb)\b")
+_PROFILE_IN_NAME = re.compile(r"\bMIG\s+((?:\d+c\.)?\d+g\.\d+gb(?:\+[a-z]+)*)(?!\S)")
+"""nvidia-smi's profile names: 1g.10gb, a compute instance sharing its GPU instance
+1c.3g.20gb, media extensions 1g.10gb+me."""
 
 
 @dataclass(frozen=True)
