@@ -427,7 +427,16 @@ def pick(gpus: Sequence[GpuStatus], count: int, user: str | None = None,
     which = f": {', '.join(str(g.gpu) for g in found)}" if found else ""
     reserved = f" (and {len(mine_whole)} booked by {user})" if mine_whole else ""
     of_model = f" {model}" if model else ""
-    also = (f"; {len(free_slices)} free MIG slice{'' if len(free_slices) == 1 else 's'} "
-            f"({ONE_SLICE})" if free_slices else "")
-    raise FleetError(f"{host} has {len(free_whole)} free GPU{'' if len(free_whole) == 1 else 's'}"
-                     f"{reserved} (of {len(whole)}{of_model}), {count} wanted{which}{also}")
+    if len(whole) == len(gpus):  # no MIG here
+        raise FleetError(f"{host} has {_count(len(free_whole), 'free GPU')}{reserved} "
+                         f"(of {len(whole)}{of_model}), {count} wanted{which}")
+    pieces = len(gpus) - len(whole)
+    raise FleetError(f"{host} has {_count(len(free_whole), 'free GPU')}{reserved} and "
+                     f"{_count(len(free_slices), 'free MIG slice')} (of "
+                     f"{_count(len(whole), 'GPU')} and {_count(pieces, 'MIG slice')}"
+                     f"{of_model}), {count} wanted{which}"
+                     + (f"; {ONE_SLICE}" if free_slices else ""))
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
