@@ -44,6 +44,7 @@ import bcrypt
 import yaml
 
 from gpuwatch import reservations
+from gpuwatch.cells import Cell
 from gpuwatch.contract import states
 from gpuwatch.contract.thresholds import HELD_MEMORY, IDLE_DURATION, IDLE_UTILIZATION
 from gpuwatch.exporter.nvml import NVMLError
@@ -419,7 +420,8 @@ class Fleet:
             seen_for = now - max(self.prometheus_started, running.started)
             for index, gpu in enumerate(running.scenario.gpus):
                 host = running.host
-                reservation = next((r for r in active if r.shares_gpus(host, (index,))), None)
+                reservation = next((r for r in active
+                                    if r.shares_gpus(host, (Cell(index),))), None)
                 words = None if reservation is None else describe(reservation)
                 claim = claimed.get((host, index))
                 unknown = ExpectedGpu(host, index, states.DOWN.name, (), "", None, {}, words,
