@@ -2,7 +2,9 @@
 inline script or style, ETags, nothing outside /static/), the DOM ids the browser tests select
 by, the colours of contract/states.py with AA contrast in both themes, /api/v1/session,
 --web.public-names=false, extending a booking (PATCH), /runbook, the fleet's new fields
-(processes, temperature, since, cluster, updated) and the page's flags.
+(processes, temperature, since, cluster, updated), MIG slices as the page reads them (every
+field the script reads of a cell is in the API's JSON; a slice's names hidden as a GPU's; the
+booking the page sends for a slice) and the page's flags.
 (tests/browser/ drives the page itself in Chromium.)"""
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 from gpuwatch import cli
 from gpuwatch.cli import serve as serve_command
 from gpuwatch.contract import metrics, states
-from gpuwatch.fleet import GpuProcess, read_fleet
+from gpuwatch.fleet import GpuProcess, GpuStatus, read_fleet
 from gpuwatch.fleet.prometheus import Prometheus, PrometheusError, Sample
 from gpuwatch.serve import app as serve_app
 from gpuwatch.serve import web
@@ -480,7 +482,10 @@ def test_the_fleet_reads_processes_temperature_since_cluster_and_evaluation_time
     assert set(status) == {
         "host", "instance", "gpu", "uuid", "state", "users", "model", "display_name",
         "memory_used_bytes", "memory_total_bytes", "utilization_ratio", "inactive_since",
-        "reservation", "claim", "temperature_celsius", "cluster"}
+        "reservation", "claim", "temperature_celsius", "cluster", "gpu_instance_id",
+        "profile", "mig_uuid"}
+    assert (status["gpu_instance_id"], status["profile"], status["mig_uuid"]) == \
+        (None, None, None)  # a whole GPU
     out = busy.to_api()
     assert set(out) == set(status) | {"processes", "since", "updated"}
     assert out["since"] == START - 100 and out["updated"] == START - 4
@@ -489,6 +494,64 @@ def test_the_fleet_reads_processes_temperature_since_cluster_and_evaluation_time
                                   {"pid": 7, "user": "alice", "command": "python alice.py",
                                    "memory_bytes": 1e9, "start_time": START - 100}]
     json.dumps(out)
+
+
+# -- MIG slices as the page reads them -------------------------------------------------------
+
+def _slice(host: str, index: int, instance: int, state: str = "free",
+           users: tuple[str, ...] = (), profile: str = "1g.10gb") -> GpuStatus:
+    """A MIG slice as gpuwatch.fleet reads it: its parent's index and UUID, its own memory,
+    no utilisation, the parent's temperature."""
+    whole = test_serve.gpu(host, index, state, users)
+    return replace(whole, display_name=f"{whole.display_name} {profile}",
+                   memory_total_bytes=10e9, utilization_ratio=None, temperature_celsius=44.0,
+                   updated=START - 3, gpu_instance_id=instance, profile=profile,
+                   mig_uuid=f"MIG-{index}-{instance}", processes=tuple(
+                       GpuProcess(pid=60 + n, user=u, command=f"python {u}.py",
+                                  memory_bytes=1e9, start_time=START - 60)
+                       for n, u in enumerate(users)))
+
+
+def _mig_fleet(fleet: Fleet) -> None:
+    fleet.gpus = [_slice("node-m", 0, 7, "busy", ("alice",)), _slice("node-m", 0, 8),
+                  replace(test_serve.gpu("node-m", 1), updated=START - 3)]
+
+
+def test_every_field_the_script_reads_of_a_cell_is_in_the_fleet_s_json(
+        client: Client, fleet: Fleet) -> None:
+    _mig_fleet(fleet)
+    _, answer = client.json("GET", "/api/v1/fleet")
+    read = set(re.findall(r"\bg\.([a-z_]+)", (WEB / "app.js").read_text()))
+    assert {"gpu_instance_id", "profile", "mig_uuid"} <= read
+    busy, free, whole = answer["gpus"]
+    for cell in answer["gpus"]:
+        assert read - set(cell) == set(), cell
+    assert (busy["gpu"], busy["gpu_instance_id"], busy["profile"], busy["mig_uuid"]) == \
+        (0, 7, "1g.10gb", "MIG-0-7")
+    assert busy["utilization_ratio"] is None and busy["processes"][0]["user"] == "alice"
+    assert busy["display_name"].endswith(" 1g.10gb") and free["gpu_instance_id"] == 8
+    assert (whole["gpu"], whole["gpu_instance_id"], whole["profile"]) == (1, None, None)
+
+
+def test_without_public_names_a_slice_hides_its_names_as_a_gpu_does(
+        tmp_path: Path, fleet: Fleet, clock: Clock) -> None:
+    _mig_fleet(fleet)
+    with serving(tmp_path, fleet, clock, public_names=False) as s:
+        _, hidden = Client(s).json("GET", "/api/v1/fleet")
+    busy = hidden["gpus"][0]
+    assert busy["users"] == [] and busy["processes"] == [
+        {"pid": 60, "memory_bytes": 1e9, "start_time": START - 60}]
+    assert busy["mig_uuid"] == "MIG-0-7" and "alice" not in json.dumps(hidden)
+
+
+def test_a_slice_is_booked_with_the_body_the_page_sends(client: Client, fleet: Fleet) -> None:
+    _mig_fleet(fleet)
+    # what the page's dialog sends for a slice (tests/browser checks the page sends it)
+    status, made = book(client, "bob", ["0/8"], host="node-m")
+    assert status == 201, made
+    assert made["gpus"] == ["0/8"]
+    _, listed = client.json("GET", "/api/v1/reservations", user="bob")
+    assert [r["gpus"] for r in listed["reservations"]] == [["0/8"]]
 
 
 # -- flags -----------------------------------------------------------------------------------
