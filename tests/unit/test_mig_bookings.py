@@ -7,15 +7,26 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import json
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from cli_run import one_error, run
+from prometheus_client.parser import text_string_to_metric_families
 
 from gpuwatch import reservations
 from gpuwatch.cells import Cell
+from gpuwatch.cli import client
+from gpuwatch.cli import run as run_command
+from gpuwatch.contract import metrics
+from gpuwatch.fleet import GpuStatus
 from gpuwatch.reservations import Reservation, ReservationError, model
+from gpuwatch.serve.identity import Identity
+from gpuwatch.serve.metrics import build_registry
+from gpuwatch.serve.service import ApiError, Service
+from tests.unit import test_serve
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
@@ -231,3 +242,226 @@ def test_reserve_list_and_release_slices(rfile: Path, capsys: pytest.CaptureFixt
     assert (code, out) == (0, "released slice 0/8 of n1 for alice until 2099-05-31 "
                               "18:00+02:00; slice 0/7 stays booked\n")
     assert reservations.gpus_text(reservations.load(rfile, NOW)[0].gpus) == "0/7"
+
+
+# -- the service: bookings and claims of slices against the fleet ---------------------------
+
+START = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+ALICE = Identity("alice", via="proxy header", client="127.0.0.1")
+BOB = Identity("bob", via="proxy header", client="127.0.0.1")
+GB = 1e9
+
+
+def cell(host: str, index: int, instance: int | None = None, state: str = "free",
+         users: tuple[str, ...] = (), profile: str | None = None,
+         memory_gb: float = 80.0) -> GpuStatus:
+    """A whole GPU, or (with `instance`) a MIG slice of A100 `index`, as the fleet reads it."""
+    slice_ = instance is not None
+    return GpuStatus(
+        host=host, instance=f"{host}:9839", gpu=index, uuid=f"GPU-{host}-{index}", state=state,
+        users=users, model="NVIDIA A100-SXM4-80GB",
+        display_name=f"A100-SXM4-80GB {profile}" if slice_ else "A100-SXM4-80GB",
+        memory_used_bytes=0.0, memory_total_bytes=memory_gb * GB,
+        utilization_ratio=None if slice_ else 0.0, inactive_since=None,
+        gpu_instance_id=instance, profile=profile if slice_ else None,
+        mig_uuid=f"MIG-{host}-{index}-{instance}" if slice_ else None)
+
+
+def mig_fleet() -> list[GpuStatus]:
+    """n1: GPU 0 in 1g.10gb slices 7, 8, 9 (9 busy), GPU 1 with a 3g.40gb (2) and a 1g.10gb
+    (9), GPU 2 and 3 whole."""
+    return [cell("n1", 0, 7, profile="1g.10gb", memory_gb=10),
+            cell("n1", 0, 8, profile="1g.10gb", memory_gb=10),
+            cell("n1", 0, 9, state="busy", users=("carol",), profile="1g.10gb", memory_gb=10),
+            cell("n1", 1, 2, profile="3g.40gb", memory_gb=40),
+            cell("n1", 1, 9, profile="1g.10gb", memory_gb=10),
+            cell("n1", 2), cell("n1", 3)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Service:
+    gpus = mig_fleet()
+    made = Service(tmp_path / "reservations.yml", lambda: list(gpus), clock=Clock())
+    made.gpus = gpus  # type: ignore[attr-defined]  # what the tests change
+    return made
+
+
+def refusal(call: Callable[[], object]) -> tuple[int, str]:
+    with pytest.raises(ApiError) as e:
+        call()
+    assert "\n" not in e.value.message
+    return e.value.status, e.value.message
+
+
+def test_a_slice_booking_must_name_a_slice_the_fleet_has(service: Service) -> None:
+    made = service.create_reservation(ALICE, {"host": "n1", "gpus": ["0/7", "0/8"],
+                                              "until": "+2h"})
+    assert made["gpus"] == ["0/7", "0/8"]
+    assert service.create_reservation(BOB, {"host": "n1", "gpus": "1/9", "until": "+2h"}
+                                      )["gpus"] == ["1/9"]
+    status, message = refusal(lambda: service.create_reservation(
+        BOB, {"host": "n1", "gpus": ["0/3"], "until": "+2h"}))
+    assert status == 400 and message.endswith("; it has no slice 0/3")
+    assert "GPUs 2-3,0/7,0/8,0/9,1/2,1/9" in message
+    status, message = refusal(lambda: service.create_reservation(
+        BOB, {"host": "n1", "gpus": ["2/1"], "until": "+2h"}))  # GPU 2 has no MIG
+    assert status == 400 and message.endswith("it has no slice 2/1")
+    status, message = refusal(lambda: service.create_reservation(
+        BOB, {"host": "n1", "gpus": [4], "until": "+2h"}))
+    assert status == 400 and message.endswith("it has no GPU 4")
+    status, message = refusal(lambda: service.create_reservation(
+        BOB, {"host": "n1", "gpus": ["0"], "until": "+2h"}))
+    assert status == 400 and "'0' is not a GPU: write an index as a number" in message
+
+
+def test_a_mig_gpus_index_books_its_slices_and_overlaps_their_bookings(service: Service
+                                                                       ) -> None:
+    service.create_reservation(ALICE, {"host": "n1", "gpus": ["0/7"], "until": "+2h"})
+    status, message = refusal(lambda: service.create_reservation(
+        BOB, {"host": "n1", "gpus": [0], "until": "+2h"}))
+    assert status == 409 and message.startswith("slice 0/7 of n1 is already booked: slice "
+                                                "0/7 of n1 for alice")
+    whole = service.create_reservation(BOB, {"host": "n1", "gpus": "1", "until": "+2h"})
+    assert whole["gpus"] == [1]  # GPU 1 is MIG-enabled: the booking covers 1/2 and 1/9
+    status, message = refusal(lambda: service.create_reservation(
+        ALICE, {"host": "n1", "gpus": ["1/2"], "until": "+2h"}))
+    assert status == 409 and "is already booked: GPU 1 of n1 for bob" in message
+    # a claim takes what the asker booked first, and never what someone else booked
+    claim = service.create_claim(ALICE, {"host": "n1", "count": 1, "model": "1g.10gb"})
+    assert claim["gpus"] == ["0/7"]  # hers, before the free 0/8
+    status, _ = refusal(lambda: service.create_claim(
+        ALICE, {"host": "n1", "count": 1, "model": "3g.40gb"}))  # 1/2: bob's GPU 1
+    assert status == 409
+    bob_claim = service.create_claim(BOB, {"host": "n1", "count": 1, "model": "3g.40gb"})
+    assert bob_claim["gpus"] == ["1/2"] and bob_claim["uuids"] == ["MIG-n1-1-2"]
+
+
+def test_a_claim_takes_whole_gpus_first_and_a_slice_only_for_one(service: Service) -> None:
+    first = service.create_claim(ALICE, {"host": "n1", "count": 2})
+    assert (first["gpus"], first["uuids"]) == ([2, 3], ["GPU-n1-2", "GPU-n1-3"])
+    # no whole GPU left: a count of 1 gets a slice, the most memory first
+    one = service.create_claim(ALICE, {"host": "n1", "count": 1})
+    assert (one["gpus"], one["uuids"]) == (["1/2"], ["MIG-n1-1-2"])
+    small = service.create_claim(BOB, {"host": "n1", "count": 1, "model": "1G.10GB"})
+    assert (small["gpus"], small["uuids"]) == (["0/7"], ["MIG-n1-0-7"])
+    status, message = refusal(lambda: service.create_claim(BOB, {"host": "n1", "count": 2}))
+    assert status == 409 and message == ("n1 has 0 GPUs and 2 MIG slices, one per process "
+                                         "(-n 1) free to claim (of 7), 2 wanted")
+    by_display = service.create_claim(BOB, {"host": "n1", "count": 1,
+                                            "model": "A100-SXM4-80GB 1g.10gb"})
+    assert by_display["gpus"] == ["0/8"]  # 0/9 is busy (carol), 0/7 claimed
+    listed = {c["id"]: c["gpus"] for c in service.list_claims()}
+    assert listed[small["id"]] == ["0/7"] and listed[first["id"]] == [2, 3]
+
+
+def test_a_model_only_slices_match_is_refused_for_more_than_one(service: Service) -> None:
+    status, message = refusal(lambda: service.create_claim(
+        ALICE, {"host": "n1", "count": 2, "model": "1g.10gb"}))
+    assert status == 409 and message == ("'1g.10gb' names MIG slices of n1: CUDA runs one MIG "
+                                         "slice per process; ask for -n 1")
+    status, message = refusal(lambda: service.create_claim(
+        ALICE, {"host": "n1", "count": 1, "model": "7g.80gb"}))
+    assert status == 409 and message == "n1 has no GPU of the model '7g.80gb'"
+
+
+def test_a_mig_enabled_gpu_itself_is_never_claimed(service: Service) -> None:
+    # rules older than MIG could still show the parent as a cell: never hand it out
+    service.gpus.append(cell("n1", 0))  # type: ignore[attr-defined]
+    service.gpus[5:7] = []  # type: ignore[attr-defined]  # no whole GPU free
+    claim = service.create_claim(ALICE, {"host": "n1", "count": 1})
+    assert claim["gpus"] == ["1/2"]
+    status, _ = refusal(lambda: service.create_claim(ALICE, {"host": "n1", "count": 2}))
+    assert status == 409
+
+
+def test_claims_and_bookings_of_a_gpu_and_its_slices_exclude_each_other(service: Service
+                                                                        ) -> None:
+    claim = service.create_claim(ALICE, {"host": "n1", "count": 1, "model": "3g.40gb"})
+    status, message = refusal(lambda: service.create_reservation(
+        BOB, {"host": "n1", "gpus": [1], "until": "+2h"}))
+    assert status == 409 and message.startswith("slice 1/2 of n1 is claimed by alice until")
+    service.create_reservation(BOB, {"host": "n1", "gpus": ["1/9"], "until": "+2h"})
+    service.delete_claim(ALICE, claim["id"])
+    taken = [service.create_claim(ALICE, {"host": "n1", "count": 1, "model": "1g.10gb"})
+             ["gpus"] for _ in range(2)]
+    assert taken == [["0/7"], ["0/8"]]
+    status, _ = refusal(lambda: service.create_claim(
+        ALICE, {"host": "n1", "count": 1, "model": "1g.10gb"}))
+    assert status == 409  # 0/9 is busy, 1/9 booked by bob
+
+
+def test_a_slice_claim_ends_once_its_owner_runs_on_that_slice(service: Service) -> None:
+    claim = service.create_claim(ALICE, {"host": "n1", "count": 1, "model": "1g.10gb"})
+    assert claim["gpus"] == ["0/7"]
+    gpus: list[GpuStatus] = service.gpus  # type: ignore[attr-defined]
+    # alice on a sibling slice, or on the parent's other slice, does not count
+    gpus[1] = replace(gpus[1], users=("alice",), state="busy")
+    assert service.end_claims_in_use() == []
+    gpus[0] = replace(gpus[0], users=("alice",), state="busy")
+    assert [c.id for c in service.end_claims_in_use()] == [claim["id"]]
+    assert service.list_claims() == []
+
+
+def test_metrics_label_booked_and_claimed_slices_by_their_cell(service: Service,
+                                                               tmp_path: Path) -> None:
+    service.create_reservation(ALICE, {"host": "n1", "gpus": ["0/7", 2], "until": "+2h"})
+    service.create_reservation(BOB, {"host": "n1", "gpus": [1], "until": "+2h"})
+    claim = service.create_claim(BOB, {"host": "n1", "count": 1, "model": "1g.10gb"})
+    assert claim["gpus"] == ["1/9"]  # his booking of GPU 1 holds 1/9: his before a free one
+    registry, exporter = build_registry(service.path, service.claims, service.clock,
+                                        own_process_metrics=False)
+    try:
+        samples = [s for f in registry.collect() for s in f.samples]
+    finally:
+        exporter.close()
+    booked = sorted((s.labels["gpu"], s.labels["user"]) for s in samples
+                    if s.name == metrics.RESERVATION_END.name)
+    claimed = [(s.labels["gpu"], s.labels["user"], s.labels["id"]) for s in samples
+               if s.name == metrics.CLAIM_END.name]
+    assert booked == [("0/7", "alice"), ("1", "bob"), ("2", "alice")]
+    assert claimed == [("1/9", "bob", claim["id"])]
+
+
+def test_over_http_a_slice_is_booked_and_served_on_metrics(tmp_path: Path) -> None:
+    fleet = test_serve.Fleet(mig_fleet())
+    with test_serve.serving(tmp_path, fleet, test_serve.Clock()) as s:
+        client = test_serve.Client(s)
+        status, made = test_serve.book(client, "alice", gpus=["0/7"], host="n1")
+        assert status == 201 and made["gpus"] == ["0/7"]
+        status, answer = test_serve.book(client, "bob", gpus="0", host="n1")
+        assert status == 409 and "slice 0/7 of n1 is already booked" in \
+            test_serve.one_line_error(answer)
+        status, claim = client.json("POST", "/api/v1/claims",
+                                    {"host": "n1", "count": 1, "model": "1g.10gb"}, user="bob")
+        assert status == 201 and (claim["gpus"], claim["uuids"]) == (["0/8"], ["MIG-n1-0-8"])
+        status, _, page = client.call("GET", "/metrics")
+    assert status == 200
+    served = {(s.name, s.labels["gpu"], s.labels["user"])
+              for f in text_string_to_metric_families(page.decode()) for s in f.samples
+              if s.name in (metrics.RESERVATION_END.name, metrics.CLAIM_END.name)}
+    assert served == {(metrics.RESERVATION_END.name, "0/7", "alice"),
+                      (metrics.CLAIM_END.name, "0/8", "bob")}
+
+
+def test_run_reads_a_slice_claim_and_names_the_slice() -> None:
+    held = run_command.Claim.from_api(
+        {"id": "c1", "host": "n1", "gpus": ["0/7"], "uuids": ["MIG-n1-0-7"], "user": "alice",
+         "until": "2027-01-15T08:05:00+00:00"}, "http://127.0.0.1:1")
+    assert held.gpus == (Cell(0, 7),)
+    assert held.describe() == "slice 0/7 of n1 for alice until 2027-01-15 08:05+00:00"
+    whole = run_command.Claim.from_api(
+        {"id": "c2", "host": "n1", "gpus": [2, 3], "uuids": ["GPU-2", "GPU-3"], "user": "bob",
+         "until": "2027-01-15T08:05:00+00:00"}, "http://127.0.0.1:1")
+    assert whole.describe().startswith("GPUs 2,3 of n1 for bob")
+    with pytest.raises(client.ServiceError, match="answered a claim the client cannot read"):
+        run_command.Claim.from_api(
+            {"id": "c3", "host": "n1", "gpus": ["0"], "uuids": ["GPU-0"], "user": "bob",
+             "until": "2027-01-15T08:05:00+00:00"}, "http://127.0.0.1:1")

@@ -3,10 +3,11 @@ claim N free GPUs of this machine through gpuwatch serve, run CMD on them, end t
 
 The claim (POST /api/v1/claims) holds the GPUs for the caller until CMD's processes show up on
 them, so two jobs started at once never get the same GPU (which `pick` cannot promise).
-CUDA_VISIBLE_DEVICES names the GPUs by UUID; CMD runs as a child (not through a shell) and
-gets the SIGINT, SIGTERM and SIGHUP sent to gpuwatch; the claim is deleted when CMD ends;
-gpuwatch exits with CMD's status (128 + the signal's number when a signal killed it, as
-shells say). Without --wait, no claim is one line and exit 1 at once.
+CUDA_VISIBLE_DEVICES names the GPUs by UUID (a MIG slice, claimed one per process, by its
+MIG UUID); CMD runs as a child (not through a shell) and gets the SIGINT, SIGTERM and SIGHUP
+sent to gpuwatch; the claim is deleted when CMD ends; gpuwatch exits with CMD's status (128 +
+the signal's number when a signal killed it, as shells say). Without --wait, no claim is one
+line and exit 1 at once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, TextIO
 
 from gpuwatch import reservations
 from gpuwatch.argtypes import positive_int
+from gpuwatch.cells import Cell
 from gpuwatch.cli import client
 from gpuwatch.cli.common import PROG, Command, UserError
 from gpuwatch.fleet import local_names
@@ -49,11 +51,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.usage = ("%(prog)s [-h] -n N [--host NAME] [--model MODEL] [--minutes M] "
                "[--wait DURATION] [--server URL] -- CMD [ARGS...]")
     p.add_argument("-n", "--count", type=positive_int, required=True, metavar="N",
-                   help="how many GPUs")
+                   help="how many GPUs (a MIG slice only for 1: CUDA runs one per process)")
     p.add_argument("--host", metavar="NAME",
                    help="the host as the fleet names it; default: this machine, by its host "
                    "names")
-    p.add_argument("--model", metavar="MODEL", help="only GPUs of this model")
+    p.add_argument("--model", metavar="MODEL",
+                   help="only GPUs of this model, or MIG slices of this profile (1g.10gb)")
     p.add_argument("--minutes", type=positive_int, metavar="M",
                    help="how long the claim holds the GPUs if CMD does not start using them "
                    "(default: the service's, 5)")
@@ -69,16 +72,23 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 class Claim:
     id: str
     host: str
-    gpus: tuple[int, ...]
+    gpus: tuple[Cell, ...]
+    """Whole GPUs, or one MIG slice."""
     uuids: tuple[str, ...]
+    """What CUDA_VISIBLE_DEVICES takes: GPU UUIDs, or a slice's MIG UUID."""
     user: str
     until: dt.datetime
+
+    def __post_init__(self) -> None:
+        # indices given as numbers are whole GPUs
+        object.__setattr__(self, "gpus", tuple(
+            c if isinstance(c, Cell) else Cell(c) for c in self.gpus))
 
     @classmethod
     def from_api(cls, raw: Any, url: str) -> Claim:
         try:
             claim = cls(id=str(raw["id"]), host=str(raw["host"]),
-                        gpus=tuple(int(i) for i in raw["gpus"]),
+                        gpus=tuple(Cell.from_json(i) for i in raw["gpus"]),
                         uuids=tuple(str(u) for u in raw["uuids"]), user=str(raw["user"]),
                         until=dt.datetime.fromisoformat(raw["until"]))
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -89,7 +99,9 @@ class Claim:
         return claim
 
     def describe(self) -> str:
-        which = f"GPU{'s' if len(self.gpus) > 1 else ''} {','.join(map(str, self.gpus))}"
+        cells = ",".join(map(str, self.gpus))
+        which = f"slice {cells}" if any(c.is_slice for c in self.gpus) else \
+            f"GPU{'s' if len(self.gpus) > 1 else ''} {cells}"
         return f"{which} of {self.host} for {self.user} until {reservations.short(self.until)}"
 
 

@@ -118,7 +118,7 @@ def parse_gpus(text: str) -> Gpus:
     return cells(found)
 
 
-def _listed_gpus(items: list[Any]) -> Gpus:
+def listed_gpus(items: list[Any]) -> Gpus:
     """The cells of a list in the file or a request (indices, and "G/I" strings for slices),
     with parse_gpus' bounds and messages."""
     if not items or any(isinstance(i, bool) or not isinstance(i, (int, str)) for i in items):
@@ -383,7 +383,7 @@ def _quick_entry(raw: Any) -> Reservation | None:
         gpus = tuple(sorted({Cell(i) for i in gpus_raw}, key=Cell.sort_key))
     elif type(gpus_raw) is list and gpus_raw:
         try:
-            gpus = _listed_gpus(gpus_raw)
+            gpus = listed_gpus(gpus_raw)
         except ReservationError:
             return None
     else:
@@ -437,7 +437,7 @@ def _full_entry(raw: Any, where: str, tz: dt.tzinfo | None) -> Reservation:
         elif isinstance(gpus_raw, str):
             gpus = parse_gpus(gpus_raw)
         elif isinstance(gpus_raw, list) and gpus_raw:
-            gpus = _listed_gpus(gpus_raw)
+            gpus = listed_gpus(gpus_raw)
         else:
             raise ReservationError(f"gpus: expected a list of indices and MIG slices "
                                    f"(\"0/7\"), or all, got {str(gpus_raw)[:80]!r}")

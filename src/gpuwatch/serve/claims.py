@@ -1,5 +1,5 @@
-"""Claims: free GPUs of one host held for a user for a few minutes (`gpuwatch run`), until
-their time is up or the user's process shows up on every one of them.
+"""Claims: free GPUs (or a MIG slice) of one host held for a user for a few minutes
+(`gpuwatch run`), until their time is up or the user's process shows up on every one of them.
 
 Kept in memory: a claim bridges the seconds between asking for GPUs and the job holding them,
 so a restart of the service simply ends the claims in flight (their jobs then run on GPUs
@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from gpuwatch.cells import Cell
 from gpuwatch.reservations.times import iso
 
 
@@ -21,20 +22,23 @@ from gpuwatch.reservations.times import iso
 class Claim:
     id: str
     host: str
-    gpus: tuple[int, ...]
+    gpus: tuple[Cell, ...]
+    """The cells held: whole GPUs, or one MIG slice."""
     uuids: tuple[str, ...]
+    """What CUDA_VISIBLE_DEVICES takes, one per cell: the GPU's UUID, a slice's MIG UUID."""
     user: str
     until: float
     """Unix time the claim ends unless it ends before (by use, or released)."""
     created: float
 
     def to_json(self) -> dict[str, object]:
-        return {"id": self.id, "host": self.host, "gpus": list(self.gpus),
+        return {"id": self.id, "host": self.host, "gpus": [c.to_json() for c in self.gpus],
                 "uuids": list(self.uuids), "user": self.user,
                 "until": iso(dt.datetime.fromtimestamp(self.until, dt.timezone.utc))}
 
-    def holds(self, host: str, gpu: int) -> bool:
-        return host == self.host and gpu in self.gpus
+    def holds(self, host: str, cell: Cell) -> bool:
+        """Whether it holds hardware of `cell` (Cell.overlaps)."""
+        return host == self.host and any(c.overlaps(cell) for c in self.gpus)
 
 
 def new_id() -> str:
@@ -74,11 +78,13 @@ class ClaimBook:
             for claim in claims:
                 self._claims.pop(claim.id, None)
 
-    def held(self, now: float) -> set[tuple[str, int]]:
-        """(host, gpu) of every GPU an active claim holds."""
+    def held(self, now: float) -> set[tuple[str, Cell]]:
+        """(host, cell) of every GPU or slice an active claim holds."""
         return {(c.host, g) for c in self.active(now) for g in c.gpus}
 
 
-def in_use_by_owner(claim: Claim, users_by_gpu: Mapping[tuple[str, int], Sequence[str]]) -> bool:
-    """Whether a process of the claim's owner runs on every GPU it holds."""
+def in_use_by_owner(claim: Claim,
+                    users_by_gpu: Mapping[tuple[str, Cell], Sequence[str]]) -> bool:
+    """Whether a process of the claim's owner runs on every cell it holds (a slice's users
+    are the slice's own)."""
     return all(claim.user in users_by_gpu.get((claim.host, g), ()) for g in claim.gpus)

@@ -23,7 +23,8 @@ from gpuwatch.serve.claims import Claim, ClaimBook
 
 class ClaimCollector(Collector):
     name = "claim"
-    help = "GPUs held by claims (gpuwatch run), one series per claimed GPU"
+    help = "GPUs held by claims (gpuwatch run), one series per claimed GPU or MIG slice (gpu " \
+        "\"0/7\")"
     uses_nvml = False
 
     def __init__(self, claims: ClaimBook, clock: Callable[[], float] = time.time) -> None:

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from gpuwatch import reservations as store
+from gpuwatch.cells import Cell
 from gpuwatch.contract import states
-from gpuwatch.fleet import FleetError, GpuStatus
+from gpuwatch.fleet import FleetError, GpuStatus, matches_model
 from gpuwatch.fleet.prometheus import PrometheusError
 from gpuwatch.reservations import (
     MAX_GPU_INDEX,
@@ -33,8 +34,9 @@ from gpuwatch.reservations import (
     NotFound,
     Reservation,
     ReservationError,
-    gpus_text,
+    cells_phrase,
 )
+from gpuwatch.reservations.model import listed_gpus, share
 from gpuwatch.reservations.times import iso
 from gpuwatch.serve.claims import Claim, ClaimBook, in_use_by_owner, new_id
 from gpuwatch.serve.identity import USER_NAME, Identity
@@ -134,19 +136,24 @@ def _host(text: str) -> str:
 
 
 def parse_gpus_field(value: object) -> Gpus:
-    """gpus as a list of indices, "all", or a string as the CLI takes it ("0,2", "0-3")."""
+    """gpus as a list of indices and MIG slices ("0/7"), "all", or a string as the CLI takes
+    it ("0,2", "0-3", "0/7,0/8")."""
     if isinstance(value, list):
-        if not value or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-            raise ApiError(400, "gpus must be a non-empty list of GPU indices, \"all\", or a "
-                           "string such as \"0-3\"")
-        if any(i < 0 or i > MAX_GPU_INDEX for i in value):
+        if not value or not all(isinstance(i, (int, str)) and not isinstance(i, bool)
+                                for i in value):
+            raise ApiError(400, "gpus must be a non-empty list of GPU indices and MIG slices "
+                           "(\"0/7\"), \"all\", or a string such as \"0-3\"")
+        if any(isinstance(i, int) and (i < 0 or i > MAX_GPU_INDEX) for i in value):
             raise ApiError(400, f"gpus: indices run from 0 to at most {MAX_GPU_INDEX}")
-        return tuple(sorted(set(value)))
+        try:
+            return listed_gpus(value)
+        except ReservationError as e:
+            raise ApiError(400, str(e)) from None
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise ApiError(400, "gpus must be a list of GPU indices, \"all\", or a string such "
-                       f"as \"0-3\", got {_kind(value)}")
+        raise ApiError(400, "gpus must be a list of GPU indices and MIG slices (\"0/7\"), "
+                       f"\"all\", or a string such as \"0-3\", got {_kind(value)}")
     if any(int(n) > MAX_GPU_INDEX for n in re.findall(r"\d{1,12}", value)) or \
             re.search(r"\d{13}", value):
         raise ApiError(400, f"gpus {value[:40]!r}: indices run from 0 to at most "
@@ -155,6 +162,30 @@ def parse_gpus_field(value: object) -> Gpus:
         return store.parse_gpus(value)
     except ReservationError as e:
         raise ApiError(400, f"gpus: {e}") from None
+
+
+def _cuda_uuid(g: GpuStatus) -> str:
+    """What CUDA_VISIBLE_DEVICES takes for it: the MIG UUID of a slice, else the GPU's UUID
+    ("" when the series do not say)."""
+    return (g.mig_uuid or "") if g.cell.is_slice else g.uuid
+
+
+def _choose(mine: Sequence[GpuStatus], free: Sequence[GpuStatus],
+            count: int) -> list[GpuStatus]:
+    """What a claim of `count` takes: whole GPUs first (booked for the asker, then free; each
+    lowest index first); a MIG slice only for a count of 1 (CUDA uses one MIG device per
+    process), the most memory first, then the lowest cell."""
+    def whole(gs: Sequence[GpuStatus]) -> list[GpuStatus]:
+        return sorted((g for g in gs if not g.cell.is_slice), key=lambda g: g.gpu)
+
+    def slices(gs: Sequence[GpuStatus]) -> list[GpuStatus]:
+        return sorted((g for g in gs if g.cell.is_slice),
+                      key=lambda g: (-(g.memory_total_bytes or 0.0), g.cell.sort_key()))
+
+    ordered = whole(mine) + whole(free)
+    if count == 1:
+        ordered += slices(mine) + slices(free)
+    return ordered[:count]
 
 
 class Service:
@@ -172,9 +203,10 @@ class Service:
         self.max_claim_minutes = max_claim_minutes
         self.claims = ClaimBook()
         self._lock = threading.Lock()
-        self._seen: dict[tuple[str, int], tuple[str, float]] = {}
-        """(instance, gpu) -> (state, since): the state each GPU was last seen in and since
-        when it has been seen in it (a change seen between two readings of the fleet)."""
+        self._seen: dict[tuple[str, Cell], tuple[str, float]] = {}
+        """(instance, cell) -> (state, since): the state each GPU or slice was last seen in
+        and since when it has been seen in it (a change seen between two readings of the
+        fleet)."""
         self._seen_lock = threading.Lock()
 
     # -- time, file, fleet ---------------------------------------------------------------
@@ -205,7 +237,7 @@ class Service:
             seen, self._seen = self._seen, {}
             first = not seen
             for g in gpus:
-                key = (g.instance, g.gpu)
+                key = (g.instance, g.cell)
                 before = seen.get(key)
                 if before is not None and before[0] == g.state:
                     since = before[1]
@@ -237,14 +269,17 @@ class Service:
                            f"({', '.join(hosts) or 'none'}){hint}")
         return gpus
 
-    def _check_gpus(self, host: str, gpus: Gpus, known: Sequence[int]) -> None:
+    def _check_gpus(self, host: str, gpus: Gpus, known: Sequence[Cell]) -> None:
+        """A booking names cells the fleet has: a whole GPU (a MIG-enabled one too, whose
+        cells are its slices: the booking covers them) or a slice the fleet shows."""
         if gpus is None:
             return
-        unknown = [i for i in gpus if i not in known]
+        indices = {c.gpu for c in known}
+        unknown = [c for c in gpus if c not in known if c.is_slice or c.gpu not in indices]
         if unknown:
-            raise ApiError(400, f"{host} has GPU{'s' if len(known) != 1 else ''} "
-                           f"{gpus_text(tuple(sorted(known)))}; it has no GPU "
-                           f"{gpus_text(tuple(unknown))}")
+            have = tuple(sorted(set(known), key=Cell.sort_key))
+            raise ApiError(400, f"{host} has {cells_phrase(have)}; it has no "
+                           f"{cells_phrase(tuple(sorted(unknown, key=Cell.sort_key)))}")
 
     # -- bookings ------------------------------------------------------------------------
 
@@ -285,12 +320,12 @@ class Service:
                 raise
             fleet = []
         if force and not any(g.host == host for g in fleet):
-            if gpus is not None and max(gpus) >= MAX_FORCED_GPUS:
+            if gpus is not None and max(c.gpu for c in gpus) >= MAX_FORCED_GPUS:
                 raise ApiError(400, f"a forced booking names GPUs 0 to {MAX_FORCED_GPUS - 1}")
         else:
             known = self._gpus_of(fleet, host, who.admin)
             host = known[0].host
-            self._check_gpus(host, gpus, [g.gpu for g in known])
+            self._check_gpus(host, gpus, [g.cell for g in known])
         booking = Reservation(host=host, gpus=gpus, user=user, until=until, start=start,
                               comment=comment)
         with self._lock:
@@ -307,10 +342,11 @@ class Service:
         for claim in self.claims.active(self.clock()):
             if claim.host != booking.host or claim.user == booking.user:
                 continue
-            shared = [g for g in claim.gpus if booking.gpus is None or g in booking.gpus]
+            shared = share(booking.gpus, claim.gpus)
             starts = booking.start or now
             if shared and starts.timestamp() < claim.until:
-                raise ApiError(409, f"GPU {gpus_text(tuple(shared))} of {claim.host} is "
+                raise ApiError(409, f"{cells_phrase(shared)} of {claim.host} "
+                               f"{'are' if len(shared) > 1 else 'is'} "
                                f"claimed by {claim.user} until "
                                f"{iso(dt.datetime.fromtimestamp(claim.until, dt.timezone.utc))}")
 
@@ -411,45 +447,53 @@ class Service:
         minutes = body.whole("minutes", 1, self.max_claim_minutes, self.default_claim_minutes)
         gpus = self._gpus_of(self.fleet(), host, False)
         host = gpus[0].host
+        # a MIG-enabled GPU is no cell of its own: CUDA runs on its slices
+        parents = {g.gpu for g in gpus if g.cell.is_slice}
+        gpus = [g for g in gpus if g.cell.is_slice or g.gpu not in parents]
         if model:
-            gpus = [g for g in gpus if model in g.model.lower() or
-                    model == g.display_name.lower()]
+            gpus = [g for g in gpus if matches_model(g, model)]
             if not gpus:
                 raise ApiError(409, f"{host} has no GPU of the model {model!r}")
+            if count > 1 and all(g.cell.is_slice for g in gpus):
+                raise ApiError(409, f"{model!r} names MIG slices of {host}: CUDA runs one MIG "
+                               "slice per process; ask for -n 1")
         with self._lock:
             moment = self.clock()
             now = dt.datetime.fromtimestamp(int(moment), dt.timezone.utc)
             until = float(int(moment) + minutes * 60)
             window = Reservation(host=host, gpus=None, user=who.user, start=now,
                                  until=dt.datetime.fromtimestamp(until, dt.timezone.utc))
-            booked: dict[int, set[str]] = {}
-            for r in self._load(now):
-                if r.overlaps(window) and not r.expired(now):
-                    for i in r.gpus if r.gpus is not None else [g.gpu for g in gpus]:
-                        booked.setdefault(i, set()).add(r.user)
-            held = self.claims.held(moment)
-            mine, free = [], []
+            booked = [r for r in self._load(now) if r.overlaps(window) and not r.expired(now)]
+            held = [c for (h, c) in self.claims.held(moment) if h == host]
+            mine: list[GpuStatus] = []
+            free: list[GpuStatus] = []
             for g in gpus:
-                if (host, g.gpu) in held or g.state not in _CLAIMABLE_STATES or g.users or \
-                        not g.uuid:  # without its UUID, CUDA_VISIBLE_DEVICES cannot name it
+                cell = g.cell
+                if any(c.overlaps(cell) for c in held) or g.state not in _CLAIMABLE_STATES or \
+                        g.users or not _cuda_uuid(g):  # CUDA_VISIBLE_DEVICES names it
                     continue
-                bookers = booked.get(g.gpu)
+                bookers = {r.user for r in booked
+                           if r.gpus is None or any(b.overlaps(cell) for b in r.gpus)}
                 if not bookers:
                     free.append(g)
                 elif bookers == {who.user}:
                     mine.append(g)
-            chosen = (mine + free)[:count]
+            chosen = _choose(mine, free, count)
             if len(chosen) < count:
-                raise ApiError(409, f"{host} has {len(mine) + len(free)} GPU"
-                               f"{'' if len(mine) + len(free) == 1 else 's'} free to claim "
+                usable = [g for g in mine + free if not g.cell.is_slice]
+                slices = len(mine) + len(free) - len(usable)
+                also = f" and {slices} MIG slice{'' if slices == 1 else 's'}, one per " \
+                    "process (-n 1)" if slices else ""
+                raise ApiError(409, f"{host} has {len(usable)} GPU"
+                               f"{'' if len(usable) == 1 else 's'}{also} free to claim "
                                f"(of {len(gpus)}{' ' + model if model else ''}), {count} wanted")
-            chosen.sort(key=lambda g: g.gpu)
-            claim = Claim(id=new_id(), host=host, gpus=tuple(g.gpu for g in chosen),
-                          uuids=tuple(g.uuid for g in chosen), user=who.user, until=until,
-                          created=moment)
+            chosen.sort(key=lambda g: g.cell.sort_key())
+            claim = Claim(id=new_id(), host=host, gpus=tuple(g.cell for g in chosen),
+                          uuids=tuple(_cuda_uuid(g) for g in chosen), user=who.user,
+                          until=until, created=moment)
             self.claims.add(claim)
-        log.info("%s claimed GPU %s of %s for %d min (claim %s)", self._who(who),
-                 gpus_text(claim.gpus), host, minutes, claim.id)
+        log.info("%s claimed %s of %s for %d min (claim %s)", self._who(who),
+                 cells_phrase(claim.gpus), host, minutes, claim.id)
         return claim.to_json()
 
     def delete_claim(self, who: Identity, claim_id: str) -> None:
@@ -476,12 +520,12 @@ class Service:
         except (PrometheusError, FleetError, OSError) as e:
             log.debug("claims not checked for use: %s", e)
             return []
-        users = {(g.host, g.gpu): g.users for g in fleet}
+        users = {(g.host, g.cell): g.users for g in fleet}
         ended = [c for c in active if in_use_by_owner(c, users)]
         self.claims.remove_all(ended)
         for claim in ended:
-            log.info("claim %s of %s ended: %s runs on GPU %s", claim.id, claim.host,
-                     claim.user, gpus_text(claim.gpus))
+            log.info("claim %s of %s ended: %s runs on %s", claim.id, claim.host,
+                     claim.user, cells_phrase(claim.gpus))
         return ended
 
     @staticmethod
