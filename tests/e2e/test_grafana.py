@@ -2,9 +2,10 @@
 
 Every panel query of the dashboards runs against a real Prometheus fed by simulated exporters
 (tests/prom_harness.py), with Grafana's variables replaced by the values Grafana would give
-them; the availability grid must show every simulated GPU in the state and with the users the
-harness's oracle says, and the tables and state timelines go through Grafana's own frontend
-data code (@grafana/data). The dashboards as files: tests/unit/test_grafana_files.py.
+them; the availability grid must show every simulated GPU and MIG slice (the fleet has a MIG
+node) in the state and with the users the harness's oracle says (for slices, expected_cells
+here), and the tables and state timelines go through Grafana's own frontend data code
+(@grafana/data). The dashboards as files: tests/unit/test_grafana_files.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -20,10 +23,13 @@ from grafana_dashboards import DASHBOARDS, apply_mappings, grid_panel, panel_tit
 from paths import FIXTURES, REPO
 from prom_harness import Fleet, Node
 
+from gpuwatch.cells import Cell
 from gpuwatch.contract import states
-from gpuwatch.contract.thresholds import IDLE_DURATION
+from gpuwatch.contract.thresholds import HELD_MEMORY, IDLE_DURATION
+from gpuwatch.exporter.nvml import NVMLError
 from gpuwatch.fleet.prometheus import Sample
 from gpuwatch.reservations import Reservation
+from gpuwatch.sim import SimulatedNode, SimulatedNvml
 from tools.dashboards import (
     expand,
     panels,
@@ -34,6 +40,8 @@ from tools.dashboards import resolve_variables as resolve_with
 
 # -- every query against a real Prometheus -----------------------------------------------------
 
+MIG_HOST = "mig-01"
+
 FLEET_NODES = [
     Node("ws-01", "workstation", {"cluster": "lab"}),
     Node("srv-01", "server", {"cluster": "dc", "rack": "r1"}),
@@ -41,7 +49,101 @@ FLEET_NODES = [
     # the health series that exist only once something went wrong (retired pages, a failed
     # row remapping): so that the node dashboard's health panels have data to show
     Node("old-01", str(FIXTURES / "worn-memory.yaml"), {"cluster": "dc", "rack": "r3"}),
+    # MIG: an A100 in seven 1g.10gb slices, a mixed H100, an H100 without MIG; every query
+    # runs with it in the fleet, and the grid and the node dashboard's MIG row show its slices
+    Node("mig-01", "mig", {"cluster": "dc", "rack": "r4"}),
 ]
+
+
+# -- what the grid should show: every cell ----------------------------------------------------
+
+@dataclass(frozen=True)
+class ExpectedCell:
+    """A cell of the grid (a whole GPU or a MIG slice) as the rules should see it."""
+
+    host: str
+    cell: Cell
+    state: str
+    users: tuple[str, ...]
+    model: str
+    profile: str | None = None
+    """A slice's MIG profile (1g.10gb); None for a whole GPU."""
+    reservation: str | None = None
+    claim: str | None = None
+    memory_total_bytes: float | None = None
+    processes: int = 0
+
+
+def expected_cells(fleet: Fleet, at: float | None = None) -> dict[tuple[str, Cell], ExpectedCell]:
+    """Every cell by (host, cell): a whole GPU as the harness's oracle (Fleet.expected) says;
+    for a MIG-enabled GPU (no cell itself) each slice NVML lists now, from the simulator,
+    as the contract's slice rules read it (mig-contract: held when a process is on it or
+    its memory used reaches the held threshold, idle when held by no process for the idle
+    duration, busy with processes, free otherwise). The oracle of slices knows no bookings,
+    claims, stopped nodes or lost GPUs: it refuses a fleet that has them on a MIG node."""
+    now = time.time() if at is None else at
+    whole = fleet.expected(now)
+    t = fleet.thresholds()
+    cells: dict[tuple[str, Cell], ExpectedCell] = {}
+    for running in fleet.nodes:
+        host = running.host
+        node = SimulatedNode(running.scenario, clock=lambda: now, start=running.started)
+        nvml = SimulatedNvml(node)
+        for index, gpu in enumerate(running.scenario.gpus):
+            if not gpu.mig:
+                e = whole[host, index]
+                cells[host, Cell(index)] = ExpectedCell(
+                    host, Cell(index), e.state, e.users, e.model, None, e.reservation, e.claim,
+                    e.memory_total_bytes,
+                    sum(not p.process.vanished for p in node.processes(index)))
+                continue
+            e = whole[host, index]
+            if running.stopped or e.reservation or e.claim or e.state == states.DOWN.name:
+                raise NotImplementedError(f"{host} GPU {index}: the oracle of MIG slices "
+                                          "knows no bookings, claims or down GPUs")
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            seen_for = now - max(fleet.prometheus_started, running.started)
+            for place in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+                try:
+                    mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, place)
+                except NVMLError:
+                    continue  # no slice in that place
+                instance = nvml.nvmlDeviceGetGpuInstanceId(mig)
+                memory = nvml.nvmlDeviceGetMemoryInfo(mig)
+                (profile,) = {m.profile for m in gpu.mig if m.gpu_instance_id == instance}
+                on_it = [p for p in node.processes(index)
+                         if p.process.gpu_instance_id == instance and not p.process.vanished]
+                held = bool(on_it) or memory.used >= t[HELD_MEMORY]
+                if on_it:
+                    state = states.BUSY
+                elif held:
+                    state = states.IDLE if seen_for >= t[IDLE_DURATION] else states.BUSY
+                else:
+                    state = states.FREE
+                cell = Cell(index, instance)
+                cells[host, cell] = ExpectedCell(
+                    host, cell, state.name, tuple(sorted({p.process.user for p in on_it})),
+                    e.model, profile, memory_total_bytes=float(memory.total),
+                    processes=len(on_it))
+    return cells
+
+
+def wait_for_every_cell(fleet: Fleet, evaluations: int = 3) -> None:
+    """Fleet.wait_for_rules, counting cells (a MIG node has a state per slice, not per GPU):
+    every exporter scraped, a state for every cell, `evaluations` more rule evaluations, and
+    the state's history that far back."""
+    fleet.wait_for("every exporter scraped", lambda: fleet.api.query_value(
+        f'count(up{{job="{states.JOB}"}} == 1)'), lambda found: found == len(fleet.nodes))
+    cells = len(expected_cells(fleet))
+    fleet.wait_for("the state of every cell",
+                   lambda: fleet.api.query_value(f"count({states.STATE_INFO})"),
+                   lambda found: found == cells)
+    first = time.time()
+    fleet.wait_for("more evaluations", lambda: fleet.api.query_value("time()"),
+                   lambda now: now is not None and now >= first + evaluations * fleet.interval)
+    fleet.wait_for("history of the state", lambda: fleet.api.query_value(
+        f"count({states.STATE_INFO} offset {evaluations * fleet.interval:g}s)"),
+        lambda found: found == cells)
 
 
 def fleet_reservations() -> list[Reservation]:
@@ -60,7 +162,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     with Fleet(tmp_path_factory.mktemp("fleet"), FLEET_NODES,
                thresholds={IDLE_DURATION: 0},
                reservations=fleet_reservations()) as running:
-        running.wait_for_rules()
+        wait_for_every_cell(running)
         claim = running.claim("gina", "a100-01", minutes=60)
         running.wait_for("gina's claim in the grid", lambda: {
             (s.labels["host"], s.labels["gpu"], s.labels.get("claim"))
@@ -91,40 +193,48 @@ def test_every_panel_query_returns_data(fleet: Fleet, uid: str) -> None:
     assert empty == [], "queries without data:\n" + "\n".join(empty)
 
 
-def grid_rows(fleet: Fleet) -> dict[tuple[str, int], Mapping[str, str]]:
+def grid_rows(fleet: Fleet) -> dict[tuple[str, Cell], Mapping[str, str]]:
     (target,) = grid_panel()["targets"]
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
     rows = {}
     for series in fleet.api.query(expand(target["expr"], values)):
         labels = series.labels
-        key = (labels["host"], int(labels["gpu"]))
+        key = (labels["host"], Cell.parse(labels["gpu"]))
         assert key not in rows, f"two cells for {key}"
         rows[key] = labels
     return rows
 
 
+def cell_key(key: tuple[str, Cell]) -> tuple[str, tuple[int, int]]:
+    return key[0], key[1].sort_key()
+
+
 def test_grid_shows_every_gpu_in_its_state_with_its_users(fleet: Fleet) -> None:
     rows = grid_rows(fleet)
-    expected = fleet.expected().values()
-    assert sorted(rows) == sorted((e.host, e.gpu) for e in expected)
+    cells = expected_cells(fleet)
+    expected = cells.values()
+    assert sorted(rows, key=cell_key) == sorted(cells, key=cell_key)
     mappings = grid_panel()["fieldConfig"]["defaults"]["mappings"]
     for e in expected:
-        labels = rows[(e.host, e.gpu)]
-        where = f"{e.host} GPU {e.gpu}"
+        labels = rows[(e.host, e.cell)]
+        where = f"{e.host} GPU {e.cell}"
         assert labels["state"] == e.state, where
         users = labels.get("users", "")
         assert tuple(u for u in users.split(",") if u) == e.users, where
         assert labels.get("model", "") == e.model, where
+        assert labels.get("profile") == e.profile, where
         shown = apply_mappings(mappings, labels["cell"])
         assert shown is not None, f"{where}: no colour for {labels['cell']!r}"
         assert shown["color"] == states.BY_NAME[e.state].colour, where
         assert labels.get("reservation") == e.reservation, where
         assert labels.get("claim") == e.claim, where
+        profile = f"{e.profile} " if e.profile else ""  # a slice's text starts with it
+        assert shown["text"].startswith(profile), where
         if e.state == states.RESERVED.name:  # who booked it, until when, why
-            assert shown["text"] == f"reserved: {e.reservation}", where
+            assert shown["text"] == f"{profile}reserved: {e.reservation}", where
             continue
         if e.state == states.CLAIMED.name:  # who claimed it
-            assert shown["text"] == f"claimed: {e.claim}", where
+            assert shown["text"] == f"{profile}claimed: {e.claim}", where
             continue
         for user in e.users:
             assert user in shown["text"], f"{where}: the cell names {user}"
@@ -134,6 +244,9 @@ def test_grid_shows_every_gpu_in_its_state_with_its_users(fleet: Fleet) -> None:
         "the simulated fleet shows every state the rules produce"
     assert any(e.state == states.BUSY.name and e.reservation for e in expected), \
         "a booked GPU its holder uses is busy"
+    on_slices = {e.state for e in expected if e.cell.is_slice}
+    assert on_slices >= {states.FREE.name, states.BUSY.name}, \
+        "the MIG node has free and busy slices"
 
 
 GRAFANA_FRONTEND = REPO / "tests" / "grafana_frontend"
@@ -186,15 +299,16 @@ def test_grid_as_grafanas_own_code_draws_it(fleet: Fleet) -> None:
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
     drawn = draw_table(panel, prometheus_table_frames(
         {target["refId"]: fleet.api.query(expand(target["expr"], values))}))
-    expected = fleet.expected()
+    expected = expected_cells(fleet)
     hosts = sorted({host for host, _ in expected})
-    indices = sorted({index for _, index in expected})
+    indices = sorted({index for _, index in expected}, key=Cell.sort_key)
     columns = {field["name"]: field for field in drawn["fields"]}
     assert list(columns) == ["host", *map(str, indices)], json.dumps(drawn)[:3000]
+    assert any(index.is_slice for index in indices), "the MIG node's slices are columns"
     assert [cell["text"] for cell in columns["host"]["cells"]] == hosts
     assert columns["host"]["custom"]["cellOptions"]["type"] == "auto", "host is not coloured"
-    assert len({host for host, _ in expected if (host, max(indices)) not in expected}) > 0, \
-        "a host with fewer GPUs than another leaves cells empty"
+    assert len({host for host, _ in expected if (host, max(indices, key=Cell.sort_key))
+                not in expected}) > 0, "a host with fewer GPUs than another leaves cells empty"
     state_colours = {drawn["colors"][state.colour] for state in states.ALL}
     for row, host in enumerate(hosts):
         for index in indices:
@@ -206,10 +320,12 @@ def test_grid_as_grafanas_own_code_draws_it(fleet: Fleet) -> None:
                 continue
             assert columns[str(index)]["custom"]["cellOptions"]["type"] == "color-background"
             assert cell["color"] == drawn["colors"][states.BY_NAME[e.state].colour], where
+            profile = f"{e.profile} " if e.profile else ""
+            assert cell["text"].startswith(profile), where
             if e.state == states.RESERVED.name:
-                assert cell["text"] == f"reserved: {e.reservation}", where
+                assert cell["text"] == f"{profile}reserved: {e.reservation}", where
             elif e.state == states.CLAIMED.name:
-                assert cell["text"] == f"claimed: {e.claim}", where
+                assert cell["text"] == f"{profile}claimed: {e.claim}", where
             elif e.users:
                 assert all(user in cell["text"] for user in e.users), where
             if e.state != states.BUSY.name or not e.users:
@@ -291,28 +407,156 @@ def test_state_history_names_the_states_the_grid_shows(fleet: Fleet) -> None:
         labels = series.labels
         shown = apply_mappings(names, f"{series.value:g}")
         assert shown is not None
-        assert shown["text"] == rows[(labels["host"], int(labels["gpu"]))]["state"]
+        assert shown["text"] == rows[(labels["host"], Cell.parse(labels["gpu"]))]["state"]
 
 
 def test_free_counts_match_the_scenarios(fleet: Fleet) -> None:
-    expected = fleet.expected().values()
+    """Free cells in all and per model and MIG profile (free 1g.10gb slices of A100s apart
+    from free A100s), each named by its display name, a slice's with its profile."""
+    expected = expected_cells(fleet).values()
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
     (total,) = panel_titled("gpuwatch-fleet", "Free GPUs")["targets"]
     (result,) = fleet.api.query(expand(total["expr"], values))
     assert result.value == sum(e.state == "free" for e in expected)
     (per_model,) = panel_titled("gpuwatch-fleet", "Free GPUs per model")["targets"]
-    got = {r.labels["model"]: r.value
-           for r in fleet.api.query(expand(per_model["expr"], values))}
-    assert got == {model: float(sum(e.state == "free" and e.model == model for e in expected))
-                   for model in {e.model for e in expected if e.model}}
+    answer = fleet.api.query(expand(per_model["expr"], values))
+    got = {(r.labels["model"], r.labels.get("profile")): r.value for r in answer}
+    assert len(got) == len(answer), "one bar per model and profile"
+    kinds = {(e.model, e.profile) for e in expected if e.model}
+    assert got == {(model, profile): float(sum(
+        e.state == "free" and (e.model, e.profile) == (model, profile) for e in expected))
+        for model, profile in kinds}
+    assert any(profile for _, profile in got), "slices are counted by profile"
+    for r in answer:
+        profile = r.labels.get("profile")
+        name = r.labels["display_name"]
+        assert name.endswith(f" {profile}") if profile else not name.endswith(" "), name
+
+
+def process_cells(fleet: Fleet, at: float) -> list[tuple[str, str, str, str, str]]:
+    """(host, cell, pid, user, command) of every process the exporters report at `at`; a
+    process on a MIG slice is on the slice's cell."""
+    found = []
+    for p in fleet.expected_processes(at):
+        running = fleet.node(p.host)
+        live = SimulatedNode(running.scenario, clock=lambda: at, start=running.started) \
+            .find(p.pid)
+        assert live is not None, p
+        cell = Cell(p.gpu, live.process.gpu_instance_id)
+        found.append((p.host, str(cell), str(p.pid), p.user, p.command))
+    return sorted(found)
 
 
 def test_holders_table_lists_every_process(fleet: Fleet) -> None:
+    """Every process, those on MIG slices on their slice's cell (0/7), with the model."""
     table = panel_titled("gpuwatch-fleet", "Who holds GPUs now")
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
+    expected = process_cells(fleet, time.time())
+    assert any("/" in cell for _, cell, *_ in expected), "processes on MIG slices"
     for target in table["targets"]:
+        answer = fleet.api.query(expand(target["expr"], values))
         got = sorted((r.labels["host"], r.labels["gpu"], r.labels["pid"], r.labels["user"],
-                      r.labels["command"])
-                     for r in fleet.api.query(expand(target["expr"], values)))
-        assert got == sorted((p.host, str(p.gpu), str(p.pid), p.user, p.command)
-                             for p in fleet.expected_processes()), target["refId"]
+                      r.labels["command"]) for r in answer)
+        assert got == expected, target["refId"]
+        for r in answer:
+            if "/" in r.labels["gpu"]:  # a slice: its parent's short name and its profile
+                assert r.labels["display_name"].endswith(" 1g.10gb") or \
+                    r.labels["display_name"].endswith("g.40gb"), r.labels
+
+
+def test_users_panel_shows_where_the_slices_users_are(fleet: Fleet) -> None:
+    """The users dashboard's table names the slice (cell) each user holds, with its state and
+    profile."""
+    (target,) = panel_titled("gpuwatch-users", "Where the users' GPUs are")["targets"]
+    values = resolve_variables(fleet, DASHBOARDS["gpuwatch-users"])[0]
+    cells = expected_cells(fleet)
+    got = {(r.labels["host"], r.labels["gpu"], r.labels["user"]):
+           (r.labels["state"], r.labels.get("profile"))
+           for r in fleet.api.query(expand(target["expr"], values))}
+    expected = {(e.host, str(e.cell), user): (e.state, e.profile)
+                for e in cells.values() for user in e.users}
+    assert got == expected
+    assert any("/" in cell for _, cell, _ in got)
+
+
+# -- the node dashboard on a MIG node ---------------------------------------------------------
+
+MIG_ROW = ("MIG slices", "Memory per slice", "Processes per slice", "Users per slice")
+
+
+def node_values(fleet: Fleet, host: str) -> dict[str, str]:
+    (values,) = [v for v in resolve_variables(fleet, DASHBOARDS["gpuwatch-node"])
+                 if v["host"] == host]
+    return values
+
+
+def mig_row_answers(fleet: Fleet, host: str) -> dict[tuple[str, str], list[Sample]]:
+    values = node_values(fleet, host)
+    return {(title, target["refId"]): fleet.api.query(expand(target["expr"], values))
+            for title in MIG_ROW for target in panel_titled("gpuwatch-node", title)["targets"]}
+
+
+def test_mig_row_shows_every_slice_of_a_mig_node(fleet: Fleet) -> None:
+    """The node dashboard's MIG row on the MIG node: every slice (cell) with its profile,
+    state, users, memory and processes; the users per slice."""
+    answers = mig_row_answers(fleet, MIG_HOST)
+    slices = {e.cell: e for (host, _), e in expected_cells(fleet).items()
+              if host == MIG_HOST and e.cell.is_slice}
+    assert len(slices) >= 10, "seven 1g.10gb slices and three of the H100"
+    for (title, ref), answer in answers.items():
+        where = f"{title} {ref}"
+        by_cell = {Cell.parse(r.labels["gpu"]): r for r in answer}
+        if title == "Users per slice":
+            assert {(c, r.labels["user"]) for c, r in
+                    ((Cell.parse(r.labels["gpu"]), r) for r in answer)} == \
+                {(c, user) for c, e in slices.items() for user in e.users}, where
+            continue
+        assert len(by_cell) == len(answer) and set(by_cell) == set(slices), where
+        for c, r in by_cell.items():
+            e = slices[c]
+            assert r.labels["profile"] == e.profile, f"{where} {c}"
+            if title == "MIG slices":
+                assert r.labels["state"] == e.state, f"{where} {c}"
+                assert tuple(u for u in r.labels.get("users", "").split(",") if u) == e.users
+                assert r.labels["mig_uuid"].startswith("MIG-"), f"{where} {c}"
+            if (title, ref) in (("MIG slices", "B"), ("Memory per slice", "B")):
+                assert r.value == e.memory_total_bytes, f"{where} {c}"
+            if (title, ref) in (("MIG slices", "C"), ("Processes per slice", "A")):
+                assert r.value == e.processes, f"{where} {c}"
+
+
+def test_mig_row_is_empty_on_a_node_without_mig(fleet: Fleet) -> None:
+    """Valid queries that find nothing (Grafana shows "No data"), not errors."""
+    assert all(answer == [] for answer in mig_row_answers(fleet, "ws-01").values())
+
+
+def test_node_dashboard_keeps_a_mig_gpus_own_panels(fleet: Fleet) -> None:
+    """The GPU variable lists the MIG node's GPUs as NVML numbers them; a MIG-enabled GPU keeps
+    its row in the GPUs table (state MIG, the users of its slices) and its own series
+    (temperature); the state timeline draws its slices."""
+    values = node_values(fleet, MIG_HOST)
+    running = fleet.node(MIG_HOST)
+    indices = [str(i) for i in range(len(running.scenario.gpus))]
+    assert fleet.api.label_values("gpu", f'nvidia_gpu_up{{host="{MIG_HOST}"}}') == indices
+    (target,) = panel_titled("gpuwatch-node", "GPUs")["targets"]
+    rows = {r.labels["gpu"]: r.labels for r in fleet.api.query(expand(target["expr"], values))}
+    assert sorted(rows) == indices
+    cells = expected_cells(fleet)
+    for index, gpu in enumerate(running.scenario.gpus):
+        labels = rows[str(index)]
+        if gpu.mig:
+            assert labels["state"] == "MIG", labels
+            users = {u for (host, c), e in cells.items()
+                     if host == MIG_HOST and c.gpu == index for u in e.users}
+            assert set(filter(None, labels.get("users", "").split(","))) == users
+        else:
+            assert labels["state"] == cells[MIG_HOST, Cell(index)].state
+    (temperature, *_) = panel_titled("gpuwatch-node", "Temperature")["targets"]
+    assert sorted(r.labels["gpu"] for r in
+                  fleet.api.query(expand(temperature["expr"], values))) == indices
+    (timeline,) = panel_titled("gpuwatch-node", "State")["targets"]
+    for gpu_value in ("0", ".*"):
+        drawn = {Cell.parse(r.labels["gpu"]) for r in fleet.api.query(
+            expand(timeline["expr"], {**values, "gpu": gpu_value}))}
+        assert drawn == {c for host, c in cells if host == MIG_HOST
+                         and (gpu_value == ".*" or c.gpu == 0)}, gpu_value
