@@ -1,5 +1,5 @@
-"""`gpuwatch reserve HOST:GPUS --until WHEN`: book GPUs, through gpuwatch serve (--server) or
-in the reservations file (--file, the admin on the monitoring host)."""
+"""`gpuwatch reserve HOST:GPUS --until WHEN`: book GPUs or MIG slices, through gpuwatch serve
+(--server) or in the reservations file (--file, the admin on the monitoring host)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from gpuwatch.reservations import Reservation, ReservationError
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="HOST:GPUS",
                    help="the host as `gpuwatch status` names it and its GPUs: 0,2 or 0-3 or "
-                   f"{ALL_GPUS} (an IPv6 address in brackets: [fe80::1]:0)")
+                   f"MIG slices 0/7,0/8 (GPU/GPU-instance, as the grid shows them) or {ALL_GPUS} "
+                   "(an IPv6 address in brackets: [fe80::1]:0)")
     p.add_argument("--until", required=True, metavar="WHEN",
                    help=f"when the booking ends: {reservations.WHEN_FORMATS}")
     p.add_argument("--user", default=None, metavar="NAME",
