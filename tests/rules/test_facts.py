@@ -16,6 +16,7 @@ import pytest
 import yaml
 from paths import REPO
 
+from gpuwatch.cells import Cell
 from gpuwatch.contract import states, thresholds
 from tools import localstack
 
@@ -375,4 +376,6 @@ def test_promtool_tests_book_every_gpu_with_the_contracts_value() -> None:
               if s["series"].startswith("nvidia_gpu_reservation_end_timestamp_seconds")]
     gpus = {value for s in series for _, value in _GPU_MATCHER.findall(s)}
     assert states.ALL_GPUS in gpus
-    assert all(g.isdigit() for g in gpus - {states.ALL_GPUS}), gpus
+    # the rest are cells as the reservation collector writes them: "0", a MIG slice "0/7"
+    assert all(str(Cell.parse(g)) == g for g in gpus - {states.ALL_GPUS}), gpus
+    assert any(Cell.parse(g).is_slice for g in gpus - {states.ALL_GPUS}), gpus

@@ -304,11 +304,14 @@ def test_the_reservations_job_scrapes_the_endpoint_where_it_listens() -> None:
 
 def test_booked_hosts_are_matched_by_the_reservations_own_label() -> None:
     """The endpoint's series carry the booked host as reserved_host (their host label is the
-    monitoring host's); the rule matches it to the GPUs' host."""
+    monitoring host's); the rule matches it to the GPUs' host, in each of its matches (a
+    cell's booking, a MIG-enabled GPU's booking covering its slices, the host's)."""
     assert "reserved_host" in metrics.RESERVATION_END.labels
     assert "host" not in metrics.RESERVATION_END.label_names
     expr = rule(states.RESERVED_UNTIL)["expr"]
-    assert expr.count('"host", "$1", "reserved_host", "(.*)"') == 2
+    reads = expr.count(metrics.RESERVATION_END.name)
+    assert reads == 3
+    assert expr.count('"host", "$1", "reserved_host", "(.*)"') == reads
 
 
 def test_recording_rules_are_named_level_metric_operations() -> None:
