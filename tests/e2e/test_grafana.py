@@ -276,6 +276,15 @@ def prometheus_table_frames(results: dict[str, list[Sample]]) -> list[dict[str, 
     return frames
 
 
+def panel_answers(fleet: Fleet, panel: dict[str, Any], values: Mapping[str, str]
+                  ) -> dict[str, list[Sample]]:
+    """Each query's answer by refId, all at one instant, as Grafana asks them (one request
+    time for the panel: the merge of a table's queries joins rows on equal times)."""
+    at = time.time()
+    return {t["refId"]: fleet.api.query(expand(t["expr"], values), at=at)
+            for t in panel["targets"] if not t.get("hide")}
+
+
 def draw_table(panel: dict[str, Any], frames: list[dict[str, Any]]) -> dict[str, Any]:
     """What Grafana's frontend makes of `frames` in `panel`: its transformations, field config
     and value mappings applied by @grafana/data (tests/grafana_frontend/render-table.cjs)."""
@@ -346,8 +355,7 @@ def test_table_columns_as_grafanas_own_code_draws_them(fleet: Fleet, uid: str,
     panel = panel_titled(uid, title)
     assert all(t.get("format") == "table" for t in panel["targets"]), "table queries"
     for values in resolve_variables(fleet, DASHBOARDS[uid]):  # the first choice with data
-        results = {t["refId"]: fleet.api.query(expand(t["expr"], values))
-                   for t in panel["targets"] if not t.get("hide")}
+        results = panel_answers(fleet, panel, values)
         if all(results.values()):
             break
     else:
@@ -523,6 +531,18 @@ def test_mig_row_shows_every_slice_of_a_mig_node(fleet: Fleet) -> None:
                 assert r.value == e.memory_total_bytes, f"{where} {c}"
             if (title, ref) in (("MIG slices", "C"), ("Processes per slice", "A")):
                 assert r.value == e.processes, f"{where} {c}"
+    # as Grafana's own code draws the table: one row per slice, every column filled
+    table = panel_titled("gpuwatch-node", "MIG slices")
+    drawn = draw_table(table, prometheus_table_frames(
+        panel_answers(fleet, table, node_values(fleet, MIG_HOST))))
+    columns = {field["name"]: [cell["text"] for cell in field["cells"]]
+               for field in drawn["fields"]}
+    assert sorted(columns["slice"]) == sorted(map(str, slices)), columns["slice"]
+    for row, name in enumerate(columns["slice"]):
+        e = slices[Cell.parse(name)]
+        assert columns["profile"][row] == e.profile and columns["state"][row] == e.state
+        assert all(columns[c][row] != "" for c in ("Memory used", "Memory", "Processes")), \
+            {c: v[row] for c, v in columns.items()}
 
 
 def test_mig_row_is_empty_on_a_node_without_mig(fleet: Fleet) -> None:
