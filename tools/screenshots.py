@@ -2,13 +2,15 @@
 page (`/` of `gpuwatch serve`) in Debian's Chromium over the demo's fleet.
 
 The fleet is the demo's (tools/demo.py: its nodes, its booking of frank's and the booking its
-`gpuwatch reserve` example makes, its basic-auth users through its web config), started with
-tools.localstack as the demo starts it, on 127.0.0.1 only; the viewer is alice, who runs jobs
-on the workstation and the server. Rules run every second with no idle duration, so every state
-shows at once, and alice claims a GPU as `gpuwatch run` would, so the claimed state shows too.
+`gpuwatch reserve` example makes, its basic-auth users through its web config) and a MIG node
+(scenario mig: an A100 in seven slices and a mixed H100, whose slices are cells in the group
+of their GPU), started with tools.localstack as the demo starts it, on 127.0.0.1 only; the
+viewer is alice, who runs jobs on the workstation and the server. Rules run every second
+with no idle duration, so every state shows at once, and alice claims a GPU as `gpuwatch run`
+would, so the claimed state shows too.
 Playwright drives /usr/bin/chromium headless (it never downloads a browser). The light
-screenshot has the detail of a GPU that two people share open; every process started here is
-stopped at the end.
+screenshot has the detail of a GPU that two people share open, the phone's shows the MIG
+node; every process started here is stopped at the end.
 
     python -m tools.screenshots [--out docs/screenshots]
 """
@@ -33,6 +35,7 @@ from typing import Any
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from gpuwatch import reservations
+from gpuwatch.cells import Cell
 from gpuwatch.contract import states
 from gpuwatch.contract.thresholds import IDLE_DURATION
 from gpuwatch.fleet import read_fleet
@@ -44,6 +47,11 @@ PROG = "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 OUT = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 VIEWER = "alice"
+NODES = demo.NODES + tuple(node for node in (("gpu-srv-02", "mig"),)
+                          if node[1] not in {scenario for _, scenario in demo.NODES})
+"""The demo's nodes and a MIG node (unless the demo has one)."""
+MIG_HOST = next(host for host, scenario in NODES if scenario == "mig")
+"""What the phone's screenshot shows: the MIG node, its slices in the groups of their GPUs."""
 SHARED = ("ws-01", 1)
 """The GPU whose detail the light screenshot shows: alice and bob share it (workstation)."""
 OVERRIDES = dataclasses.replace(demo.OVERRIDES, scrape_interval="1s", evaluation_interval="1s",
@@ -89,7 +97,7 @@ def start_fleet(stack: ExitStack, workdir: Path) -> tuple[str, str]:
     `stack`; the service's URL and the viewer's password, once Prometheus shows every state."""
     (workdir / "targets").mkdir(parents=True)
     groups = []
-    for host, scenario in demo.NODES:
+    for host, scenario in NODES:
         port = localstack.free_port()
         exporter = localstack.exporter(scenario, port, workdir / f"exporter-{host}.log")
         stack.callback(exporter.stop)
@@ -101,7 +109,8 @@ def start_fleet(stack: ExitStack, workdir: Path) -> tuple[str, str]:
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     host, gpus, user, comment = demo.BOOKED
     reservations.add(booking_file, reservations.Reservation(
-        host=host, gpus=gpus, user=user, start=now, until=now + dt.timedelta(days=3),
+        host=host, gpus=tuple(Cell(g) if isinstance(g, int) else g for g in gpus), user=user,
+        start=now, until=now + dt.timedelta(days=3),
         comment=comment), now)
     prometheus_port = localstack.free_port()
     prometheus_url = f"http://{localstack.LOCALHOST}:{prometheus_port}"
@@ -123,8 +132,8 @@ def start_fleet(stack: ExitStack, workdir: Path) -> tuple[str, str]:
     url = f"http://{localstack.LOCALHOST}:{service_port}"
     password = password_file.read_text()
     api = Prometheus(prometheus_url)
-    wait("every demo node in Prometheus", lambda: {g.host for g in read_fleet(api)} >=
-         {h for h, _ in demo.NODES})
+    every = sum(cells(scenario) for _, scenario in NODES)
+    wait("every node's cells in Prometheus", lambda: len(read_fleet(api)) >= every)
     target, until, why = demo.TRY
     try_host, try_gpu = target.split(":")
     ask(url, password, "POST", "/api/v1/reservations",
@@ -179,7 +188,7 @@ def shoot(browser: Browser, url: str, password: str, path: Path, scheme: str,
     try:
         page = ctx.new_page()
         page.goto(url)
-        every = sum(len(demo_gpus(scenario)) for _, scenario in demo.NODES)
+        every = sum(cells(scenario) for _, scenario in NODES)
         page.wait_for_function(
             "n => document.querySelectorAll('#grid .cell').length >= n"
             " && !document.querySelector('#grid .cell.stale')"
@@ -187,6 +196,9 @@ def shoot(browser: Browser, url: str, password: str, path: Path, scheme: str,
             timeout=DEADLINE * 1000)
         if detail:
             show_detail(page)
+        if context.get("is_mobile"):  # the phone's screen: the MIG node's slices
+            page.evaluate("host => document.querySelector(`section.host[data-host=\"${host}\"]`)"
+                          ".scrollIntoView({block: 'start'})", MIG_HOST)
         page.screenshot(path=str(path), full_page=not context.get("is_mobile"))
     finally:
         ctx.close()
@@ -201,6 +213,14 @@ def show_detail(page: Page) -> None:
 
 def demo_gpus(scenario: str) -> list[Any]:
     return list(load_scenario(scenario).gpus)
+
+
+def cells(scenario: str) -> int:
+    """The cells of a scenario's grid at its start: a whole GPU each, and each slice there
+    from the start of a MIG-enabled GPU (not the GPU itself)."""
+    return sum(len([m for m in gpu.mig if m.created_after_seconds <= 0 and
+                    (m.gone_after_seconds is None or m.gone_after_seconds > 0)]) or 1
+               if gpu.mig else 1 for gpu in demo_gpus(scenario))
 
 
 if __name__ == "__main__":
