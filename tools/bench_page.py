@@ -2,14 +2,16 @@
 Debian's Chromium.
 
 `gpuwatch serve` runs in this process (gpuwatch.serve.app.build) over a synthetic fleet instead
-of Prometheus: 125 hosts of 8 GPUs in 5 clusters and 3 models, in every state, with 1 to 3
-processes of 12 users on the held ones, some booked and some claimed, every GPU fresh (its
-`updated` is the moment of the answer). A signed-in user (basic auth) opens the page in headless
-Chromium (Playwright, /usr/bin/chromium, 1280x900) several times, each in a fresh browser
-context; the page refreshes every second (--web.refresh 1s). A script Playwright adds before
-the page's own (a MutationObserver on document.body's data-rendered, not subject to the page's
-Content-Security-Policy) notes when each render ends, by the page's own clock
-(performance.now(), 0 at the start of the navigation). Medians over the runs, in milliseconds:
+of Prometheus: 125 hosts of 8 cells in 5 clusters and 3 models, in every state, with 1 to 3
+processes of 12 users on the held ones, some booked and some claimed, every cell fresh (its
+`updated` is the moment of the answer); on the A100 hosts seven of the eight cells are MIG
+slices (1g.5gb) of GPU 0, shown in its group, and the eighth is GPU 1. A signed-in user
+(basic auth) opens the page in headless Chromium (Playwright, /usr/bin/chromium, 1280x900)
+several times, each in a fresh browser context; the page refreshes every second
+(--web.refresh 1s). A script Playwright adds before the page's own (a MutationObserver on
+document.body's data-rendered, not subject to the page's Content-Security-Policy) notes
+when each render ends, by the page's own clock (performance.now(), 0 at the start of the
+navigation). Medians over the runs, in milliseconds:
 
 - first render: from the start of the navigation to the end of the first complete render
   (document.body.dataset.rendered = 1, every cell in the DOM);
@@ -58,6 +60,8 @@ PASSWORD = "bench-page-password"
 GPUS_PER_HOST = 8
 MODELS = (("NVIDIA H100 80GB HBM3", "H100 80GB HBM3", 80), ("NVIDIA A100-SXM4-40GB",
           "A100-SXM4-40GB", 40), ("NVIDIA GeForce RTX 3090", "RTX 3090", 24))
+MIG_MODEL, MIG_PROFILE, MIG_GIB = MODELS[1][0], "1g.5gb", 5
+"""The A100 hosts' GPU 0 is in seven slices of this profile."""
 USERS = tuple(f"user{i:02d}" for i in range(11)) + (USER,)
 GIB = float(1 << 30)
 VIEWPORT = {"width": 1280, "height": 900}
@@ -81,7 +85,8 @@ FILTER_JS = """() => new Promise(done => {
 
 
 def synthetic_fleet(count: int, now: float) -> list[GpuStatus]:
-    """`count` GPUs on hosts of GPUS_PER_HOST, cycling through every state."""
+    """`count` cells on hosts of GPUS_PER_HOST, cycling through every state; on the A100
+    hosts (MIG_MODEL) the first seven of a host are slices of its GPU 0."""
     cycle = (states.FREE, states.BUSY, states.BUSY, states.IDLE, states.BUSY, states.RESERVED,
              states.FREE, states.BUSY, states.CLAIMED, states.BUSY, states.DOWN)
     until = dt.datetime.fromtimestamp(now + 86400, dt.timezone.utc)
@@ -90,6 +95,7 @@ def synthetic_fleet(count: int, now: float) -> list[GpuStatus]:
         host, index = f"node-{i // GPUS_PER_HOST:03d}", i % GPUS_PER_HOST
         model, display, gib = MODELS[(i // GPUS_PER_HOST) % len(MODELS)]
         state = cycle[i % len(cycle)]
+        mig = model == MIG_MODEL and index < GPUS_PER_HOST - 1
         held = state in (states.BUSY, states.IDLE)
         processes = tuple(GpuProcess(pid=10_000 + i * 4 + p, user=USERS[(i + p) % len(USERS)],
                                      command="python", memory_bytes=(4 + p) * GIB,
@@ -97,12 +103,14 @@ def synthetic_fleet(count: int, now: float) -> list[GpuStatus]:
                           for p in range(1 + i % 3)) if held else ()
         gpus.append(GpuStatus(
             host=host, instance=f"10.0.{i // 2000}.{(i // GPUS_PER_HOST) % 250}:9835",
-            gpu=index, uuid=f"GPU-{i:08d}", state=state.name,
+            gpu=(0 if mig else 1) if model == MIG_MODEL else index,
+            uuid=f"GPU-{i - index if mig else i:08d}", state=state.name,
             users=tuple(sorted({p.user for p in processes})), model=model,
-            display_name=display,
+            display_name=f"{display} {MIG_PROFILE}" if mig else display,
             memory_used_bytes=sum(p.memory_bytes or 0 for p in processes),
-            memory_total_bytes=gib * GIB,
-            utilization_ratio=0.0 if state != states.BUSY else 0.5 + (i % 5) / 10,
+            memory_total_bytes=(MIG_GIB if mig else gib) * GIB,
+            utilization_ratio=None if mig else
+            0.0 if state != states.BUSY else 0.5 + (i % 5) / 10,
             inactive_since=now - 1800 if state == states.IDLE else None,
             reservation=ActiveReservation(USERS[i % len(USERS)], until.isoformat(),
                                           until.timestamp(), "experiments")
@@ -111,7 +119,9 @@ def synthetic_fleet(count: int, now: float) -> list[GpuStatus]:
             if state == states.CLAIMED else None,
             temperature_celsius=None if state == states.DOWN else 40.0 + i % 40,
             processes=processes, since=now - 3600, cluster=f"cluster-{i // 200}",
-            updated=now))
+            updated=now, gpu_instance_id=7 + index if mig else None,
+            profile=MIG_PROFILE if mig else None,
+            mig_uuid=f"MIG-{i:08d}-0000-4000-8000-000000000000" if mig else None))
     return gpus
 
 
