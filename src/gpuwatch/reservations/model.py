@@ -60,6 +60,20 @@ Gpus = tuple[Cell, ...] | None
 """The cells booked (whole GPUs and MIG slices, gpuwatch.cells.Cell), in Cell.sort_key order,
 none covering another; None: every GPU of the host."""
 
+_INTERNED: dict[tuple[int, int | None], Cell] = {}
+
+
+def interned(gpu: int, instance: int | None = None) -> Cell:
+    """The one Cell object of that cell: reservations compare and hash their cells on every
+    edit of a file of thousands, and equal tuples of the same objects compare without a call
+    (a GPU index is at most 1023, an instance id too: the table stays bounded)."""
+    key = (gpu, instance)
+    found = _INTERNED.get(key)
+    if found is None:
+        found = _INTERNED.setdefault(key, Cell(gpu, instance))
+    return found
+
+
 _RANGE = re.compile(r"(-?\d+)\s*-\s*(-?\d+)")
 _SLICE_OR_INDEX = re.compile(r"-?\d+(?:\s*/\s*-?\d+)?")
 
@@ -88,7 +102,7 @@ def _cell(part: str, text: str) -> Cell:
     if max(numbers) > MAX_GPU_INDEX:
         raise ReservationError(f"{text!r}: {max(numbers)} is past the highest index gpuwatch "
                                f"accepts ({MAX_GPU_INDEX}); for every GPU write all")
-    return Cell(*numbers)
+    return interned(*numbers)
 
 
 def parse_gpus(text: str) -> Gpus:
@@ -114,7 +128,7 @@ def parse_gpus(text: str) -> Gpus:
         if high > MAX_GPU_INDEX:
             raise ReservationError(f"{text!r}: GPU {high} is past the highest index gpuwatch "
                                    f"accepts ({MAX_GPU_INDEX}); for every GPU write all")
-        found.extend(Cell(i) for i in range(low, high + 1))
+        found.extend(interned(i) for i in range(low, high + 1))
     return cells(found)
 
 
@@ -223,7 +237,8 @@ class Reservation:
         if isinstance(gpus, (tuple, list)) and gpus and all(
                 (type(i) is int and 0 <= i <= MAX_GPU_INDEX) or isinstance(i, Cell)
                 for i in gpus):
-            found = [i if isinstance(i, Cell) else Cell(i) for i in gpus]
+            found = [interned(i.gpu, i.instance) if isinstance(i, Cell) else interned(i)
+                     for i in gpus]
             ordered = tuple(sorted(set(found), key=Cell.sort_key))
             if ordered != gpus:
                 object.__setattr__(self, "gpus", ordered)
@@ -380,7 +395,7 @@ def _quick_entry(raw: Any) -> Reservation | None:
     elif type(gpus_raw) is list and gpus_raw and all(type(i) is int for i in gpus_raw):
         if min(gpus_raw) < 0 or max(gpus_raw) > MAX_GPU_INDEX:
             return None
-        gpus = tuple(sorted({Cell(i) for i in gpus_raw}, key=Cell.sort_key))
+        gpus = tuple(interned(i) for i in sorted(set(gpus_raw)))
     elif type(gpus_raw) is list and gpus_raw:
         try:
             gpus = listed_gpus(gpus_raw)
@@ -572,8 +587,9 @@ def check_overlaps(reservations: Sequence[Reservation], path: Path | str,
         # each bucket: bookings that all share one piece of hardware
         buckets: list[list[Reservation]] = [every]
         for whole, slices in per_gpu.values():
-            buckets.append([*every, *whole])
-            buckets.extend([*every, *whole, *one] for one in slices.values())
+            above = [*every, *whole] if every else whole
+            buckets.append(above)
+            buckets.extend([*above, *one] for one in slices.values())
         for bucket in buckets:
             clash = _first_overlap(bucket)
             if clash:
