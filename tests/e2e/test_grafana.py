@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from grafana_dashboards import DASHBOARDS, apply_mappings, grid_panel, panel_titled
 from paths import FIXTURES, REPO
-from prom_harness import Fleet, Node
+from prom_harness import Fleet, Node, describe
 
 from gpuwatch.cells import Cell
 from gpuwatch.contract import states
@@ -79,11 +79,16 @@ def expected_cells(fleet: Fleet, at: float | None = None) -> dict[tuple[str, Cel
     for a MIG-enabled GPU (no cell itself) each slice NVML lists now, from the simulator,
     as the contract's slice rules read it (mig-contract: held when a process is on it or
     its memory used reaches the held threshold, idle when held by no process for the idle
-    duration, busy with processes, free otherwise). The oracle of slices knows no bookings,
-    claims, stopped nodes or lost GPUs: it refuses a fleet that has them on a MIG node."""
+    duration, busy with processes, free otherwise; a booked slice reserved unless the one
+    who booked it uses it, a claimed one claimed while not held, as for a GPU). The oracle
+    of slices knows no stopped nodes or lost GPUs: it refuses a fleet that has them on a
+    MIG node."""
     now = time.time() if at is None else at
     whole = fleet.expected(now)
     t = fleet.thresholds()
+    active = fleet.active_reservations(now)
+    claimed = {(c["host"], Cell.from_json(gpu)): c["user"] for c in fleet.active_claims(now)
+               for gpu in c["gpus"]}
     cells: dict[tuple[str, Cell], ExpectedCell] = {}
     for running in fleet.nodes:
         host = running.host
@@ -98,9 +103,9 @@ def expected_cells(fleet: Fleet, at: float | None = None) -> dict[tuple[str, Cel
                     sum(not p.process.vanished for p in node.processes(index)))
                 continue
             e = whole[host, index]
-            if running.stopped or e.reservation or e.claim or e.state == states.DOWN.name:
+            if running.stopped or not e.model:
                 raise NotImplementedError(f"{host} GPU {index}: the oracle of MIG slices "
-                                          "knows no bookings, claims or down GPUs")
+                                          "knows no stopped nodes or lost GPUs")
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             seen_for = now - max(fleet.prometheus_started, running.started)
             for place in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
@@ -114,17 +119,26 @@ def expected_cells(fleet: Fleet, at: float | None = None) -> dict[tuple[str, Cel
                 on_it = [p for p in node.processes(index)
                          if p.process.gpu_instance_id == instance and not p.process.vanished]
                 held = bool(on_it) or memory.used >= t[HELD_MEMORY]
-                if on_it:
+                users = tuple(sorted({p.process.user for p in on_it}))
+                cell = Cell(index, instance)
+                booking = next((r for r in active if r.shares_gpus(host, (cell,))), None)
+                claim = claimed.get((host, cell))
+                if claim is not None and not held:
+                    state = states.CLAIMED
+                elif booking is not None and booking.user in users:
+                    state = states.BUSY
+                elif booking is not None:
+                    state = states.RESERVED
+                elif on_it:
                     state = states.BUSY
                 elif held:
                     state = states.IDLE if seen_for >= t[IDLE_DURATION] else states.BUSY
                 else:
                     state = states.FREE
-                cell = Cell(index, instance)
                 cells[host, cell] = ExpectedCell(
-                    host, cell, state.name, tuple(sorted({p.process.user for p in on_it})),
-                    e.model, profile, memory_total_bytes=float(memory.total),
-                    processes=len(on_it))
+                    host, cell, state.name, users, e.model, profile,
+                    None if booking is None else describe(booking), claim,
+                    float(memory.total), len(on_it))
     return cells
 
 
@@ -147,11 +161,14 @@ def wait_for_every_cell(fleet: Fleet, evaluations: int = 3) -> None:
 
 
 def fleet_reservations() -> list[Reservation]:
-    """A free GPU of srv-01 booked for frank, and a GPU carol works on booked for her."""
+    """A free GPU of srv-01 booked for frank, a GPU carol works on booked for her, and a free
+    MIG slice of mig-01 booked for frank."""
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     return [Reservation("srv-01", (4,), "frank", now + dt.timedelta(days=2),
                         comment="camera-ready"),
-            Reservation("srv-01", (0,), "carol", now + dt.timedelta(days=1))]
+            Reservation("srv-01", (0,), "carol", now + dt.timedelta(days=1)),
+            Reservation(MIG_HOST, (Cell(0, 12),), "frank", now + dt.timedelta(days=3),
+                        comment="ablation")]
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +262,8 @@ def test_grid_shows_every_gpu_in_its_state_with_its_users(fleet: Fleet) -> None:
     assert any(e.state == states.BUSY.name and e.reservation for e in expected), \
         "a booked GPU its holder uses is busy"
     on_slices = {e.state for e in expected if e.cell.is_slice}
-    assert on_slices >= {states.FREE.name, states.BUSY.name}, \
-        "the MIG node has free and busy slices"
+    assert on_slices >= {states.FREE.name, states.BUSY.name, states.RESERVED.name}, \
+        "the MIG node has free, busy and booked slices"
 
 
 GRAFANA_FRONTEND = REPO / "tests" / "grafana_frontend"
