@@ -1,0 +1,159 @@
+"""The MIG rules against a real Prometheus: the simulator's mig scenario (an A100 in seven
+1g.10gb slices, an H100 in mixed slices, an H100 without MIG) served by gpuwatch-exporter and
+scraped by Debian's Prometheus on 127.0.0.1 with this repository's configuration and rules
+(tests/prom_harness.py, short intervals).
+
+promtool's cases (prometheus/tests/mig_test.yml) prove the expressions on made-up series; here
+the series are the exporter's own (tests/golden/mig.prom): every slice of the scenario gets a
+state, as its processes say, with its profile, MIG UUID and parent's model; the MIG-enabled
+GPUs have no cell; the GPU without MIG is as before; and no rule fails to evaluate (a join
+that meets the slices' series many-to-many would)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from prom_harness import Fleet, Node, RunningNode
+
+from gpuwatch.cells import Cell
+from gpuwatch.contract import metrics, states
+from gpuwatch.sim import SimulatedNode
+from tools import localstack
+
+pytestmark = pytest.mark.apt
+
+HOST = "mig-01"
+SCENARIO = "mig"
+
+
+@dataclass(frozen=True)
+class ExpectedCell:
+    state: str
+    users: tuple[str, ...]
+    model: str
+    profile: str | None
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    with Fleet(tmp_path_factory.mktemp("mig"), [Node(HOST, SCENARIO)]) as f:
+        yield f
+
+
+def expected_cells(node: RunningNode, at: float) -> dict[Cell, ExpectedCell]:
+    """The cells of the node at `at`, from its scenario: each slice that exists then (the
+    reconfigurations of the scenario come after minutes), each GPU without MIG; held (busy)
+    when a process is on it, free otherwise (nothing is idle this early, and no slice holds
+    memory without a process)."""
+    sim = SimulatedNode(node.scenario, clock=lambda: at, start=node.started)
+    cells = {}
+    for index, gpu in enumerate(node.scenario.gpus):
+        live = [p.process for p in sim.processes(index) if not p.process.vanished]
+        if not gpu.mig:
+            users = tuple(sorted({p.user for p in live}))
+            cells[Cell(index)] = ExpectedCell(states.BUSY.name if live else states.FREE.name,
+                                              users, gpu.name, None)
+            continue
+        for mig in gpu.mig:
+            if not mig.created_after_seconds <= sim.elapsed() < (mig.gone_after_seconds
+                                                               or float("inf")):
+                continue
+            users = tuple(sorted({p.user for p in live
+                                  if p.gpu_instance_id == mig.gpu_instance_id}))
+            cells[Cell(index, mig.gpu_instance_id)] = ExpectedCell(
+                states.BUSY.name if users else states.FREE.name, users, gpu.name, mig.profile)
+    return cells
+
+
+def grid(fleet: Fleet) -> dict[Cell, ExpectedCell]:
+    found = {}
+    for s in fleet.api.query(states.STATE_INFO):
+        cell = Cell.parse(s.labels["gpu"])
+        found[cell] = ExpectedCell(s.labels["state"],
+                                   tuple(u for u in s.labels.get("users", "").split(",") if u),
+                                   s.labels.get("model", ""), s.labels.get("profile"))
+    return found
+
+
+def settled(fleet: Fleet) -> dict[Cell, ExpectedCell]:
+    """The grid once it shows every cell of the scenario as it should (within the harness's
+    deadline)."""
+    node = fleet.node(HOST)
+    return fleet.wait_for("every cell of the mig scenario in its state", lambda: grid(fleet),
+                          lambda found: found == expected_cells(node, time.time()))
+
+
+def test_the_scenario_has_slices_and_a_gpu_without_mig(fleet: Fleet) -> None:
+    """What the checks below stand on: slices of two GPUs, busy and free ones, and a whole
+    GPU beside them."""
+    cells = expected_cells(fleet.node(HOST), time.time())
+    assert {c.gpu for c in cells if c.is_slice} == {0, 1}
+    assert [c for c in cells if not c.is_slice] == [Cell(2)]
+    assert {e.state for c, e in cells.items() if c.is_slice} == {states.BUSY.name,
+                                                                 states.FREE.name}
+
+
+def test_every_slice_has_its_state_users_model_and_profile(fleet: Fleet) -> None:
+    settled(fleet)
+
+
+def test_a_slice_is_labelled_as_its_cell_with_its_parents_uuid_and_its_mig_uuid(
+        fleet: Fleet) -> None:
+    settled(fleet)
+    parents = {s.labels["gpu"]: s.labels["uuid"]
+               for s in fleet.api.query(f'{metrics.UP.name}{{host="{HOST}"}}')}
+    mig_uuids = {(s.labels["gpu"], s.labels["gpu_instance_id"]): s.labels["mig_uuid"]
+                 for s in fleet.api.query(f'{metrics.MIG_INFO.name}{{host="{HOST}"}}')}
+    for s in fleet.api.query(f'{states.STATE_INFO}{{host="{HOST}"}}'):
+        cell = Cell.parse(s.labels["gpu"])
+        if not cell.is_slice:
+            assert {"gpu_instance_id", "profile", "mig_uuid"}.isdisjoint(s.labels), s.labels
+            continue
+        assert s.labels["gpu_instance_id"] == str(cell.instance)
+        assert s.labels["uuid"] == parents[str(cell.gpu)]
+        assert s.labels["mig_uuid"] == mig_uuids[str(cell.gpu), str(cell.instance)]
+        assert "compute_instance_id" not in s.labels
+
+
+def test_the_mig_enabled_gpus_have_no_cell(fleet: Fleet) -> None:
+    settled(fleet)
+    enabled = {s.labels["gpu"] for s in fleet.api.query(
+        f'{metrics.INFO.name}{{host="{HOST}", mig_mode="enabled"}}')}
+    assert enabled == {"0", "1"}
+    for record in (states.STATE_INFO, states.STATE_CODE, "instance_gpu:gpuwatch_inventory:info",
+                   "instance_gpu:gpuwatch_held:bool"):
+        found = {s.labels["gpu"] for s in fleet.api.query(f'{record}{{host="{HOST}"}}')}
+        assert found and not found & enabled, record
+
+
+def test_the_gpu_without_mig_is_busy_as_before(fleet: Fleet) -> None:
+    cells = settled(fleet)
+    assert cells[Cell(2)] == ExpectedCell(states.BUSY.name, ("judy",), "NVIDIA H100 80GB HBM3",
+                                          None)
+
+
+def test_free_slices_are_counted_per_model_and_profile(fleet: Fleet) -> None:
+    cells = settled(fleet)
+    free = Counter((e.model, e.profile or "") for e in cells.values()
+                   if e.state == states.FREE.name)
+    counted = {(s.labels["model"], s.labels.get("profile", "")): s.value for s in
+               fleet.api.query(f'instance_model:gpuwatch_gpus_free:count{{host="{HOST}"}}')}
+    assert counted == {(e.model, e.profile or ""): free[e.model, e.profile or ""]
+                       for e in cells.values()}
+    assert fleet.api.query_value(f'instance:gpuwatch_gpus_free:count{{host="{HOST}"}}') == \
+        sum(free.values())
+
+
+def test_no_rule_fails_to_evaluate(fleet: Fleet) -> None:
+    settled(fleet)
+    rules = [r for g in fleet.api.rules() for r in g["rules"]]
+    assert len(rules) == sum(len(localstack.rules(localstack.load_rules(p)))
+                             for p in localstack.rule_files())
+    assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+    failures = fleet.wait_for("Prometheus' own rule metrics scraped", lambda: fleet.api.query(
+        "prometheus_rule_evaluation_failures_total"), lambda found: len(found) > 0)
+    assert {s.labels["rule_group"]: s.value for s in failures if s.value} == {}
