@@ -35,6 +35,7 @@ import yaml
 
 from gpuwatch import cli
 from gpuwatch import reservations as store
+from gpuwatch.cells import Cell
 from gpuwatch.reservations import Reservation, model
 from tools.bench import _environment
 
@@ -58,7 +59,7 @@ def bookings(count: int, now: dt.datetime) -> list[Reservation]:
         if whole and gpu != 0:
             index += 1
             continue
-        result.append(Reservation(host=host, gpus=None if whole else (gpu,),
+        result.append(Reservation(host=host, gpus=None if whole else (Cell(gpu),),
                                   user=f"user{index % 97}", until=until, start=start,
                                   comment="sweep" if index % 3 else ""))
         index += 1
@@ -93,7 +94,7 @@ def measure(count: int, repeat: int, workdir: Path) -> dict[str, float]:
         cli.main(["reservations", "--file", str(path)], out=io.StringIO())
 
     added: list[Reservation] = []
-    probe = Reservation(host="bench-node", gpus=(0,), user="bench",
+    probe = Reservation(host="bench-node", gpus=(Cell(0),), user="bench",
                         until=now + dt.timedelta(days=1), start=now)
 
     def add(cold: bool) -> Callable[[], None]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import re
 import secrets
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -81,13 +82,22 @@ _SLICE_OR_INDEX = re.compile(r"-?\d+(?:\s*/\s*-?\d+)?")
 def cells(items: Iterable[Cell]) -> tuple[Cell, ...]:
     """The cells in their order without repeats; ReservationError when one covers another (a
     whole GPU and one of its slices: the GPU holds the slice already)."""
-    unique = sorted(set(items), key=Cell.sort_key)
-    wholes = {c.gpu for c in unique if not c.is_slice}
-    inside = next((c for c in unique if c.is_slice and c.gpu in wholes), None)
-    if inside is not None:
-        raise ReservationError(f"{inside} is a slice of GPU {inside.gpu}, which is booked "
-                               f"whole as well; name GPU {inside.gpu} or its slices, not both")
-    return tuple(unique)
+    unique = tuple(sorted(set(items), key=Cell.sort_key))
+    _in_order(unique)
+    return unique
+
+
+def _in_order(gpus: tuple[Cell, ...]) -> bool:
+    """Whether the cells are in sort_key order without repeats; ReservationError when one is
+    a slice of a whole GPU among them (in that order, right after it)."""
+    ordered = True
+    for before, after in itertools.pairwise(gpus):
+        if after.is_slice and before.instance is None and before.gpu == after.gpu:
+            raise ReservationError(f"{after} is a slice of GPU {after.gpu}, which is booked "
+                                   f"whole as well; name GPU {after.gpu} or its slices, not "
+                                   "both")
+        ordered = ordered and before.sort_key() < after.sort_key()
+    return ordered
 
 
 def _cell(part: str, text: str) -> Cell:
@@ -234,14 +244,19 @@ class Reservation:
         # GPU indices given as plain numbers (code and tests written before slices) are cells;
         # anything else is left as it is for check() to name.
         gpus: Any = self.gpus
+        if type(gpus) is tuple and len(gpus) == 1:  # the common case, quickly
+            only = gpus[0]
+            if type(only) is int and 0 <= only <= MAX_GPU_INDEX:
+                object.__setattr__(self, "gpus", (interned(only),))
+            elif isinstance(only, Cell):
+                object.__setattr__(self, "gpus", (interned(only.gpu, only.instance),))
+            return
         if isinstance(gpus, (tuple, list)) and gpus and all(
                 (type(i) is int and 0 <= i <= MAX_GPU_INDEX) or isinstance(i, Cell)
                 for i in gpus):
             found = [interned(i.gpu, i.instance) if isinstance(i, Cell) else interned(i)
                      for i in gpus]
-            ordered = tuple(sorted(set(found), key=Cell.sort_key))
-            if ordered != gpus:
-                object.__setattr__(self, "gpus", ordered)
+            object.__setattr__(self, "gpus", tuple(sorted(set(found), key=Cell.sort_key)))
 
     def active(self, now: dt.datetime) -> bool:
         return (self.start is None or self.start <= now) and now < self.until
@@ -323,11 +338,8 @@ def check(reservation: Reservation) -> None:
                 any(not isinstance(c, Cell) for c in r.gpus):
             raise ReservationError(f"gpus: expected GPU indices 0 to {MAX_GPU_INDEX}, MIG "
                                    f"slices (0/7) or all, got {str(r.gpus)[:80]}")
-        if cells(r.gpus) != r.gpus:
+        if len(r.gpus) > 1 and not _in_order(r.gpus):
             raise ReservationError(f"gpus: expected sorted GPUs without repeats, got "
-                                   f"{gpus_text(r.gpus)}")
-        if max(c.gpu for c in r.gpus) > MAX_GPU_INDEX:
-            raise ReservationError(f"gpus: GPU indices run from 0 to {MAX_GPU_INDEX}, got "
                                    f"{gpus_text(r.gpus)}")
     for key, moment in (("until", r.until), ("from", r.start)):
         if moment is not None and (not isinstance(moment, dt.datetime)
