@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import bcrypt
 import pytest
 import yaml
 from cli_run import one_error, run
@@ -23,8 +24,10 @@ from gpuwatch.cli import run as run_command
 from gpuwatch.contract import metrics
 from gpuwatch.fleet import GpuStatus
 from gpuwatch.reservations import Reservation, ReservationError, model
+from gpuwatch.serve.app import start
 from gpuwatch.serve.identity import Identity
 from gpuwatch.serve.metrics import build_registry
+from gpuwatch.serve.options import ServeOptions
 from gpuwatch.serve.service import ApiError, Service
 from tests.unit import test_serve
 
@@ -465,3 +468,36 @@ def test_run_reads_a_slice_claim_and_names_the_slice() -> None:
         run_command.Claim.from_api(
             {"id": "c3", "host": "n1", "gpus": ["0"], "uuids": ["GPU-0"], "user": "bob",
              "until": "2027-01-15T08:05:00+00:00"}, "http://127.0.0.1:1")
+
+
+def test_the_commands_book_release_and_run_on_slices_through_the_service(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    password = "pw-alice-s3cret"
+    config = tmp_path / "web.yml"
+    config.write_text("basic_auth_users:\n  alice: " + bcrypt.hashpw(
+        password.encode(), bcrypt.gensalt(rounds=4)).decode() + "\n")
+    gpus = mig_fleet()
+    options = ServeOptions(reservations_file=tmp_path / "reservations.yml",
+                           listen_address="127.0.0.1:0", web_config_file=config,
+                           own_process_metrics=False, claim_poll_seconds=3600)
+    monkeypatch.delenv(reservations.ENV_FILE, raising=False)
+    monkeypatch.setenv(client.ENV_USER, "alice")
+    monkeypatch.setenv(client.ENV_PASSWORD, password)
+    monkeypatch.setenv(client.ENV_NETRC, str(tmp_path / "none"))
+    monkeypatch.setattr(getpass, "getuser", lambda: "alice")
+    with start(options, fleet=lambda: gpus) as s:
+        monkeypatch.setenv(client.ENV_SERVER, s.url)
+        code, out = run("reserve", "n1:0/7,0/8", "--until", "+1d")
+        assert code == 0 and out.startswith("booked slices 0/7,0/8 of n1 for alice until "), out
+        assert "it has no slice 0/3" in one_error(capsys, "reserve", "n1:0/3", "--until", "+1d")
+        code, out = run("release", "n1:0/8")
+        assert code == 0 and out.startswith("released slice 0/8 of n1 for alice until ") and \
+            out.endswith("; slice 0/7 stays booked\n"), out
+        (kept,) = json.loads(run("reservations", "--json")[1])
+        assert kept["gpus"] == ["0/7"]
+        code, _ = run("run", "-n", "1", "--host", "n1", "--model", "1g.10gb", "--", "sh", "-c",
+                      'test "$CUDA_VISIBLE_DEVICES" = MIG-n1-0-7')  # her booked slice
+        assert code == 0 and "claimed slice 0/7 of n1 for alice" in capsys.readouterr().err
+        assert "ask for -n 1" in one_error(capsys, "run", "-n", "2", "--host", "n1", "--model",
+                                           "1g.10gb", "--", "true")
