@@ -1,11 +1,13 @@
 """The availability states of a GPU, defined once: name, code, colour.
 
-Prometheus computes the state of every GPU (prometheus/rules/state.yml) and publishes it in
-two recording rules: ``instance_gpu:gpuwatch_state:info`` (one series per GPU, value 1, with
-the labels ``state``, ``users``, ``model`` and, for a booked GPU, ``reservation``, for a
-claimed one ``claim``) and
-``instance_gpu:gpuwatch_state:code`` (one series per GPU whose value is the state's code, for
-panels that colour by value). The CLI, the dashboards' checks and the tests read the names
+Prometheus computes the state of every cell, a whole GPU or a MIG slice
+(prometheus/rules/state.yml), and publishes it in two recording rules:
+``instance_gpu:gpuwatch_state:info`` (one series per cell, value 1, with the labels
+``state``, ``users``, ``model`` and, for a booked cell, ``reservation``, for a claimed one
+``claim``; a slice's ``gpu`` is its cell text "0/7", with ``gpu_instance_id``, ``profile``
+and ``mig_uuid``; a MIG-enabled GPU has none) and
+``instance_gpu:gpuwatch_state:code`` (one series per cell whose value is the state's code,
+for panels that colour by value). The CLI, the dashboards' checks and the tests read the names
 and codes from here; tests keep the rules and the table of docs/prometheus.md ("GPU states",
 which says what each state means) in step with this module.
 """
@@ -41,7 +43,8 @@ BY_NAME: dict[str, State] = {s.name: s for s in ALL}
 ALL_GPUS = "all"
 """A reservation of every GPU of a host: how people write it (``gpuwatch reserve host:all``,
 ``gpus: all`` in the reservations file) and the value of the ``gpu`` label of its series
-(``nvidia_gpu_reservation_end_timestamp_seconds``, which rules/state.yml matches)."""
+(``nvidia_gpu_reservation_end_timestamp_seconds``, which rules/state.yml matches; a booking
+of some cells has the cell's text there, "0" or "0/7")."""
 
 JOB = "gpuwatch"
 """The scrape job of the exporters in prometheus/prometheus.yml."""
