@@ -200,6 +200,9 @@ def resolve_variables(fleet: Fleet, dashboard: dict[str, Any]) -> list[dict[str,
 
 @pytest.mark.parametrize("uid", DASHBOARDS)
 def test_every_panel_query_returns_data(fleet: Fleet, uid: str) -> None:
+    """Every query, at every choice of the variables, answers (none fails: a join on
+    (instance, gpu) with a MIG node in the fleet is no many-to-many match), and each has data
+    at some choice."""
     dashboard = DASHBOARDS[uid]
     assignments = resolve_variables(fleet, dashboard)
     empty = []

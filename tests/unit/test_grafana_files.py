@@ -359,6 +359,7 @@ def test_the_node_dashboards_gpu_is_a_physical_gpu() -> None:
     node = DASHBOARDS["gpuwatch-node"]
     selector, label = label_values_query(variable_query(variables(node)["gpu"]))
     assert (selector, label) == (f'{metrics.UP.name}{{host="$host"}}', "gpu")
+    assert variables(node)["gpu"]["sort"] == 3, "numerically: 2 before 10"
     for panel, target in targets(node):
         if "instance_gpu:" in target["expr"] and 'gpu=~"' in target["expr"]:
             for found in re.findall(r'instance_gpu:\w+:\w+\{[^}]*gpu=~"([^"]*)"', target["expr"]):
