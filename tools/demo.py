@@ -1,21 +1,22 @@
 """make demo: a simulated fleet, a real Prometheus with this repository's configuration, its
 Alertmanager, and the grid, on 127.0.0.1 until Ctrl-C.
 
-Three nodes run gpuwatch-exporter over simulated GPUs (the workstation, server and lost-gpu
-scenarios); `gpuwatch serve` serves the bookings of a reservations file and the claims of
-`gpuwatch run`, as on a monitoring host, with two basic-auth users of its web config: you
-(your Unix user name, an admin) and prometheus, which Prometheus scrapes it as; Prometheus
-runs prometheus/prometheus.yml and its rules with shorter intervals and a one-minute idle
+Four nodes run gpuwatch-exporter over simulated GPUs (the workstation, server, lost-gpu and
+mig scenarios: the last one's GPUs are split in MIG slices, each a cell of the grid);
+`gpuwatch serve` serves the bookings of a reservations file and the claims of `gpuwatch
+run`, as on a monitoring host, with two basic-auth users of its web config: you (your Unix
+user name, an admin) and prometheus, which Prometheus scrapes it as; Prometheus runs
+prometheus/prometheus.yml and its rules with shorter intervals and a one-minute idle
 duration, so the grid changes while you watch, and every alert fires ALERT_FOR after its
 condition holds instead of its production `for`; Alertmanager runs
 prometheus/alertmanager/alertmanager.yml without receivers, so the firing alerts show in its
 web UI (the demo prints its address and the lab page's, the `/` of `gpuwatch serve`, whose
-runbook the alerts link to); Grafana runs grafana/provisioning and the
-dashboards when it is installed (the demo says how to get it when it is not). The grid is
-printed again whenever a GPU changes state, hands, booking or claim; the demo prints the
-settings that reach the service (GPUWATCH_SERVER, GPUWATCH_USER, GPUWATCH_PASSWORD), the
-`gpuwatch reserve` command that books a GPU through it and the `gpuwatch run` command that
-claims one. A node added to its targets file shows in the grid like any other. Everything is
+runbook the alerts link to); Grafana runs grafana/provisioning and the dashboards when it is
+installed (the demo says how to get it when it is not). The grid is printed again whenever a
+GPU changes state, hands, booking or claim; the demo prints the settings that reach the
+service (GPUWATCH_SERVER, GPUWATCH_USER, GPUWATCH_PASSWORD), the `gpuwatch reserve` command
+that books a GPU through it and the `gpuwatch run` commands that claim a GPU and a MIG
+slice. A node added to its targets file shows in the grid like any other. Everything is
 stopped on Ctrl-C.
 
 Each start begins afresh: the working directory is emptied, so the bookings made in a demo
@@ -45,6 +46,7 @@ import bcrypt
 import yaml
 
 from gpuwatch import cli, reservations
+from gpuwatch.cells import Cell
 from gpuwatch.contract import states
 from gpuwatch.contract.ports import ALERTMANAGER_PORT
 from gpuwatch.contract.thresholds import IDLE_DURATION
@@ -53,7 +55,8 @@ from gpuwatch.fleet.prometheus import Prometheus, PrometheusError
 from tools import localstack
 
 PROG = "gpuwatch-demo"
-NODES = (("ws-01", "workstation"), ("gpu-srv-01", "server"), ("gpu-node-07", "lost-gpu"))
+NODES = (("ws-01", "workstation"), ("gpu-srv-01", "server"), ("gpu-node-07", "lost-gpu"),
+         ("gpu-mig-01", "mig"))
 # Rules every second: a booking shows in the grid within a scrape (5 s) of being made.
 OVERRIDES = localstack.Overrides(
     scrape_interval="5s", evaluation_interval="1s", refresh_interval="5s",
@@ -61,7 +64,7 @@ OVERRIDES = localstack.Overrides(
 ALERT_FOR = "20s"
 """Every alert's `for` in the demo: the lost GPU, the Xid and the idle-held GPU show in
 Alertmanager within a minute or two rather than after the production hour."""
-BOOKED = ("gpu-srv-01", (7,), "frank", "thesis experiments")
+BOOKED = ("gpu-srv-01", (Cell(7),), "frank", "thesis experiments")
 """A booking the demo starts with (host, GPUs, user, comment), for three days."""
 TRY = ("gpu-srv-01:4", "+2h", "trying the demo")
 """What the printed `gpuwatch reserve` command books: a free GPU of the server scenario."""
@@ -70,6 +73,9 @@ RUN_HOST = "gpu-srv-01"
 the command names one (`--host`) rather than this machine."""
 RUN_COMMAND = "sh -c 'echo $CUDA_VISIBLE_DEVICES'"
 """What the printed `gpuwatch run` runs on the claimed GPU: it prints the GPU's UUID."""
+MIG_RUN = ("gpu-mig-01", "1g.10gb")
+"""The host and the profile of the printed `gpuwatch run` on a MIG slice (scenario mig): it
+prints the slice's MIG UUID."""
 SCRAPER = "prometheus"
 """The basic-auth user Prometheus scrapes `gpuwatch serve` as."""
 READY_TIMEOUT = 60.0
@@ -214,6 +220,9 @@ def _start(stack: ExitStack, workdir: Path, port: int) -> str:
           f"--comment {shlex.quote(comment)}")
     print(f"give it back: {gpuwatch} release {target}")
     print(f"run on a free GPU: {gpuwatch} run -n 1 --host {RUN_HOST} -- {RUN_COMMAND}")
+    mig_host, profile = MIG_RUN
+    print(f"run on a free MIG slice: {gpuwatch} run -n 1 --host {mig_host} --model {profile} "
+          f"-- {RUN_COMMAND}")
     print("Ctrl-C stops everything.\n", flush=True)
     return url
 

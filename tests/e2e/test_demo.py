@@ -68,8 +68,11 @@ def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
     reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or []],
                               daemon=True)
     reader.start()
-    gpus = sum(len(load_scenario(scenario).gpus) for _, scenario in demo.NODES)
-    summary = f"{gpus} GPUs on {len(demo.NODES)} hosts: "
+    # the cells: each GPU without MIG, each slice of one with MIG (at the start)
+    every = [gpu for _, scenario in demo.NODES for gpu in load_scenario(scenario).gpus]
+    slices = sum(1 for gpu in every for m in gpu.mig if m.created_after_seconds <= 0)
+    gpus = sum(1 for gpu in every if not gpu.mig)
+    summary = f"{gpus} GPUs and {slices} MIG slices on {len(demo.NODES)} hosts: "
     seen: list[str] = []
 
     def wait_for_line(pattern: re.Pattern[str], since: int = 0) -> None:
@@ -122,6 +125,15 @@ def test_demo_shows_the_grid_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
         assert free, "the demo's run host has free GPUs"
         out, err = as_printed(run).communicate(timeout=60)
         assert out.strip() in free, (out, err)
+        # the run on a MIG slice it prints: the MIG UUID of a free slice of that profile
+        mig_host, profile = demo.MIG_RUN
+        run_mig = printed("run on a free MIG slice")
+        assert f" run -n 1 --host {mig_host} --model {profile} -- " in run_mig
+        free_slices = {g.mig_uuid for g in read_fleet(prometheus) if g.host == mig_host
+                       and g.state == "free" and g.profile == profile}
+        assert free_slices, "the demo's MIG host has free slices of the profile"
+        out, err = as_printed(run_mig).communicate(timeout=60)
+        assert out.strip().startswith("MIG-") and out.strip() in free_slices, (out, err)
         # held while the command runs (cat, until the test closes its stdin): the grid shows it
         # claimed by the demo's user, and free again once the command has ended
         held = as_printed(run.replace(demo.RUN_COMMAND,
