@@ -315,7 +315,7 @@ class Watch:
                         f"{READY_TIMEOUT:g} s; see the logs")
                 return False
             self.started = True
-        view: list[Hashable] = [(g.host, g.gpu, g.state, g.users, g.reservation, g.claim)
+        view: list[Hashable] = [(g.host, g.cell, g.state, g.users, g.reservation, g.claim)
                                 for g in fleet]
         if view == self.shown:
             return False
