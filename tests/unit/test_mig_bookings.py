@@ -22,7 +22,7 @@ from gpuwatch.cells import Cell
 from gpuwatch.cli import client
 from gpuwatch.cli import run as run_command
 from gpuwatch.contract import metrics
-from gpuwatch.fleet import GpuStatus
+from gpuwatch.fleet import ActiveReservation, GpuStatus, pick
 from gpuwatch.reservations import Reservation, ReservationError, model
 from gpuwatch.serve.app import start
 from gpuwatch.serve.identity import Identity
@@ -501,3 +501,19 @@ def test_the_commands_book_release_and_run_on_slices_through_the_service(
         assert code == 0 and "claimed slice 0/7 of n1 for alice" in capsys.readouterr().err
         assert "ask for -n 1" in one_error(capsys, "run", "-n", "2", "--host", "n1", "--model",
                                            "1g.10gb", "--", "true")
+
+
+def test_a_claim_takes_a_booked_slice_before_a_free_whole_gpu_as_pick_does(service: Service
+                                                                          ) -> None:
+    """One order for gpuwatch pick and gpuwatch serve's claims (fleet.choose): what the asker
+    booked before what is free, even a slice before a whole GPU."""
+    service.create_reservation(ALICE, {"host": "n1", "gpus": ["1/9"], "until": "+2h"})
+    hers = ActiveReservation(user="alice", until="2027-01-15T10:00:00+00:00",
+                             until_timestamp=START + 7200, comment="")
+    booked = [replace(g, state="reserved", reservation=hers) if str(g.cell) == "1/9" else g
+              for g in service.fleet()]
+    service.gpus[:] = booked  # type: ignore[attr-defined]  # the rules show it reserved
+    claim = service.create_claim(ALICE, {"host": "n1", "count": 1})
+    assert claim["gpus"] == ["1/9"]
+    assert [str(g.cell) for g in pick(booked, 1, user="alice")] == ["1/9"]
+    assert service.create_claim(BOB, {"host": "n1", "count": 1})["gpus"] == [2]

@@ -399,29 +399,19 @@ def pick(gpus: Sequence[GpuStatus], count: int, user: str | None = None,
         if count > 1 and all(g.gpu_instance_id is not None for g in gpus):
             raise FleetError(f"{host} has {model!r} only as MIG slices: {ONE_SLICE}")
 
-    def order(g: GpuStatus) -> tuple[float, tuple[int, int]]:
-        return ((0.0 if g.gpu_instance_id is None else -(g.memory_total_bytes or 0.0)),
-                g.cell.sort_key())
-
     def mine(g: GpuStatus) -> bool:
         return bool(user) and g.state == states.RESERVED.name and not g.users and \
             g.reservation is not None and g.reservation.user == user
 
-    def usable(cells: Iterable[GpuStatus]) -> list[GpuStatus]:
-        return sorted(cells, key=order)
-
     whole = [g for g in gpus if g.gpu_instance_id is None]
     slices = [g for g in gpus if g.gpu_instance_id is not None and g.mig_uuid]
-    mine_whole = usable(g for g in whole if mine(g))
-    free_whole = usable(g for g in whole if g.state == states.FREE.name)
-    if count == 1:
-        mine_slices = usable(g for g in slices if mine(g))
-        free_slices = usable(g for g in slices if g.state == states.FREE.name)
-        chosen = (mine_whole + mine_slices + free_whole + free_slices)[:1]
-        if chosen:
-            return chosen
-    elif len(mine_whole) + len(free_whole) >= count:
-        return (mine_whole + free_whole)[:count]
+    cells = whole + slices
+    chosen = choose([g for g in cells if mine(g)],
+                    [g for g in cells if g.state == states.FREE.name], count)
+    if len(chosen) == count:
+        return chosen
+    mine_whole = [g for g in whole if mine(g)]
+    free_whole = [g for g in whole if g.state == states.FREE.name]
     free_slices = [g for g in slices if g.state == states.FREE.name]
     found = mine_whole + free_whole
     which = f": {', '.join(str(g.gpu) for g in found)}" if found else ""
@@ -436,6 +426,22 @@ def pick(gpus: Sequence[GpuStatus], count: int, user: str | None = None,
                      f"{_count(len(whole), 'GPU')} and {_count(pieces, 'MIG slice')}"
                      f"{of_model}), {count} wanted{which}"
                      + (f"; {ONE_SLICE}" if free_slices else ""))
+
+
+def choose(mine: Sequence[GpuStatus], free: Sequence[GpuStatus],
+           count: int) -> list[GpuStatus]:
+    """What a pick or a claim of `count` cells takes (`gpuwatch pick`, gpuwatch serve's
+    claims): the asker's booked cells before free ones; in each, whole GPUs lowest first,
+    then MIG slices, but only for a count of 1 (CUDA runs one MIG device per process), the
+    most memory first, then the lowest cell. Fewer than `count` when there are not enough."""
+    def ranked(cells: Sequence[GpuStatus]) -> list[GpuStatus]:
+        whole = sorted((g for g in cells if not g.cell.is_slice), key=lambda g: g.cell.sort_key())
+        if count != 1:
+            return whole
+        return whole + sorted((g for g in cells if g.cell.is_slice),
+                              key=lambda g: (-(g.memory_total_bytes or 0.0), g.cell.sort_key()))
+
+    return (ranked(mine) + ranked(free))[:count]
 
 
 def _count(n: int, what: str) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 from gpuwatch import reservations as store
 from gpuwatch.cells import Cell
 from gpuwatch.contract import states
-from gpuwatch.fleet import FleetError, GpuStatus, matches_model
+from gpuwatch.fleet import FleetError, GpuStatus, choose, matches_model
 from gpuwatch.fleet.prometheus import PrometheusError
 from gpuwatch.reservations import (
     MAX_GPU_INDEX,
@@ -168,24 +168,6 @@ def _cuda_uuid(g: GpuStatus) -> str:
     """What CUDA_VISIBLE_DEVICES takes for it: the MIG UUID of a slice, else the GPU's UUID
     ("" when the series do not say)."""
     return (g.mig_uuid or "") if g.cell.is_slice else g.uuid
-
-
-def _choose(mine: Sequence[GpuStatus], free: Sequence[GpuStatus],
-            count: int) -> list[GpuStatus]:
-    """What a claim of `count` takes: whole GPUs first (booked for the asker, then free; each
-    lowest index first); a MIG slice only for a count of 1 (CUDA uses one MIG device per
-    process), the most memory first, then the lowest cell."""
-    def whole(gs: Sequence[GpuStatus]) -> list[GpuStatus]:
-        return sorted((g for g in gs if not g.cell.is_slice), key=lambda g: g.gpu)
-
-    def slices(gs: Sequence[GpuStatus]) -> list[GpuStatus]:
-        return sorted((g for g in gs if g.cell.is_slice),
-                      key=lambda g: (-(g.memory_total_bytes or 0.0), g.cell.sort_key()))
-
-    ordered = whole(mine) + whole(free)
-    if count == 1:
-        ordered += slices(mine) + slices(free)
-    return ordered[:count]
 
 
 class Service:
@@ -478,7 +460,7 @@ class Service:
                     free.append(g)
                 elif bookers == {who.user}:
                     mine.append(g)
-            chosen = _choose(mine, free, count)
+            chosen = choose(mine, free, count)
             if len(chosen) < count:
                 usable = [g for g in mine + free if not g.cell.is_slice]
                 slices = len(mine) + len(free) - len(usable)
