@@ -91,9 +91,14 @@ class Cell:
 
     @classmethod
     def from_labels(cls, labels: Mapping[str, str]) -> Cell | None:
-        """The cell of a series (gpu, gpu_instance_id); None when its labels are not one."""
+        """The cell of a series: an exporter's (gpu, and gpu_instance_id for a slice) or a
+        recording rule's (gpu the cell text, "0/7", beside gpu_instance_id); None when its
+        labels are not one."""
         gpu, instance = labels.get("gpu", ""), labels.get(MIG_PROCESS_LABEL, "")
         try:
-            return cls.parse(f"{gpu}/{instance}" if instance else gpu)
+            cell = cls.parse(gpu if "/" in gpu or not instance else f"{gpu}/{instance}")
         except ValueError:
             return None
+        if instance and (not instance.isdigit() or int(instance) != cell.instance):
+            return None  # a cell text and an instance id that disagree
+        return cell

@@ -61,3 +61,10 @@ def test_labels() -> None:
     assert Cell.from_labels({"gpu": "3"}) == Cell(3)
     assert Cell.from_labels({"gpu": "all"}) is None
     assert Cell.from_labels({}) is None
+
+
+def test_labels_of_a_rules_record() -> None:
+    """The recording rules write a slice's cell text in gpu, beside gpu_instance_id."""
+    assert Cell.from_labels({"gpu": "0/7", "gpu_instance_id": "7"}) == Cell(0, 7)
+    assert Cell.from_labels({"gpu": "0/7"}) == Cell(0, 7)
+    assert Cell.from_labels({"gpu": "0/7", "gpu_instance_id": "8"}) is None
