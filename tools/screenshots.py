@@ -2,15 +2,14 @@
 page (`/` of `gpuwatch serve`) in Debian's Chromium over the demo's fleet.
 
 The fleet is the demo's (tools/demo.py: its nodes, its booking of frank's and the booking its
-`gpuwatch reserve` example makes, its basic-auth users through its web config) and a MIG node
-(scenario mig: an A100 in seven slices and a mixed H100, whose slices are cells in the group
-of their GPU), started with tools.localstack as the demo starts it, on 127.0.0.1 only; the
-viewer is alice, who runs jobs on the workstation and the server. Rules run every second
-with no idle duration, so every state shows at once, and alice claims a GPU as `gpuwatch run`
-would, so the claimed state shows too.
-Playwright drives /usr/bin/chromium headless (it never downloads a browser). The light
-screenshot has the detail of a GPU that two people share open, the phone's shows the MIG
-node; every process started here is stopped at the end.
+`gpuwatch reserve` example makes, its basic-auth users through its web config; its MIG node's
+slices are cells in the group of their GPU), started with tools.localstack as the demo starts
+it, on 127.0.0.1 only; the viewer is alice, who runs jobs on the workstation and the server.
+Rules run every second with no idle duration, so every state shows at once, and alice claims
+a GPU as `gpuwatch run` would, so the claimed state shows too. Playwright drives
+/usr/bin/chromium headless (it never downloads a browser). The light screenshot has the detail
+of a GPU that two people share open, the phone's shows the MIG node; every process started
+here is stopped at the end.
 
     python -m tools.screenshots [--out docs/screenshots]
 """
@@ -47,10 +46,7 @@ PROG = "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 OUT = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 VIEWER = "alice"
-NODES = demo.NODES + tuple(node for node in (("gpu-srv-02", "mig"),)
-                          if node[1] not in {scenario for _, scenario in demo.NODES})
-"""The demo's nodes and a MIG node (unless the demo has one)."""
-MIG_HOST = next(host for host, scenario in NODES if scenario == "mig")
+MIG_HOST = next(host for host, scenario in demo.NODES if scenario == "mig")
 """What the phone's screenshot shows: the MIG node, its slices in the groups of their GPUs."""
 SHARED = ("ws-01", 1)
 """The GPU whose detail the light screenshot shows: alice and bob share it (workstation)."""
@@ -97,7 +93,7 @@ def start_fleet(stack: ExitStack, workdir: Path) -> tuple[str, str]:
     `stack`; the service's URL and the viewer's password, once Prometheus shows every state."""
     (workdir / "targets").mkdir(parents=True)
     groups = []
-    for host, scenario in NODES:
+    for host, scenario in demo.NODES:
         port = localstack.free_port()
         exporter = localstack.exporter(scenario, port, workdir / f"exporter-{host}.log")
         stack.callback(exporter.stop)
@@ -132,7 +128,7 @@ def start_fleet(stack: ExitStack, workdir: Path) -> tuple[str, str]:
     url = f"http://{localstack.LOCALHOST}:{service_port}"
     password = password_file.read_text()
     api = Prometheus(prometheus_url)
-    every = sum(cells(scenario) for _, scenario in NODES)
+    every = sum(cells(scenario) for _, scenario in demo.NODES)
     wait("every node's cells in Prometheus", lambda: len(read_fleet(api)) >= every)
     target, until, why = demo.TRY
     try_host, try_gpu = target.split(":")
@@ -188,7 +184,7 @@ def shoot(browser: Browser, url: str, password: str, path: Path, scheme: str,
     try:
         page = ctx.new_page()
         page.goto(url)
-        every = sum(cells(scenario) for _, scenario in NODES)
+        every = sum(cells(scenario) for _, scenario in demo.NODES)
         page.wait_for_function(
             "n => document.querySelectorAll('#grid .cell').length >= n"
             " && !document.querySelector('#grid .cell.stale')"
