@@ -119,6 +119,11 @@ def test_an_unknown_scenario_name_lists_the_shipped_ones(capsys: pytest.CaptureF
     assert code == 2 and "lost-gpu, mig, server, workstation" in err
 
 
+def test_the_help_names_every_shipped_scenario() -> None:
+    text = " ".join(build_parser().format_help().split())
+    assert "a shipped scenario (lost-gpu, mig, server, workstation)" in text
+
+
 def test_a_scenario_name_works_from_a_directory_it_cannot_look_into(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A service user started in a directory it may not enter (stat() of the relative name

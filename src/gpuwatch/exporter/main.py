@@ -43,6 +43,7 @@ from gpuwatch.exporter.web import (
 )
 from gpuwatch.exporter.webconfig import ConfigError, load_display_names
 from gpuwatch.sim import Scenario, SimulatedNode, SimulatedNvml, SimulatedPsutil, load_scenario
+from gpuwatch.sim.scenario import scenario_names
 
 __all__ = ["COLLECTORS", "DEFAULT_LISTEN_ADDRESS", "DEFAULT_PORT", "ExporterOptions"]
 
@@ -129,7 +130,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                    choices=("debug", "info", "warn", "error"), help="(default %(default)s)")
     p.add_argument("--simulate", metavar="SCENARIO",
                    help="serve simulated GPUs instead of the host's: a shipped scenario "
-                   "(workstation, server, lost-gpu) or a scenario YAML file")
+                   f"({', '.join(scenario_names())}) or a scenario YAML file")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
 
