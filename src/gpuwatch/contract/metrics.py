@@ -238,15 +238,17 @@ RESERVATION_END = MetricDef(
     "nvidia_gpu_reservation_end_timestamp_seconds", "gauge",
     "Unix time at which an active booking of the reservations file ends. reserved_host is "
     "the booked host as `gpuwatch status` names it (the scraping job's own host label stays "
-    "apart), gpu its index, a MIG slice as GPU/GPU-instance (0/7), or all, user who booked it, until the end in the booking's own "
-    "time zone, comment why.", RESERVATION_LABELS, device=False, collector="reservation")
+    "apart), gpu its index, a MIG slice as GPU/GPU-instance (0/7), or all, user who booked "
+    "it, until the end in the booking's own time zone, comment why.", RESERVATION_LABELS,
+    device=False, collector="reservation")
 CLAIM_LABELS = ("reserved_host", "gpu", "user", "id")
 CLAIM_END = MetricDef(
     "nvidia_gpu_claim_end_timestamp_seconds", "gauge",
     "Unix time at which an active claim (gpuwatch run, through gpuwatch serve) of the GPU "
     "ends, unless a process of its user shows up on every claimed GPU before. reserved_host "
     "is the host as `gpuwatch status` names it, gpu its index or a MIG slice as "
-    "GPU/GPU-instance (0/7), user who claimed it, id the claim's.", CLAIM_LABELS, device=False, collector="claim")
+    "GPU/GPU-instance (0/7), user who claimed it, id the claim's.", CLAIM_LABELS,
+    device=False, collector="claim")
 
 COLLECTOR_SUCCESS = MetricDef("nvidia_gpu_scrape_collector_success", "gauge",
                            "1 when the collector's last collection succeeded.",
