@@ -220,14 +220,6 @@ def test_releasing_a_slice_keeps_the_others_and_a_whole_gpu_is_not_cut(tmp_path:
 
 # -- the command, with --file ---------------------------------------------------------------
 
-@pytest.fixture
-def rfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "reservations.yml"
-    monkeypatch.setenv(reservations.ENV_FILE, str(path))
-    monkeypatch.setattr(getpass, "getuser", lambda: "alice")
-    return path
-
-
 def test_reserve_list_and_release_slices(rfile: Path, capsys: pytest.CaptureFixture[str]
                                          ) -> None:
     code, out = run("reserve", "n1:0/7,0/8", "--until", "2099-05-31T18:00+02:00")

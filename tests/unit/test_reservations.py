@@ -803,14 +803,6 @@ def test_many_people_booking_one_gpu_at_once_get_it_once(tmp_path: Path) -> None
 
 # -- the commands ------------------------------------------------------------------------------
 
-@pytest.fixture
-def rfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "reservations.yml"
-    monkeypatch.setenv(reservations.ENV_FILE, str(path))
-    monkeypatch.setattr(getpass, "getuser", lambda: "alice")
-    return path
-
-
 def test_reserve_list_and_release_round_trip(rfile: Path) -> None:
     code, out = run("reserve", "gpu-srv-01:0-1", "--until", "2099-05-31T18:00+02:00",
                     "--comment", "NeurIPS  deadline")
