@@ -18,7 +18,11 @@ pointed at the simulator. Once every GPU has a state it prints:
   tools.dashboards, variables as Grafana fills them when a dashboard opens: All, or the
   first value; range panels over the last hour at one point per scrape interval), median of
   a few runs each;
-- `gpuwatch status` end to end (a new Python process, as a person runs it).
+- `gpuwatch status` end to end (a new Python process, as a person runs it);
+- a MIG node beside the fleet (`--mig-node`, on by default): a gpuwatch-exporter process
+  serving the simulator's `mig` scenario (an A100 in seven slices, an H100 in three, an H100
+  whose switch to MIG is pending), its series by name, with and without its processes and
+  users; the fleet's series per GPU leave it out, so they stay those of GPUs without MIG.
 
 Figures are printed next to the targets; nothing is asserted about time. `--quick` is the
 smoke run the tests use: one small fleet, 1 s intervals, one run per query.
@@ -50,6 +54,7 @@ from gpuwatch import __version__
 from gpuwatch.contract import metrics, states
 from gpuwatch.contract.prometheus import SCRAPE_SERIES as PER_TARGET_SERIES
 from gpuwatch.fleet.prometheus import Prometheus, PrometheusError
+from gpuwatch.sim import load_scenario
 from tools import dashboards, fleetsim, localstack
 
 PROG = "gpuwatch-bench-fleet"
@@ -74,6 +79,9 @@ CHURN_VARIANTS = (("pid label on (default)", ()),
 HEAD_HOURS = 2.5
 """About how long a series that ended stays in Prometheus' head (and its memory): until the
 head compaction that follows the next 2-hour block boundary, 2 to 3 hours."""
+MIG_SCENARIO = "mig"
+"""The simulator's MIG node, served beside the fleet by a gpuwatch-exporter process."""
+MIG_HOST = "mig-node"
 GRID_PANEL_TITLE = "Availability grid"
 GRID_DASHBOARD = "gpuwatch-fleet"
 
@@ -194,20 +202,41 @@ class Figures:
     prometheus_uptime_seconds: float = 0.0
     """When the rule groups were watched: their cost grows with the samples in each series'
     head chunk (up to 120: 30 minutes at 15 s), so a young Prometheus reads less."""
+    mig_gpus: int = 0
+    """GPUs of the MIG node beside the fleet (0: none)."""
+    mig_slices: int = 0
+    """Its MIG devices when measured (nvidia_gpu_mig_info)."""
+    mig_series_by_name: dict[str, int] = field(default_factory=dict)
+    """The MIG node's series (its instance label) by metric name."""
+
+    def mig_by_kind(self) -> dict[str, int]:
+        kinds: dict[str, int] = {}
+        for name, n in self.mig_series_by_name.items():
+            kinds[classify(name)] = kinds.get(classify(name), 0) + n
+        return kinds
+
+    @property
+    def mig_series(self) -> int:
+        """The MIG node's series less the per-process and per-user ones."""
+        kinds = self.mig_by_kind()
+        return sum(kinds.values()) - sum(kinds.get(k, 0) for k in PER_HOLDER_KINDS)
 
     @property
     def series_per_gpu(self) -> float:
-        """Head series less the per-process and per-user ones, per GPU."""
-        excluded = sum(self.series_by_kind.get(k, 0)
-                       for k in ("process", "user", "recorded_user"))
-        return (self.head_series - excluded) / self.gpus
+        """Head series less the per-process and per-user ones and the MIG node's, per GPU
+        of the fleet (GPUs without MIG)."""
+        excluded = sum(self.series_by_kind.get(k, 0) for k in PER_HOLDER_KINDS)
+        mig = sum(self.mig_series_by_name.values())
+        mig_holders = sum(self.mig_by_kind().get(k, 0) for k in PER_HOLDER_KINDS)
+        return (self.head_series - excluded - (mig - mig_holders)) / self.gpus
 
     @property
     def series_per_process(self) -> float:
         return self.series_by_kind.get("process", 0) / max(1, self.processes)
 
     def per_gpu(self, kind: str) -> float:
-        return self.series_by_kind.get(kind, 0) / self.gpus
+        """Series of a kind per GPU of the fleet, the MIG node's left out."""
+        return (self.series_by_kind.get(kind, 0) - self.mig_by_kind().get(kind, 0)) / self.gpus
 
 
 @dataclass
@@ -222,6 +251,10 @@ class Churn:
     @property
     def series_per_job(self) -> float:
         return self.series_created / self.jobs
+
+
+PER_HOLDER_KINDS = ("process", "user", "recorded_user")
+"""Series that come with the processes and users on a GPU, not with the GPU."""
 
 
 def classify(name: str) -> str:
@@ -247,7 +280,8 @@ class FleetRun:
 
     def __init__(self, gpus: int, workdir: Path, settings: Settings,
                  log: Callable[[str], None], source: Path = localstack.SOURCE_DIR,
-                 job_seconds: float = 0.0, exporter_flags: Sequence[str] = ()) -> None:
+                 job_seconds: float = 0.0, exporter_flags: Sequence[str] = (),
+                 mig_node: bool = False) -> None:
         self.spec = fleetsim.FleetSpec(gpus, GPUS_PER_NODE, PROCESSES_PER_GPU,
                                        job_seconds=job_seconds)
         self.exporter_flags = list(exporter_flags)
@@ -258,6 +292,9 @@ class FleetRun:
         self.stack = ExitStack()
         self._prometheus: Prometheus | None = None
         self.simulator_stats_url = ""
+        self.mig_node = mig_node
+        self.mig_instance = ""
+        """host:port of the MIG node's exporter ("": none)."""
 
     def __enter__(self) -> FleetRun:
         try:
@@ -288,6 +325,8 @@ class FleetRun:
         simulator.start(timeout=120)
         self.stack.callback(simulator.stop)
         self.simulator_stats_url = f"http://{first}:{port}{fleetsim.STATS_PATH}"
+        if self.mig_node:
+            self.start_mig_node(targets)
         every = f"{self.settings.interval:g}s"
         overrides = localstack.Overrides() if self.settings.interval == FULL.interval else \
             localstack.Overrides(scrape_interval=every, evaluation_interval=every)
@@ -300,6 +339,24 @@ class FleetRun:
         self.stack.callback(prometheus.stop)
         self._prometheus = Prometheus(f"http://{localstack.LOCALHOST}:{prometheus_port}",
                                       QUERY_TIMEOUT)
+
+    def start_mig_node(self, targets: Path) -> None:
+        """gpuwatch-exporter --simulate mig on 127.0.0.1, in the targets beside the fleet."""
+        port = localstack.free_port()
+        self.mig_instance = f"{localstack.LOCALHOST}:{port}"
+        exporter = localstack.Service(
+            f"MIG node (gpuwatch-exporter --simulate {MIG_SCENARIO})",
+            [sys.executable, "-m", "gpuwatch.exporter", f"--simulate={MIG_SCENARIO}",
+             f"--web.listen-address={self.mig_instance}", "--log.level=warn"],
+            f"http://{self.mig_instance}/-/healthy", self.workdir / "mig-node.log")
+        exporter.start(timeout=60)
+        self.stack.callback(exporter.stop)
+        localstack.write_targets(targets / "mig-node.yml", [
+            {"targets": [self.mig_instance], "labels": {"host": MIG_HOST, "cluster": MIG_HOST}}])
+
+    @property
+    def mig_gpus(self) -> int:
+        return len(load_scenario(MIG_SCENARIO).gpus) if self.mig_node else 0
 
     @property
     def prometheus(self) -> Prometheus:
@@ -316,9 +373,15 @@ class FleetRun:
         """Every target scraped and every GPU with a state, then two more evaluations."""
         p, spec = self.prometheus, self.spec
         deadline = time.monotonic() + self.settings.ready_seconds
-        for expr, wanted, what in (
-                (f'count(up{{job="{states.JOB}"}} == 1)', spec.nodes, "every node scraped"),
-                (f"count({states.STATE_INFO})", spec.gpus, "every GPU with a state")):
+        fleet, mig = f'instance!="{self.mig_instance}"', f'instance="{self.mig_instance}"'
+        checks = [(f'count(up{{job="{states.JOB}"}} == 1)', spec.nodes + bool(self.mig_node),
+                   "every node scraped"),
+                  (f"count({states.STATE_INFO}{{{fleet}}})", spec.gpus,
+                   "every GPU with a state")]
+        if self.mig_node:  # at least its GPUs (its slices may have states of their own)
+            checks.append((f"clamp_max(count({states.STATE_INFO}{{{mig}}}) >= "
+                           f"{self.mig_gpus}, 1)", 1, "every GPU of the MIG node with a state"))
+        for expr, wanted, what in checks:
             while (got := p.query_value(expr)) != wanted:
                 if time.monotonic() > deadline:
                     raise BenchError(f"waited {self.settings.ready_seconds:g} s for {what}: "
@@ -373,6 +436,14 @@ class FleetRun:
         for row in p.query('count by (__name__) ({__name__=~".+"})'):
             kind = classify(row.labels["__name__"])
             figures.series_by_kind[kind] = figures.series_by_kind.get(kind, 0) + int(row.value)
+        if self.mig_node:
+            figures.mig_gpus = self.mig_gpus
+            mig = f'instance="{self.mig_instance}"'
+            figures.mig_series_by_name = {
+                row.labels["__name__"]: int(row.value)
+                for row in p.query(f"count by (__name__) ({{{mig}}})")}
+            figures.mig_slices = int(p.query_value(
+                f"count({metrics.MIG_INFO.name}{{{mig}}})") or 0)
 
         figures.queries = list(self.dashboard_queries())
         grid = [q for q in figures.queries
@@ -459,7 +530,20 @@ def report_size(f: Figures, out: Callable[[str], None]) -> None:
     out(f"    per target (up, scrape_*) {k.get('per_target', 0):,}  "
         f"({f.per_gpu('per_target'):.1f} per GPU)")
     out(f"    alerts                    {k.get('alerts', 0):,}")
-    out(f"  series per GPU              {f.series_per_gpu:.1f}  (processes and users left out)")
+    out(f"  series per GPU              {f.series_per_gpu:.1f}  (processes and users left out"
+        f"{'; the MIG node too, as in every per GPU figure above' if f.mig_gpus else ''})")
+    if f.mig_gpus:
+        kinds = f.mig_by_kind()
+        mig_own = sum(n for name, n in f.mig_series_by_name.items()
+                      if name.startswith("nvidia_gpu_mig_"))
+        holders = sum(kinds.get(k, 0) for k in PER_HOLDER_KINDS)
+        out(f"  MIG node                    {f.mig_series}  (processes and users left out; "
+            f"{f.mig_gpus} GPUs, {f.mig_slices} MIG devices; {f.mig_series / f.mig_gpus:.1f} "
+            f"per GPU; {holders} more for its processes and users)")
+        out(f"    served by its exporter    {kinds.get('exporter', 0)}  (of which "
+            f"nvidia_gpu_mig_*: {mig_own}, {mig_own / max(1, f.mig_slices):.1f} per MIG device)")
+        out(f"    recorded by the rules     {kinds.get('recorded', 0)}; per target "
+            f"{kinds.get('per_target', 0)}; alerts {kinds.get('alerts', 0)}")
     out(f"  Prometheus memory           RSS {_mib(f.rss_bytes)}, heap in use "
         f"{_mib(f.heap_bytes)} ({f.rss_bytes / max(1.0, f.head_series):,.0f} bytes per series)")
     out(f"  CPU (cores)                 Prometheus {f.prometheus_cores:.2f}, simulator "
@@ -505,14 +589,17 @@ def report_churn(runs: Sequence[Churn], bytes_per_series: float,
 
 
 def summary(results: Sequence[Figures], settings: Settings, out: Callable[[str], None]) -> None:
-    out(f"\nSizing (one Prometheus, {settings.interval:g} s scrape and evaluation interval):")
-    header = ("GPUs", "nodes", "series", "series/GPU", "RSS", "slowest group", "grid",
-              "status", "slowest panel")
+    mig = next((f for f in results if f.mig_gpus), None)
+    out(f"\nSizing (one Prometheus, {settings.interval:g} s scrape and evaluation interval"
+        f"{f', a MIG node of {mig.mig_gpus} GPUs beside each fleet' if mig else ''}):")
+    header = ("GPUs", "nodes", "series", "series/GPU", "MIG node", "RSS", "slowest group",
+              "grid", "status", "slowest panel")
     rows = []
     for f in results:
         slowest = max(f.queries, key=lambda q: q.seconds)
         rows.append((f"{f.gpus:,}", f"{f.nodes:,}", f"{f.head_series:,.0f}",
-                     f"{f.series_per_gpu:.1f}", _mib(f.rss_bytes),
+                     f"{f.series_per_gpu:.1f}",
+                     f"{f.mig_series}" if f.mig_gpus else "-", _mib(f.rss_bytes),
                      _ms(max(f.rule_groups.values(), default=0.0)), _ms(f.grid_seconds),
                      _ms(f.status_seconds), _ms(slowest.seconds)))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -550,6 +637,9 @@ def arg_parser() -> argparse.ArgumentParser:
                    help="smoke run: one fleet of 16 GPUs, 1 s intervals, one run per query")
     p.add_argument("--no-churn", dest="churn", action="store_false",
                    help="leave out the process churn runs")
+    p.add_argument("--no-mig-node", dest="mig_node", action="store_false",
+                   help=f"no MIG node (gpuwatch-exporter --simulate {MIG_SCENARIO}) beside "
+                   "each fleet")
     p.add_argument("--simulator-cache", type=float, metavar="SECONDS",
                    help="how long a simulated node's answer serves later scrapes (the "
                    "simulator's --cache-seconds; default %(default)s)")
@@ -597,7 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             workdir = base / f"gpus-{gpus}"
             if workdir.exists():
                 shutil.rmtree(workdir)
-            with FleetRun(gpus, workdir, settings, out, args.prometheus_dir) as run:
+            with FleetRun(gpus, workdir, settings, out, args.prometheus_dir,
+                          mig_node=args.mig_node) as run:
                 run.wait_ready()
                 figures = run.measure()
             results.append(figures)
@@ -628,6 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary(results, settings, out)
     if args.json:
         args.json.write_text(json.dumps([asdict(f) | {"series_per_gpu": f.series_per_gpu,
+                                                      "mig_series": f.mig_series,
                                                       "rule_groups": f.rule_groups}
                                          for f in results], indent=2))
     return 0
