@@ -13,20 +13,22 @@ reservations job's port, as on the monitoring host; tests edit the file with `gp
 with `Fleet.claim`). Prometheus is asked through gpuwatch.fleet.prometheus, the client the CLI
 uses (`fleet.api`).
 
-What a test expects comes from `Fleet.expected()`, the one oracle: every GPU's state, users
-and model derived from the scenarios the exporters simulate (the simulator's own view of each
-GPU at a given time), the thresholds the rules read, the reservations in the reservations
-file and the claims the service holds (its own GET /api/v1/claims), never copied.
+What a test expects comes from `Fleet.expected_cells()`, the one oracle: every cell's (a
+whole GPU's or a MIG slice's) state, users, model and profile derived from the scenarios the
+exporters simulate (the simulator's own view of each GPU at a given time), the thresholds the
+rules read, the reservations in the reservations file and the claims the service holds (its
+own GET /api/v1/claims), never copied. `Fleet.expected()` is its whole GPUs by index.
 
     with Fleet(tmp_path, [Node("ws-01", "workstation", {"cluster": "lab"})]) as fleet:
         fleet.wait_for_rules()
         fleet.api.query(states.STATE_INFO)
-        fleet.expected()
+        fleet.expected_cells()
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
 import secrets
@@ -50,7 +52,7 @@ from gpuwatch.contract.thresholds import HELD_MEMORY, IDLE_DURATION, IDLE_UTILIZ
 from gpuwatch.exporter.nvml import NVMLError
 from gpuwatch.fleet.prometheus import Prometheus
 from gpuwatch.reservations import Reservation
-from gpuwatch.sim import Scenario, SimulatedNode, SimulatedNvml, load_scenario
+from gpuwatch.sim import Scenario, SimProcess, SimulatedNode, SimulatedNvml, load_scenario
 from tools import localstack
 
 T = TypeVar("T")
@@ -111,8 +113,14 @@ class RunningNode:
     service: localstack.Service
     started: float
     """Unix time just before the exporter started: its simulated clock starts a moment later."""
-    stopped: bool = False
-    """The exporter no longer runs (stopped or killed); its target stays."""
+    stopped_at: float | None = None
+    """Unix time just before the exporter was stopped or killed (its target stays); None
+    while it runs."""
+
+    @property
+    def stopped(self) -> bool:
+        """The exporter no longer runs (stopped or killed); its target stays."""
+        return self.stopped_at is not None
 
     @property
     def instance(self) -> str:
@@ -125,17 +133,48 @@ class RunningNode:
 
     def kill(self) -> None:
         """Ends the exporter at once, as a crash would; its target stays."""
+        self.stopped_at = time.time()
         self.service.kill()
-        self.stopped = True
 
     def stop(self) -> None:
         """Stops the exporter as its service manager would (SIGTERM); its target stays."""
+        self.stopped_at = time.time()
         self.service.stop()
-        self.stopped = True
+
+
+@dataclass(frozen=True)
+class ExpectedCell:
+    """A cell of the grid, a whole GPU or a MIG slice, as the rules should see it
+    (Fleet.expected_cells)."""
+
+    host: str
+    cell: Cell
+    state: str
+    users: tuple[str, ...]
+    """Who has a process on it, sorted; none when it is down."""
+    model: str
+    """The NVML name of the GPU (a slice's parent's); "" where Prometheus has never seen it
+    (a GPU lost or hung from the start)."""
+    memory_total_bytes: float | None
+    """The GPU's device memory (a slice's own); None where the exporter cannot read it."""
+    user_memory: Mapping[str, float]
+    """Bytes of device memory each user's processes on it hold (whole bytes: sums are exact)."""
+    processes: int = 0
+    """The processes on it the exporter counts."""
+    reservation: str | None = None
+    """The booking that covers it in words, as the grid shows it: alice until ... (why)."""
+    claim: str | None = None
+    """Who claimed it (gpuwatch run), as the claim label says; None when not claimed."""
+    profile: str | None = None
+    """A slice's MIG profile (1g.10gb); None for a whole GPU."""
+    mig_uuid: str | None = None
+    """A slice's MIG UUID (its compute instance 0's: what CUDA_VISIBLE_DEVICES takes)."""
 
 
 @dataclass(frozen=True)
 class ExpectedGpu:
+    """A whole GPU as the rules should see it (Fleet.expected: ExpectedCell by GPU index)."""
+
     host: str
     gpu: int
     state: str
@@ -158,6 +197,35 @@ class ExpectedProcess:
     pid: int
     user: str
     command: str
+    gpu_instance_id: int | None = None
+    """The MIG slice (GPU instance) it runs on; None on a GPU without MIG."""
+
+    @property
+    def cell(self) -> Cell:
+        """The cell it holds: its GPU, or its slice."""
+        return Cell(self.gpu, self.gpu_instance_id)
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """What an exporter reads of one cell at one moment (read_cells), or of a GPU never seen
+    (the defaults)."""
+
+    cell: Cell
+    model: str = ""
+    memory_total: float | None = None
+    memory_used: float = 0.0
+    processes: tuple[SimProcess, ...] = ()
+    """The processes on it the exporter lists (not those that exit while being read)."""
+    utilization: float | None = None
+    """The GPU's utilisation ratio; None for a slice (NVML has none per slice)."""
+    profile: str | None = None
+    mig_uuid: str | None = None
+
+
+SEEN_SCRAPES = 3
+"""Scrape intervals after which Prometheus has surely seen a GPU answer (scraped it and run
+the rules on it) once both started; a GPU lost sooner may or may not have been seen."""
 
 
 class Fleet:
@@ -312,25 +380,27 @@ class Fleet:
             time.sleep(min(0.25, self.interval / 2))
 
     def wait_for_rules(self, evaluations: int = 3) -> None:
-        """Waits until every node is scraped and the rules have run `evaluations` times since.
+        """Waits until every running exporter is scraped, every cell (expected_cells: a
+        MIG-enabled GPU is none, each of its slices one) has a state, the rules have run
+        `evaluations` times since, and the state has that much history.
 
-        The idle clock and `rate()` need a few samples; the state of every GPU needs the
+        The idle clock and `rate()` need a few samples; the state of every cell needs the
         rule of its own previous evaluation (the inventory keeps itself).
         """
         live = sum(not n.stopped for n in self.nodes)
         self.wait_for("every exporter scraped",
                       lambda: self.api.query_value(f'count(up{{job="{states.JOB}"}} == 1)'),
                       lambda found: found == live)
-        gpus = sum(len(n.scenario.gpus) for n in self.nodes)
-        self.wait_for("the state of every GPU",
+        cells = len(self.expected_cells())
+        self.wait_for("the state of every cell",
                       lambda: self.api.query_value(f"count({states.STATE_INFO})"),
-                      lambda found: found == gpus)
+                      lambda found: found == cells)
         first = time.time()
         self.wait_for("more evaluations", lambda: self.api.query_value("time()"),
                       lambda now: now is not None and now >= first + evaluations * self.interval)
         self.wait_for("history of the state", lambda: self.api.query_value(
             f"count({states.STATE_INFO} offset {evaluations * self.interval:g}s)"),
-            lambda found: found == gpus)
+            lambda found: found == cells)
 
     # -- the service -----------------------------------------------------------------------------
 
@@ -392,80 +462,118 @@ class Fleet:
         now = dt.datetime.fromtimestamp(time.time() if at is None else at, dt.timezone.utc)
         return [r for r in reservations.load(self.reservations_file, now) if r.active(now)]
 
-    def expected(self, at: float | None = None) -> dict[tuple[str, int], ExpectedGpu]:
-        """Every GPU's state, users and model at `at` (now), by (host, gpu), from its
-        scenario, the thresholds and the reservations; what the rules should find.
+    def expected_cells(self, at: float | None = None) -> dict[tuple[str, Cell], ExpectedCell]:
+        """Every cell's state, users, model (a slice's profile and MIG UUID), memory,
+        processes, booking and claim at `at` (now), by (host, cell), from the scenarios the
+        exporters simulate (the simulator's own view of each GPU then), the thresholds the
+        rules read, the reservations file and the claims the service holds; what the rules
+        should find (prometheus/rules/state.yml; docs/prometheus.md, "GPU states" and "MIG
+        slices").
 
-        down: the exporter is stopped, or the GPU is lost, or one of its NVML calls hangs (the
-        collection timeout gives up on it); free: it answers, no process on it, memory below
-        the held threshold; busy: held; idle: held with utilisation below the idle threshold
-        for the idle duration (counted from when Prometheus or the exporter started, whichever
-        is later: nothing earlier was seen). A GPU with an active reservation is reserved, unless
-        it is down, or used by the user who booked it (then busy). A GPU of an active claim is
-        claimed while nothing holds it (then busy or idle as any other), unless it is down; a
-        claim wins over a reservation.
+        The cells: every GPU, except that a MIG-enabled GPU is none and each slice its NVML
+        walks then is one. The state, the first that applies:
+        down: the exporter is stopped (the inventory keeps the cells it had then, with their
+        model, memory and booking), the GPU is lost (one lost before Prometheus saw it is a
+        cell of its own without a model, MIG or not; one seen before keeps its model, a lost
+        parent its slices) or one of its NVML calls hangs (the collection timeout gives up on
+        it; Prometheus never saw its name); busy: booked, and the one who booked it has a
+        process on it; claimed: an active claim covers it and it is not held; reserved:
+        booked; idle: held and inactive for the idle duration (counted from when Prometheus
+        or the exporter started, whichever is later: nothing earlier was seen), a GPU with
+        utilisation below the idle threshold, a slice with no process on it; busy: held (a
+        process on it, or memory used at or above the held threshold); free.
+        A booking or a claim covers a cell it names, the slices of a GPU it names and, a
+        booking of every GPU of the host (all), every cell of it (booking_of).
         """
         now = time.time() if at is None else at
         t = self.thresholds()
-        active = self.active_reservations(now)
-        claimed = {(c["host"], gpu): c["user"] for c in self.active_claims(now)
-                   for gpu in c["gpus"]}
-        expected = {}
+        bookings = self.active_reservations(now)
+        claims = [(c["host"], [Cell.from_json(g) for g in c["gpus"]], c["user"])
+                  for c in self.active_claims(now)]
+        expected: dict[tuple[str, Cell], ExpectedCell] = {}
         for running in self.nodes:
-            if running.scenario.hang:
-                raise NotImplementedError(f"{running.node.scenario}: the oracle does not model "
-                                          "NVML library calls that hang")
-            node = SimulatedNode(running.scenario, clock=lambda: now, start=running.started)
-            nvml = SimulatedNvml(node)
+            host = running.host
             seen_for = now - max(self.prometheus_started, running.started)
-            for index, gpu in enumerate(running.scenario.gpus):
-                host = running.host
-                reservation = next((r for r in active
-                                    if r.shares_gpus(host, (Cell(index),))), None)
-                words = None if reservation is None else describe(reservation)
-                claim = claimed.get((host, index))
-                unknown = ExpectedGpu(host, index, states.DOWN.name, (), "", None, {}, words,
-                                      claim)
-                if gpu.hang:  # the exporter gives up on it; Prometheus never saw its name
-                    expected[host, index] = unknown
+            for r, answers in self._node_cells(running, now):
+                booking = booking_of(bookings, host, r.cell)
+                words = None if booking is None else describe(booking)
+                claim = next((user for on, cells, user in claims
+                              if on == host and any(c.covers(r.cell) for c in cells)), None)
+                if not answers:
+                    expected[host, r.cell] = ExpectedCell(
+                        host, r.cell, states.DOWN.name, (), r.model, r.memory_total, {}, 0,
+                        words, claim, r.profile, r.mig_uuid)
                     continue
-                try:
-                    handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                except NVMLError:  # lost: no model, nobody known
-                    expected[host, index] = unknown
-                    continue
-                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-                model = nvml.nvmlDeviceGetName(handle)
-                if running.stopped:  # the inventory keeps what it knew
-                    expected[host, index] = ExpectedGpu(host, index, states.DOWN.name, (),
-                                                        model, float(memory.total), {}, words,
-                                                        claim)
-                    continue
-                visible = [p.process for p in node.processes(index) if not p.process.vanished]
                 user_memory: dict[str, float] = {}
-                for p in visible:
+                for p in r.processes:
                     user_memory[p.user] = user_memory.get(p.user, 0.0) + int(p.memory_bytes)
                 users = tuple(sorted(user_memory))
-                held = bool(visible) or memory.used >= t[HELD_MEMORY]
-                utilization = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
-                idle = utilization < t[IDLE_UTILIZATION] and \
-                    seen_for >= t[IDLE_DURATION]
-                if claim is not None and not held:
-                    state = states.CLAIMED
-                elif reservation is not None and reservation.user in users:
+                held = bool(r.processes) or r.memory_used >= t[HELD_MEMORY]
+                inactive = not r.processes if r.utilization is None else \
+                    r.utilization < t[IDLE_UTILIZATION]
+                if booking is not None and booking.user in users:
                     state = states.BUSY
-                elif reservation is not None:
+                elif claim is not None and not held:
+                    state = states.CLAIMED
+                elif booking is not None:
                     state = states.RESERVED
-                elif held and idle:
+                elif held and inactive and seen_for >= t[IDLE_DURATION]:
                     state = states.IDLE
                 elif held:
                     state = states.BUSY
                 else:
                     state = states.FREE
-                expected[host, index] = ExpectedGpu(host, index, state.name, users, model,
-                                                    float(memory.total), user_memory, words,
-                                                    claim)
+                expected[host, r.cell] = ExpectedCell(
+                    host, r.cell, state.name, users, r.model, r.memory_total, user_memory,
+                    len(r.processes), words, claim, r.profile, r.mig_uuid)
         return expected
+
+    def _node_cells(self, running: RunningNode, now: float
+                    ) -> Iterator[tuple[_Reading, bool]]:
+        """Each cell of a node the rules know at `now`, as its exporter last read it, and
+        whether it answers then."""
+        if running.scenario.hang:
+            raise NotImplementedError(f"{running.node.scenario}: the oracle does not model "
+                                      "NVML library calls that hang")
+        stopped = running.stopped_at is not None and running.stopped_at <= now
+        if stopped:
+            assert running.stopped_at is not None
+            now = running.stopped_at
+        seen_from = max(self.prometheus_started, running.started)
+        for index, gpu in enumerate(running.scenario.gpus):
+            if gpu.missing_after_seconds is not None:
+                raise NotImplementedError(f"{running.node.scenario}: the oracle does not model "
+                                          "GPUs that leave NVML's count")
+            if gpu.hang:  # the exporter gives up on it; Prometheus never saw its name
+                if gpu.mig:
+                    raise NotImplementedError(f"{running.node.scenario}: the oracle does not "
+                                              "model MIG-enabled GPUs that hang")
+                yield _Reading(Cell(index)), False
+                continue
+            readings = read_cells(running, index, now)
+            if readings is not None:  # a stopped node's as they were when it stopped
+                yield from ((r, not stopped) for r in readings)
+                continue
+            # lost (from the start: `lost`, an error of nvmlDeviceGetHandleByIndex)
+            lost = running.started + (gpu.lost_after_seconds or 0.0)
+            if lost <= seen_from:  # never seen: nothing but its index is known
+                yield _Reading(Cell(index)), False
+                continue
+            if lost < seen_from + SEEN_SCRAPES * self.interval:
+                raise NotImplementedError(f"{running.node.scenario}: GPU {index} is lost within "
+                                          "Prometheus' first scrapes of it: seen or not, the "
+                                          "oracle cannot tell")
+            before = read_cells(running, index, lost - 1e-3)
+            assert before is not None
+            yield from ((dataclasses.replace(r, memory_total=None), False) for r in before)
+
+    def expected(self, at: float | None = None) -> dict[tuple[str, int], ExpectedGpu]:
+        """Every whole GPU of expected_cells at `at` (now), by (host, GPU index); a
+        MIG-enabled GPU is no cell (its slices are in expected_cells)."""
+        return {(host, cell.gpu): ExpectedGpu(host, cell.gpu, e.state, e.users, e.model,
+                                              e.memory_total_bytes, e.user_memory,
+                                              e.reservation, e.claim)
+                for (host, cell), e in self.expected_cells(at).items() if not cell.is_slice}
 
     def expected_processes(self, at: float | None = None) -> list[ExpectedProcess]:
         """The processes the exporters report at `at` (now): what NVML lists, less those that
@@ -486,7 +594,7 @@ class Fleet:
                     continue  # a lost GPU: nothing is read from it
                 expected.extend(
                     ExpectedProcess(running.host, index, p.pid, p.process.user,
-                                    p.process.command)
+                                    p.process.command, p.process.gpu_instance_id)
                     for p in node.processes(index) if not p.process.vanished)
         return expected
 
@@ -514,6 +622,64 @@ def write_web_config(path: Path, users: Mapping[str, str]) -> None:
     path.write_text(yaml.safe_dump({"basic_auth_users": {
         name: bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
         for name, password in users.items()}}))
+
+
+def read_cells(running: RunningNode, index: int, at: float) -> list[_Reading] | None:
+    """The cells of GPU `index` of a node as its exporter reads them at `at`: the GPU, or
+    for a MIG-enabled one each slice its NVML walks (a GPU instance, named by its compute
+    instance 0's MIG UUID); None when it cannot be opened then (lost)."""
+    node = SimulatedNode(running.scenario, clock=lambda: at, start=running.started)
+    nvml = SimulatedNvml(node)
+    try:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    except NVMLError:
+        return None
+    model = nvml.nvmlDeviceGetName(handle)
+    try:
+        mig = nvml.nvmlDeviceGetMigMode(handle)[0] == 1
+    except NVMLError:  # a GPU that cannot do MIG
+        mig = False
+    listed = tuple(p.process for p in node.processes(index) if not p.process.vanished)
+    if not mig:
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        return [_Reading(Cell(index), model, float(memory.total), float(memory.used), listed,
+                         nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)]
+    instances: dict[int, dict[int, Any]] = {}
+    for place in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+        try:
+            device = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, place)
+        except NVMLError:
+            continue  # no MIG device in that place
+        instances.setdefault(nvml.nvmlDeviceGetGpuInstanceId(device), {})[
+            nvml.nvmlDeviceGetComputeInstanceId(device)] = device
+    cells = []
+    for instance, devices in instances.items():
+        if 0 not in devices and len(devices) > 1:
+            raise NotImplementedError(f"{running.node.scenario}: GPU instance {instance} of "
+                                      f"GPU {index} has compute instances but not 0: which "
+                                      "one's MIG UUID the rules take is topk's choice")
+        compute, device = (0, devices[0]) if 0 in devices else next(iter(devices.items()))
+        (profile,) = {m.profile for m in running.scenario.gpus[index].mig
+                      if (m.gpu_instance_id, m.compute_instance_id) == (instance, compute)}
+        memory = nvml.nvmlDeviceGetMemoryInfo(device)
+        cells.append(_Reading(Cell(index, instance), model, float(memory.total),
+                              float(memory.used),
+                              tuple(p for p in listed if p.gpu_instance_id == instance),
+                              None, profile, nvml.nvmlDeviceGetUUID(device)))
+    return cells
+
+
+def booking_of(bookings: Sequence[Reservation], host: str, cell: Cell) -> Reservation | None:
+    """The booking of `bookings` (active ones) the rules give `cell` of `host`: the cell's
+    own, else, for a slice, its whole GPU's, else the host's (every GPU); of several at the
+    first of these that has one, the one that ends last (topk)."""
+    on_host = [r for r in bookings if r.host == host]
+    for named in (cell, cell.whole if cell.is_slice else None, "all"):
+        found = [r for r in on_host
+                 if (r.gpus is None if named == "all" else r.gpus is not None and named in r.gpus)]
+        if found:
+            return max(found, key=lambda r: r.until)
+    return None
 
 
 def describe(reservation: Reservation) -> str:
