@@ -3,9 +3,9 @@
 Every panel query of the dashboards runs against a real Prometheus fed by simulated exporters
 (tests/prom_harness.py), with Grafana's variables replaced by the values Grafana would give
 them; the availability grid must show every simulated GPU and MIG slice (the fleet has a MIG
-node) in the state and with the users the harness's oracle says (for slices, expected_cells
-here), and the tables and state timelines go through Grafana's own frontend data code
-(@grafana/data). The dashboards as files: tests/unit/test_grafana_files.py.
+node) in the state and with the users the harness's oracle (Fleet.expected_cells) says, and
+the tables and state timelines go through Grafana's own frontend data code (@grafana/data).
+The dashboards as files: tests/unit/test_grafana_files.py.
 """
 
 from __future__ import annotations
@@ -15,21 +15,18 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from grafana_dashboards import DASHBOARDS, apply_mappings, grid_panel, panel_titled
 from paths import FIXTURES, REPO
-from prom_harness import Fleet, Node, describe
+from prom_harness import Fleet, Node
 
 from gpuwatch.cells import Cell
 from gpuwatch.contract import states
-from gpuwatch.contract.thresholds import HELD_MEMORY, IDLE_DURATION
-from gpuwatch.exporter.nvml import NVMLError
+from gpuwatch.contract.thresholds import IDLE_DURATION
 from gpuwatch.fleet.prometheus import Sample
 from gpuwatch.reservations import Reservation
-from gpuwatch.sim import SimulatedNode, SimulatedNvml
 from tools.dashboards import (
     expand,
     panels,
@@ -55,111 +52,6 @@ FLEET_NODES = [
 ]
 
 
-# -- what the grid should show: every cell ----------------------------------------------------
-
-@dataclass(frozen=True)
-class ExpectedCell:
-    """A cell of the grid (a whole GPU or a MIG slice) as the rules should see it."""
-
-    host: str
-    cell: Cell
-    state: str
-    users: tuple[str, ...]
-    model: str
-    profile: str | None = None
-    """A slice's MIG profile (1g.10gb); None for a whole GPU."""
-    reservation: str | None = None
-    claim: str | None = None
-    memory_total_bytes: float | None = None
-    processes: int = 0
-
-
-def expected_cells(fleet: Fleet, at: float | None = None) -> dict[tuple[str, Cell], ExpectedCell]:
-    """Every cell by (host, cell): a whole GPU as the harness's oracle (Fleet.expected) says;
-    for a MIG-enabled GPU (no cell itself) each slice NVML lists now, from the simulator,
-    as the contract's slice rules read it (mig-contract: held when a process is on it or
-    its memory used reaches the held threshold, idle when held by no process for the idle
-    duration, busy with processes, free otherwise; a booked slice reserved unless the one
-    who booked it uses it, a claimed one claimed while not held, as for a GPU). The oracle
-    of slices knows no stopped nodes or lost GPUs: it refuses a fleet that has them on a
-    MIG node."""
-    now = time.time() if at is None else at
-    whole = fleet.expected(now)
-    t = fleet.thresholds()
-    active = fleet.active_reservations(now)
-    claimed = {(c["host"], Cell.from_json(gpu)): c["user"] for c in fleet.active_claims(now)
-               for gpu in c["gpus"]}
-    cells: dict[tuple[str, Cell], ExpectedCell] = {}
-    for running in fleet.nodes:
-        host = running.host
-        node = SimulatedNode(running.scenario, clock=lambda: now, start=running.started)
-        nvml = SimulatedNvml(node)
-        for index, gpu in enumerate(running.scenario.gpus):
-            if not gpu.mig:
-                e = whole[host, index]
-                cells[host, Cell(index)] = ExpectedCell(
-                    host, Cell(index), e.state, e.users, e.model, None, e.reservation, e.claim,
-                    e.memory_total_bytes,
-                    sum(not p.process.vanished for p in node.processes(index)))
-                continue
-            e = whole[host, index]
-            if running.stopped or not e.model:
-                raise NotImplementedError(f"{host} GPU {index}: the oracle of MIG slices "
-                                          "knows no stopped nodes or lost GPUs")
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            seen_for = now - max(fleet.prometheus_started, running.started)
-            for place in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
-                try:
-                    mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, place)
-                except NVMLError:
-                    continue  # no slice in that place
-                instance = nvml.nvmlDeviceGetGpuInstanceId(mig)
-                memory = nvml.nvmlDeviceGetMemoryInfo(mig)
-                (profile,) = {m.profile for m in gpu.mig if m.gpu_instance_id == instance}
-                on_it = [p for p in node.processes(index)
-                         if p.process.gpu_instance_id == instance and not p.process.vanished]
-                held = bool(on_it) or memory.used >= t[HELD_MEMORY]
-                users = tuple(sorted({p.process.user for p in on_it}))
-                cell = Cell(index, instance)
-                booking = next((r for r in active if r.shares_gpus(host, (cell,))), None)
-                claim = claimed.get((host, cell))
-                if claim is not None and not held:
-                    state = states.CLAIMED
-                elif booking is not None and booking.user in users:
-                    state = states.BUSY
-                elif booking is not None:
-                    state = states.RESERVED
-                elif on_it:
-                    state = states.BUSY
-                elif held:
-                    state = states.IDLE if seen_for >= t[IDLE_DURATION] else states.BUSY
-                else:
-                    state = states.FREE
-                cells[host, cell] = ExpectedCell(
-                    host, cell, state.name, users, e.model, profile,
-                    None if booking is None else describe(booking), claim,
-                    float(memory.total), len(on_it))
-    return cells
-
-
-def wait_for_every_cell(fleet: Fleet, evaluations: int = 3) -> None:
-    """Fleet.wait_for_rules, counting cells (a MIG node has a state per slice, not per GPU):
-    every exporter scraped, a state for every cell, `evaluations` more rule evaluations, and
-    the state's history that far back."""
-    fleet.wait_for("every exporter scraped", lambda: fleet.api.query_value(
-        f'count(up{{job="{states.JOB}"}} == 1)'), lambda found: found == len(fleet.nodes))
-    cells = len(expected_cells(fleet))
-    fleet.wait_for("the state of every cell",
-                   lambda: fleet.api.query_value(f"count({states.STATE_INFO})"),
-                   lambda found: found == cells)
-    first = time.time()
-    fleet.wait_for("more evaluations", lambda: fleet.api.query_value("time()"),
-                   lambda now: now is not None and now >= first + evaluations * fleet.interval)
-    fleet.wait_for("history of the state", lambda: fleet.api.query_value(
-        f"count({states.STATE_INFO} offset {evaluations * fleet.interval:g}s)"),
-        lambda found: found == cells)
-
-
 def fleet_reservations() -> list[Reservation]:
     """A free GPU of srv-01 booked for frank, a GPU carol works on booked for her, and a free
     MIG slice of mig-01 booked for frank."""
@@ -179,7 +71,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     with Fleet(tmp_path_factory.mktemp("fleet"), FLEET_NODES,
                thresholds={IDLE_DURATION: 0},
                reservations=fleet_reservations()) as running:
-        wait_for_every_cell(running)
+        running.wait_for_rules()
         claim = running.claim("gina", "a100-01", minutes=60)
         running.wait_for("gina's claim in the grid", lambda: {
             (s.labels["host"], s.labels["gpu"], s.labels.get("claim"))
@@ -231,7 +123,7 @@ def cell_key(key: tuple[str, Cell]) -> tuple[str, tuple[int, int]]:
 
 def test_grid_shows_every_gpu_in_its_state_with_its_users(fleet: Fleet) -> None:
     rows = grid_rows(fleet)
-    cells = expected_cells(fleet)
+    cells = fleet.expected_cells()
     expected = cells.values()
     assert sorted(rows, key=cell_key) == sorted(cells, key=cell_key)
     mappings = grid_panel()["fieldConfig"]["defaults"]["mappings"]
@@ -328,7 +220,7 @@ def test_grid_as_grafanas_own_code_draws_it(fleet: Fleet) -> None:
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
     drawn = draw_table(panel, prometheus_table_frames(
         {target["refId"]: fleet.api.query(expand(target["expr"], values))}))
-    expected = expected_cells(fleet)
+    expected = fleet.expected_cells()
     hosts = sorted({host for host, _ in expected})
     indices = sorted({index for _, index in expected}, key=Cell.sort_key)
     columns = {field["name"]: field for field in drawn["fields"]}
@@ -441,7 +333,7 @@ def test_state_history_names_the_states_the_grid_shows(fleet: Fleet) -> None:
 def test_free_counts_match_the_scenarios(fleet: Fleet) -> None:
     """Free cells in all and per model and MIG profile (free 1g.10gb slices of A100s apart
     from free A100s), each named by its display name, a slice's with its profile."""
-    expected = expected_cells(fleet).values()
+    expected = fleet.expected_cells().values()
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-fleet"])[0]
     (total,) = panel_titled("gpuwatch-fleet", "Free GPUs")["targets"]
     (result,) = fleet.api.query(expand(total["expr"], values))
@@ -464,15 +356,8 @@ def test_free_counts_match_the_scenarios(fleet: Fleet) -> None:
 def process_cells(fleet: Fleet, at: float) -> list[tuple[str, str, str, str, str]]:
     """(host, cell, pid, user, command) of every process the exporters report at `at`; a
     process on a MIG slice is on the slice's cell."""
-    found = []
-    for p in fleet.expected_processes(at):
-        running = fleet.node(p.host)
-        live = SimulatedNode(running.scenario, clock=lambda: at, start=running.started) \
-            .find(p.pid)
-        assert live is not None, p
-        cell = Cell(p.gpu, live.process.gpu_instance_id)
-        found.append((p.host, str(cell), str(p.pid), p.user, p.command))
-    return sorted(found)
+    return sorted((p.host, str(p.cell), str(p.pid), p.user, p.command)
+                  for p in fleet.expected_processes(at))
 
 
 def test_holders_table_lists_every_process(fleet: Fleet) -> None:
@@ -497,7 +382,7 @@ def test_users_panel_shows_where_the_slices_users_are(fleet: Fleet) -> None:
     profile."""
     (target,) = panel_titled("gpuwatch-users", "Where the users' GPUs are")["targets"]
     values = resolve_variables(fleet, DASHBOARDS["gpuwatch-users"])[0]
-    cells = expected_cells(fleet)
+    cells = fleet.expected_cells()
     got = {(r.labels["host"], r.labels["gpu"], r.labels["user"]):
            (r.labels["state"], r.labels.get("profile"))
            for r in fleet.api.query(expand(target["expr"], values))}
@@ -528,7 +413,7 @@ def test_mig_row_shows_every_slice_of_a_mig_node(fleet: Fleet) -> None:
     """The node dashboard's MIG row on the MIG node: every slice (cell) with its profile,
     state, users, memory and processes; the users per slice."""
     answers = mig_row_answers(fleet, MIG_HOST)
-    slices = {e.cell: e for (host, _), e in expected_cells(fleet).items()
+    slices = {e.cell: e for (host, _), e in fleet.expected_cells().items()
               if host == MIG_HOST and e.cell.is_slice}
     assert len(slices) >= 10, "seven 1g.10gb slices and three of the H100"
     for (title, ref), answer in answers.items():
@@ -581,7 +466,7 @@ def test_node_dashboard_keeps_a_mig_gpus_own_panels(fleet: Fleet) -> None:
     (target,) = panel_titled("gpuwatch-node", "GPUs")["targets"]
     rows = {r.labels["gpu"]: r.labels for r in fleet.api.query(expand(target["expr"], values))}
     assert sorted(rows) == indices
-    cells = expected_cells(fleet)
+    cells = fleet.expected_cells()
     for index, gpu in enumerate(running.scenario.gpus):
         labels = rows[str(index)]
         if gpu.mig:
