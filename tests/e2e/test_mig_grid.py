@@ -4,40 +4,25 @@ the project's rules (tests/prom_harness.py, 127.0.0.1 only) and `gpuwatch status
 `status --json` and `pick`: every slice is a cell with its state and users, a MIG-enabled GPU
 is no cell, and `pick 1 --model 1g.10gb` hands out a free slice by its MIG UUID.
 
-What every cell should be comes from the simulator's own view of the node (its NVML answers:
-the MIG devices, their memory and MIG UUIDs, the processes on each GPU instance) and the
-thresholds the rules read, never copied.
+What every cell should be comes from the harness's oracle (Fleet.expected_cells: the
+simulator's own view of the node, its NVML answers, the MIG devices, their memory and MIG
+UUIDs, the processes on each GPU instance, and the thresholds the rules read), never copied.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 from cli_run import run
-from prom_harness import Fleet, Node
+from prom_harness import ExpectedCell, Fleet, Node
 
 from gpuwatch.cells import Cell
 from gpuwatch.contract import states
-from gpuwatch.contract.thresholds import HELD_MEMORY, IDLE_DURATION, IDLE_UTILIZATION
-from gpuwatch.exporter.nvml import NVMLError
-from gpuwatch.sim import SimulatedNode, SimulatedNvml
 
 HOST = "mig-node"
-
-
-@dataclass(frozen=True)
-class ExpectedCell:
-    cell: Cell
-    state: str
-    users: tuple[str, ...]
-    profile: str | None
-    mig_uuid: str | None
-    memory_total_bytes: float
 
 
 @pytest.fixture(scope="module")
@@ -47,50 +32,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def expected(fleet: Fleet) -> dict[str, ExpectedCell]:
-    """Every cell of the node now, by its text ("0/7", "2"), as the simulator has it: a slice
-    is busy with a process on its GPU instance, held (busy, idle after the idle duration) with
-    memory and none, free otherwise; a GPU without MIG as any GPU; a MIG-enabled GPU none."""
-    now = time.time()
-    t = fleet.thresholds()
-    running = fleet.node(HOST)
-    node = SimulatedNode(running.scenario, clock=lambda: now, start=running.started)
-    nvml = SimulatedNvml(node)
-    seen_for = now - max(fleet.prometheus_started, running.started)
-    cells: dict[str, ExpectedCell] = {}
-    for index in range(len(running.scenario.gpus)):
-        handle = nvml.nvmlDeviceGetHandleByIndex(index)
-        processes = [p.process for p in node.processes(index) if not p.process.vanished]
-        try:
-            mig = nvml.nvmlDeviceGetMigMode(handle)[0] == 1
-        except NVMLError:
-            mig = False
-        if not mig:
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            held = bool(processes) or memory.used >= t[HELD_MEMORY]
-            idle = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100 < t[IDLE_UTILIZATION] \
-                and seen_for >= t[IDLE_DURATION]
-            state = states.FREE if not held else states.IDLE if idle else states.BUSY
-            cells[str(index)] = ExpectedCell(Cell(index), state.name,
-                                             tuple(sorted({p.user for p in processes})),
-                                             None, None, float(memory.total))
-            continue
-        for place in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
-            try:
-                piece = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, place)
-            except NVMLError:
-                continue  # no MIG device in that place
-            instance = nvml.nvmlDeviceGetGpuInstanceId(piece)
-            memory = nvml.nvmlDeviceGetMemoryInfo(piece)
-            on = [p for p in processes if p.gpu_instance_id == instance]
-            held = bool(on) or memory.used >= t[HELD_MEMORY]
-            state = states.BUSY if on else states.FREE if not held else \
-                states.IDLE if seen_for >= t[IDLE_DURATION] else states.BUSY
-            cell = Cell(index, instance)
-            cells[str(cell)] = ExpectedCell(
-                cell, state.name, tuple(sorted({p.user for p in on})),
-                nvml.nvmlDeviceGetName(piece).rsplit(" MIG ", 1)[-1],
-                nvml.nvmlDeviceGetUUID(piece), float(memory.total))
-    return cells
+    """Every cell of the node now as the harness's oracle has it (Fleet.expected_cells), by
+    its text ("0/7", "2")."""
+    return {str(cell): e for (host, cell), e in fleet.expected_cells().items() if host == HOST}
 
 
 def status_json(fleet: Fleet) -> list[dict[str, object]]:

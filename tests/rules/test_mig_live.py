@@ -11,17 +11,15 @@ that meets the slices' series many-to-many would)."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from prom_harness import Fleet, Node, RunningNode
+from prom_harness import Fleet, Node
 
 from gpuwatch.cells import Cell
 from gpuwatch.contract import metrics, states
-from gpuwatch.sim import SimulatedNode
 from tools import localstack
 
 pytestmark = pytest.mark.apt
@@ -31,7 +29,9 @@ SCENARIO = "mig"
 
 
 @dataclass(frozen=True)
-class ExpectedCell:
+class Shown:
+    """What the grid says of a cell."""
+
     state: str
     users: tuple[str, ...]
     model: str
@@ -44,53 +44,35 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield f
 
 
-def expected_cells(node: RunningNode, at: float) -> dict[Cell, ExpectedCell]:
-    """The cells of the node at `at`, from its scenario: each slice that exists then (the
-    reconfigurations of the scenario come after minutes), each GPU without MIG; held (busy)
-    when a process is on it, free otherwise (nothing is idle this early, and no slice holds
-    memory without a process)."""
-    sim = SimulatedNode(node.scenario, clock=lambda: at, start=node.started)
-    cells = {}
-    for index, gpu in enumerate(node.scenario.gpus):
-        live = [p.process for p in sim.processes(index) if not p.process.vanished]
-        if not gpu.mig:
-            users = tuple(sorted({p.user for p in live}))
-            cells[Cell(index)] = ExpectedCell(states.BUSY.name if live else states.FREE.name,
-                                              users, gpu.name, None)
-            continue
-        for mig in gpu.mig:
-            if not mig.created_after_seconds <= sim.elapsed() < (mig.gone_after_seconds
-                                                               or float("inf")):
-                continue
-            users = tuple(sorted({p.user for p in live
-                                  if p.gpu_instance_id == mig.gpu_instance_id}))
-            cells[Cell(index, mig.gpu_instance_id)] = ExpectedCell(
-                states.BUSY.name if users else states.FREE.name, users, gpu.name, mig.profile)
-    return cells
+def expected_cells(fleet: Fleet) -> dict[Cell, Shown]:
+    """The cells of the node now as the harness's oracle has them (Fleet.expected_cells): each
+    slice that exists then (the reconfigurations of the scenario come after minutes), each
+    GPU without MIG."""
+    return {cell: Shown(e.state, e.users, e.model, e.profile)
+            for (host, cell), e in fleet.expected_cells().items() if host == HOST}
 
 
-def grid(fleet: Fleet) -> dict[Cell, ExpectedCell]:
+def grid(fleet: Fleet) -> dict[Cell, Shown]:
     found = {}
     for s in fleet.api.query(states.STATE_INFO):
         cell = Cell.parse(s.labels["gpu"])
-        found[cell] = ExpectedCell(s.labels["state"],
-                                   tuple(u for u in s.labels.get("users", "").split(",") if u),
-                                   s.labels.get("model", ""), s.labels.get("profile"))
+        found[cell] = Shown(s.labels["state"],
+                            tuple(u for u in s.labels.get("users", "").split(",") if u),
+                            s.labels.get("model", ""), s.labels.get("profile"))
     return found
 
 
-def settled(fleet: Fleet) -> dict[Cell, ExpectedCell]:
+def settled(fleet: Fleet) -> dict[Cell, Shown]:
     """The grid once it shows every cell of the scenario as it should (within the harness's
     deadline)."""
-    node = fleet.node(HOST)
     return fleet.wait_for("every cell of the mig scenario in its state", lambda: grid(fleet),
-                          lambda found: found == expected_cells(node, time.time()))
+                          lambda found: found == expected_cells(fleet))
 
 
 def test_the_scenario_has_slices_and_a_gpu_without_mig(fleet: Fleet) -> None:
     """What the checks below stand on: slices of two GPUs, busy and free ones, and a whole
     GPU beside them."""
-    cells = expected_cells(fleet.node(HOST), time.time())
+    cells = expected_cells(fleet)
     assert {c.gpu for c in cells if c.is_slice} == {0, 1}
     assert [c for c in cells if not c.is_slice] == [Cell(2)]
     assert {e.state for c, e in cells.items() if c.is_slice} == {states.BUSY.name,
@@ -132,8 +114,7 @@ def test_the_mig_enabled_gpus_have_no_cell(fleet: Fleet) -> None:
 
 def test_the_gpu_without_mig_is_busy_as_before(fleet: Fleet) -> None:
     cells = settled(fleet)
-    assert cells[Cell(2)] == ExpectedCell(states.BUSY.name, ("judy",), "NVIDIA H100 80GB HBM3",
-                                          None)
+    assert cells[Cell(2)] == Shown(states.BUSY.name, ("judy",), "NVIDIA H100 80GB HBM3", None)
 
 
 def test_free_slices_are_counted_per_model_and_profile(fleet: Fleet) -> None:
