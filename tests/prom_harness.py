@@ -482,8 +482,9 @@ class Fleet:
         or the exporter started, whichever is later: nothing earlier was seen), a GPU with
         utilisation below the idle threshold, a slice with no process on it; busy: held (a
         process on it, or memory used at or above the held threshold); free.
-        A booking or a claim covers a cell it names, the slices of a GPU it names and, a
-        booking of every GPU of the host (all), every cell of it (booking_of).
+        A booking or a claim covers the cell it names and, where that is a MIG-enabled GPU,
+        every slice of it; a booking of the host (all) covers every cell of it (booking_of:
+        which of several the rules take).
         """
         now = time.time() if at is None else at
         t = self.thresholds()

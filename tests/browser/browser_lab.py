@@ -1,8 +1,9 @@
 """What the browser tests share (conftest.py has the fixtures): the lab the page is tested
-over and what its grid should show (Lab.expected(): every cell, whole GPUs and MIG slices),
-a service fed a fixed fleet of MIG slices (FedLab), pages whose console errors, uncaught
-errors and requests to another origin fail the test, waiting on the page's render counter
-(document.body.dataset.rendered) instead of sleeping, and axe-core in the page."""
+over and what its grid should show (Lab.expected(): every cell, whole GPUs and MIG slices,
+as the harness's oracle has them), a service fed a fixed fleet of MIG slices (FedLab), pages
+whose console errors, uncaught errors and requests to another origin fail the test, waiting
+on the page's render counter (document.body.dataset.rendered) instead of sleeping, and
+axe-core in the page."""
 
 from __future__ import annotations
 
@@ -14,15 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request
-from prom_harness import DEADLINE, ExpectedGpu, Fleet, Node, describe
+from prom_harness import DEADLINE, ExpectedCell, Fleet, Node
 
 from gpuwatch.cells import Cell
-from gpuwatch.contract import states
-from gpuwatch.contract.thresholds import HELD_MEMORY, IDLE_DURATION
 from gpuwatch.exporter.collectors.gpu import display_name
-from gpuwatch.exporter.nvml import NVMLError
 from gpuwatch.fleet import ActiveReservation, GpuProcess, GpuStatus
-from gpuwatch.sim import SimulatedNode, SimulatedNvml
 
 T = TypeVar("T")
 
@@ -47,37 +44,6 @@ BOOKED = ("srv-01", 7, "frank", "camera-ready")
 """The booking the lab starts with: host, GPU, user, comment."""
 
 
-@dataclass(frozen=True)
-class ExpectedCell:
-    """What the grid should show of one cell: a whole GPU or a MIG slice."""
-
-    host: str
-    gpu: str
-    """The cell as the page and the API write it: "0", or "0/7" for a slice."""
-    state: str
-    users: tuple[str, ...]
-    model: str
-    """The NVML name of the GPU (of the parent, for a slice); "" where never seen."""
-    profile: str | None = None
-    """A slice's MIG profile (1g.10gb); None for a whole GPU."""
-    reservation: str | None = None
-    claim: str | None = None
-
-    @property
-    def cell(self) -> Cell:
-        return Cell.parse(self.gpu)
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.host, self.gpu
-
-    @property
-    def display(self) -> str:
-        """The model as the page names it: "A100-SXM4-80GB", "A100-SXM4-80GB 1g.10gb"."""
-        name = display_name(self.model, {}) if self.model else ""
-        return f"{name} {self.profile}" if self.profile else name
-
-
 def booked_cells(gpus: Any) -> tuple[Cell, ...] | None:
     """The cells of a booking's or a claim's gpus (Cells, indices or "0/7"; None: all)."""
     if gpus is None:
@@ -99,106 +65,10 @@ class Lab:
     def wait_for(self, what: str, probe: Callable[[], T], ok: Callable[[T], bool]) -> T:
         return self.fleet.wait_for(what, probe, ok)
 
-    def wait_for_rules(self, evaluations: int = 3) -> None:
-        """Waits until every exporter is scraped and every cell has a state, with the
-        history of a few evaluations (Fleet.wait_for_rules, counting cells: a MIG-enabled
-        GPU is not one, each of its slices is)."""
-        fleet = self.fleet
-        live = sum(not n.stopped for n in fleet.nodes)
-        fleet.wait_for("every exporter scraped", lambda: fleet.api.query_value(
-            f'count(up{{job="{states.JOB}"}} == 1)'), lambda found: found == live)
-        cells = len(self.expected())
-        fleet.wait_for("the state of every cell", lambda: fleet.api.query_value(
-            f"count({states.STATE_INFO})"), lambda found: found == cells)
-        back = f"{evaluations * fleet.interval:g}s"
-        fleet.wait_for("history of the state", lambda: fleet.api.query_value(
-            f"count({states.STATE_INFO} offset {back})"), lambda found: found == cells)
-
     def expected(self, at: float | None = None) -> dict[tuple[str, str], ExpectedCell]:
-        """Every cell the grid should show at `at` (now), by (host, cell text): the oracle's
-        GPUs (Fleet.expected) but on MIG nodes, where each slice of a MIG-enabled GPU is a
-        cell (mig_cells) and the GPU itself is none."""
-        now = time.time() if at is None else at
-        gpus = self.fleet.expected(now)
-        out: dict[tuple[str, str], ExpectedCell] = {}
-        for running in self.fleet.nodes:
-            if any(g.mig for g in running.scenario.gpus):
-                out.update((c.key, c) for c in mig_cells(self.fleet, running, now, gpus))
-            else:
-                out.update(((h, str(i)), _whole(e)) for (h, i), e in gpus.items()
-                           if h == running.host)
-        return out
-
-
-def _whole(e: ExpectedGpu) -> ExpectedCell:
-    return ExpectedCell(e.host, str(e.gpu), e.state, e.users, e.model,
-                        reservation=e.reservation, claim=e.claim)
-
-
-def mig_cells(fleet: Fleet, running: Any, now: float,
-              gpus: Mapping[tuple[str, int], ExpectedGpu]) -> list[ExpectedCell]:
-    """The cells of a node with MIG-enabled GPUs at `now`, from its scenario as the simulator
-    answers (the slices NVML walks, their memory and the processes on each), the thresholds
-    and the bookings and claims; the rules' slice evidence (docs: held by processes or by
-    memory at the held threshold; held without a process on it: idle after the idle
-    duration; with processes: busy). Its whole GPUs as Fleet.expected() has them (`gpus`)."""
-    t = fleet.thresholds()
-    host = running.host
-    active = [r for r in fleet.active_reservations(now) if r.host == host]
-    claimed = {str(c): claim["user"] for claim in fleet.active_claims(now)
-               if claim["host"] == host for c in booked_cells(claim["gpus"]) or ()}
-    node = SimulatedNode(running.scenario, clock=lambda: now, start=running.started)
-    nvml = SimulatedNvml(node)
-    seen_for = now - max(fleet.prometheus_started, running.started)
-    found: list[ExpectedCell] = []
-    for index, gpu in enumerate(running.scenario.gpus):
-        if not gpu.mig:
-            found.append(_whole(gpus[host, index]))
-            continue
-        try:
-            parent = nvml.nvmlDeviceGetHandleByIndex(index)
-            model = nvml.nvmlDeviceGetName(parent)
-            handles = []
-            for place in range(nvml.nvmlDeviceGetMaxMigDeviceCount(parent)):
-                try:
-                    handles.append(nvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, place))
-                except NVMLError:
-                    continue
-        except NVMLError:
-            continue  # a lost parent: its slices were never seen
-        for handle in handles:
-            instance = nvml.nvmlDeviceGetGpuInstanceId(handle)
-            cell = Cell(index, instance)
-            profile = next(m.profile for m in gpu.mig if m.gpu_instance_id == instance)
-            booking = next((r for r in active if r.gpus is None or any(
-                c.covers(cell) for c in booked_cells(r.gpus) or ())), None)
-            words = None if booking is None else describe(booking)
-            claim = claimed.get(str(cell))
-            if running.stopped:
-                found.append(ExpectedCell(host, str(cell), states.DOWN.name, (), model,
-                                          profile, words, claim))
-                continue
-            on_it = [p.process for p in node.processes(index)
-                     if p.process.gpu_instance_id == instance and not p.process.vanished]
-            users = tuple(sorted({p.user for p in on_it}))
-            used = nvml.nvmlDeviceGetMemoryInfo(handle).used
-            held = bool(on_it) or used >= t[HELD_MEMORY]
-            idle = held and not on_it and seen_for >= t[IDLE_DURATION]
-            if claim is not None and not held:
-                state = states.CLAIMED
-            elif booking is not None and booking.user in users:
-                state = states.BUSY
-            elif booking is not None:
-                state = states.RESERVED
-            elif idle:
-                state = states.IDLE
-            elif held:
-                state = states.BUSY
-            else:
-                state = states.FREE
-            found.append(ExpectedCell(host, str(cell), state.name, users, model, profile,
-                                      words, claim))
-    return found
+        """Every cell the grid should show at `at` (now) (the harness's oracle,
+        Fleet.expected_cells), by (host, cell text) as the page writes them ("0", "0/7")."""
+        return {(host, str(cell)): e for (host, cell), e in self.fleet.expected_cells(at).items()}
 
 
 # -- pages ---------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                reservations=lab_reservations(), web_users=PASSWORDS,
                admins=(ADMIN,)) as fleet:
         lab = Lab(fleet, "")
-        lab.wait_for_rules()
+        fleet.wait_for_rules()
         fleet.node(STOPPED).stop()
         fleet.wait_for(f"{STOPPED}'s GPUs down", lambda: {
             s.labels.get("state") for s in fleet.api.query(

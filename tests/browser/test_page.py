@@ -160,7 +160,7 @@ def free_gpu(lab: Lab, page: Page, host: str, slices: bool = False) -> str:
     """A free cell of `host` that the page shows free: a whole GPU (a MIG slice with
     `slices`)."""
     expected = wait_for_grid(page, lab)
-    free = sorted((e.gpu for e in expected.values() if e.host == host and
+    free = sorted((str(e.cell) for e in expected.values() if e.host == host and
                    e.state == states.FREE.name and (e.profile is not None) == slices),
                   key=lambda text: Cell.parse(text).sort_key())
     assert free, f"no free GPU on {host}: {expected}"
@@ -197,7 +197,7 @@ def test_every_gpu_has_a_cell_with_its_state_in_words_colour_and_users(
     assert sorted(shown) == sorted(expected)
     people = everyone(lab)
     for key, e in expected.items():
-        c, where = shown[key], f"{e.host} GPU {e.gpu}"
+        c, where = shown[key], f"{e.host} GPU {e.cell}"
         state = states.BY_NAME[e.state]
         assert f"state-{state.name}" in c["classes"], (where, c["classes"])
         assert re.search(rf"\b{state.name}\b", c["text"], re.IGNORECASE), (where, c["text"])
@@ -235,9 +235,9 @@ def test_hovering_a_cell_shows_its_detail_and_leaving_hides_it(lab: Lab,
     expected = wait_for_grid(page, lab)
     shared = next(e for e in expected.values() if len(e.users) >= 2 and not e.profile)
     processes = [p for p in lab.fleet.expected_processes()
-                 if (p.host, str(p.gpu)) == (shared.host, shared.gpu)]
+                 if (p.host, p.cell) == (shared.host, shared.cell)]
     assert not detail(page)["visible"]
-    cell(page, shared.host, shared.gpu).hover()
+    cell(page, shared.host, str(shared.cell)).hover()
     page.wait_for_function("() => document.getElementById('detail').checkVisibility()")
     shown = detail(page)
     assert shown["role"] == "tooltip"
@@ -576,25 +576,26 @@ def test_the_mig_node_shows_each_slice_in_the_group_of_its_gpu_in_the_oracle_s_s
     for key, e in slices.items():
         c = shown[key]
         assert (c["group"], c["section"]) == (str(e.cell.gpu), MIG_HOST), (key, c)
-        assert e.profile in c["text"] and e.gpu in c["text"], (key, c["text"])
+        assert e.profile in c["text"] and str(e.cell) in c["text"], (key, c["text"])
     for index in parents:  # a MIG-enabled GPU is no cell and says no state
         assert (MIG_HOST, str(index)) not in shown
         group = found[MIG_HOST, str(index)]
         model = next(e.model for e in slices.values() if e.cell.gpu == index)
         assert f"GPU {index}" in group["head"] and "MIG" in group["head"], group
         assert display_name(model, {}) in group["head"], group
-        assert group["cells"] == sorted((e.gpu for e in slices.values() if e.cell.gpu == index),
+        assert group["cells"] == sorted((str(e.cell) for e in slices.values()
+                                         if e.cell.gpu == index),
                                         key=lambda text: Cell.parse(text).sort_key())
         assert not re.search(r"\bfree\b", group["head"] + group["label"], re.IGNORECASE)
         assert not [k for k in group["classes"] if k.startswith("state-")], group
     assert [shown[key]["group"] for key, e in node.items() if not e.profile] == [None]
     api = {(g["host"], cell_of(g)): g for g in service_json(page, "/api/v1/fleet")["gpus"]}
     busy = next(e for e in slices.values() if e.users)
-    g = api[busy.key]
+    g = api[MIG_HOST, str(busy.cell)]
     assert (g["profile"], g["gpu"]) == (busy.profile, busy.cell.gpu) and g["mig_uuid"]
-    cell(page, MIG_HOST, busy.gpu).hover()
+    cell(page, MIG_HOST, str(busy.cell)).hover()
     text = mig_detail_text(page)
-    assert g["mig_uuid"] in text and busy.profile in text and busy.gpu in text, text
+    assert g["mig_uuid"] in text and busy.profile in text and str(busy.cell) in text, text
     for user in busy.users:
         assert user in text, (user, text)
     assert g["processes"] and all(p["command"] in text for p in g["processes"]), text
