@@ -53,14 +53,16 @@ FLEET_NODES = [
 
 
 def fleet_reservations() -> list[Reservation]:
-    """A free GPU of srv-01 booked for frank, a GPU carol works on booked for her, and a free
-    MIG slice of mig-01 booked for frank."""
+    """A free GPU of srv-01 booked for frank, a GPU carol works on booked for her, a free MIG
+    slice of mig-01 booked for frank, and mig-01's MIG-enabled H100 booked for ivan, who works
+    on one of its slices (the booking covers every slice of it)."""
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     return [Reservation("srv-01", (4,), "frank", now + dt.timedelta(days=2),
                         comment="camera-ready"),
             Reservation("srv-01", (0,), "carol", now + dt.timedelta(days=1)),
             Reservation(MIG_HOST, (Cell(0, 12),), "frank", now + dt.timedelta(days=3),
-                        comment="ablation")]
+                        comment="ablation"),
+            Reservation(MIG_HOST, (Cell(1),), "ivan", now + dt.timedelta(days=1))]
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +161,11 @@ def test_grid_shows_every_gpu_in_its_state_with_its_users(fleet: Fleet) -> None:
     on_slices = {e.state for e in expected if e.cell.is_slice}
     assert on_slices >= {states.FREE.name, states.BUSY.name, states.RESERVED.name}, \
         "the MIG node has free, busy and booked slices"
+    parent_booked = [e for e in expected if e.cell.is_slice and e.cell.gpu == 1]
+    assert len(parent_booked) > 1 and all(e.reservation for e in parent_booked), \
+        "a booking of a MIG-enabled GPU covers its slices"
+    assert {e.state for e in parent_booked} == {states.BUSY.name, states.RESERVED.name}, \
+        "busy where the one who booked the GPU works on a slice, reserved elsewhere"
 
 
 GRAFANA_FRONTEND = REPO / "tests" / "grafana_frontend"
