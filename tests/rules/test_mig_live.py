@@ -44,17 +44,17 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield f
 
 
-def expected_cells(fleet: Fleet) -> dict[Cell, Shown]:
-    """The cells of the node now as the harness's oracle has them (Fleet.expected_cells): each
+def expected_cells(fleet: Fleet, host: str = HOST) -> dict[Cell, Shown]:
+    """The cells of a node now as the harness's oracle has them (Fleet.expected_cells): each
     slice that exists then (the reconfigurations of the scenario come after minutes), each
     GPU without MIG."""
     return {cell: Shown(e.state, e.users, e.model, e.profile)
-            for (host, cell), e in fleet.expected_cells().items() if host == HOST}
+            for (on, cell), e in fleet.expected_cells().items() if on == host}
 
 
-def grid(fleet: Fleet) -> dict[Cell, Shown]:
+def grid(fleet: Fleet, host: str = HOST) -> dict[Cell, Shown]:
     found = {}
-    for s in fleet.api.query(states.STATE_INFO):
+    for s in fleet.api.query(f'{states.STATE_INFO}{{host="{host}"}}'):
         cell = Cell.parse(s.labels["gpu"])
         found[cell] = Shown(s.labels["state"],
                             tuple(u for u in s.labels.get("users", "").split(",") if u),
@@ -127,6 +127,67 @@ def test_free_slices_are_counted_per_model_and_profile(fleet: Fleet) -> None:
                        for e in cells.values()}
     assert fleet.api.query_value(f'instance:gpuwatch_gpus_free:count{{host="{HOST}"}}') == \
         sum(free.values())
+
+
+FAILING = """
+description: >-
+  A MIG node whose A100s fail: GPU 0 fell off the bus before the exporter ever read it, GPU 1
+  (a busy 3g.40gb slice and a free 1g.10gb one) a few seconds after the exporter started.
+gpus:
+  - name: NVIDIA A100-SXM4-80GB
+    lost: true
+    mig:
+      - {profile: 1g.10gb, gpu_instance_id: 7}
+  - name: NVIDIA A100-SXM4-80GB
+    lost_after_seconds: %(lost_after)s
+    mig:
+      - profile: 3g.40gb
+        gpu_instance_id: 1
+        processes:
+          - {pid: 81001, user: kim, command: python, memory_gib: 20}
+      - {profile: 1g.10gb, gpu_instance_id: 9}
+  - name: NVIDIA H100 80GB HBM3
+"""
+LOST_AFTER = 6.0
+"""When the failing node's GPU 1 is lost: after Prometheus has seen it (the harness's
+SEEN_SCRAPES scrapes), soon enough for a short test."""
+
+
+def test_failing_mig_nodes_keep_their_slices_down(fleet: Fleet,
+                                                  tmp_path_factory: pytest.TempPathFactory
+                                                  ) -> None:
+    """The rules and the oracle agree on MIG nodes that fail: a node whose exporter stops
+    keeps every cell it had, down, with its model and profile; a MIG-enabled GPU lost before
+    Prometheus read it is a GPU down without a model (its slices were never seen); one lost
+    after keeps its slices, down, and is no cell itself."""
+    scenario = tmp_path_factory.mktemp("failing") / "failing.yaml"
+    scenario.write_text(FAILING % {"lost_after": LOST_AFTER})
+    failing = fleet.add_node(Node("mig-failing", str(scenario)))
+    stopping = fleet.add_node(Node("mig-stopping", SCENARIO))
+    hosts = ("mig-failing", "mig-stopping")
+    try:
+        fleet.wait_for_rules()
+        running = expected_cells(fleet, "mig-stopping")
+        stopping.stop()
+        _, oracle = fleet.wait_for(
+            "the failing nodes' cells as the oracle has them, GPU 1 of mig-failing lost",
+            lambda: ({h: grid(fleet, h) for h in hosts}, {h: expected_cells(fleet, h)
+                                                          for h in hosts}),
+            lambda both: both[0] == both[1] and
+            both[1]["mig-failing"][Cell(1, 1)].state == states.DOWN.name)
+        down = states.DOWN.name
+        assert oracle["mig-stopping"] == {c: Shown(down, (), e.model, e.profile)
+                                          for c, e in running.items()}
+        assert {e.profile for e in running.values()} > {None}, "its slices are kept"
+        cells = oracle["mig-failing"]
+        a100 = "NVIDIA A100-SXM4-80GB"
+        assert cells == {Cell(0): Shown(down, (), "", None),
+                         Cell(1, 1): Shown(down, (), a100, "3g.40gb"),
+                         Cell(1, 9): Shown(down, (), a100, "1g.10gb"),
+                         Cell(2): Shown(states.FREE.name, (), "NVIDIA H100 80GB HBM3", None)}
+    finally:
+        fleet.remove_node(failing)
+        fleet.remove_node(stopping)
 
 
 def test_no_rule_fails_to_evaluate(fleet: Fleet) -> None:
