@@ -6,11 +6,14 @@ scraped by Debian's Prometheus on 127.0.0.1 with this repository's configuration
 promtool's cases (prometheus/tests/mig_test.yml) prove the expressions on made-up series; here
 the series are the exporter's own (tests/golden/mig.prom): every slice of the scenario gets a
 state, as its processes say, with its profile, MIG UUID and parent's model; the MIG-enabled
-GPUs have no cell; the GPU without MIG is as before; and no rule fails to evaluate (a join
-that meets the slices' series many-to-many would)."""
+GPUs have no cell; the GPU without MIG is as before; a claimed slice and a booking of the
+whole node, a stopped MIG node and lost parents are as the harness's oracle
+(Fleet.expected_cells) has them; and no rule fails to evaluate (a join that meets the slices'
+series many-to-many would)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,8 +21,10 @@ from dataclasses import dataclass
 import pytest
 from prom_harness import Fleet, Node
 
+from gpuwatch import reservations
 from gpuwatch.cells import Cell
 from gpuwatch.contract import metrics, states
+from gpuwatch.reservations import Reservation
 from tools import localstack
 
 pytestmark = pytest.mark.apt
@@ -36,6 +41,8 @@ class Shown:
     users: tuple[str, ...]
     model: str
     profile: str | None
+    reservation: str | None = None
+    claim: str | None = None
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,7 @@ def expected_cells(fleet: Fleet, host: str = HOST) -> dict[Cell, Shown]:
     """The cells of a node now as the harness's oracle has them (Fleet.expected_cells): each
     slice that exists then (the reconfigurations of the scenario come after minutes), each
     GPU without MIG."""
-    return {cell: Shown(e.state, e.users, e.model, e.profile)
+    return {cell: Shown(e.state, e.users, e.model, e.profile, e.reservation, e.claim)
             for (on, cell), e in fleet.expected_cells().items() if on == host}
 
 
@@ -58,7 +65,8 @@ def grid(fleet: Fleet, host: str = HOST) -> dict[Cell, Shown]:
         cell = Cell.parse(s.labels["gpu"])
         found[cell] = Shown(s.labels["state"],
                             tuple(u for u in s.labels.get("users", "").split(",") if u),
-                            s.labels.get("model", ""), s.labels.get("profile"))
+                            s.labels.get("model", ""), s.labels.get("profile"),
+                            s.labels.get("reservation"), s.labels.get("claim"))
     return found
 
 
@@ -188,6 +196,32 @@ def test_failing_mig_nodes_keep_their_slices_down(fleet: Fleet,
     finally:
         fleet.remove_node(failing)
         fleet.remove_node(stopping)
+
+
+def test_a_claimed_slice_and_a_booking_of_the_whole_host(fleet: Fleet) -> None:
+    """A slice claimed through gpuwatch serve, then the whole MIG node booked for grace (all):
+    the rules and the oracle agree on every cell: the claimed slice claimed (not held), the
+    slices grace works on busy, every other cell reserved, each with the booking in words."""
+    settled(fleet)
+    claim = fleet.claim("zoe", HOST)
+    (claimed,) = [Cell.from_json(g) for g in claim["gpus"]]
+    assert claimed.is_slice, claim  # GPU 2, the one whole GPU, is busy
+    until = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(days=1)
+    reservations.write(fleet.reservations_file,
+                       [Reservation(HOST, None, "grace", until, comment="whole node")])
+    try:
+        _, cells = fleet.wait_for(
+            "the claim and the booking of every cell in the grid",
+            lambda: (grid(fleet), expected_cells(fleet)),
+            lambda both: both[0] == both[1] and all(e.reservation for e in both[1].values()))
+        assert cells[claimed].state == states.CLAIMED.name and cells[claimed].claim == "zoe"
+        assert {c for c, e in cells.items() if e.state == states.BUSY.name} == {
+            c for c, e in cells.items() if "grace" in e.users} != set()
+        assert {e.state for c, e in cells.items() if c != claimed and "grace" not in e.users
+                } == {states.RESERVED.name}
+    finally:
+        fleet.end_claim(claim)
+        reservations.write(fleet.reservations_file, [])
 
 
 def test_no_rule_fails_to_evaluate(fleet: Fleet) -> None:
