@@ -24,7 +24,7 @@ import bcrypt
 import pytest
 from cli_run import run
 from paths import REPO
-from prom_harness import Fleet, Node
+from prom_harness import ExpectedCell, Fleet, Node
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpuwatch.cells import Cell
@@ -34,8 +34,6 @@ from gpuwatch.fleet import GpuStatus
 from gpuwatch.serve.app import Serving, start
 from gpuwatch.serve.options import ServeOptions
 from tests.e2e.test_mig_grid import HOST as MIG_HOST
-from tests.e2e.test_mig_grid import ExpectedCell
-from tests.e2e.test_mig_grid import expected as expected_cells
 
 HOST = socket.gethostname()
 GPUS = 16
@@ -124,9 +122,10 @@ def mig_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 def free_slices(fleet: Fleet, profile: str) -> list[ExpectedCell]:
     """The free slices of `profile` as the simulator has them, in the order a claim takes
     them (the most memory first, then the lowest cell)."""
-    return sorted((c for c in expected_cells(fleet).values()
-                   if c.profile == profile and c.state == states.FREE.name),
-                  key=lambda c: (-c.memory_total_bytes, c.cell.sort_key()))
+    return sorted((c for (host, _), c in fleet.expected_cells().items()
+                   if host == MIG_HOST and c.profile == profile
+                   and c.state == states.FREE.name),
+                  key=lambda c: (-(c.memory_total_bytes or 0.0), c.cell.sort_key()))
 
 
 def service_cells(fleet: Fleet) -> dict[str, str]:
@@ -161,7 +160,7 @@ def test_run_hands_out_a_free_slice_by_its_mig_uuid_and_the_claim_shows(
         mig_fleet: Fleet, tmp_path: Path) -> None:
     fleet = mig_fleet
     wanted = free_slices(fleet, "1g.10gb")
-    assert wanted, expected_cells(fleet)
+    assert wanted, fleet.expected_cells()
     fleet.wait_for("the MIG node's free 1g.10gb slices in gpuwatch serve's fleet",
                    lambda: service_cells(fleet),
                    lambda seen: all(seen.get(str(c.cell)) == states.FREE.name for c in wanted))
