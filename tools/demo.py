@@ -327,7 +327,7 @@ def _watch(url: str) -> int:
     prometheus = Prometheus(url)
     watch = Watch(url, time.monotonic() + READY_TIMEOUT)
     while True:
-        if watch.should_show(read_fleet(prometheus), time.monotonic()):
+        if watch.should_show(read_fleet(prometheus, processes=False), time.monotonic()):
             print(time.strftime("%H:%M:%S"), flush=True)
             cli.main(["--prometheus", url, "status"])
             print(flush=True)

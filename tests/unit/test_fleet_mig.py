@@ -405,3 +405,25 @@ def test_status_json_has_one_object_per_cell(asked: SeriesPrometheus) -> None:
         ("node-a", 0, "1g.10gb", "MIG-node-a-0-11"), ("node-a", 0, "1g.10gb", "MIG-node-a-0-12"),
         ("node-a", 1, "3g.40gb", "MIG-node-a-1-2"), ("node-c", 0, "7g.80gb", "MIG-node-c-0-0"),
         ("node-c", 1, None, None)]
+
+
+def test_without_processes_the_reader_asks_for_no_process_series(
+        mig_fleet: SeriesPrometheus) -> None:
+    """`gpuwatch status` and `pick` show no processes: at 10,000 GPUs their series are most of
+    Prometheus' answer (make bench-fleet), so the CLI does not ask for them."""
+    prom = mig_fleet
+    asked: list[str] = []
+    answer = prom.query
+
+    def query(expr: str, at: float | None = None) -> list[Sample]:
+        asked.append(expr)
+        return answer(expr, at)
+
+    prom.query = query  # type: ignore[method-assign]
+    full = fleet.read_fleet(prom)
+    bare = fleet.read_fleet(prom, processes=False)
+    assert any(metrics.PROCESS_MEMORY.name in q for q in asked[:3])
+    assert not any(metrics.PROCESS_MEMORY.name in q or metrics.PROCESS_START.name in q
+                   for q in asked[3:])
+    assert any(g.processes for g in full) and not any(g.processes for g in bare)
+    assert [g.to_json() for g in bare] == [g.to_json() for g in full]

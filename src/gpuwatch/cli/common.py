@@ -80,7 +80,7 @@ def prometheus(args: argparse.Namespace) -> Prometheus:
 def ask_fleet(args: argparse.Namespace) -> list[GpuStatus]:
     """Every GPU the Prometheus of --prometheus knows; UserError when it knows none."""
     client = prometheus(args)
-    found = read_fleet(client)
+    found = read_fleet(client, processes=False)  # the CLI shows no processes
     if not found:
         raise UserError(f"Prometheus at {client.shown_url} knows no GPUs (no "
                         f"{states.STATE_INFO} series): are the gpuwatch rules loaded and the "

@@ -198,20 +198,17 @@ def _key(labels: Mapping[str, str]) -> Key:
     ("0", "0/7"); a raw series of a slice its parent's index in ``gpu`` and the GPU instance
     in ``gpu_instance_id``. A series that names no cell keeps its gpu label as it is."""
     instance, gpu = labels.get("instance", ""), labels.get("gpu", "")
-    try:
-        cell = Cell.parse(gpu)
-    except ValueError:
-        return instance, gpu
-    if not cell.is_slice:
-        cell = Cell.from_labels(labels) or cell
-    return instance, str(cell)
+    slice_ = labels.get(metrics.MIG_PROCESS_LABEL)
+    if slice_ and "/" not in gpu:  # plain string work: 100,000 series at 10,000 GPUs
+        return instance, f"{gpu}/{slice_}"
+    return instance, gpu
 
 
 def _mig_enabled(info: Sample | None) -> bool:
     return info is not None and info.labels.get("mig_mode", "") == "enabled"
 
 
-def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
+def read_fleet(prometheus: Prometheus, processes: bool = True) -> list[GpuStatus]:
     """Every cell Prometheus knows (whole GPUs and MIG slices), sorted by host, instance and
     cell (a GPU's slices right after the lower whole GPUs, by GPU instance id).
 
@@ -219,16 +216,19 @@ def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
     neither utilisation nor temperature per slice), its processes those on its GPU instance,
     its profile and MIG UUID from the rule (or nvidia_gpu_mig_info), down when its parent is.
     A MIG-enabled GPU is not a cell (CUDA runs on its slices): rules older than the exporter
-    that still give it a state are not believed."""
+    that still give it a state are not believed. Without `processes` the process series are
+    not asked for (`gpuwatch status` and `pick` show none of them; at 10,000 GPUs they are
+    most of the answer), so each GPU's processes are () and `since` is known only for idle."""
     rows = prometheus.query(states.STATE_INFO)
     evaluated = {_key(s.labels): s.value
                  for s in prometheus.query(f"timestamp({states.STATE_INFO})")}
     details: dict[str, dict[Key, Sample]] = {name: {} for name in _DETAILS}
-    processes: dict[Key, dict[str, dict[str, Sample]]] = {}
-    for s in prometheus.query(f'{{__name__=~"{"|".join(_DETAILS + _PROCESS_SERIES)}"}}'):
+    by_pid: dict[Key, dict[str, dict[str, Sample]]] = {}
+    names = _DETAILS + (_PROCESS_SERIES if processes else ())
+    for s in prometheus.query(f'{{__name__=~"{"|".join(names)}"}}'):
         name, key = s.labels.get("__name__", ""), _key(s.labels)
         if name in _PROCESS_SERIES:
-            processes.setdefault(key, {}).setdefault(s.labels.get("pid", ""), {})[name] = s
+            by_pid.setdefault(key, {}).setdefault(s.labels.get("pid", ""), {})[name] = s
         elif name == metrics.MIG_INFO.name:
             # one per compute instance of the GPU instance: the lowest, to be the same each time
             other = details[name].get(key)
@@ -259,7 +259,7 @@ def read_fleet(prometheus: Prometheus) -> list[GpuStatus]:
         if state != states.DOWN.name and value(metrics.UP.name, parent) != 1:
             state = states.DOWN.name
         inactive_since = value(states.INACTIVE_SINCE, key)
-        running = _processes(processes.get(key, {}))
+        running = _processes(by_pid.get(key, {}))
         display_name = (info.labels.get("display_name", "") if info else "") or model
         profile = mig_uuid = None
         if cell.is_slice:
