@@ -7,33 +7,15 @@ import argparse
 import datetime as dt
 import io
 import json
-import re
 
 import pytest
+from seriesprom import SeriesPrometheus
 
 from gpuwatch import fleet
 from gpuwatch.cli import status
 from gpuwatch.contract import metrics, states
-from gpuwatch.fleet.prometheus import Prometheus, Sample
 
 END = dt.datetime(2026, 12, 2, 2, 5, tzinfo=dt.timezone.utc).timestamp()
-
-
-class SeriesPrometheus(Prometheus):
-    """Answers the reader's two instant queries (a name, or {__name__=~"a|b"}) from a list of
-    series, as Prometheus would."""
-
-    def __init__(self) -> None:
-        super().__init__("http://127.0.0.1:9")
-        self.samples: list[Sample] = []
-
-    def add(self, name: str, value: float, **labels: str) -> None:
-        self.samples.append(Sample({"__name__": name, **labels}, value, 0.0))
-
-    def query(self, expr: str, at: float | None = None) -> list[Sample]:
-        selector = re.fullmatch(r'\{__name__=~"([^"]*)"\}', expr)
-        names = set(selector.group(1).split("|")) if selector else {expr}
-        return [s for s in self.samples if s.labels["__name__"] in names]
 
 
 def add_gpu(prom: SeriesPrometheus, gpu: int, state: states.State, users: str = "",

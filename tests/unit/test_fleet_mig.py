@@ -10,12 +10,13 @@ import re
 
 import pytest
 from cli_run import one_error, run
+from seriesprom import SeriesPrometheus
 
 from gpuwatch import fleet
 from gpuwatch.cells import Cell
 from gpuwatch.cli import common
 from gpuwatch.contract import metrics, states
-from gpuwatch.fleet.prometheus import Prometheus, Sample
+from gpuwatch.fleet.prometheus import Sample
 
 
 def status(gpu: int = 0, instance: int | None = None, *, model: str = "NVIDIA A100-SXM4-80GB",
@@ -60,27 +61,6 @@ GIB = float(1 << 30)
 END = 4_102_444_800.0  # 2100-01-01T00:00:00Z
 A100 = "NVIDIA A100-SXM4-80GB"
 H100 = "NVIDIA H100 80GB HBM3"
-
-
-class SeriesPrometheus(Prometheus):
-    """Answers the reader's instant queries (a name, timestamp(name), {__name__=~"a|b"}) from a
-    list of series, as Prometheus would."""
-
-    def __init__(self) -> None:
-        super().__init__("http://127.0.0.1:9")
-        self.samples: list[Sample] = []
-
-    def add(self, metric: str, value: float, **labels: str) -> None:
-        self.samples.append(Sample({"__name__": metric, **labels}, value, 0.0))
-
-    def query(self, expr: str, at: float | None = None) -> list[Sample]:
-        stamp = re.fullmatch(r"timestamp\(([\w:]+)\)", expr)
-        if stamp:
-            return [Sample({k: v for k, v in s.labels.items() if k != "__name__"}, 1e9)
-                    for s in self.samples if s.labels["__name__"] == stamp.group(1)]
-        selector = re.fullmatch(r'\{__name__=~"([^"]*)"\}', expr)
-        names = set(selector.group(1).split("|")) if selector else {expr}
-        return [s for s in self.samples if s.labels["__name__"] in names]
 
 
 def ids(host: str, gpu: int) -> dict[str, str]:
