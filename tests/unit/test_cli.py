@@ -12,14 +12,13 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpfake
 import pytest
 from cli_run import run
 
@@ -63,8 +62,11 @@ class FakePrometheus:
         return {"status": "success", "data": {"resultType": "vector", "result": result}}
 
 
-def _handler(fake: FakePrometheus) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+@pytest.fixture
+def prom() -> Iterator[FakePrometheus]:
+    fake = FakePrometheus()
+
+    class Handler(httpfake.QuietHandler):
         def do_GET(self) -> None:
             url = urllib.parse.urlsplit(self.path)
             query = urllib.parse.parse_qs(url.query).get("query", [""])[0]
@@ -75,40 +77,13 @@ def _handler(fake: FakePrometheus) -> type[BaseHTTPRequestHandler]:
                 return
             body = fake.body if fake.body is not None else json.dumps(
                 fake.answer(query)).encode()
-            self.send_response(fake.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.reply(fake.status, body, [("Content-Type", "application/json")])
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    return Handler
-
-
-class QuietServer(ThreadingHTTPServer):
-    """A client that gave up (the timeout tests) is no error to print: printed from the
-    server's thread, it would land in whichever test's stderr runs then."""
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-@pytest.fixture
-def prom() -> Iterator[FakePrometheus]:
-    fake = FakePrometheus()
-    server = QuietServer(("127.0.0.1", 0), _handler(fake))
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
+    fake.url, stop = httpfake.start(Handler)
     try:
         yield fake
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+        stop()
 
 
 def add_gpu(fake: FakePrometheus, host: str, gpu: int, state: states.State, users: str = "",
