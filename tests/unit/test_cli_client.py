@@ -15,10 +15,10 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpfake
 import pytest
 from cli_run import one_error, run
 from paths import REPO
@@ -115,11 +115,8 @@ class FakeService:
         return 201, self.claims[claim_id]
 
 
-def _handler(fake: FakeService) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
+def _handler(fake: FakeService) -> type[httpfake.QuietHandler]:
+    class Handler(httpfake.QuietHandler):
         def _user(self) -> str | None:
             header = self.headers.get("Authorization", "")
             if not header.startswith("Basic "):
@@ -132,10 +129,7 @@ def _handler(fake: FakeService) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(length)) if length else None
             user = self._user()
             if fake.redirect_to:
-                self.send_response(307)
-                self.send_header("Location", fake.redirect_to + self.path)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self.reply(307, b"", [("Location", fake.redirect_to + self.path)])
                 return
             with fake.lock:
                 if user == "?":
@@ -143,32 +137,17 @@ def _handler(fake: FakeService) -> type[BaseHTTPRequestHandler]:
                 else:
                     status, answer = fake.answer(self.command, self.path, user, body)
             data = b"" if answer is None else json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.reply(status, data, [("Content-Type", "application/json")])
 
         do_GET = do_POST = do_DELETE = _serve
 
     return Handler
 
 
-class QuietServer(ThreadingHTTPServer):
-    """A client that gave up is no error to print (into another test's stderr)."""
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
 @pytest.fixture
 def service(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeService]:
     fake = FakeService()
-    server = QuietServer(("127.0.0.1", 0), _handler(fake))
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    fake.url, stop = httpfake.start(_handler(fake))
     for name in (client.ENV_USER, client.ENV_PASSWORD, client.ENV_SERVER, "GPUWATCH_RESERVATIONS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(client.ENV_NETRC, str(tmp_path / "no-netrc"))
@@ -177,8 +156,7 @@ def service(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeSer
     try:
         yield fake
     finally:
-        server.shutdown()
-        server.server_close()
+        stop()
 
 
 def as_user(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
@@ -656,14 +634,11 @@ def test_a_redirect_is_refused_and_the_password_not_sent_on(
         capsys: pytest.CaptureFixture[str]) -> None:
     elsewhere = service.url
     moved = FakeService(redirect_to=elsewhere)
-    server = QuietServer(("127.0.0.1", 0), _handler(moved))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, stop = httpfake.start(_handler(moved))
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
         err = one_error(capsys, "reservations", "--server", url)
     finally:
-        server.shutdown()
-        server.server_close()
+        stop()
     assert f"gpuwatch serve at {url}: HTTP 307" in err
     assert not service.requests
 
