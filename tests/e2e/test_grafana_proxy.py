@@ -12,19 +12,18 @@ WebSocket upgrade to Grafana Live is passed on.
 from __future__ import annotations
 
 import http.client
-import http.server
 import os
 import re
 import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpfake
 import pytest
 from certs import self_signed
 from paths import REPO
@@ -50,11 +49,11 @@ class Seen:
 
 @dataclass
 class Backend:
-    port: int
+    port: int = 0
     requests: list[Seen] = field(default_factory=list)
 
 
-class _Grafana(http.server.BaseHTTPRequestHandler):
+class _Grafana(httpfake.QuietHandler):
     """Answers every page with 200, and a WebSocket handshake with 101, recording both."""
 
     protocol_version = "HTTP/1.1"
@@ -71,29 +70,18 @@ class _Grafana(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.close_connection = True
             return
-        body = b'{"database": "ok"}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+        self.reply(200, b'{"database": "ok"}', [("Content-Type", "application/json")])
 
 
 @pytest.fixture
 def grafana() -> Iterator[Backend]:
-    backend = Backend(free_port())
-    handler = type("Handler", (_Grafana,), {"backend": backend})
-    server = http.server.ThreadingHTTPServer((LOCALHOST, backend.port), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    backend = Backend()
+    url, stop = httpfake.start(type("Handler", (_Grafana,), {"backend": backend}))
+    backend.port = int(url.rsplit(":", 1)[1])
     try:
         yield backend
     finally:
-        server.shutdown()
-        server.server_close()
+        stop()
 
 
 # -- talking through the proxy -----------------------------------------------------------------
