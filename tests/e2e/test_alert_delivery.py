@@ -21,9 +21,9 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
+import httpfake
 import pytest
 import yaml
 from prom_harness import Fleet, Node
@@ -60,28 +60,20 @@ class Webhooks:
         self._lock = threading.Lock()
         received = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(httpfake.QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with received._lock:
                     received.messages.append((self.path, json.loads(body)))
-                self.send_response(200)
-                self.end_headers()
+                self.reply(200, b"")
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer((localstack.LOCALHOST, 0), Handler)
-        self.url = f"http://{localstack.LOCALHOST}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.url, self._stop = httpfake.start(Handler)
 
     def __enter__(self) -> Webhooks:
-        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._stop()
 
     def alerts(self, path: str | None = None) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
         """(path, message, alert) of every firing alert received (at `path`)."""
