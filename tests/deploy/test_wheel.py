@@ -9,14 +9,12 @@ entry added without a test here fails the listing tests.
 from __future__ import annotations
 
 import email.parser
-import http.server
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpfake
 import pytest
 from paths import REPO
 from wheelhouse import Wheelhouse, build
@@ -200,35 +199,24 @@ def test_exporter_serves_a_simulated_node(installed: Installed, entry: str) -> N
     assert "Traceback" not in output, output
 
 
-class _EmptyPrometheus(http.server.BaseHTTPRequestHandler):
+class _EmptyPrometheus(httpfake.QuietHandler):
     """A Prometheus whose every query finds nothing."""
 
     def _answer(self) -> None:
         body = json.dumps({"status": "success",
                            "data": {"resultType": "vector", "result": []}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.reply(200, body, [("Content-Type", "application/json")])
 
     do_GET = do_POST = _answer
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 @pytest.fixture
 def empty_prometheus() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EmptyPrometheus)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    url, stop = httpfake.start(_EmptyPrometheus)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield url
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+        stop()
 
 
 @pytest.mark.parametrize("entry", [e for e in ENTRIES if PROG[e] == "gpuwatch"])
