@@ -22,6 +22,8 @@ from gpuwatch.exporter.main import deprecation
 from gpuwatch.exporter.main import options_from_args as exporter_options
 from gpuwatch.serve.options import ServeOptions, parse_networks
 
+READY_SECONDS = 60.0
+
 
 def options(*argv: str) -> ServeOptions:
     args = cli.build_parser().parse_args(["serve", *argv])
@@ -125,15 +127,19 @@ def test_the_command_serves_until_sigterm(tmp_path: Path) -> None:
          "--prometheus", "http://127.0.0.1:1"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": "src"})
     try:
-        for _ in range(200):
+        # a bound on the start on a busy machine (imports, the loop), not a timing assertion:
+        # 200 quick tries (10 s) were too few under the full suite on two cores
+        deadline = time.monotonic() + READY_SECONDS
+        while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/healthy",
                                             timeout=2) as answer:
                     assert answer.read() == b"OK\n"
                     break
             except OSError:
-                if process.poll() is not None:
-                    break
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    pytest.fail(f"gpuwatch serve did not answer: {process.communicate()[1]}")
                 time.sleep(0.05)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/reservations",
                                     timeout=5) as answer:
